@@ -1,0 +1,368 @@
+//! Tokens: where a request's JWT is read from, how it is checked, and what it grants.
+//!
+//! The order of sources is the wire contract: `Authorization: Bearer`, then the
+//! `access_token` query parameter (EventSource cannot set headers), then the `sse_token`
+//! cookie. Only the configured algorithm is accepted, so `alg: none` and HS/RS confusion
+//! fail in the decoder. Keys are built once at startup; verifying is the only per-request work.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::channel::{TopicPattern, check_name};
+use crate::config::{Config, JwtAlgorithm};
+
+/// The user a stream belongs to (a token's `sub`). Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    /// A checked user id (from a token's `sub` or a publish request).
+    pub fn new(id: &str) -> Result<Self, crate::channel::NameError> {
+        check_name(id)?;
+        Ok(Self(Arc::from(id)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Subscriber,
+    Publisher,
+    Admin,
+}
+
+/// What a valid token allows.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub user: UserId,
+    pub topics: Vec<TopicPattern>,
+    pub role: Role,
+    /// Seconds since the UNIX epoch (the `exp` claim).
+    pub expires_at: u64,
+}
+
+impl Grant {
+    /// Publishers may publish; admins may publish and read operator endpoints.
+    pub fn may_publish(&self) -> bool {
+        self.role >= Role::Publisher
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// Why a request is not authenticated. Every variant is a 401.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: send Authorization: Bearer <jwt>, ?access_token=<jwt> or the sse_token cookie")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("token signature or algorithm is not accepted")]
+    BadSignature,
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token claim {0} is missing or invalid")]
+    BadClaim(&'static str),
+}
+
+/// Why the configured key cannot be used. Fatal at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read SSE_JWT_PUBLIC_KEY {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("SSE_JWT_PUBLIC_KEY is not an RSA or EC (P-256) public key in PEM form")]
+    NotAKey,
+    #[error("SSE_JWT_SECRET is empty")]
+    EmptySecret,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<Value>,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    topics: Option<Value>,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+/// Checks tokens with the one configured key and algorithm.
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    /// Present in development mode only, to mint the tokens the node prints.
+    dev_signer: Option<EncodingKey>,
+}
+
+impl Authenticator {
+    /// Builds the verifier from configuration. In development mode (no key configured) it
+    /// makes up a random secret, so tokens minted by an earlier run stop working.
+    pub fn from_config(config: &Config) -> Result<Self, KeyError> {
+        let (key, algorithm, dev_signer) = match (&config.jwt_secret, &config.jwt_public_key) {
+            (Some(secret), _) => {
+                if secret.is_empty() {
+                    return Err(KeyError::EmptySecret);
+                }
+                (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256, None)
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+                let (key, algorithm) = public_key(&pem, config.jwt_algorithm)?;
+                (key, algorithm, None)
+            }
+            (None, None) => {
+                let secret: [u8; 32] = rand::random();
+                (DecodingKey::from_secret(&secret), Algorithm::HS256, Some(EncodingKey::from_secret(&secret)))
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = config.jwt_leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &config.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            // Without a configured audience a token's `aud` is not ours to judge.
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &config.jwt_issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Self { key, validation, dev_signer })
+    }
+
+    /// Verifies a token and turns its claims into a grant.
+    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::BadSignature
+            }
+            ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::BadClaim("sub"),
+            ErrorKind::MissingRequiredClaim(_) => AuthError::BadClaim("exp"),
+            ErrorKind::InvalidAudience => AuthError::BadClaim("aud"),
+            ErrorKind::InvalidIssuer => AuthError::BadClaim("iss"),
+            ErrorKind::ImmatureSignature => AuthError::BadClaim("nbf"),
+            ErrorKind::Json(_) => AuthError::BadClaim("exp, sub, topics or role"),
+            _ => AuthError::Malformed,
+        })?;
+        let claims = data.claims;
+        let expires_at = claims.exp.ok_or(AuthError::BadClaim("exp"))?;
+        // RFC 7519 makes `sub` a string; a number is a different user id in every language.
+        let Some(Value::String(user)) = claims.sub else {
+            return Err(AuthError::BadClaim("sub"));
+        };
+        let user = UserId::new(&user).map_err(|_| AuthError::BadClaim("sub"))?;
+        let topics = match claims.topics {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(TopicPattern::new(s)),
+                    _ => Err(AuthError::BadClaim("topics")),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(AuthError::BadClaim("topics")),
+        };
+        let role = match claims.role.as_deref() {
+            Some("admin") => Role::Admin,
+            Some("publisher") => Role::Publisher,
+            _ => Role::Subscriber,
+        };
+        Ok(Grant { user, topics, role, expires_at })
+    }
+
+    /// Mints a token with the development secret; `None` outside development mode.
+    pub fn mint_dev_token(&self, sub: &str, topics: &[&str], role: Option<&str>, ttl: Duration) -> Option<String> {
+        let signer = self.dev_signer.as_ref()?;
+        let claims = DevClaims { sub, exp: unix_now() + ttl.as_secs(), topics, role };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, signer).ok()
+    }
+}
+
+#[derive(Serialize)]
+struct DevClaims<'a> {
+    sub: &'a str,
+    exp: u64,
+    topics: &'a [&'a str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+}
+
+fn public_key(pem: &[u8], algorithm: JwtAlgorithm) -> Result<(DecodingKey, Algorithm), KeyError> {
+    let rsa = || DecodingKey::from_rsa_pem(pem).ok().map(|k| (k, Algorithm::RS256));
+    let ec = || DecodingKey::from_ec_pem(pem).ok().map(|k| (k, Algorithm::ES256));
+    match algorithm {
+        JwtAlgorithm::Rs256 => rsa(),
+        JwtAlgorithm::Es256 => ec(),
+        JwtAlgorithm::Auto | JwtAlgorithm::Hs256 => rsa().or_else(ec),
+    }
+    .ok_or(KeyError::NotAKey)
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Finds the token in the contract's order: header, query parameter, cookie.
+pub fn token_from_request<'a>(headers: &'a HeaderMap, access_token_param: Option<&'a str>) -> Option<&'a str> {
+    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let mut parts = value.splitn(2, ' ');
+        if let (Some(scheme), Some(token)) = (parts.next(), parts.next())
+            && scheme.eq_ignore_ascii_case("bearer")
+            && !token.trim().is_empty()
+        {
+            return Some(token.trim());
+        }
+    }
+    if let Some(token) = access_token_param.filter(|t| !t.is_empty()) {
+        return Some(token);
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, value)| *name == "sse_token" && !value.is_empty())
+        .map(|(_, value)| value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> Config {
+        let mut full = vec!["sse-fanout"];
+        full.extend_from_slice(args);
+        crate::config::Cli::parse_from(full).config
+    }
+
+    fn sign(secret: &str, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+            .expect("sign")
+    }
+
+    fn auth(secret: &str) -> Authenticator {
+        Authenticator::from_config(&config(&["--jwt-secret", secret])).expect("valid secret")
+    }
+
+    #[test]
+    fn the_header_wins_then_the_query_then_the_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_static("a=1; sse_token=cookie"));
+        assert_eq!(token_from_request(&headers, None), Some("cookie"));
+        assert_eq!(token_from_request(&headers, Some("query")), Some("query"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer header"));
+        assert_eq!(token_from_request(&headers, Some("query")), Some("header"));
+        assert_eq!(token_from_request(&HeaderMap::new(), Some("")), None);
+        let mut basic = HeaderMap::new();
+        basic.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(token_from_request(&basic, None), None);
+    }
+
+    #[test]
+    fn a_valid_token_grants_its_user_topics_and_role() {
+        let exp = unix_now() + 60;
+        let token =
+            sign("s3cret", serde_json::json!({"sub": "42", "exp": exp, "topics": ["news:*"], "role": "publisher"}));
+        let grant = auth("s3cret").verify(&token).expect("valid");
+        assert_eq!(grant.user.as_str(), "42");
+        assert_eq!(grant.topics, [TopicPattern::new("news:*")]);
+        assert!(grant.may_publish());
+        assert!(!grant.is_admin());
+        let numeric = sign("s3cret", serde_json::json!({"sub": 7, "exp": exp}));
+        assert_eq!(auth("s3cret").verify(&numeric).unwrap_err(), AuthError::BadClaim("sub"));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_a_reason() {
+        let a = auth("s3cret");
+        let now = unix_now();
+        assert_eq!(
+            a.verify(&sign("other", serde_json::json!({"sub": "1", "exp": now + 60}))).unwrap_err(),
+            AuthError::BadSignature
+        );
+        assert_eq!(
+            a.verify(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now - 120}))).unwrap_err(),
+            AuthError::Expired
+        );
+        assert_eq!(
+            a.verify(&sign("s3cret", serde_json::json!({"exp": now + 60}))).unwrap_err(),
+            AuthError::BadClaim("sub")
+        );
+        assert_eq!(a.verify(&sign("s3cret", serde_json::json!({"sub": "1"}))).unwrap_err(), AuthError::BadClaim("exp"));
+        assert_eq!(
+            a.verify(&sign("s3cret", serde_json::json!({"sub": "a b", "exp": now + 60}))).unwrap_err(),
+            AuthError::BadClaim("sub")
+        );
+        assert_eq!(
+            a.verify(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now + 60, "topics": "x"}))).unwrap_err(),
+            AuthError::BadClaim("topics")
+        );
+        assert_eq!(a.verify("not.a.jwt").unwrap_err(), AuthError::Malformed);
+        // Within the 30 s leeway an expired token still passes.
+        assert!(a.verify(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now - 10}))).is_ok());
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let claims = b64.encode(format!(r#"{{"sub":"1","exp":{}}}"#, unix_now() + 60));
+        let token = format!("{header}.{claims}.");
+        assert!(auth("s3cret").verify(&token).is_err());
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let a =
+            Authenticator::from_config(&config(&["--jwt-secret", "k", "--jwt-issuer", "idp", "--jwt-audience", "sse"]))
+                .expect("valid");
+        let exp = unix_now() + 60;
+        assert!(a.verify(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "idp", "aud": "sse"}))).is_ok());
+        assert_eq!(
+            a.verify(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "x", "aud": "sse"}))).unwrap_err(),
+            AuthError::BadClaim("iss")
+        );
+        assert_eq!(
+            a.verify(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "idp", "aud": "x"}))).unwrap_err(),
+            AuthError::BadClaim("aud")
+        );
+    }
+
+    #[test]
+    fn development_mode_mints_tokens_it_accepts() {
+        let a = Authenticator::from_config(&config(&[])).expect("dev");
+        let token = a.mint_dev_token("demo", &["*"], Some("admin"), Duration::from_secs(60)).expect("dev signer");
+        let grant = a.verify(&token).expect("valid");
+        assert!(grant.is_admin());
+        assert!(auth("s3cret").mint_dev_token("x", &[], None, Duration::from_secs(1)).is_none());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_key_is_a_startup_error() {
+        assert!(matches!(public_key(b"-----BEGIN NOTHING-----", JwtAlgorithm::Auto), Err(KeyError::NotAKey)));
+    }
+}

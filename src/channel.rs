@@ -1,0 +1,187 @@
+//! Channel names and topic patterns: which Redis channel carries a user's, a topic's or the
+//! broadcast messages, and whether a token's `topics` claim lets a stream join a topic.
+//!
+//! Names are checked when they enter (a token's `sub`, a `topic=` parameter, a publish request),
+//! so everything past this module handles only valid names.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest user id or topic accepted; Redis accepts far more, but a name this long is a mistake.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// A full pub/sub channel name such as `sse:user:42`. Cheap to clone (shared string).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelName(Arc<str>);
+
+impl ChannelName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Wraps a name that came from the bus (a channel we subscribed to ourselves).
+    pub fn from_bus(name: &str) -> Self {
+        Self(Arc::from(name))
+    }
+}
+
+impl std::borrow::Borrow<str> for ChannelName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// Why a user id or topic name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("is empty")]
+    Empty,
+    #[error("is longer than {MAX_NAME_LEN} bytes")]
+    TooLong,
+    #[error("contains whitespace or a control character")]
+    BadCharacter,
+    #[error("contains '*', which only token patterns may use")]
+    Wildcard,
+}
+
+/// Checks a user id or a topic name.
+pub fn check_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong);
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(NameError::BadCharacter);
+    }
+    if name.contains('*') {
+        return Err(NameError::Wildcard);
+    }
+    Ok(())
+}
+
+/// Builds channel names under the configured prefix.
+#[derive(Debug, Clone)]
+pub struct ChannelNames {
+    prefix: String,
+}
+
+impl ChannelNames {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+
+    pub fn user(&self, user_id: &str) -> ChannelName {
+        ChannelName(Arc::from(format!("{}:user:{user_id}", self.prefix)))
+    }
+
+    pub fn topic(&self, topic: &str) -> ChannelName {
+        ChannelName(Arc::from(format!("{}:topic:{topic}", self.prefix)))
+    }
+
+    pub fn broadcast(&self) -> ChannelName {
+        ChannelName(Arc::from(format!("{}:broadcast", self.prefix)))
+    }
+
+    /// What kind of channel a name is, for per-kind settings and metrics.
+    pub fn kind_of(&self, channel: &ChannelName) -> Option<ChannelKind> {
+        let rest = channel.as_str().strip_prefix(&self.prefix)?.strip_prefix(':')?;
+        if rest == "broadcast" {
+            Some(ChannelKind::Broadcast)
+        } else if rest.starts_with("user:") {
+            Some(ChannelKind::User)
+        } else if rest.starts_with("topic:") {
+            Some(ChannelKind::Topic)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    User,
+    Topic,
+    Broadcast,
+}
+
+/// One entry of a token's `topics` claim: an exact topic, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern(String);
+
+impl TopicPattern {
+    pub fn new(pattern: impl Into<String>) -> Self {
+        Self(pattern.into())
+    }
+
+    pub fn matches(&self, topic: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => topic.starts_with(prefix),
+            None => self.0 == topic,
+        }
+    }
+}
+
+/// True when any of the patterns grants `topic`.
+pub fn topic_allowed(patterns: &[TopicPattern], topic: &str) -> bool {
+    patterns.iter().any(|p| p.matches(topic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_built_under_the_prefix() {
+        let names = ChannelNames::new("sse");
+        assert_eq!(names.user("42").as_str(), "sse:user:42");
+        assert_eq!(names.topic("rounds:roulette:7").as_str(), "sse:topic:rounds:roulette:7");
+        assert_eq!(names.broadcast().as_str(), "sse:broadcast");
+        assert_eq!(names.kind_of(&names.user("a")), Some(ChannelKind::User));
+        assert_eq!(names.kind_of(&names.topic("a")), Some(ChannelKind::Topic));
+        assert_eq!(names.kind_of(&names.broadcast()), Some(ChannelKind::Broadcast));
+        assert_eq!(names.kind_of(&ChannelName::from_bus("other:user:1")), None);
+    }
+
+    #[test]
+    fn trailing_star_matches_any_suffix_and_nothing_else_is_special() {
+        let rounds = TopicPattern::new("rounds:*");
+        assert!(rounds.matches("rounds:roulette:7"));
+        assert!(rounds.matches("rounds:"));
+        assert!(!rounds.matches("round"));
+        assert!(!rounds.matches("news:rounds:1"));
+        assert!(TopicPattern::new("*").matches("anything"));
+        let exact = TopicPattern::new("news");
+        assert!(exact.matches("news"));
+        assert!(!exact.matches("news:1"));
+        assert!(!TopicPattern::new("a*b").matches("axxb"), "a star inside is literal");
+        assert!(TopicPattern::new("a*b").matches("a*b"));
+        assert!(!topic_allowed(&[], "news"));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert_eq!(check_name("42"), Ok(()));
+        assert_eq!(check_name("rounds:roulette:7"), Ok(()));
+        assert_eq!(check_name("ünïcode-✓"), Ok(()));
+        assert_eq!(check_name(""), Err(NameError::Empty));
+        assert_eq!(check_name("a b"), Err(NameError::BadCharacter));
+        assert_eq!(check_name("a\nb"), Err(NameError::BadCharacter));
+        assert_eq!(check_name("a\u{0}"), Err(NameError::BadCharacter));
+        assert_eq!(check_name("news:*"), Err(NameError::Wildcard));
+        assert_eq!(check_name(&"x".repeat(MAX_NAME_LEN + 1)), Err(NameError::TooLong));
+    }
+}

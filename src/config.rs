@@ -1,0 +1,307 @@
+//! Every setting of a node: its flag, its `SSE_*` environment variable, its default and
+//! its validation. Nothing else in the crate reads the environment; the rest of the code
+//! receives the typed [`Config`] this module produces.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// A push server for Server-Sent Events, fanned out over Redis pub/sub.
+#[derive(Debug, Parser)]
+#[command(name = "sse-fanout", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node (the default when no subcommand is given).
+    Serve,
+}
+
+/// What a node is configured with. Durations take a unit (`500ms`, `30s`, `5m`, `1h`);
+/// a bare number is milliseconds, as in the env files of hand-written SSE modules.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to listen on for HTTP.
+    #[arg(long, env = "SSE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Name of this node in `connected` events, logs and metrics. Default: a random `node-xxxxxx`.
+    #[arg(long, env = "SSE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Redis URL (`redis://host:port/db`). Unset: the embedded in-memory bus (a single node).
+    #[arg(long, env = "SSE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis channel name: `<prefix>:user:<id>`, `<prefix>:topic:<t>`, `<prefix>:broadcast`.
+    #[arg(long, env = "SSE_CHANNEL_PREFIX", default_value = "sse")]
+    pub channel_prefix: String,
+
+    /// Shared secret for HS256 tokens. With neither this nor a public key the node runs in development mode.
+    #[arg(long, env = "SSE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Path to a PEM public key for RS256 or ES256 tokens.
+    #[arg(long, env = "SSE_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Token algorithm. `auto`: HS256 with a secret; RS256 or ES256 from the public key's type.
+    #[arg(long, env = "SSE_JWT_ALGORITHM", value_enum, default_value = "auto")]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// Clock skew tolerated on `exp` (and `nbf`).
+    #[arg(long, env = "SSE_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "SSE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "SSE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Interval between `: ping` comments on every stream. 0 turns them off.
+    #[arg(long, env = "SSE_HEARTBEAT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Reconnection delay sent once to each client as `retry:`.
+    #[arg(long, env = "SSE_RETRY_INTERVAL", default_value = "3s", value_parser = parse_duration)]
+    pub retry_interval: Duration,
+
+    /// Open streams one user may hold on this node. 0: no limit.
+    #[arg(long, env = "SSE_MAX_CONNECTIONS_PER_USER", default_value_t = 5)]
+    pub max_connections_per_user: usize,
+
+    /// What a connection beyond the per-user limit does: be refused (429), or evict the user's oldest stream.
+    #[arg(long, env = "SSE_PER_USER_POLICY", value_enum, default_value = "reject")]
+    pub per_user_policy: PerUserPolicy,
+
+    /// Open streams this node accepts before answering 503. 0: no limit (the open-file limit still applies).
+    #[arg(long, env = "SSE_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Close a stream that has delivered no event for this long (heartbeats do not count). 0: off.
+    #[arg(long, env = "SSE_CONNECTION_TIMEOUT", default_value = "0", value_parser = parse_duration)]
+    pub connection_timeout: Duration,
+
+    /// Close every stream after this long, so clients reconnect (rebalancing, fresh tokens). 0: off.
+    #[arg(long, env = "SSE_MAX_CONNECTION_LIFETIME", default_value = "0", value_parser = parse_duration)]
+    pub max_connection_lifetime: Duration,
+
+    /// Frames a stream may have queued before it is cut off as a slow consumer.
+    #[arg(long, env = "SSE_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+
+    /// Largest accepted body of `POST /api/publish`, in bytes.
+    #[arg(long, env = "SSE_MAX_PUBLISH_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..))]
+    pub max_publish_bytes: u32,
+
+    /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
+    /// Empty: no CORS headers; same-origin only.
+    #[arg(long, env = "SSE_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
+    pub cors_origins: Vec<String>,
+
+    /// On SIGTERM, close streams in batches spread over this period, then exit.
+    #[arg(long, env = "SSE_DRAIN_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    pub drain_period: Duration,
+
+    /// Log format.
+    #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (`info`, `debug`, `sse_fanout=debug,info`, ...).
+    #[arg(long, env = "SSE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlgorithm {
+    Auto,
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "ES256")]
+    Es256,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PerUserPolicy {
+    Reject,
+    EvictOldest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A setting that parses but cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("SSE_CHANNEL_PREFIX must be 1-64 characters without whitespace or control characters")]
+    ChannelPrefix,
+    #[error("SSE_NODE_ID must be 1-64 characters of letters, digits, '-', '_' or '.'")]
+    NodeId,
+    #[error("SSE_JWT_ALGORITHM={0} needs {1}")]
+    AlgorithmNeedsKey(&'static str, &'static str),
+    #[error("SSE_REDIS_URL is not a redis:// or rediss:// URL")]
+    RedisUrl,
+    #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
+    CorsOrigin(String),
+    #[error("SSE_HEARTBEAT_INTERVAL must be at least 1s (or 0 to turn heartbeats off)")]
+    HeartbeatTooShort,
+}
+
+impl Config {
+    /// Checks what clap's types cannot: relations between settings and the shape of strings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.channel_prefix;
+        if p.is_empty() || p.len() > 64 || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::ChannelPrefix);
+        }
+        if let Some(id) = &self.node_id
+            && !is_valid_node_id(id)
+        {
+            return Err(ConfigError::NodeId);
+        }
+        match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 if self.jwt_secret.is_none() && self.jwt_public_key.is_some() => {
+                return Err(ConfigError::AlgorithmNeedsKey("HS256", "SSE_JWT_SECRET"));
+            }
+            JwtAlgorithm::Rs256 if self.jwt_public_key.is_none() && self.jwt_secret.is_some() => {
+                return Err(ConfigError::AlgorithmNeedsKey("RS256", "SSE_JWT_PUBLIC_KEY"));
+            }
+            JwtAlgorithm::Es256 if self.jwt_public_key.is_none() && self.jwt_secret.is_some() => {
+                return Err(ConfigError::AlgorithmNeedsKey("ES256", "SSE_JWT_PUBLIC_KEY"));
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(ConfigError::RedisUrl);
+        }
+        for origin in self.cors_origins() {
+            if origin != "*" && !is_origin(origin) {
+                return Err(ConfigError::CorsOrigin(origin.to_owned()));
+            }
+        }
+        if !self.heartbeat_interval.is_zero() && self.heartbeat_interval < Duration::from_secs(1) {
+            return Err(ConfigError::HeartbeatTooShort);
+        }
+        Ok(())
+    }
+
+    /// Configured origins without the empty entries a trailing comma or an empty variable leaves.
+    pub fn cors_origins(&self) -> impl Iterator<Item = &str> {
+        self.cors_origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty())
+    }
+
+    /// Development mode: no key configured, so the node makes up a secret and prints tokens.
+    pub fn is_development(&self) -> bool {
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none()
+    }
+}
+
+fn is_valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn is_origin(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains('/')
+        && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `1.5s`, or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 5m, 1h, or milliseconds)"))?;
+    let seconds = match unit.trim() {
+        "" | "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut full = vec!["sse-fanout"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        cli.config.validate().map_err(|e| e.to_string())?;
+        Ok(cli.config)
+    }
+
+    #[test]
+    fn durations_take_units_and_bare_numbers_are_milliseconds() {
+        assert_eq!(parse_duration("30000"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("1e400s").is_err());
+    }
+
+    #[test]
+    fn defaults_are_a_development_node_on_port_8080() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert_eq!(config.listen.port(), 8080);
+        assert!(config.is_development());
+        assert!(config.redis_url.is_none());
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(config.max_connections_per_user, 5);
+    }
+
+    #[test]
+    fn wrong_values_are_clear_errors() {
+        assert!(parse(&["--listen", "nonsense"]).is_err());
+        assert!(parse(&["--heartbeat-interval", "10x"]).is_err());
+        assert!(parse(&["--heartbeat-interval", "10ms"]).unwrap_err().contains("at least 1s"));
+        assert!(parse(&["--redis-url", "localhost:6379"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--node-id", "has space"]).is_err());
+        assert!(parse(&["--channel-prefix", ""]).is_err());
+        assert!(parse(&["--per-user-policy", "sometimes"]).is_err());
+        assert!(parse(&["--cors-origins", "app.example.com"]).is_err());
+        assert!(parse(&["--jwt-secret", "s", "--jwt-algorithm", "ES256"]).is_err());
+        assert!(parse(&["--jwt-secret", "s", "--jwt-public-key", "/k.pem"]).is_err());
+        assert!(parse(&["--queue-capacity", "0"]).is_err());
+    }
+
+    #[test]
+    fn cors_origins_split_on_commas() {
+        let config = parse(&["--cors-origins", "https://a.example, http://localhost:3000,"]).expect("valid");
+        let origins: Vec<&str> = config.cors_origins().collect();
+        assert_eq!(origins, ["https://a.example", "http://localhost:3000"]);
+    }
+}

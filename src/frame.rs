@@ -1,0 +1,170 @@
+//! SSE framing: one message becomes one shared `Bytes` that every connection on the channel
+//! writes as it is. Framing is the only place that writes field names, so it is the only
+//! place that must get line breaks right: data is split on `\r\n`, `\r` and `\n` into
+//! `data:` lines, and event names and ids have been checked by [`crate::envelope`] to hold none.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Frames one event. `event` and `id` must hold no line break (see `envelope::checked_*`).
+pub fn event(event: Option<&str>, id: Option<&str>, data: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + event.map_or(0, str::len) + id.map_or(0, str::len) + 32);
+    if let Some(event) = event {
+        put_field(&mut out, b"event: ", event);
+    }
+    if let Some(id) = id {
+        put_field(&mut out, b"id: ", id);
+    }
+    put_data(&mut out, data);
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+/// The `id:` line a connection writes before a shared frame, when the id is the connection's own.
+pub fn id_line(id: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(id.len() + 5);
+    put_field(&mut out, b"id: ", id);
+    out.freeze()
+}
+
+/// A comment line, ignored by EventSource and used as a heartbeat.
+pub fn comment(text: &str) -> Bytes {
+    debug_assert!(!text.contains(['\r', '\n']));
+    Bytes::from(format!(": {text}\n\n"))
+}
+
+/// Tells the client how long to wait before reconnecting.
+pub fn retry(after: std::time::Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", after.as_millis()))
+}
+
+fn put_field(out: &mut BytesMut, name: &[u8], value: &str) {
+    debug_assert!(!value.contains(['\r', '\n']));
+    out.put_slice(name);
+    out.put_slice(value.as_bytes());
+    out.put_u8(b'\n');
+}
+
+fn put_data(out: &mut BytesMut, data: &str) {
+    let bytes = data.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' => {
+                put_data_line(out, &bytes[start..i]);
+                start = i + 1;
+            }
+            b'\r' => {
+                put_data_line(out, &bytes[start..i]);
+                if bytes.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    put_data_line(out, &bytes[start..]);
+}
+
+fn put_data_line(out: &mut BytesMut, line: &[u8]) {
+    out.put_slice(b"data: ");
+    out.put_slice(line);
+    out.put_u8(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text(b: Bytes) -> String {
+        String::from_utf8(b.to_vec()).expect("frames are UTF-8")
+    }
+
+    /// A minimal reader following the WHATWG EventSource parsing rules, to check frames round-trip.
+    fn read_events(stream: &str) -> Vec<(String, String, Option<String>)> {
+        let mut events = Vec::new();
+        let (mut event, mut data, mut id, mut has_data) = (String::new(), String::new(), None, false);
+        for line in stream.split('\n') {
+            if line.is_empty() {
+                if has_data {
+                    let name = if event.is_empty() { "message".to_owned() } else { event.clone() };
+                    events.push((name, data.strip_suffix('\n').unwrap_or(&data).to_owned(), id.clone()));
+                }
+                event.clear();
+                data.clear();
+                has_data = false;
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "event" => event = value.to_owned(),
+                "data" => {
+                    data.push_str(value);
+                    data.push('\n');
+                    has_data = true;
+                }
+                "id" => id = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn every_line_break_kind_starts_a_new_data_line() {
+        let frame = text(event(Some("e"), Some("1"), "a\nb\r\nc\rd"));
+        assert_eq!(frame, "event: e\nid: 1\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
+    }
+
+    #[test]
+    fn empty_data_still_dispatches_an_event() {
+        assert_eq!(text(event(None, None, "")), "data: \n\n");
+        assert_eq!(read_events(&text(event(None, None, ""))), [("message".into(), "".into(), None)]);
+    }
+
+    #[test]
+    fn trailing_and_doubled_line_breaks_keep_empty_lines() {
+        assert_eq!(text(event(None, None, "a\n")), "data: a\ndata: \n\n");
+        assert_eq!(text(event(None, None, "\r\n\r\n")), "data: \ndata: \ndata: \n\n");
+    }
+
+    #[test]
+    fn an_injection_in_data_stays_data() {
+        let frame = text(event(Some("safe"), None, "x\n\nevent: evil\ndata: owned\r\rid: 9"));
+        let events = read_events(&frame);
+        assert_eq!(events.len(), 1, "{frame}");
+        assert_eq!(events[0].0, "safe");
+        assert_eq!(events[0].2, None);
+    }
+
+    #[test]
+    fn unicode_and_leading_spaces_survive() {
+        let frame = text(event(None, None, " ünïcode ✓ 🚀"));
+        assert_eq!(read_events(&frame)[0].1, " ünïcode ✓ 🚀");
+    }
+
+    #[test]
+    fn control_frames() {
+        assert_eq!(text(comment("ping")), ": ping\n\n");
+        assert_eq!(text(retry(std::time::Duration::from_millis(2500))), "retry: 2500\n\n");
+        assert_eq!(text(id_line("abc")), "id: abc\n");
+    }
+
+    proptest! {
+        #[test]
+        fn any_data_round_trips_with_line_breaks_normalised(data in any::<String>(), name in "[a-z]{1,8}") {
+            let frame = text(event(Some(&name), None, &data));
+            let events = read_events(&frame);
+            prop_assert_eq!(events.len(), 1);
+            let expected = data.replace("\r\n", "\n").replace('\r', "\n");
+            prop_assert_eq!(&events[0].1, &expected);
+            prop_assert_eq!(&events[0].0, &name);
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Every HTTP error the node answers with: one status and one short JSON body, decided here.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::auth::AuthError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 401: no token, or one that does not verify.
+    Unauthorized(AuthError),
+    /// 403: the token is valid but does not allow this.
+    Forbidden { code: &'static str, message: String },
+    /// 400: a request field is wrong; `field` names it.
+    BadRequest { field: String, message: String },
+    /// 413.
+    TooLarge { limit: usize },
+    /// 429.
+    TooManyRequests { code: &'static str, message: String },
+    /// 503: draining, full, or the bus is down.
+    Unavailable { code: &'static str, message: String },
+}
+
+impl ApiError {
+    pub fn bad_request(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::BadRequest { field: field.into(), message: message.into() }
+    }
+
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Forbidden { code, message: message.into() }
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Unavailable { code, message: message.into() }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::Unauthorized(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::Unauthorized(e) => {
+                let code = if e == AuthError::Missing { "missing_token" } else { "invalid_token" };
+                let mut response =
+                    (StatusCode::UNAUTHORIZED, Json(json!({"error": code, "message": e.to_string()}))).into_response();
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+            ApiError::Forbidden { code, message } => {
+                (StatusCode::FORBIDDEN, json!({"error": code, "message": message}))
+            }
+            ApiError::BadRequest { field, message } => {
+                (StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "field": field, "message": message}))
+            }
+            ApiError::TooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": "too_large", "message": format!("body is larger than {limit} bytes")}),
+            ),
+            ApiError::TooManyRequests { code, message } => {
+                (StatusCode::TOO_MANY_REQUESTS, json!({"error": code, "message": message}))
+            }
+            ApiError::Unavailable { code, message } => {
+                (StatusCode::SERVICE_UNAVAILABLE, json!({"error": code, "message": message}))
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,187 @@
+//! `POST /api/publish`: one message to any mix of users, topics and broadcast, from a
+//! publisher token. The request is checked field by field so a 400 names what is wrong; the
+//! envelope is serialised once and published to every channel in one batch.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+use super::events::StreamQuery;
+use crate::auth::{AuthError, token_from_request};
+use crate::bus::BusError;
+use crate::channel::{ChannelName, ChannelNames, check_name};
+use crate::envelope::{checked_event_name, checked_id};
+use crate::node::Node;
+
+/// Targets one request may name; a larger fan-out should publish to a topic instead.
+pub const MAX_TARGETS: usize = 10_000;
+
+/// A checked publish request.
+#[derive(Debug, PartialEq)]
+pub struct PublishRequest {
+    pub users: Vec<String>,
+    pub topics: Vec<String>,
+    pub broadcast: bool,
+    /// The envelope producers would publish to Redis themselves.
+    pub envelope: Value,
+}
+
+impl PublishRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| ApiError::bad_request("body", format!("not JSON: {e}")))?;
+        let Value::Object(mut fields) = value else {
+            return Err(ApiError::bad_request("body", "expected a JSON object"));
+        };
+        let users = names(&mut fields, "users")?;
+        let topics = names(&mut fields, "topics")?;
+        let broadcast = match fields.remove("broadcast") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(_) => return Err(ApiError::bad_request("broadcast", "expected true or false")),
+        };
+        if users.is_empty() && topics.is_empty() && !broadcast {
+            return Err(ApiError::bad_request("users", "name at least one target: users, topics or broadcast"));
+        }
+        if users.len() + topics.len() > MAX_TARGETS {
+            return Err(ApiError::bad_request("users", format!("at most {MAX_TARGETS} users and topics per request")));
+        }
+        let data = fields.remove("data").ok_or_else(|| ApiError::bad_request("data", "missing (any JSON value)"))?;
+        let mut envelope = Map::new();
+        match fields.remove("event") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(e)) => {
+                let e = checked_event_name(e).map_err(|_| {
+                    ApiError::bad_request("event", "must not contain line breaks or NUL, at most 256 bytes")
+                })?;
+                envelope.insert("event".into(), Value::String(e));
+            }
+            Some(_) => return Err(ApiError::bad_request("event", "expected a string")),
+        }
+        envelope.insert("data".into(), data);
+        match fields.remove("id") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(id)) => {
+                let id = checked_id(id).map_err(|_| {
+                    ApiError::bad_request("id", "must not contain line breaks or NUL, at most 256 bytes")
+                })?;
+                envelope.insert("id".into(), Value::String(id));
+            }
+            Some(_) => return Err(ApiError::bad_request("id", "expected a string")),
+        }
+        if let Some(unknown) = fields.keys().next() {
+            return Err(ApiError::bad_request(unknown.clone(), "unknown field"));
+        }
+        Ok(Self { users, topics, broadcast, envelope: Value::Object(envelope) })
+    }
+
+    pub fn channels(&self, names: &ChannelNames) -> Vec<ChannelName> {
+        let mut channels: Vec<ChannelName> = self.users.iter().map(|u| names.user(u)).collect();
+        channels.extend(self.topics.iter().map(|t| names.topic(t)));
+        if self.broadcast {
+            channels.push(names.broadcast());
+        }
+        channels.sort();
+        channels.dedup();
+        channels
+    }
+}
+
+fn names(fields: &mut Map<String, Value>, field: &'static str) -> Result<Vec<String>, ApiError> {
+    match fields.remove(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let name = match item {
+                    Value::String(s) => s,
+                    Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+                    _ => return Err(ApiError::bad_request(format!("{field}[{i}]"), "expected a string")),
+                };
+                check_name(&name).map_err(|e| ApiError::bad_request(format!("{field}[{i}]"), e.to_string()))?;
+                Ok(name)
+            })
+            .collect(),
+        Some(_) => Err(ApiError::bad_request(field, "expected an array of strings")),
+    }
+}
+
+pub async fn publish(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let query = StreamQuery::parse(query.as_deref());
+    let token = token_from_request(&headers, query.access_token.as_deref()).ok_or(AuthError::Missing)?;
+    let grant = node.auth.verify(token)?;
+    if !grant.may_publish() {
+        return Err(ApiError::forbidden("not_a_publisher", "the token's role must be publisher or admin"));
+    }
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit: node.config.max_publish_bytes as usize }
+        } else {
+            ApiError::bad_request("body", rejection.body_text())
+        }
+    })?;
+    let request = PublishRequest::parse(&body)?;
+    let channels = request.channels(&node.channels);
+    let payload = Bytes::from(request.envelope.to_string());
+    let receipt = node.hub.bus().publish(&channels, payload).await.map_err(|e| match e {
+        BusError::Unavailable(m) => ApiError::unavailable("bus_unavailable", m),
+        BusError::Refused(m) => ApiError::unavailable("bus_refused", m),
+    })?;
+    node.publish_requests.increment(1);
+    Ok((StatusCode::ACCEPTED, Json(json!({"channels": receipt.channels, "receivers": receipt.receivers}))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> String {
+        match PublishRequest::parse(body.as_bytes()) {
+            Err(ApiError::BadRequest { field, .. }) => field,
+            other => panic!("expected a 400 for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_request_becomes_one_envelope_and_deduplicated_channels() {
+        let request = PublishRequest::parse(
+            br#"{"users":["42","43",44,"42"],"topics":["rounds:roulette:7"],"broadcast":true,"event":"notification","data":{"x":1},"id":"9"}"#,
+        )
+        .expect("valid");
+        assert_eq!(request.envelope, json!({"event":"notification","data":{"x":1},"id":"9"}));
+        let channels: Vec<String> =
+            request.channels(&ChannelNames::new("sse")).iter().map(|c| c.as_str().to_owned()).collect();
+        assert_eq!(
+            channels,
+            ["sse:broadcast", "sse:topic:rounds:roulette:7", "sse:user:42", "sse:user:43", "sse:user:44"]
+        );
+    }
+
+    #[test]
+    fn a_400_names_the_bad_field() {
+        assert_eq!(field_of("not json"), "body");
+        assert_eq!(field_of("[1]"), "body");
+        assert_eq!(field_of(r#"{"data":1}"#), "users");
+        assert_eq!(field_of(r#"{"broadcast":true}"#), "data");
+        assert_eq!(field_of(r#"{"users":"42","data":1}"#), "users");
+        assert_eq!(field_of(r#"{"users":["ok","bad id"],"data":1}"#), "users[1]");
+        assert_eq!(field_of(r#"{"topics":[true],"data":1}"#), "topics[0]");
+        assert_eq!(field_of(r#"{"broadcast":"yes","data":1}"#), "broadcast");
+        assert_eq!(field_of(r#"{"broadcast":true,"data":1,"event":"a\nb"}"#), "event");
+        assert_eq!(field_of(r#"{"broadcast":true,"data":1,"event":3}"#), "event");
+        assert_eq!(field_of(r#"{"broadcast":true,"data":1,"id":"a\rb"}"#), "id");
+        assert_eq!(field_of(r#"{"broadcast":true,"data":1,"colour":"red"}"#), "colour");
+    }
+}

@@ -1,0 +1,502 @@
+//! The hub: this node's connections by user and by channel, fan-out of shared frames, and the
+//! limits that decide whether a new stream may join.
+//!
+//! One `RwLock` guards the registry. Joins and leaves take it for writing, briefly; fan-out
+//! takes it for reading and, per message, frames once and pushes the same `Bytes` into every
+//! listener's queue. A channel's first listener asks the bus to subscribe and its last one to
+//! unsubscribe, both under the lock so the bus sees them in the registry's order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::auth::{UserId, unix_now};
+use crate::bus::{Bus, SubscriptionReady};
+use crate::channel::ChannelName;
+use crate::config::PerUserPolicy;
+use crate::connection::{CloseReason, Connection, ConnectionId, Pushed};
+use crate::envelope;
+use crate::frame;
+use crate::metrics::HubMetrics;
+
+/// Limits applied when a stream joins and while it lives.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// 0: no limit.
+    pub per_user: usize,
+    pub per_user_policy: PerUserPolicy,
+    /// 0: no limit.
+    pub per_node: usize,
+    pub queue_capacity: usize,
+    /// Zero: off.
+    pub inactivity_timeout: Duration,
+    /// Zero: off.
+    pub max_lifetime: Duration,
+}
+
+/// Why a stream may not join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("the node is draining")]
+    Draining,
+    #[error("the node holds its maximum number of streams")]
+    NodeFull,
+    #[error("this user holds the maximum number of streams")]
+    UserLimit,
+}
+
+impl JoinError {
+    pub fn label(self) -> &'static str {
+        match self {
+            JoinError::Draining => "draining",
+            JoinError::NodeFull => "node_full",
+            JoinError::UserLimit => "user_limit",
+        }
+    }
+}
+
+/// Counts for `/api/stats`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct HubStats {
+    pub connections: usize,
+    pub users: usize,
+    pub channels: usize,
+}
+
+pub struct Hub {
+    registry: RwLock<Registry>,
+    bus: Arc<dyn Bus>,
+    limits: Limits,
+    metrics: HubMetrics,
+    next_id: AtomicU64,
+    started: Instant,
+    /// Seconds since `started`, advanced by the ticker: a clock read per push would cost more.
+    clock: AtomicU32,
+    refusal_log: LogLimiter,
+}
+
+#[derive(Default)]
+struct Registry {
+    channels: HashMap<ChannelName, ChannelEntry>,
+    /// Each user's streams, oldest first.
+    users: HashMap<UserId, Vec<Arc<Connection>>>,
+    connections: usize,
+    draining: bool,
+}
+
+struct ChannelEntry {
+    listeners: Vec<Arc<Connection>>,
+    ready: Arc<SubscriptionReady>,
+}
+
+/// A stream's place in the hub. Dropping it leaves (idempotent with the hub closing it).
+pub struct Membership {
+    hub: Arc<Hub>,
+    connection: Arc<Connection>,
+}
+
+impl Membership {
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.hub.detach(&self.connection);
+    }
+}
+
+/// A stream that joined: its membership and the subscriptions it must wait for before
+/// telling the client it is connected.
+pub struct Joined {
+    pub membership: Membership,
+    pub pending: Vec<Arc<SubscriptionReady>>,
+}
+
+impl Hub {
+    pub fn new(bus: Arc<dyn Bus>, limits: Limits, metrics: HubMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            registry: RwLock::new(Registry::default()),
+            bus,
+            limits,
+            metrics,
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+            clock: AtomicU32::new(0),
+            refusal_log: LogLimiter::default(),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+
+    pub fn now(&self) -> u32 {
+        self.clock.load(Ordering::Relaxed)
+    }
+
+    /// Adds a stream for `user` listening on `channels`, applying the node and user limits.
+    pub fn join(
+        self: &Arc<Self>,
+        user: UserId,
+        channels: Vec<ChannelName>,
+        token_expires_at: u64,
+    ) -> Result<Joined, JoinError> {
+        let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let connection = Arc::new(Connection::new(id, user.clone(), channels.into(), token_expires_at, self.now()));
+        let mut evicted = None;
+        let mut pending = Vec::new();
+        {
+            let mut registry = self.write();
+            if registry.draining {
+                return Err(JoinError::Draining);
+            }
+            if self.limits.per_node > 0 && registry.connections >= self.limits.per_node {
+                return Err(JoinError::NodeFull);
+            }
+            let held = registry.users.get(&user).map_or(0, Vec::len);
+            if self.limits.per_user > 0 && held >= self.limits.per_user {
+                match self.limits.per_user_policy {
+                    PerUserPolicy::Reject => return Err(JoinError::UserLimit),
+                    PerUserPolicy::EvictOldest => {
+                        let oldest = registry.users.get(&user).and_then(|list| list.first().cloned());
+                        if let Some(oldest) = oldest {
+                            self.remove_locked(&mut registry, &oldest);
+                            evicted = Some(oldest);
+                        }
+                    }
+                }
+            }
+            registry.users.entry(user).or_default().push(connection.clone());
+            registry.connections += 1;
+            for channel in connection.channels.iter() {
+                let entry = registry.channels.entry(channel.clone()).or_insert_with(|| {
+                    let ready = Arc::new(SubscriptionReady::default());
+                    self.bus.subscribe(channel.clone(), ready.clone());
+                    ChannelEntry { listeners: Vec::new(), ready }
+                });
+                entry.listeners.push(connection.clone());
+                if !entry.ready.is_set() {
+                    pending.push(entry.ready.clone());
+                }
+            }
+            self.metrics.channels.set(registry.channels.len() as f64);
+        }
+        self.metrics.active.increment(1.0);
+        self.metrics.total.increment(1);
+        if let Some(oldest) = evicted {
+            self.metrics.closed(CloseReason::Replaced.label());
+            oldest.close(CloseReason::Replaced.farewell());
+        }
+        Ok(Joined { membership: Membership { hub: self.clone(), connection }, pending })
+    }
+
+    /// Removes a stream whose body was dropped. A no-op if the hub already removed it.
+    fn detach(&self, connection: &Arc<Connection>) {
+        let mut registry = self.write();
+        self.remove_locked(&mut registry, connection);
+    }
+
+    fn remove_locked(&self, registry: &mut Registry, connection: &Arc<Connection>) {
+        let Some(list) = registry.users.get_mut(&connection.user) else { return };
+        let Some(index) = list.iter().position(|c| Arc::ptr_eq(c, connection)) else { return };
+        list.remove(index);
+        if list.is_empty() {
+            registry.users.remove(&connection.user);
+        }
+        registry.connections -= 1;
+        for channel in connection.channels.iter() {
+            let Some(entry) = registry.channels.get_mut(channel) else { continue };
+            if let Some(i) = entry.listeners.iter().position(|c| Arc::ptr_eq(c, connection)) {
+                entry.listeners.swap_remove(i);
+            }
+            if entry.listeners.is_empty() {
+                registry.channels.remove(channel);
+                self.bus.unsubscribe(channel.clone());
+            }
+        }
+        self.metrics.channels.set(registry.channels.len() as f64);
+        self.metrics.active.decrement(1.0);
+        self.metrics.duration.record(connection.opened_at.elapsed().as_secs_f64());
+    }
+
+    /// Ends a stream for `reason`: it leaves the hub now and its client reads `farewell` last.
+    pub fn close(&self, connection: &Arc<Connection>, reason: CloseReason, farewell: Bytes) {
+        self.detach(connection);
+        if connection.close(farewell) {
+            self.metrics.closed(reason.label());
+        }
+    }
+
+    /// Fans one payload from the bus out to this node's listeners on `channel`.
+    pub fn deliver(&self, channel: &str, payload: &[u8]) {
+        self.metrics.bus_messages.increment(1);
+        let registry = self.read();
+        let Some(entry) = registry.channels.get(channel) else { return };
+        let framed = match envelope::parse(payload) {
+            Ok(message) => frame::event(message.event.as_deref(), message.id.as_deref(), &message.data),
+            Err(refusal) => {
+                drop(registry);
+                self.metrics.refused(refusal.label());
+                if let Some(suppressed) = self.refusal_log.allow(self.now()) {
+                    tracing::warn!(channel, reason = %refusal, suppressed, "refused a published payload");
+                }
+                return;
+            }
+        };
+        let now = Some(self.now());
+        let mut slow = 0;
+        for listener in &entry.listeners {
+            if listener.push(framed.clone(), self.limits.queue_capacity, now) == Pushed::Full && listener.cut() {
+                slow += 1;
+            }
+        }
+        self.metrics.sent.increment((entry.listeners.len() - slow) as u64);
+        if slow > 0 {
+            for _ in 0..slow {
+                self.metrics.closed(CloseReason::SlowConsumer.label());
+            }
+            tracing::debug!(channel, slow, "cut off slow consumers");
+        }
+    }
+
+    /// Advances the clock; sends a heartbeat when asked; closes streams past their timeouts.
+    pub fn tick(&self, heartbeat: Option<&Bytes>) {
+        let now = self.started.elapsed().as_secs() as u32;
+        self.clock.store(now, Ordering::Relaxed);
+        let unix = unix_now();
+        let mut expired = Vec::new();
+        {
+            let registry = self.read();
+            for connection in registry.users.values().flatten() {
+                if let Some(ping) = heartbeat
+                    && connection.push(ping.clone(), self.limits.queue_capacity, None) == Pushed::Full
+                {
+                    expired.push((connection.clone(), CloseReason::SlowConsumer));
+                    continue;
+                }
+                if let Some(reason) = self.overdue(connection, now, unix) {
+                    expired.push((connection.clone(), reason));
+                }
+            }
+        }
+        for (connection, reason) in expired {
+            if reason == CloseReason::SlowConsumer {
+                self.detach(&connection);
+                if connection.cut() {
+                    self.metrics.closed(reason.label());
+                }
+            } else {
+                self.close(&connection, reason, reason.farewell());
+            }
+        }
+    }
+
+    fn overdue(&self, connection: &Connection, now: u32, unix: u64) -> Option<CloseReason> {
+        if connection.token_expires_at <= unix {
+            return Some(CloseReason::TokenExpired);
+        }
+        let lifetime = self.limits.max_lifetime;
+        if !lifetime.is_zero() && connection.opened_at.elapsed() >= lifetime {
+            return Some(CloseReason::Lifetime);
+        }
+        let inactivity = self.limits.inactivity_timeout.as_secs();
+        if inactivity > 0 && u64::from(now.saturating_sub(connection.last_event_at())) >= inactivity {
+            return Some(CloseReason::Inactive);
+        }
+        None
+    }
+
+    /// Refuses new streams from now on; returns every open stream, oldest first per user.
+    pub fn start_draining(&self) -> Vec<Arc<Connection>> {
+        let mut registry = self.write();
+        registry.draining = true;
+        registry.users.values().flatten().cloned().collect()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.read().draining
+    }
+
+    pub fn stats(&self) -> HubStats {
+        let registry = self.read();
+        HubStats { connections: registry.connections, users: registry.users.len(), channels: registry.channels.len() }
+    }
+
+    /// Streams this user holds on this node.
+    pub fn connections_of(&self, user: &UserId) -> usize {
+        self.read().users.get(user).map_or(0, Vec::len)
+    }
+}
+
+/// Lets one log line through per second and says how many were held back.
+#[derive(Default)]
+struct LogLimiter {
+    last: AtomicU32,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    fn allow(&self, now: u32) -> Option<u64> {
+        let last = self.last.load(Ordering::Relaxed);
+        if last != now.wrapping_add(1)
+            && self.last.compare_exchange(last, now.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+    use crate::channel::ChannelNames;
+    use std::task::{Context, Poll, Waker};
+
+    fn hub(per_user: usize, policy: PerUserPolicy) -> Arc<Hub> {
+        let (bus, _inbound) = MemoryBus::new();
+        let limits = Limits {
+            per_user,
+            per_user_policy: policy,
+            per_node: 3,
+            queue_capacity: 2,
+            inactivity_timeout: Duration::ZERO,
+            max_lifetime: Duration::ZERO,
+        };
+        Hub::new(bus, limits, HubMetrics::new())
+    }
+
+    fn channels(user: &str) -> Vec<ChannelName> {
+        let names = ChannelNames::new("sse");
+        vec![names.user(user), names.broadcast()]
+    }
+
+    fn join(hub: &Arc<Hub>, user: &str) -> Result<Joined, JoinError> {
+        hub.join(UserId::new(user).expect("id"), channels(user), u64::MAX)
+    }
+
+    fn drain(connection: &Connection) -> Vec<Bytes> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(frame)) = connection.poll_next(&mut cx) {
+            out.push(frame);
+        }
+        out
+    }
+
+    #[test]
+    fn a_message_reaches_every_listener_of_its_channel_only() {
+        let hub = hub(5, PerUserPolicy::Reject);
+        let a1 = join(&hub, "a").expect("joins");
+        let a2 = join(&hub, "a").expect("joins");
+        let b = join(&hub, "b").expect("joins");
+        hub.deliver("sse:user:a", br#"{"event":"e","data":"for a"}"#);
+        hub.deliver("sse:user:nobody", b"ignored");
+        let expected = Bytes::from_static(b"event: e\ndata: for a\n\n");
+        assert_eq!(drain(a1.membership.connection()), [expected.clone()]);
+        assert_eq!(drain(a2.membership.connection()), [expected]);
+        assert!(drain(b.membership.connection()).is_empty());
+        hub.deliver("sse:broadcast", b"all");
+        assert_eq!(drain(b.membership.connection()), [Bytes::from_static(b"data: all\n\n")]);
+    }
+
+    #[test]
+    fn a_refused_payload_is_not_delivered_and_the_next_one_is() {
+        let hub = hub(5, PerUserPolicy::Reject);
+        let a = join(&hub, "a").expect("joins");
+        hub.deliver("sse:user:a", br#"{"event":"x\ny","data":1}"#);
+        hub.deliver("sse:user:a", br#"{"data":2}"#);
+        assert_eq!(drain(a.membership.connection()), [Bytes::from_static(b"data: 2\n\n")]);
+    }
+
+    #[test]
+    fn limits_reject_or_evict() {
+        let hub = hub(1, PerUserPolicy::Reject);
+        let _first = join(&hub, "a").expect("joins");
+        assert_eq!(join(&hub, "a").err(), Some(JoinError::UserLimit));
+        let _b = join(&hub, "b").expect("joins");
+        let _c = join(&hub, "c").expect("joins");
+        assert_eq!(join(&hub, "d").err(), Some(JoinError::NodeFull));
+
+        let hub = hub_evicting();
+        let old = join(&hub, "a").expect("joins");
+        let new = join(&hub, "a").expect("replaces");
+        assert!(old.membership.connection().is_closed());
+        let farewell = drain(old.membership.connection());
+        assert_eq!(farewell, [CloseReason::Replaced.farewell()]);
+        assert!(!new.membership.connection().is_closed());
+        assert_eq!(hub.stats().connections, 1);
+        drop(old);
+        assert_eq!(hub.stats().connections, 1, "dropping an evicted stream leaves the new one alone");
+    }
+
+    fn hub_evicting() -> Arc<Hub> {
+        hub(1, PerUserPolicy::EvictOldest)
+    }
+
+    #[test]
+    fn the_last_listener_leaving_removes_the_channel() {
+        let hub = hub(5, PerUserPolicy::Reject);
+        let a = join(&hub, "a").expect("joins");
+        let b = join(&hub, "b").expect("joins");
+        assert_eq!(hub.stats().channels, 3);
+        drop(a);
+        assert_eq!(hub.stats().channels, 2);
+        drop(b);
+        let stats = hub.stats();
+        assert_eq!((stats.connections, stats.users, stats.channels), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_full_queue_cuts_the_slow_consumer_off() {
+        let hub = hub(5, PerUserPolicy::Reject);
+        let a = join(&hub, "a").expect("joins");
+        for _ in 0..3 {
+            hub.deliver("sse:user:a", b"x");
+        }
+        assert!(a.membership.connection().is_closed());
+        assert!(drain(a.membership.connection()).is_empty());
+    }
+
+    #[test]
+    fn draining_refuses_new_streams() {
+        let hub = hub(5, PerUserPolicy::Reject);
+        let _a = join(&hub, "a").expect("joins");
+        assert_eq!(hub.start_draining().len(), 1);
+        assert_eq!(join(&hub, "b").err(), Some(JoinError::Draining));
+    }
+
+    #[test]
+    fn expired_tokens_are_closed_by_the_ticker() {
+        let hub = hub(5, PerUserPolicy::Reject);
+        let joined = hub.join(UserId::new("a").expect("id"), channels("a"), unix_now() - 1).expect("joins");
+        hub.tick(None);
+        assert_eq!(drain(joined.membership.connection()), [CloseReason::TokenExpired.farewell()]);
+        assert_eq!(hub.stats().connections, 0);
+    }
+
+    #[test]
+    fn the_log_limiter_lets_one_line_through_per_second() {
+        let limiter = LogLimiter::default();
+        assert_eq!(limiter.allow(0), Some(0));
+        assert_eq!(limiter.allow(0), None);
+        assert_eq!(limiter.allow(0), None);
+        assert_eq!(limiter.allow(1), Some(2));
+    }
+}

@@ -1,0 +1,120 @@
+//! Metric names in one place, registered once. Handles are created at startup and passed
+//! down, so the hot path increments an atomic instead of looking a name up per event.
+
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const ACTIVE_CONNECTIONS: &str = "sse_active_connections";
+pub const TOTAL_CONNECTIONS: &str = "sse_total_connections";
+pub const CONNECTION_DURATION: &str = "sse_connection_duration_seconds";
+pub const MESSAGES_SENT: &str = "sse_messages_sent_total";
+pub const CONNECTIONS_REJECTED: &str = "sse_connections_rejected_total";
+pub const CONNECTIONS_CLOSED: &str = "sse_connections_closed_total";
+pub const MESSAGES_REFUSED: &str = "sse_messages_refused_total";
+pub const BUS_MESSAGES: &str = "sse_bus_messages_total";
+pub const BUS_INBOUND_DROPPED: &str = "sse_bus_inbound_dropped_total";
+pub const BUS_READY: &str = "sse_bus_ready";
+pub const BUS_SUBSCRIBE_COMMANDS: &str = "sse_bus_subscribe_commands_total";
+pub const BUS_UNSUBSCRIBE_COMMANDS: &str = "sse_bus_unsubscribe_commands_total";
+pub const SUBSCRIBED_CHANNELS: &str = "sse_subscribed_channels";
+pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
+
+/// Installs the Prometheus recorder. Call once, before any handle is created.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    // Buckets rather than summaries, so durations aggregate across nodes.
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(CONNECTION_DURATION.to_owned()),
+            &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0],
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_gauge!(ACTIVE_CONNECTIONS, "Open event streams on this node");
+    describe_counter!(TOTAL_CONNECTIONS, "Event streams opened since start");
+    describe_histogram!(CONNECTION_DURATION, metrics::Unit::Seconds, "How long streams stayed open");
+    describe_counter!(MESSAGES_SENT, "Events queued to streams (one per stream per event)");
+    describe_counter!(CONNECTIONS_REJECTED, "Stream requests refused, by reason");
+    describe_counter!(CONNECTIONS_CLOSED, "Streams closed by the node, by reason");
+    describe_counter!(MESSAGES_REFUSED, "Published payloads not delivered because they could break framing, by reason");
+    describe_counter!(BUS_MESSAGES, "Payloads received from the bus");
+    describe_counter!(BUS_INBOUND_DROPPED, "Payloads dropped because the dispatcher queue was full");
+    describe_gauge!(BUS_READY, "1 when the bus answers, 0 otherwise");
+    describe_counter!(BUS_SUBSCRIBE_COMMANDS, "SUBSCRIBE commands sent (each may carry many channels)");
+    describe_counter!(BUS_UNSUBSCRIBE_COMMANDS, "UNSUBSCRIBE commands sent (each may carry many channels)");
+    describe_gauge!(SUBSCRIBED_CHANNELS, "Channels with at least one local listener");
+    describe_counter!(PUBLISH_REQUESTS, "POST /api/publish requests accepted");
+}
+
+/// Counts connections and deliveries; owned by the hub.
+#[derive(Clone)]
+pub struct HubMetrics {
+    pub active: Gauge,
+    pub total: Counter,
+    pub duration: Histogram,
+    pub sent: Counter,
+    pub channels: Gauge,
+    pub bus_messages: Counter,
+}
+
+impl HubMetrics {
+    pub fn new() -> Self {
+        Self {
+            active: gauge!(ACTIVE_CONNECTIONS),
+            total: counter!(TOTAL_CONNECTIONS),
+            duration: histogram!(CONNECTION_DURATION),
+            sent: counter!(MESSAGES_SENT),
+            channels: gauge!(SUBSCRIBED_CHANNELS),
+            bus_messages: counter!(BUS_MESSAGES),
+        }
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        counter!(CONNECTIONS_REJECTED, "reason" => reason).increment(1);
+    }
+
+    pub fn closed(&self, reason: &'static str) {
+        counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        counter!(MESSAGES_REFUSED, "reason" => reason).increment(1);
+    }
+}
+
+impl Default for HubMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts what the bus does; owned by the bus.
+#[derive(Clone)]
+pub struct BusMetrics {
+    pub ready: Gauge,
+    pub inbound_dropped: Counter,
+    pub subscribe_commands: Counter,
+    pub unsubscribe_commands: Counter,
+}
+
+impl BusMetrics {
+    pub fn new() -> Self {
+        Self {
+            ready: gauge!(BUS_READY),
+            inbound_dropped: counter!(BUS_INBOUND_DROPPED),
+            subscribe_commands: counter!(BUS_SUBSCRIBE_COMMANDS),
+            unsubscribe_commands: counter!(BUS_UNSUBSCRIBE_COMMANDS),
+        }
+    }
+}
+
+impl Default for BusMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

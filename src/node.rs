@@ -1,0 +1,207 @@
+//! The node: wires configuration, tokens, bus, hub and HTTP together, runs the background
+//! tasks (dispatcher, ticker, metrics upkeep) and owns the order of shutdown.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use metrics::Counter;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::bus::memory::MemoryBus;
+use crate::bus::redis::RedisBus;
+use crate::bus::{Bus, Inbound, InboundReceiver};
+use crate::channel::ChannelNames;
+use crate::config::Config;
+use crate::hub::{Hub, Limits};
+use crate::metrics::{BusMetrics, HubMetrics, PUBLISH_REQUESTS};
+use crate::{frame, http, shutdown};
+
+/// Shared state of a running node, handed to every HTTP handler.
+pub struct Node {
+    pub config: Config,
+    pub node_id: String,
+    pub auth: Authenticator,
+    pub channels: ChannelNames,
+    pub hub: Arc<Hub>,
+    pub hub_metrics: HubMetrics,
+    pub prometheus: PrometheusHandle,
+    pub publish_requests: Counter,
+    pub started: Instant,
+    pub dev: Option<DevMode>,
+}
+
+/// What development mode made up at startup.
+pub struct DevMode {
+    pub subscriber_token: String,
+    pub publisher_token: String,
+    pub admin_token: String,
+    pub demo_page: String,
+}
+
+impl Node {
+    pub fn is_development(&self) -> bool {
+        self.dev.is_some()
+    }
+}
+
+/// Runs a node until SIGTERM/SIGINT, then drains and returns.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let prometheus = crate::metrics::install().context("installing the metrics recorder")?;
+    let node_id = config.node_id.clone().unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
+    let auth = Authenticator::from_config(&config)?;
+    let background = CancellationToken::new();
+
+    let (bus, inbound): (Arc<dyn Bus>, InboundReceiver) = match &config.redis_url {
+        Some(url) => {
+            let (bus, inbound) = RedisBus::start(url, BusMetrics::new(), background.clone())?;
+            (bus, inbound)
+        }
+        None => {
+            let (bus, inbound) = MemoryBus::new();
+            (bus, inbound)
+        }
+    };
+    let hub_metrics = HubMetrics::new();
+    let limits = Limits {
+        per_user: config.max_connections_per_user,
+        per_user_policy: config.per_user_policy,
+        per_node: config.max_connections,
+        queue_capacity: config.queue_capacity as usize,
+        inactivity_timeout: config.connection_timeout,
+        max_lifetime: config.max_connection_lifetime,
+    };
+    let hub = Hub::new(bus, limits, hub_metrics.clone());
+    let dev = config.is_development().then(|| development_mode(&auth)).flatten();
+
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let node = Arc::new(Node {
+        channels: ChannelNames::new(&config.channel_prefix),
+        node_id: node_id.clone(),
+        auth,
+        hub: hub.clone(),
+        hub_metrics,
+        prometheus: prometheus.clone(),
+        publish_requests: metrics::counter!(PUBLISH_REQUESTS),
+        started: Instant::now(),
+        dev,
+        config,
+    });
+
+    tokio::spawn(dispatch(inbound, hub.clone()));
+    tokio::spawn(tick(hub.clone(), node.config.heartbeat_interval, background.clone()));
+    tokio::spawn(metrics_upkeep(prometheus, background.clone()));
+
+    let stop_accepting = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let server = tokio::spawn(http::server::serve(
+        listener,
+        http::router(node.clone()),
+        stop_accepting.clone(),
+        connections.clone(),
+    ));
+    tracing::info!(node = %node_id, listen = %node.config.listen, bus = node.hub.bus().kind(), "listening");
+    if let Some(dev) = &node.dev {
+        announce_development_mode(&node, dev);
+    }
+
+    let signal = shutdown::signal().await;
+    tracing::info!(signal, "shutting down");
+    // Keep accepting while draining: probes and new requests get their 503 and move on.
+    tokio::select! {
+        _ = shutdown::drain(&hub, node.config.drain_period, node.config.retry_interval) => {}
+        second = shutdown::signal() => tracing::warn!(signal = second, "second signal: skipping the rest of the drain"),
+    }
+    stop_accepting.cancel();
+    let _ = server.await;
+    connections.close();
+    if tokio::time::timeout(Duration::from_secs(5), connections.wait()).await.is_err() {
+        tracing::warn!("some connections did not finish within 5 s");
+    }
+    background.cancel();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Drains the bus into the hub. Batches wake-ups: one receive takes up to 256 messages.
+async fn dispatch(mut inbound: InboundReceiver, hub: Arc<Hub>) {
+    let mut batch = Vec::with_capacity(256);
+    while inbound.recv_many(&mut batch, 256).await > 0 {
+        for message in batch.drain(..) {
+            match message {
+                Inbound::Message { channel, payload } => hub.deliver(channel.as_str(), &payload),
+                Inbound::Disconnected => {}
+            }
+        }
+    }
+}
+
+/// One node-wide ticker instead of a timer per stream: clock, heartbeats and timeouts.
+async fn tick(hub: Arc<Hub>, heartbeat_interval: Duration, stop: CancellationToken) {
+    let ping = frame::comment("ping");
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heartbeat = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let heartbeat_due = !heartbeat_interval.is_zero() && last_heartbeat.elapsed() >= heartbeat_interval;
+        if heartbeat_due {
+            last_heartbeat = Instant::now();
+        }
+        hub.tick(heartbeat_due.then_some(&ping));
+    }
+}
+
+async fn metrics_upkeep(handle: PrometheusHandle, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => handle.run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn development_mode(auth: &Authenticator) -> Option<DevMode> {
+    let subscriber_token = auth.mint_dev_token("demo-user", &["*"], None, DEV_TOKEN_TTL)?;
+    let publisher_token = auth.mint_dev_token("demo-publisher", &[], Some("publisher"), DEV_TOKEN_TTL)?;
+    let admin_token = auth.mint_dev_token("demo-admin", &[], Some("admin"), DEV_TOKEN_TTL)?;
+    let demo_page = http::demo::render(&subscriber_token, &publisher_token);
+    Some(DevMode { subscriber_token, publisher_token, admin_token, demo_page })
+}
+
+fn announce_development_mode(node: &Node, dev: &DevMode) {
+    let addr = node.config.listen;
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+    let base = format!("http://{host}:{}", addr.port());
+    tracing::warn!(
+        "DEVELOPMENT MODE: no SSE_JWT_SECRET or SSE_JWT_PUBLIC_KEY; tokens below are signed with a random secret"
+    );
+    // Printed to stdout, not the log: this is the first-run guide, meant to be copied.
+    println!(
+        "\n==== sse-fanout is in DEVELOPMENT MODE ====\n\
+         Set SSE_JWT_SECRET (HS256) or SSE_JWT_PUBLIC_KEY (RS256/ES256) for production.\n\n\
+         Demo page:        {base}/\n\
+         Subscriber token: {sub}\n\
+         Publisher token:  {publ}\n\
+         Admin token:      {admin}\n\n\
+         Subscribe:\n  curl -N '{base}/events?topic=news&access_token={sub}'\n\n\
+         Publish:\n  curl -X POST '{base}/api/publish' -H 'Authorization: Bearer {publ}' -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"users\":[\"demo-user\"],\"event\":\"notification\",\"data\":{{\"hello\":\"world\"}}}}'\n\n\
+         Stats:\n  curl '{base}/api/stats' -H 'Authorization: Bearer {admin}'\n\
+         ===========================================\n",
+        sub = dev.subscriber_token,
+        publ = dev.publisher_token,
+        admin = dev.admin_token,
+    );
+}
