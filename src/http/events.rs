@@ -16,7 +16,7 @@ use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
 use super::error::ApiError;
-use crate::auth::{Grant, token_from_request};
+use crate::auth::{AuthError, Grant, token_from_request};
 use crate::channel::{ChannelName, check_name, topic_allowed};
 use crate::connection::EventStream;
 use crate::frame;
@@ -58,8 +58,10 @@ pub async fn subscribe(
 ) -> Result<Response, ApiError> {
     check_origin(&node, &headers)?;
     let query = StreamQuery::parse(query.as_deref());
-    let token = token_from_request(&headers, query.access_token.as_deref()).ok_or(crate::auth::AuthError::Missing);
-    let grant = node.auth.verify(token?).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
+    let grant = token_from_request(&headers, query.access_token.as_deref())
+        .ok_or(AuthError::Missing)
+        .and_then(|token| node.auth.verify(token))
+        .inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
     let topics = granted_topics(&grant, query.topics)?;
 
     if !node.hub.bus().is_ready() {

@@ -1,0 +1,406 @@
+//! Test support: real `redis-server` and `sse-fanout` processes on free ports, stopped by PID
+//! when their guard drops; an SSE client that parses what a browser's EventSource would see;
+//! token minting. Every test starts its own servers, so tests run in parallel.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+pub const SECRET: &str = "test-secret-for-e2e";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("addr").port()
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sse-fanout-tests/{name}-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A `redis-server` with no persistence, on loopback.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Self {
+        let dir = scratch_dir("redis");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.to_str().expect("utf8 path")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        let server = Self { port, child: Some(child), dir };
+        server.wait_until_up().await;
+        server
+    }
+
+    async fn wait_until_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.command(&["PING"]).await.is_some_and(|r| r.contains("PONG")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server on {} did not start", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one command in RESP and returns the raw reply text (None if unreachable).
+    pub async fn command(&self, args: &[&str]) -> Option<String> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        let mut request = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            request.extend_from_slice(arg.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        stream.write_all(&request).await.ok()?;
+        let mut reply = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut reply)).await.ok()?.ok()?;
+        Some(String::from_utf8_lossy(&reply[..n]).into_owned())
+    }
+
+    /// `PUBLISH` and the number of subscribers (nodes) that received it.
+    pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
+        let reply = self.command(&["PUBLISH", channel, payload]).await.expect("redis reachable");
+        reply.trim().trim_start_matches(':').parse().unwrap_or_else(|_| panic!("PUBLISH reply {reply:?}"))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An `sse-fanout` process on a free port.
+pub struct Node {
+    pub port: u16,
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub stdout: PathBuf,
+}
+
+impl Node {
+    /// Starts a node with a known secret (production mode) plus `env`, and waits for /healthz.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let mut full = vec![("SSE_JWT_SECRET", SECRET)];
+        full.extend_from_slice(env);
+        Self::start_raw(&full).await
+    }
+
+    /// Starts a node with exactly `env` (no secret unless given).
+    pub async fn start_raw(env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let dir = scratch_dir("node");
+        let log = dir.join("stderr.log");
+        let stdout = dir.join("stdout.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_sse-fanout"))
+            .env_clear()
+            .env("SSE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SSE_LOG_LEVEL", "info")
+            .envs(env.iter().copied())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start sse-fanout");
+        let node = Self { port, child: Some(child), log, stdout };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(r) = http().get(node.url("/healthz")).send().await
+                && r.status() == 200
+            {
+                return node;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("node did not start; log:\n{}", node.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits until `/readyz` answers `status` (200 or 503).
+    pub async fn wait_readyz(&self, status: u16, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = http().get(self.url("/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+            if got == status {
+                return;
+            }
+            assert!(Instant::now() < deadline, "/readyz stayed {got}, expected {status}; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status =
+            Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "node did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A metric's value summed over all its label sets that contain `labels`.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = http().get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs()
+}
+
+/// An HS256 token signed with [`SECRET`].
+pub fn token(sub: &str, topics: &[&str], role: Option<&str>) -> String {
+    token_with(json!({"sub": sub, "exp": unix_now() + 3600, "topics": topics, "role": role}))
+}
+
+pub fn token_with(claims: Value) -> String {
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes()))
+        .expect("sign")
+}
+
+/// One thing read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: String,
+    pub data: String,
+    pub id: Option<String>,
+    pub retry: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    Event(SseEvent),
+    Comment(String),
+    /// The server ended the stream.
+    End,
+}
+
+/// A parsed event stream, following the WHATWG EventSource rules.
+pub struct SseClient {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Option<String>,
+    rx: mpsc::UnboundedReceiver<Received>,
+}
+
+impl SseClient {
+    /// Opens `url` with extra headers. A non-200 answer is returned with its body and no stream.
+    pub async fn open(url: &str, headers: &[(&str, &str)]) -> Self {
+        let mut request = http_streaming().get(url);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let response_headers = response.headers().clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        if status != 200 {
+            let body = response.text().await.ok();
+            return Self { status, headers: response_headers, body, rx };
+        }
+        tokio::spawn(async move {
+            let mut bytes = response.bytes_stream();
+            let mut parser = Parser::default();
+            while let Some(Ok(chunk)) = bytes.next().await {
+                for item in parser.feed(&chunk) {
+                    if tx.send(item).is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Received::End);
+        });
+        Self { status, headers: response_headers, body: None, rx }
+    }
+
+    /// The next event (comments skipped), or None on timeout or end of stream.
+    pub async fn next_event(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Received::Event(e))) => return Some(e),
+                Ok(Some(Received::Comment(_))) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next item of any kind, or None on timeout.
+    pub async fn next(&mut self, within: Duration) -> Option<Received> {
+        tokio::time::timeout(within, self.rx.recv()).await.ok().flatten()
+    }
+
+    /// Expects the `connected` event first and returns its JSON.
+    pub async fn connected(&mut self) -> Value {
+        let event = self.next_event(Duration::from_secs(5)).await.expect("a connected event");
+        assert_eq!(event.event, "connected", "{event:?}");
+        serde_json::from_str(&event.data).expect("connected data is JSON")
+    }
+
+    /// Asserts nothing but comments arrives within `within`.
+    pub async fn assert_silent(&mut self, within: Duration) {
+        if let Some(e) = self.next_event(within).await {
+            panic!("expected no event, got {e:?}");
+        }
+    }
+}
+
+fn http_streaming() -> reqwest::Client {
+    reqwest::Client::builder().build().expect("client")
+}
+
+#[derive(Default)]
+struct Parser {
+    buffer: Vec<u8>,
+    event: String,
+    data: String,
+    has_data: bool,
+    id: Option<String>,
+    retry: Option<u64>,
+}
+
+impl Parser {
+    fn feed(&mut self, chunk: &[u8]) -> Vec<Received> {
+        self.buffer.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(pos) = self.buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buffer.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).trim_end_matches('\r').to_owned();
+            if line.is_empty() {
+                if self.has_data {
+                    let event =
+                        if self.event.is_empty() { "message".to_owned() } else { std::mem::take(&mut self.event) };
+                    let mut data = std::mem::take(&mut self.data);
+                    data.pop();
+                    out.push(Received::Event(SseEvent { event, data, id: self.id.clone(), retry: self.retry }));
+                }
+                self.event.clear();
+                self.data.clear();
+                self.has_data = false;
+                continue;
+            }
+            if let Some(comment) = line.strip_prefix(':') {
+                out.push(Received::Comment(comment.trim().to_owned()));
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f.to_owned(), v.strip_prefix(' ').unwrap_or(v).to_owned()),
+                None => (line.clone(), String::new()),
+            };
+            match field.as_str() {
+                "event" => self.event = value,
+                "data" => {
+                    self.data.push_str(&value);
+                    self.data.push('\n');
+                    self.has_data = true;
+                }
+                "id" => self.id = Some(value),
+                "retry" => self.retry = value.parse().ok(),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Opens a stream for `user` on `node` with the given topics and checks `connected`.
+pub async fn subscribe(node: &Node, user: &str, topics: &[&str]) -> SseClient {
+    let token = token(user, &["*"], None);
+    let mut url = node.url(&format!("/events?access_token={token}"));
+    for t in topics {
+        url.push_str(&format!("&topic={t}"));
+    }
+    let mut client = SseClient::open(&url, &[]).await;
+    assert_eq!(client.status, 200, "{:?}", client.body);
+    client.connected().await;
+    client
+}
+
+/// `POST /api/publish` with a publisher token; returns status and JSON body.
+pub async fn publish_api(node: &Node, body: Value) -> (u16, Value) {
+    let response = http()
+        .post(node.url("/api/publish"))
+        .bearer_auth(token("producer", &[], Some("publisher")))
+        .json(&body)
+        .send()
+        .await
+        .expect("publish request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}

@@ -1,0 +1,425 @@
+//! The stream path end to end: real `redis-server`, real node processes, real HTTP clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_on_redis_reaches_its_user_topic_and_broadcast_listeners_on_any_node() {
+    let redis = RedisServer::start().await;
+    let a = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_NODE_ID", "node-a")]).await;
+    let b = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_NODE_ID", "node-b")]).await;
+    a.wait_readyz(200, WAIT).await;
+    b.wait_readyz(200, WAIT).await;
+
+    let mut alice = subscribe(&a, "alice", &["news"]).await;
+    let mut bob = subscribe(&b, "bob", &[]).await;
+
+    assert_eq!(redis.publish("sse:user:alice", r#"{"event":"notification","data":{"n":1}}"#).await, 1);
+    assert_eq!(redis.publish("sse:topic:news", r#"{"event":"headline","data":"multi\nline","id":"h1"}"#).await, 1);
+    assert_eq!(redis.publish("sse:broadcast", "plain text").await, 2, "both nodes hold a broadcast listener");
+
+    let e = alice.next_event(WAIT).await.expect("user event");
+    assert_eq!((e.event.as_str(), e.data.as_str()), ("notification", r#"{"n":1}"#));
+    let e = alice.next_event(WAIT).await.expect("topic event");
+    assert_eq!((e.event.as_str(), e.data.as_str(), e.id.as_deref()), ("headline", "multi\nline", Some("h1")));
+    let e = alice.next_event(WAIT).await.expect("broadcast event");
+    assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "plain text"));
+
+    // Bob, on the other node, saw only the broadcast: never Alice's user or topic messages.
+    let e = bob.next_event(WAIT).await.expect("broadcast event");
+    assert_eq!(e.data, "plain text");
+    bob.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_stream_of_one_user_receives_across_nodes() {
+    let redis = RedisServer::start().await;
+    let a = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let b = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut streams = Vec::new();
+    for node in [&a, &b, &a, &b, &a] {
+        streams.push(subscribe(node, "carol", &[]).await);
+    }
+    // Each node subscribed once to the user channel, however many streams it holds.
+    assert_eq!(redis.publish("sse:user:carol", r#"{"data":"hi all"}"#).await, 2);
+    for stream in &mut streams {
+        assert_eq!(stream.next_event(WAIT).await.expect("event").data, "hi all");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_connected_event_names_connection_node_user_and_topics() {
+    let node = Node::start(&[("SSE_NODE_ID", "edge-7")]).await;
+    let token = token("dave", &["rounds:*"], None);
+    let mut stream =
+        SseClient::open(&node.url(&format!("/events?topic=rounds:roulette:7&access_token={token}")), &[]).await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(stream.headers["content-type"], "text/event-stream");
+    assert!(stream.headers["cache-control"].to_str().expect("ascii").contains("no-cache"));
+    assert_eq!(stream.headers["x-accel-buffering"], "no");
+    let first = stream.next_event(WAIT).await.expect("connected");
+    assert_eq!(first.event, "connected");
+    assert_eq!(first.retry, Some(3000), "retry is sent once, before connected");
+    let data: serde_json::Value = serde_json::from_str(&first.data).expect("json");
+    assert_eq!(data["node_id"], "edge-7");
+    assert_eq!(data["user"], "dave");
+    assert_eq!(data["topics"], json!(["rounds:roulette:7"]));
+    assert!(data["connection_id"].as_str().expect("id").starts_with("edge-7:"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_are_read_from_header_then_query_then_cookie() {
+    let node = Node::start(&[]).await;
+    let good = token("erin", &[], None);
+    let bad = "not-a-token";
+    let url = node.url("/events");
+    let by_header = SseClient::open(&url, &[("authorization", &format!("Bearer {good}"))]).await;
+    assert_eq!(by_header.status, 200);
+    let by_cookie = SseClient::open(&url, &[("cookie", &format!("theme=dark; sse_token={good}"))]).await;
+    assert_eq!(by_cookie.status, 200);
+    let by_query = SseClient::open(&node.url(&format!("/events?access_token={good}")), &[]).await;
+    assert_eq!(by_query.status, 200);
+    // The header wins over a good query token: a bad header is a 401.
+    let header_first = SseClient::open(
+        &node.url(&format!("/events?access_token={good}")),
+        &[("authorization", &format!("Bearer {bad}"))],
+    )
+    .await;
+    assert_eq!(header_first.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_requests_get_their_status_and_a_short_json_error() {
+    let node = Node::start(&[("SSE_CORS_ORIGINS", "https://app.example"), ("SSE_MAX_CONNECTIONS_PER_USER", "1")]).await;
+    let cases: Vec<(String, Vec<(&str, String)>, u16, &str)> = vec![
+        (node.url("/events"), vec![], 401, "missing_token"),
+        (node.url("/events?access_token=garbage"), vec![], 401, "invalid_token"),
+        (
+            node.url(&format!("/events?access_token={}", token_with(json!({"sub": "x", "exp": unix_now() - 3600})))),
+            vec![],
+            401,
+            "invalid_token",
+        ),
+        (
+            node.url(&format!("/events?topic=secret&access_token={}", token("x", &["public:*"], None))),
+            vec![],
+            403,
+            "topic_not_allowed",
+        ),
+        (
+            node.url(&format!("/events?topic=bad%20name&access_token={}", token("x", &["*"], None))),
+            vec![],
+            400,
+            "invalid_request",
+        ),
+        (
+            node.url(&format!("/events?access_token={}", token("x", &[], None))),
+            vec![("origin", "https://evil.example".to_owned())],
+            403,
+            "origin_not_allowed",
+        ),
+    ];
+    for (url, headers, status, code) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let response = SseClient::open(&url, &headers).await;
+        assert_eq!(response.status, status, "{url}: {:?}", response.body);
+        let body: serde_json::Value = serde_json::from_str(response.body.as_deref().unwrap_or("")).expect("JSON body");
+        assert_eq!(body["error"], code, "{url}");
+        assert!(body["message"].is_string());
+    }
+    // An allowed origin works and gets CORS headers.
+    let ok = SseClient::open(
+        &node.url(&format!("/events?access_token={}", token("y", &[], None))),
+        &[("origin", "https://app.example")],
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.headers["access-control-allow-origin"], "https://app.example");
+    // Per-user limit 1, policy reject: the second stream is a 429.
+    let second = SseClient::open(&node.url(&format!("/events?access_token={}", token("y", &[], None))), &[]).await;
+    assert_eq!(second.status, 429, "{:?}", second.body);
+    assert!(second.body.as_deref().unwrap_or("").contains("user_limit"));
+    assert_eq!(node.metric("sse_connections_rejected_total", r#"reason="user_limit""#).await, 1.0);
+    assert_eq!(node.metric("sse_connections_rejected_total", r#"reason="unauthorized""#).await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_stream_replaces_the_old_one_with_evict_oldest() {
+    let node = Node::start(&[("SSE_MAX_CONNECTIONS_PER_USER", "1"), ("SSE_PER_USER_POLICY", "evict-oldest")]).await;
+    let mut old = subscribe(&node, "frank", &[]).await;
+    let mut new = subscribe(&node, "frank", &[]).await;
+    let farewell = old.next_event(WAIT).await.expect("disconnected");
+    assert_eq!(farewell.event, "disconnected");
+    assert_eq!(farewell.data, r#"{"reason":"replaced"}"#);
+    assert_eq!(old.next(WAIT).await, Some(Received::End));
+    let (status, _) = publish_api(&node, json!({"users": ["frank"], "data": "to the new one"})).await;
+    assert_eq!(status, 202);
+    assert_eq!(new.next_event(WAIT).await.expect("event").data, "to the new one");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_node_answers_503() {
+    let node = Node::start(&[("SSE_MAX_CONNECTIONS", "1")]).await;
+    let _only = subscribe(&node, "g1", &[]).await;
+    let refused = SseClient::open(&node.url(&format!("/events?access_token={}", token("g2", &[], None))), &[]).await;
+    assert_eq!(refused.status, 503);
+    assert!(refused.body.as_deref().unwrap_or("").contains("node_full"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_payload_is_counted_and_the_stream_keeps_delivering() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut stream = subscribe(&node, "henry", &[]).await;
+    redis.publish("sse:user:henry", r#"{"event":"x\ndata: injected","data":1}"#).await;
+    redis.publish("sse:user:henry", r#"{"data":1,"id":"1\n\nevent: evil"}"#).await;
+    redis.publish("sse:user:henry", "\u{fffd}not json at all {").await;
+    redis.publish("sse:user:henry", r#"{"event":"ok","data":"next"}"#).await;
+    let e = stream.next_event(WAIT).await.expect("verbatim");
+    assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "\u{fffd}not json at all {"));
+    let e = stream.next_event(WAIT).await.expect("next");
+    assert_eq!((e.event.as_str(), e.data.as_str()), ("ok", "next"));
+    assert_eq!(node.metric("sse_messages_refused_total", r#"reason="bad_event_name""#).await, 1.0);
+    assert_eq!(node.metric("sse_messages_refused_total", r#"reason="bad_id""#).await, 1.0);
+    assert!(node.log_text().contains("refused a published payload"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restart_turns_readyz_503_then_200_and_delivery_resumes() {
+    let mut redis = RedisServer::start().await;
+    let port = redis.port;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    node.wait_readyz(200, WAIT).await;
+    let mut stream = subscribe(&node, "ivy", &["news"]).await;
+
+    redis.kill();
+    node.wait_readyz(503, WAIT).await;
+    let refused = SseClient::open(&node.url(&format!("/events?access_token={}", token("ivy2", &[], None))), &[]).await;
+    assert_eq!(refused.status, 503, "no new streams while the bus is down");
+
+    let redis = RedisServer::start_on(port).await;
+    node.wait_readyz(200, Duration::from_secs(10)).await;
+    // The node re-subscribed by itself: the old stream gets a new message without reconnecting.
+    let mut delivered = 0;
+    for _ in 0..50 {
+        delivered = redis.publish("sse:topic:news", r#"{"data":"after restart"}"#).await;
+        if delivered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(delivered, 1, "node re-subscribed after the restart");
+    assert_eq!(stream.next_event(WAIT).await.expect("event").data, "after restart");
+    let mut fresh = subscribe(&node, "ivy3", &[]).await;
+    redis.publish("sse:user:ivy3", r#"{"data":"fresh"}"#).await;
+    assert_eq!(fresh.next_event(WAIT).await.expect("event").data, "fresh");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_bus_needs_no_redis() {
+    let node = Node::start(&[]).await;
+    node.wait_readyz(200, WAIT).await;
+    let mut stream = subscribe(&node, "jack", &["chat:1"]).await;
+    for (body, expected) in [
+        (json!({"users": ["jack"], "event": "dm", "data": {"t": "hi"}}), ("dm", r#"{"t":"hi"}"#)),
+        (json!({"topics": ["chat:1"], "data": "room"}), ("message", "room")),
+        (json!({"broadcast": true, "event": "all", "data": 3}), ("all", "3")),
+    ] {
+        let (status, reply) = publish_api(&node, body).await;
+        assert_eq!(status, 202, "{reply}");
+        let e = stream.next_event(WAIT).await.expect("event");
+        assert_eq!((e.event.as_str(), e.data.as_str()), expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_publish_api_validates_credentials_and_input() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_MAX_PUBLISH_BYTES", "1024")]).await;
+    node.wait_readyz(200, WAIT).await;
+    let mut stream = subscribe(&node, "kate", &[]).await;
+
+    let (status, body) = publish_api(&node, json!({"users": ["kate", "nobody"], "event": "n", "data": [1, 2]})).await;
+    assert_eq!(status, 202);
+    assert_eq!(body, json!({"channels": 2, "receivers": 1}));
+    assert_eq!(stream.next_event(WAIT).await.expect("event").data, "[1,2]");
+
+    for (bad, field) in [
+        (json!({"data": 1}), "users"),
+        (json!({"users": ["kate"]}), "data"),
+        (json!({"users": [""], "data": 1}), "users[0]"),
+        (json!({"users": ["kate"], "data": 1, "event": "a\nb"}), "event"),
+        (json!({"users": ["kate"], "data": 1, "extra": true}), "extra"),
+    ] {
+        let (status, body) = publish_api(&node, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}");
+        assert_eq!(body["field"], field, "{bad}");
+    }
+    let url = node.url("/api/publish");
+    let anonymous = http().post(&url).json(&json!({"broadcast": true, "data": 1})).send().await.expect("post");
+    assert_eq!(anonymous.status(), 401);
+    let subscriber = http()
+        .post(&url)
+        .bearer_auth(token("kate", &[], None))
+        .json(&json!({"broadcast": true, "data": 1}))
+        .send()
+        .await;
+    assert_eq!(subscriber.expect("post").status(), 403);
+    let huge = json!({"broadcast": true, "data": "x".repeat(2000)});
+    let too_large =
+        http().post(&url).bearer_auth(token("p", &[], Some("publisher"))).json(&huge).send().await.expect("post");
+    assert_eq!(too_large.status(), 413);
+    let body: serde_json::Value = too_large.json().await.expect("json");
+    assert_eq!(body["error"], "too_large");
+    stream.assert_silent(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeats_arrive_at_the_configured_interval() {
+    let node = Node::start(&[("SSE_HEARTBEAT_INTERVAL", "1000")]).await;
+    let mut stream = subscribe(&node, "liam", &[]).await;
+    let mut pings = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(Received::Comment(c)) = stream.next(Duration::from_millis(500)).await {
+            assert_eq!(c, "ping");
+            pings += 1;
+        }
+    }
+    assert!(pings >= 2, "expected a ping per second, got {pings}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_is_closed_when_its_token_expires() {
+    let node = Node::start(&[("SSE_JWT_LEEWAY", "0")]).await;
+    let token = token_with(json!({"sub": "mia", "exp": unix_now() + 2}));
+    let mut stream = SseClient::open(&node.url(&format!("/events?access_token={token}")), &[]).await;
+    assert_eq!(stream.status, 200);
+    stream.connected().await;
+    let farewell = stream.next_event(Duration::from_secs(6)).await.expect("disconnected");
+    assert_eq!(farewell.data, r#"{"reason":"token_expired"}"#);
+    assert_eq!(stream.next(WAIT).await, Some(Received::End));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_streams_with_a_retry_and_exits_zero() {
+    let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "1s"), ("SSE_RETRY_INTERVAL", "2s")]).await;
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        streams.push(subscribe(&node, &format!("n{i}"), &[]).await);
+    }
+    node.signal("TERM");
+    node.wait_readyz(503, WAIT).await;
+    for stream in &mut streams {
+        let farewell = stream.next_event(WAIT).await.expect("disconnected");
+        assert_eq!(farewell.data, r#"{"reason":"shutdown"}"#);
+        let retry = farewell.retry.expect("a retry before the farewell");
+        assert!((1000..=3000).contains(&retry), "{retry}");
+    }
+    assert_eq!(node.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_need_an_admin_token() {
+    let node = Node::start(&[("SSE_NODE_ID", "stats-node")]).await;
+    let _s = subscribe(&node, "olga", &["t1"]).await;
+    let url = node.url("/api/stats");
+    let denied = http().get(&url).bearer_auth(token("olga", &[], None)).send().await.expect("get");
+    assert_eq!(denied.status(), 403);
+    let stats: serde_json::Value = http()
+        .get(&url)
+        .bearer_auth(token("ops", &[], Some("admin")))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["node_id"], "stats-node");
+    assert_eq!(stats["connections"], 1);
+    assert_eq!(stats["users"], 1);
+    assert_eq!(stats["channels"], 3);
+    assert!(stats["memory"]["rss_bytes"].as_u64().expect("rss") > 0);
+    assert_eq!(node.metric("sse_active_connections", "").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn development_mode_prints_working_tokens_and_serves_the_demo() {
+    let node = Node::start_raw(&[]).await;
+    let out = node.stdout_text();
+    assert!(out.contains("DEVELOPMENT MODE"), "{out}");
+    let token_after = |label: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(label).map(|t| t.trim().to_owned()))
+            .unwrap_or_else(|| panic!("{label} in {out}"))
+    };
+    let subscriber = token_after("Subscriber token:");
+    let publisher = token_after("Publisher token:");
+    let mut stream = SseClient::open(&node.url(&format!("/events?topic=news&access_token={subscriber}")), &[]).await;
+    assert_eq!(stream.status, 200);
+    stream.connected().await;
+    let published = http()
+        .post(node.url("/api/publish"))
+        .bearer_auth(&publisher)
+        .json(&json!({"topics": ["news"], "data": "from dev"}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(published.status(), 202);
+    assert_eq!(stream.next_event(WAIT).await.expect("event").data, "from dev");
+    let page = http().get(node.url("/")).send().await.expect("get");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("html").contains("new EventSource"));
+
+    let production = Node::start(&[]).await;
+    assert_eq!(http().get(production.url("/")).send().await.expect("get").status(), 404);
+    assert!(!production.stdout_text().contains("DEVELOPMENT MODE"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn es256_public_keys_are_accepted_and_hs256_tokens_then_refused() {
+    let dir = std::env::temp_dir().join(format!("sse-fanout-tests/es256-{}", free_port()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let private = dir.join("private.pem");
+    let public = dir.join("public.pem");
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl").args(args).status().expect("openssl is installed");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let ec = dir.join("ec.pem");
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", ec.to_str().expect("path")]);
+    openssl(&[
+        "pkcs8",
+        "-topk8",
+        "-nocrypt",
+        "-in",
+        ec.to_str().expect("path"),
+        "-out",
+        private.to_str().expect("path"),
+    ]);
+    openssl(&["ec", "-in", ec.to_str().expect("path"), "-pubout", "-out", public.to_str().expect("path")]);
+
+    let node = Node::start_raw(&[("SSE_JWT_PUBLIC_KEY", public.to_str().expect("path"))]).await;
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(&private).expect("pem")).expect("ec key");
+    let claims = json!({"sub": "pia", "exp": unix_now() + 60});
+    let es256 =
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &claims, &key).expect("sign");
+    let ok = SseClient::open(&node.url(&format!("/events?access_token={es256}")), &[]).await;
+    assert_eq!(ok.status, 200);
+    // An HS256 token signed with the public key's bytes (algorithm confusion) is refused.
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(&std::fs::read(&public).expect("pem")),
+    )
+    .expect("sign");
+    let refused = SseClient::open(&node.url(&format!("/events?access_token={confused}")), &[]).await;
+    assert_eq!(refused.status, 401);
+    let _ = std::fs::remove_dir_all(&dir);
+}
