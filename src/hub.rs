@@ -409,7 +409,7 @@ mod tests {
         hub.deliver("sse:user:a", br#"{"event":"e","data":"for a"}"#);
         hub.deliver("sse:user:nobody", b"ignored");
         let expected = Bytes::from_static(b"event: e\ndata: for a\n\n");
-        assert_eq!(drain(a1.membership.connection()), [expected.clone()]);
+        assert_eq!(drain(a1.membership.connection()), std::slice::from_ref(&expected));
         assert_eq!(drain(a2.membership.connection()), [expected]);
         assert!(drain(b.membership.connection()).is_empty());
         hub.deliver("sse:broadcast", b"all");

@@ -97,7 +97,9 @@ async fn tokens_are_read_from_header_then_query_then_cookie() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_requests_get_their_status_and_a_short_json_error() {
     let node = Node::start(&[("SSE_CORS_ORIGINS", "https://app.example"), ("SSE_MAX_CONNECTIONS_PER_USER", "1")]).await;
-    let cases: Vec<(String, Vec<(&str, String)>, u16, &str)> = vec![
+    // (url, extra headers, expected status, expected error code)
+    type Case<'a> = (String, Vec<(&'a str, String)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (node.url("/events"), vec![], 401, "missing_token"),
         (node.url("/events?access_token=garbage"), vec![], 401, "invalid_token"),
         (
