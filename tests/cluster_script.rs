@@ -1,6 +1,6 @@
 //! scripts/cluster end to end: `up` starts redis, two nodes and nginx; a stream opened through
-//! nginx receives what a producer publishes to Redis; `status` sees every process; `down`
-//! stops exactly the recorded PIDs.
+//! nginx receives what a producer publishes to Redis and what the publish API sends with the
+//! token `up` minted; `status` sees every process; `down` stops exactly the recorded PIDs.
 //!
 //! Needs redis-server and nginx (the script installs them with apt-get when missing; so does
 //! scripts/test) and uses the node binary this test was built with.
@@ -156,6 +156,19 @@ async fn cluster_up_streams_through_nginx_and_down_stops_every_process() {
     assert!(publish.status.success(), "redis-cli PUBLISH failed: {}", describe(&publish));
     read_until(&mut stream, &mut received, "data: {\"n\":42}\n", Duration::from_secs(10)).await;
     assert!(received.contains("event: cluster-check\n"), "published event name lost:\n{received}");
+
+    // The publisher token `up` printed works against the API through nginx.
+    let publisher = std::fs::read_to_string(dir.path.join("tokens/publisher.jwt")).expect("read publisher token");
+    let published = client
+        .post(format!("http://127.0.0.1:{nginx_port}/api/publish"))
+        .bearer_auth(publisher.trim())
+        .json(&serde_json::json!({"broadcast": true, "event": "api-check", "data": {"n": 7}}))
+        .send()
+        .await
+        .expect("POST /api/publish through nginx");
+    assert_eq!(published.status(), 202, "POST /api/publish: {:?}", published.text().await);
+    read_until(&mut stream, &mut received, "data: {\"n\":7}\n", Duration::from_secs(10)).await;
+    assert!(received.contains("event: api-check\n"), "API event name lost:\n{received}");
     drop(stream);
 
     let status = cluster(&dir.path, &["status"]);
