@@ -1,1 +1,83 @@
-fn main() {}
+//! `sse-loadtest`: load scenarios for sse-fanout and, through URL templates and a generic
+//! HTTP publisher, for Nchan and Pushpin — so `scripts/bench` can run the same scenario
+//! against all three. See docs/benchmarks.md for how it is used and what it found.
+//!
+//! The parent process publishes, coordinates and reports; the clients live in worker
+//! processes (this binary, hidden `worker` subcommand) because one process may hold at most
+//! 20,000 open files here. Every run is bounded in time and count and targets loopback only.
+
+mod cli;
+mod client;
+mod histogram;
+mod http_stream;
+mod jwt;
+mod origin;
+mod payload;
+mod pool;
+mod protocol;
+mod publisher;
+mod report;
+mod scenario;
+mod server_stats;
+mod sse_parse;
+mod target;
+mod tracking;
+mod worker;
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use scenario::churn::ChurnArgs;
+use scenario::conns::ConnsArgs;
+use scenario::delivery::{DeliveryArgs, Mode};
+use scenario::reconnect::ReconnectArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "sse-loadtest", version, about = "Load tester for SSE fan-out servers (loopback only)")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Open N idle streams at a rate, hold them; connect rate, failures, server RSS per stream.
+    Conns(ConnsArgs),
+    /// N subscribers on the broadcast channel; publish at a list of rates.
+    Fanout(DeliveryArgs),
+    /// One stream per user; publish to random users at a list of rates.
+    Unicast(DeliveryArgs),
+    /// Drop all resumable streams at once while publishing; time to recover, exactness.
+    Reconnect(ReconnectArgs),
+    /// Constant connect/disconnect rate while publishing.
+    Churn(ChurnArgs),
+    /// The minimal GRIP origin Pushpin needs (see docs/benchmarks.md).
+    Origin {
+        #[arg(long, default_value = "127.0.0.1:8099")]
+        listen: SocketAddr,
+    },
+    /// Internal: a client-holding worker process driven over stdin/stdout.
+    #[command(hide = true)]
+    Worker,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Scenario::Worker = cli.scenario {
+        return worker::main();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.scenario {
+            Scenario::Conns(a) => scenario::conns::run(a).await,
+            Scenario::Fanout(a) => scenario::delivery::run(a, Mode::Fanout).await,
+            Scenario::Unicast(a) => scenario::delivery::run(a, Mode::Unicast).await,
+            Scenario::Reconnect(a) => scenario::reconnect::run(a).await,
+            Scenario::Churn(a) => scenario::churn::run(a).await,
+            Scenario::Origin { listen } => origin::serve(listen).await,
+            Scenario::Worker => unreachable!("handled above"),
+        }
+    })
+}
