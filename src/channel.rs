@@ -96,6 +96,11 @@ impl ChannelNames {
         ChannelName(Arc::from(format!("{}:broadcast", self.prefix)))
     }
 
+    /// The name without the prefix (`user:42`, `topic:news`, `broadcast`), as clients see it.
+    pub fn logical<'a>(&self, channel: &'a ChannelName) -> &'a str {
+        channel.as_str().strip_prefix(&self.prefix).and_then(|r| r.strip_prefix(':')).unwrap_or(channel.as_str())
+    }
+
     /// What kind of channel a name is, for per-kind settings and metrics.
     pub fn kind_of(&self, channel: &ChannelName) -> Option<ChannelKind> {
         let rest = channel.as_str().strip_prefix(&self.prefix)?.strip_prefix(':')?;
@@ -154,6 +159,7 @@ mod tests {
         assert_eq!(names.kind_of(&names.topic("a")), Some(ChannelKind::Topic));
         assert_eq!(names.kind_of(&names.broadcast()), Some(ChannelKind::Broadcast));
         assert_eq!(names.kind_of(&ChannelName::from_bus("other:user:1")), None);
+        assert_eq!(names.logical(&names.topic("a:b")), "topic:a:b");
     }
 
     #[test]

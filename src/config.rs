@@ -113,6 +113,34 @@ pub struct Config {
     #[arg(long, env = "SSE_DRAIN_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub drain_period: Duration,
 
+    /// Record durable publishes in a bounded per-channel history so clients resume with `Last-Event-ID`.
+    #[arg(long, env = "SSE_HISTORY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub history: bool,
+
+    /// Entries kept per user channel.
+    #[arg(long, env = "SSE_HISTORY_USER_LENGTH", default_value_t = 100)]
+    pub history_user_length: u32,
+
+    /// Age after which user-channel entries are dropped (0: no age limit).
+    #[arg(long, env = "SSE_HISTORY_USER_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub history_user_age: Duration,
+
+    /// Entries kept per topic channel.
+    #[arg(long, env = "SSE_HISTORY_TOPIC_LENGTH", default_value_t = 1000)]
+    pub history_topic_length: u32,
+
+    /// Age after which topic entries are dropped (0: no age limit).
+    #[arg(long, env = "SSE_HISTORY_TOPIC_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub history_topic_age: Duration,
+
+    /// Entries kept on the broadcast channel.
+    #[arg(long, env = "SSE_HISTORY_BROADCAST_LENGTH", default_value_t = 1000)]
+    pub history_broadcast_length: u32,
+
+    /// Age after which broadcast entries are dropped (0: no age limit).
+    #[arg(long, env = "SSE_HISTORY_BROADCAST_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub history_broadcast_age: Duration,
+
     /// Log format.
     #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -160,6 +188,8 @@ pub enum ConfigError {
     CorsOrigin(String),
     #[error("SSE_HEARTBEAT_INTERVAL must be at least 1s (or 0 to turn heartbeats off)")]
     HeartbeatTooShort,
+    #[error("SSE_HISTORY_*_LENGTH must be at least 1")]
+    HistoryLength,
 }
 
 impl Config {
@@ -199,12 +229,25 @@ impl Config {
         if !self.heartbeat_interval.is_zero() && self.heartbeat_interval < Duration::from_secs(1) {
             return Err(ConfigError::HeartbeatTooShort);
         }
+        if [self.history_user_length, self.history_topic_length, self.history_broadcast_length].contains(&0) {
+            return Err(ConfigError::HistoryLength);
+        }
         Ok(())
     }
 
     /// Configured origins without the empty entries a trailing comma or an empty variable leaves.
     pub fn cors_origins(&self) -> impl Iterator<Item = &str> {
         self.cors_origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty())
+    }
+
+    /// History retention per channel kind, or `None` when history is off.
+    pub fn history(&self) -> Option<crate::history::HistoryConfig> {
+        use crate::history::{HistoryConfig, Retention};
+        self.history.then(|| HistoryConfig {
+            user: Retention { length: self.history_user_length, age: self.history_user_age },
+            topic: Retention { length: self.history_topic_length, age: self.history_topic_age },
+            broadcast: Retention { length: self.history_broadcast_length, age: self.history_broadcast_age },
+        })
     }
 
     /// Development mode: no key configured, so the node makes up a secret and prints tokens.
@@ -296,6 +339,9 @@ mod tests {
         assert!(parse(&["--jwt-secret", "s", "--jwt-algorithm", "ES256"]).is_err());
         assert!(parse(&["--jwt-secret", "s", "--jwt-public-key", "/k.pem"]).is_err());
         assert!(parse(&["--queue-capacity", "0"]).is_err());
+        assert!(parse(&["--history-user-length", "0"]).is_err());
+        assert!(parse(&["--history", "maybe"]).is_err());
+        assert!(parse(&["--history", "false"]).expect("valid").history().is_none());
     }
 
     #[test]

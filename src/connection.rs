@@ -17,8 +17,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::Frame;
 
-use crate::auth::UserId;
+use crate::auth::{UserId, unix_now};
 use crate::channel::ChannelName;
+use crate::history::{Cursor, StreamId, channel_hash};
 use crate::hub::Membership;
 
 /// Node-local connection number; `connected` events show it as `<node>:<n>`.
@@ -40,6 +41,8 @@ pub enum CloseReason {
     TokenExpired,
     /// The node is draining.
     Shutdown,
+    /// The node fell behind its bus and dropped live messages: the client resumes from history.
+    Overflow,
 }
 
 impl CloseReason {
@@ -51,6 +54,7 @@ impl CloseReason {
             CloseReason::Lifetime => "lifetime",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Overflow => "overflow",
         }
     }
 
@@ -58,6 +62,23 @@ impl CloseReason {
     pub fn farewell(self) -> Bytes {
         crate::frame::event(Some("disconnected"), None, &format!(r#"{{"reason":"{}"}}"#, self.label()))
     }
+}
+
+/// One entry of a stream's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// Written as it is: heartbeats, farewells, events that are not in history.
+    Raw(Bytes),
+    /// An event recorded in history: written with the stream's cursor as `id:`, and skipped
+    /// when the stream already delivered `id` on `channel` (a replayed entry arriving live).
+    Event { channel: ChannelName, id: StreamId, frame: Bytes },
+}
+
+/// What the body writes next: an optional `id:` line, then the shared frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub id_line: Option<Bytes>,
+    pub frame: Bytes,
 }
 
 /// What happened to a pushed frame.
@@ -74,6 +95,8 @@ pub struct Connection {
     pub id: ConnectionId,
     pub user: UserId,
     pub channels: Box<[ChannelName]>,
+    /// `channel_hash` of each channel, computed once for cursors.
+    channel_hashes: Box<[u32]>,
     pub opened_at: Instant,
     /// Token `exp`, seconds since the UNIX epoch.
     pub token_expires_at: u64,
@@ -81,7 +104,12 @@ pub struct Connection {
 }
 
 struct State {
-    queue: VecDeque<Bytes>,
+    queue: VecDeque<Item>,
+    /// Room granted above `capacity` for a resume's replay, used up as the replay is written.
+    allowance: usize,
+    /// History position of each channel (same order as `channels`); empty when history is off.
+    positions: Box<[StreamId]>,
+    epoch: u32,
     closed: bool,
     /// Hub clock second of the last event queued (heartbeats excluded), for the inactivity timeout.
     last_event_at: u32,
@@ -90,13 +118,23 @@ struct State {
 
 impl Connection {
     pub fn new(id: ConnectionId, user: UserId, channels: Box<[ChannelName]>, token_expires_at: u64, now: u32) -> Self {
+        let channel_hashes = channels.iter().map(channel_hash).collect();
         Self {
             id,
             user,
             channels,
+            channel_hashes,
             opened_at: Instant::now(),
             token_expires_at,
-            state: Mutex::new(State { queue: VecDeque::new(), closed: false, last_event_at: now, waker: None }),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                allowance: 0,
+                positions: Box::new([]),
+                epoch: 0,
+                closed: false,
+                last_event_at: now,
+                waker: None,
+            }),
         }
     }
 
@@ -106,16 +144,16 @@ impl Connection {
     }
 
     /// Queues a frame. `now` is the hub clock; `None` for frames that are not events (heartbeats).
-    pub fn push(&self, frame: Bytes, capacity: usize, now: Option<u32>) -> Pushed {
+    pub fn push(&self, item: Item, capacity: usize, now: Option<u32>) -> Pushed {
         let waker = {
             let mut state = self.state();
             if state.closed {
                 return Pushed::Closed;
             }
-            if state.queue.len() >= capacity {
+            if state.queue.len() >= capacity + state.allowance {
                 return Pushed::Full;
             }
-            state.queue.push_back(frame);
+            state.queue.push_back(item);
             if let Some(now) = now {
                 state.last_event_at = now;
             }
@@ -127,9 +165,36 @@ impl Connection {
         Pushed::Queued
     }
 
+    /// Starts history tracking: the epoch and per-channel positions the stream resumes from,
+    /// and the entries it missed, written before anything that arrived live meanwhile.
+    pub fn start_history(&self, epoch: u32, positions: Vec<StreamId>, replay: Vec<Item>) {
+        debug_assert_eq!(positions.len(), self.channels.len());
+        let mut state = self.state();
+        state.epoch = epoch;
+        state.positions = positions.into();
+        state.allowance += replay.len();
+        for item in replay.into_iter().rev() {
+            state.queue.push_front(item);
+        }
+    }
+
+    /// The stream's current resume cursor (`None` when history is off).
+    pub fn cursor(&self) -> Option<String> {
+        let state = self.state();
+        self.cursor_of(&state)
+    }
+
+    fn cursor_of(&self, state: &State) -> Option<String> {
+        if state.positions.is_empty() {
+            return None;
+        }
+        let positions = self.channel_hashes.iter().copied().zip(state.positions.iter().copied());
+        Some(Cursor::encode(state.epoch, unix_now(), positions))
+    }
+
     /// Ends the stream after what is queued plus `farewell`. Returns false if already closed.
     pub fn close(&self, farewell: Bytes) -> bool {
-        self.end(|queue| queue.push_back(farewell))
+        self.end(|queue| queue.push_back(Item::Raw(farewell)))
     }
 
     /// Ends the stream at once, dropping what is queued: the client is not reading.
@@ -137,7 +202,7 @@ impl Connection {
         self.end(VecDeque::clear)
     }
 
-    fn end(&self, finish: impl FnOnce(&mut VecDeque<Bytes>)) -> bool {
+    fn end(&self, finish: impl FnOnce(&mut VecDeque<Item>)) -> bool {
         let waker = {
             let mut state = self.state();
             if state.closed {
@@ -162,14 +227,29 @@ impl Connection {
         self.state().last_event_at
     }
 
-    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
         let mut state = self.state();
-        if let Some(frame) = state.queue.pop_front() {
+        while let Some(item) = state.queue.pop_front() {
+            state.allowance = state.allowance.saturating_sub(1);
             if state.queue.is_empty() && state.queue.capacity() > 64 {
                 // A burst grew the queue; give the memory back once the client caught up.
                 state.queue.shrink_to(8);
             }
-            return Poll::Ready(Some(frame));
+            let (channel, id, frame) = match item {
+                Item::Raw(frame) => return Poll::Ready(Some(Outgoing { id_line: None, frame })),
+                Item::Event { channel, id, frame } => (channel, id, frame),
+            };
+            let Some(slot) = self.channels.iter().position(|c| *c == channel) else { continue };
+            let Some(position) = state.positions.get_mut(slot) else {
+                // History is off for this stream: write the event without a cursor.
+                return Poll::Ready(Some(Outgoing { id_line: None, frame }));
+            };
+            if id <= *position {
+                continue; // Already delivered (replayed from history, now arriving live).
+            }
+            *position = id;
+            let id_line = self.cursor_of(&state).map(|cursor| crate::frame::id_line(&cursor));
+            return Poll::Ready(Some(Outgoing { id_line, frame }));
         }
         if state.closed {
             return Poll::Ready(None);
@@ -186,12 +266,13 @@ impl Connection {
 /// (the client went away, or the stream ended) leaves the hub.
 pub struct EventStream {
     membership: Membership,
-    preamble: Option<Bytes>,
+    /// Written before anything else (the preamble), or after an `id:` line (the event it names).
+    next: Option<Bytes>,
 }
 
 impl EventStream {
     pub fn new(membership: Membership, preamble: Bytes) -> Self {
-        Self { membership, preamble: Some(preamble) }
+        Self { membership, next: Some(preamble) }
     }
 }
 
@@ -200,10 +281,18 @@ impl http_body::Body for EventStream {
     type Error = Infallible;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(preamble) = self.preamble.take() {
-            return Poll::Ready(Some(Ok(Frame::data(preamble))));
+        if let Some(next) = self.next.take() {
+            return Poll::Ready(Some(Ok(Frame::data(next))));
         }
-        self.membership.connection().poll_next(cx).map(|frame| frame.map(|f| Ok(Frame::data(f))))
+        match self.membership.connection().poll_next(cx) {
+            Poll::Ready(Some(Outgoing { id_line: Some(id_line), frame })) => {
+                self.next = Some(frame);
+                Poll::Ready(Some(Ok(Frame::data(id_line))))
+            }
+            Poll::Ready(Some(Outgoing { id_line: None, frame })) => Poll::Ready(Some(Ok(Frame::data(frame)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -222,7 +311,15 @@ mod tests {
 
     fn connection() -> Connection {
         let user = UserId::new("u").expect("valid id");
-        Connection::new(ConnectionId(1), user, Box::new([]), u64::MAX, 0)
+        Connection::new(ConnectionId(1), user, Box::new([ChannelName::from_bus("sse:user:u")]), u64::MAX, 0)
+    }
+
+    fn raw(b: &'static [u8]) -> Item {
+        Item::Raw(Bytes::from_static(b))
+    }
+
+    fn out(b: &'static [u8]) -> Poll<Option<Outgoing>> {
+        Poll::Ready(Some(Outgoing { id_line: None, frame: Bytes::from_static(b) }))
     }
 
     #[test]
@@ -232,11 +329,11 @@ mod tests {
         let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
         assert_eq!(conn.poll_next(&mut cx), Poll::Pending);
-        assert_eq!(conn.push(Bytes::from_static(b"a"), 4, Some(5)), Pushed::Queued);
+        assert_eq!(conn.push(raw(b"a"), 4, Some(5)), Pushed::Queued);
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst), "push must wake the body");
-        conn.push(Bytes::from_static(b"b"), 4, None);
-        assert_eq!(conn.poll_next(&mut cx), Poll::Ready(Some(Bytes::from_static(b"a"))));
-        assert_eq!(conn.poll_next(&mut cx), Poll::Ready(Some(Bytes::from_static(b"b"))));
+        conn.push(raw(b"b"), 4, None);
+        assert_eq!(conn.poll_next(&mut cx), out(b"a"));
+        assert_eq!(conn.poll_next(&mut cx), out(b"b"));
         assert_eq!(conn.last_event_at(), 5, "heartbeats do not count as activity");
     }
 
@@ -244,25 +341,51 @@ mod tests {
     fn a_full_queue_is_reported_and_cut_drops_everything() {
         let conn = connection();
         for _ in 0..3 {
-            assert_eq!(conn.push(Bytes::from_static(b"x"), 3, None), Pushed::Queued);
+            assert_eq!(conn.push(raw(b"x"), 3, None), Pushed::Queued);
         }
-        assert_eq!(conn.push(Bytes::from_static(b"x"), 3, None), Pushed::Full);
+        assert_eq!(conn.push(raw(b"x"), 3, None), Pushed::Full);
         assert!(conn.cut());
         assert!(!conn.cut(), "closing twice is a no-op");
         let waker = Waker::noop();
         assert_eq!(conn.poll_next(&mut Context::from_waker(waker)), Poll::Ready(None));
-        assert_eq!(conn.push(Bytes::from_static(b"x"), 3, None), Pushed::Closed);
+        assert_eq!(conn.push(raw(b"x"), 3, None), Pushed::Closed);
     }
 
     #[test]
     fn close_delivers_the_queue_then_the_farewell() {
         let conn = connection();
-        conn.push(Bytes::from_static(b"last"), 3, None);
+        conn.push(raw(b"last"), 3, None);
         assert!(conn.close(CloseReason::Replaced.farewell()));
         let mut cx = Context::from_waker(Waker::noop());
-        assert_eq!(conn.poll_next(&mut cx), Poll::Ready(Some(Bytes::from_static(b"last"))));
-        let Poll::Ready(Some(farewell)) = conn.poll_next(&mut cx) else { panic!("farewell expected") };
-        assert_eq!(&farewell[..], b"event: disconnected\ndata: {\"reason\":\"replaced\"}\n\n");
+        assert_eq!(conn.poll_next(&mut cx), out(b"last"));
+        assert_eq!(conn.poll_next(&mut cx), out(b"event: disconnected\ndata: {\"reason\":\"replaced\"}\n\n"));
         assert_eq!(conn.poll_next(&mut cx), Poll::Ready(None));
+    }
+
+    #[test]
+    fn replayed_entries_come_first_and_their_live_copies_are_dropped() {
+        let conn = connection();
+        let channel = ChannelName::from_bus("sse:user:u");
+        let event = |seq: u64, frame: &'static [u8]| Item::Event {
+            channel: channel.clone(),
+            id: StreamId { ms: 10, seq },
+            frame: Bytes::from_static(frame),
+        };
+        // Live copies of entries 2 and 3 arrived while the replay was being read.
+        conn.push(event(2, b"two"), 4, None);
+        conn.push(event(3, b"three"), 4, None);
+        conn.start_history(7, vec![StreamId { ms: 10, seq: 0 }], vec![event(1, b"one"), event(2, b"two")]);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut frames = Vec::new();
+        let mut last_cursor = None;
+        while let Poll::Ready(Some(outgoing)) = conn.poll_next(&mut cx) {
+            last_cursor = outgoing.id_line.clone();
+            frames.push(outgoing.frame);
+        }
+        assert_eq!(frames, [Bytes::from_static(b"one"), Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
+        let line = String::from_utf8(last_cursor.expect("an id line").to_vec()).expect("utf8");
+        let cursor = Cursor::decode(line.trim_start_matches("id: ").trim_end()).expect("a cursor");
+        assert_eq!(cursor.epoch, 7);
+        assert_eq!(cursor.position(&channel), Some(StreamId { ms: 10, seq: 3 }));
     }
 }

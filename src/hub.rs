@@ -7,8 +7,8 @@
 //! unsubscribe, both under the lock so the bus sees them in the registry's order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,9 +17,10 @@ use crate::auth::{UserId, unix_now};
 use crate::bus::{Bus, SubscriptionReady};
 use crate::channel::ChannelName;
 use crate::config::PerUserPolicy;
-use crate::connection::{CloseReason, Connection, ConnectionId, Pushed};
+use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed};
 use crate::envelope;
 use crate::frame;
+use crate::history::StreamId;
 use crate::metrics::HubMetrics;
 
 /// Limits applied when a stream joins and while it lives.
@@ -35,6 +36,8 @@ pub struct Limits {
     pub inactivity_timeout: Duration,
     /// Zero: off.
     pub max_lifetime: Duration,
+    /// History is on: `id:` lines are resume cursors, so a producer's own envelope `id` is not written.
+    pub history: bool,
 }
 
 /// Why a stream may not join.
@@ -90,6 +93,10 @@ struct Registry {
 struct ChannelEntry {
     listeners: Vec<Arc<Connection>>,
     ready: Arc<SubscriptionReady>,
+    /// The newest history id delivered on this channel, where a backfill starts after a gap.
+    last_id: Mutex<StreamId>,
+    /// Set when the bus disconnected; cleared when the channel is resubscribed and backfilled.
+    gap: AtomicBool,
 }
 
 /// A stream's place in the hub. Dropping it leaves (idempotent with the hub closing it).
@@ -185,7 +192,12 @@ impl Hub {
                 let entry = registry.channels.entry(channel.clone()).or_insert_with(|| {
                     let ready = Arc::new(SubscriptionReady::default());
                     self.bus.subscribe(channel.clone(), ready.clone());
-                    ChannelEntry { listeners: Vec::new(), ready }
+                    ChannelEntry {
+                        listeners: Vec::new(),
+                        ready,
+                        last_id: Mutex::new(StreamId::ZERO),
+                        gap: AtomicBool::new(false),
+                    }
                 });
                 entry.listeners.push(connection.clone());
                 if !entry.ready.is_set() {
@@ -240,13 +252,17 @@ impl Hub {
         }
     }
 
-    /// Fans one payload from the bus out to this node's listeners on `channel`.
-    pub fn deliver(&self, channel: &str, payload: &[u8]) {
+    /// Fans one payload from the bus out to this node's listeners on `channel`. `id` is its
+    /// history id when it was published durably.
+    pub fn deliver(&self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
         self.metrics.bus_messages.increment(1);
         let registry = self.read();
-        let Some(entry) = registry.channels.get(channel) else { return };
+        let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
         let framed = match envelope::parse(payload) {
-            Ok(message) => frame::event(message.event.as_deref(), message.id.as_deref(), &message.data),
+            Ok(message) => {
+                let producer_id = if self.limits.history { None } else { message.id.as_deref() };
+                frame::event(message.event.as_deref(), producer_id, &message.data)
+            }
             Err(refusal) => {
                 drop(registry);
                 self.metrics.refused(refusal.label());
@@ -256,19 +272,66 @@ impl Hub {
                 return;
             }
         };
+        if let Some(id) = id {
+            let mut last = entry.last_id.lock().unwrap_or_else(PoisonError::into_inner);
+            *last = (*last).max(id);
+        }
+        let item = match id {
+            Some(id) => Item::Event { channel: name.clone(), id, frame: framed },
+            None => Item::Raw(framed),
+        };
+        self.fan_out(channel, &entry.listeners, item);
+    }
+
+    /// Writes one frame to every listener of `channel` (an explicit `reset`, for instance).
+    pub fn deliver_frame(&self, channel: &str, frame: Bytes) {
+        let registry = self.read();
+        if let Some(entry) = registry.channels.get(channel) {
+            self.fan_out(channel, &entry.listeners, Item::Raw(frame));
+        }
+    }
+
+    fn fan_out(&self, channel: &str, listeners: &[Arc<Connection>], item: Item) {
         let now = Some(self.now());
         let mut slow = 0;
-        for listener in &entry.listeners {
-            if listener.push(framed.clone(), self.limits.queue_capacity, now) == Pushed::Full && listener.cut() {
+        for listener in listeners {
+            if listener.push(item.clone(), self.limits.queue_capacity, now) == Pushed::Full && listener.cut() {
                 slow += 1;
             }
         }
-        self.metrics.sent.increment((entry.listeners.len() - slow) as u64);
+        self.metrics.sent.increment((listeners.len() - slow) as u64);
         if slow > 0 {
             for _ in 0..slow {
                 self.metrics.closed(CloseReason::SlowConsumer.label());
             }
             tracing::debug!(channel, slow, "cut off slow consumers");
+        }
+    }
+
+    /// The bus lost its connection: every channel has a gap until it is resubscribed.
+    pub fn mark_gaps(&self) {
+        for entry in self.read().channels.values() {
+            entry.gap.store(true, Ordering::Release);
+        }
+    }
+
+    /// After a resubscription: where to backfill `channel` from, if it had a gap and has
+    /// delivered history before (a channel that joined during the outage replayed on its own).
+    pub fn take_gap(&self, channel: &str) -> Option<StreamId> {
+        let registry = self.read();
+        let entry = registry.channels.get(channel)?;
+        if !entry.gap.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let last = *entry.last_id.lock().unwrap_or_else(PoisonError::into_inner);
+        (last != StreamId::ZERO).then_some(last)
+    }
+
+    /// Closes every stream (for instance when live messages were dropped: they resume from history).
+    pub fn close_all(&self, reason: CloseReason) {
+        let all: Vec<Arc<Connection>> = self.read().users.values().flatten().cloned().collect();
+        for connection in all {
+            self.close(&connection, reason, reason.farewell());
         }
     }
 
@@ -282,7 +345,7 @@ impl Hub {
             let registry = self.read();
             for connection in registry.users.values().flatten() {
                 if let Some(ping) = heartbeat
-                    && connection.push(ping.clone(), self.limits.queue_capacity, None) == Pushed::Full
+                    && connection.push(Item::Raw(ping.clone()), self.limits.queue_capacity, None) == Pushed::Full
                 {
                     expired.push((connection.clone(), CloseReason::SlowConsumer));
                     continue;
@@ -370,7 +433,7 @@ mod tests {
     use std::task::{Context, Poll, Waker};
 
     fn hub(per_user: usize, policy: PerUserPolicy) -> Arc<Hub> {
-        let (bus, _inbound) = MemoryBus::new();
+        let (bus, _inbound) = MemoryBus::new(ChannelNames::new("sse"), None);
         let limits = Limits {
             per_user,
             per_user_policy: policy,
@@ -378,6 +441,7 @@ mod tests {
             queue_capacity: 2,
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
+            history: false,
         };
         Hub::new(bus, limits, HubMetrics::new())
     }
@@ -394,8 +458,8 @@ mod tests {
     fn drain(connection: &Connection) -> Vec<Bytes> {
         let mut cx = Context::from_waker(Waker::noop());
         let mut out = Vec::new();
-        while let Poll::Ready(Some(frame)) = connection.poll_next(&mut cx) {
-            out.push(frame);
+        while let Poll::Ready(Some(outgoing)) = connection.poll_next(&mut cx) {
+            out.push(outgoing.frame);
         }
         out
     }
@@ -406,13 +470,13 @@ mod tests {
         let a1 = join(&hub, "a").expect("joins");
         let a2 = join(&hub, "a").expect("joins");
         let b = join(&hub, "b").expect("joins");
-        hub.deliver("sse:user:a", br#"{"event":"e","data":"for a"}"#);
-        hub.deliver("sse:user:nobody", b"ignored");
+        hub.deliver("sse:user:a", None, br#"{"event":"e","data":"for a"}"#);
+        hub.deliver("sse:user:nobody", None, b"ignored");
         let expected = Bytes::from_static(b"event: e\ndata: for a\n\n");
         assert_eq!(drain(a1.membership.connection()), std::slice::from_ref(&expected));
         assert_eq!(drain(a2.membership.connection()), [expected]);
         assert!(drain(b.membership.connection()).is_empty());
-        hub.deliver("sse:broadcast", b"all");
+        hub.deliver("sse:broadcast", None, b"all");
         assert_eq!(drain(b.membership.connection()), [Bytes::from_static(b"data: all\n\n")]);
     }
 
@@ -420,8 +484,8 @@ mod tests {
     fn a_refused_payload_is_not_delivered_and_the_next_one_is() {
         let hub = hub(5, PerUserPolicy::Reject);
         let a = join(&hub, "a").expect("joins");
-        hub.deliver("sse:user:a", br#"{"event":"x\ny","data":1}"#);
-        hub.deliver("sse:user:a", br#"{"data":2}"#);
+        hub.deliver("sse:user:a", None, br#"{"event":"x\ny","data":1}"#);
+        hub.deliver("sse:user:a", None, br#"{"data":2}"#);
         assert_eq!(drain(a.membership.connection()), [Bytes::from_static(b"data: 2\n\n")]);
     }
 
@@ -468,7 +532,7 @@ mod tests {
         let hub = hub(5, PerUserPolicy::Reject);
         let a = join(&hub, "a").expect("joins");
         for _ in 0..3 {
-            hub.deliver("sse:user:a", b"x");
+            hub.deliver("sse:user:a", None, b"x");
         }
         assert!(a.membership.connection().is_closed());
         assert!(drain(a.membership.connection()).is_empty());

@@ -10,6 +10,7 @@ pub mod config;
 pub mod connection;
 pub mod envelope;
 pub mod frame;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod logging;

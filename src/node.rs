@@ -2,6 +2,7 @@
 //! tasks (dispatcher, ticker, metrics upkeep) and owns the order of shutdown.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -17,6 +18,8 @@ use crate::bus::redis::RedisBus;
 use crate::bus::{Bus, Inbound, InboundReceiver};
 use crate::channel::ChannelNames;
 use crate::config::Config;
+use crate::connection::CloseReason;
+use crate::history::{HistoryConfig, ResetReason, Since, reset_frame};
 use crate::hub::{Hub, Limits};
 use crate::metrics::{BusMetrics, HubMetrics, PUBLISH_REQUESTS};
 use crate::{frame, http, shutdown};
@@ -33,6 +36,9 @@ pub struct Node {
     pub publish_requests: Counter,
     pub started: Instant,
     pub dev: Option<DevMode>,
+    pub history: Option<HistoryConfig>,
+    /// The history epoch last seen from the bus, for the node's own backfills.
+    pub epoch: AtomicU32,
 }
 
 /// What development mode made up at startup.
@@ -56,13 +62,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let auth = Authenticator::from_config(&config)?;
     let background = CancellationToken::new();
 
+    let history = config.history();
+    let names = ChannelNames::new(&config.channel_prefix);
     let (bus, inbound): (Arc<dyn Bus>, InboundReceiver) = match &config.redis_url {
         Some(url) => {
-            let (bus, inbound) = RedisBus::start(url, BusMetrics::new(), background.clone())?;
+            let library = history.as_ref().map(|h| crate::history::redis_library(&config.channel_prefix, h));
+            let (bus, inbound) = RedisBus::start(url, library, BusMetrics::new(), background.clone())?;
             (bus, inbound)
         }
         None => {
-            let (bus, inbound) = MemoryBus::new();
+            let (bus, inbound) = MemoryBus::new(names.clone(), history);
             (bus, inbound)
         }
     };
@@ -74,6 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         queue_capacity: config.queue_capacity as usize,
         inactivity_timeout: config.connection_timeout,
         max_lifetime: config.max_connection_lifetime,
+        history: history.is_some(),
     };
     let hub = Hub::new(bus, limits, hub_metrics.clone());
     let dev = config.is_development().then(|| development_mode(&auth)).flatten();
@@ -81,7 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let node = Arc::new(Node {
-        channels: ChannelNames::new(&config.channel_prefix),
+        channels: names,
         node_id: node_id.clone(),
         auth,
         hub: hub.clone(),
@@ -90,10 +100,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         publish_requests: metrics::counter!(PUBLISH_REQUESTS),
         started: Instant::now(),
         dev,
+        history,
+        epoch: AtomicU32::new(0),
         config,
     });
 
-    tokio::spawn(dispatch(inbound, hub.clone()));
+    tokio::spawn(dispatch(inbound, node.clone()));
     tokio::spawn(tick(hub.clone(), node.config.heartbeat_interval, background.clone()));
     tokio::spawn(metrics_upkeep(prometheus, background.clone()));
 
@@ -129,15 +141,53 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Drains the bus into the hub. Batches wake-ups: one receive takes up to 256 messages.
-async fn dispatch(mut inbound: InboundReceiver, hub: Arc<Hub>) {
+/// Runs in order, so a backfill after a bus reconnect is delivered before what follows it.
+async fn dispatch(mut inbound: InboundReceiver, node: Arc<Node>) {
+    let hub = node.hub.clone();
     let mut batch = Vec::with_capacity(256);
     while inbound.recv_many(&mut batch, 256).await > 0 {
         for message in batch.drain(..) {
             match message {
-                Inbound::Message { channel, payload } => hub.deliver(channel.as_str(), &payload),
-                Inbound::Disconnected => {}
+                Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), id, &payload),
+                Inbound::Disconnected => hub.mark_gaps(),
+                Inbound::Subscribed(channel) => {
+                    if node.history.is_some()
+                        && let Some(last) = hub.take_gap(channel.as_str())
+                    {
+                        backfill(&node, channel, last).await;
+                    }
+                }
             }
         }
+        if hub.bus().take_overflow() {
+            tracing::warn!("the bus outran the dispatcher and live messages were dropped; streams resume from history");
+            hub.close_all(CloseReason::Overflow);
+        }
+    }
+}
+
+/// Delivers what a channel missed while the bus was disconnected, from history.
+async fn backfill(node: &Node, channel: crate::channel::ChannelName, last: crate::history::StreamId) {
+    let epoch = node.epoch.load(Ordering::Acquire);
+    let asked = [(channel.clone(), last)];
+    match node.hub.bus().since(epoch, Duration::ZERO, &asked).await {
+        Ok((_, results)) => match results.into_iter().next() {
+            Some(Since::Entries(entries)) => {
+                tracing::info!(%channel, missed = entries.len(), "backfilled after a bus reconnect");
+                for (id, payload) in entries {
+                    node.hub.deliver(channel.as_str(), Some(id), &payload);
+                }
+            }
+            Some(Since::Reset { .. }) => {
+                tracing::warn!(%channel, "history lost across a bus reconnect; streams are told to reset");
+                node.hub.deliver_frame(
+                    channel.as_str(),
+                    reset_frame(&node.channels, &[&channel], ResetReason::HistoryLost),
+                );
+            }
+            None => {}
+        },
+        Err(e) => tracing::warn!(%channel, error = %e, "backfill after a bus reconnect failed"),
     }
 }
 

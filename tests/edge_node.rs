@@ -27,7 +27,8 @@ async fn a_publish_on_redis_reaches_its_user_topic_and_broadcast_listeners_on_an
     let e = alice.next_event(WAIT).await.expect("user event");
     assert_eq!((e.event.as_str(), e.data.as_str()), ("notification", r#"{"n":1}"#));
     let e = alice.next_event(WAIT).await.expect("topic event");
-    assert_eq!((e.event.as_str(), e.data.as_str(), e.id.as_deref()), ("headline", "multi\nline", Some("h1")));
+    assert_eq!((e.event.as_str(), e.data.as_str()), ("headline", "multi\nline"));
+    assert_ne!(e.id.as_deref(), Some("h1"), "with history on, SSE ids are resume cursors, never a producer's id");
     let e = alice.next_event(WAIT).await.expect("broadcast event");
     assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "plain text"));
 
@@ -35,6 +36,15 @@ async fn a_publish_on_redis_reaches_its_user_topic_and_broadcast_listeners_on_an
     let e = bob.next_event(WAIT).await.expect("broadcast event");
     assert_eq!(e.data, "plain text");
     bob.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn producer_ids_are_written_when_history_is_off() {
+    let node = Node::start(&[("SSE_HISTORY", "false")]).await;
+    let mut stream = subscribe(&node, "zoe", &[]).await;
+    let (status, _) = publish_api(&node, json!({"users": ["zoe"], "data": 1, "id": "order-17"})).await;
+    assert_eq!(status, 202);
+    assert_eq!(stream.next_event(WAIT).await.expect("event").id.as_deref(), Some("order-17"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -247,10 +257,16 @@ async fn the_publish_api_validates_credentials_and_input() {
     node.wait_readyz(200, WAIT).await;
     let mut stream = subscribe(&node, "kate", &[]).await;
 
-    let (status, body) = publish_api(&node, json!({"users": ["kate", "nobody"], "event": "n", "data": [1, 2]})).await;
+    let plain = json!({"users": ["kate", "nobody"], "event": "n", "data": [1, 2], "durable": false});
+    let (status, body) = publish_api(&node, plain).await;
     assert_eq!(status, 202);
     assert_eq!(body, json!({"channels": 2, "receivers": 1}));
     assert_eq!(stream.next_event(WAIT).await.expect("event").data, "[1,2]");
+    let (status, body) = publish_api(&node, json!({"users": ["kate"], "data": "durable"})).await;
+    assert_eq!(status, 202);
+    assert_eq!(body["channels"], 1);
+    assert!(body["ids"][0].as_str().expect("a history id").contains('-'), "{body}");
+    assert_eq!(stream.next_event(WAIT).await.expect("event").data, "durable");
 
     for (bad, field) in [
         (json!({"data": 1}), "users"),

@@ -1,31 +1,49 @@
 //! The embedded bus: a single node needs nothing else. Publishing hands the payload straight
 //! to this node's dispatcher, through the same bounded inbound queue a Redis bus uses, so the
-//! delivery path is the same in both modes.
+//! delivery path is the same in both modes. History follows the same rules as the Redis
+//! functions (bounded by length and age, an epoch that changes when history is lost: here,
+//! at every start), so a single node resumes exactly as a cluster does.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    Bus, BusError, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishFuture, PublishReceipt, SubscriptionReady,
+    Bus, BusError, BusFuture, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishReceipt, SubscriptionReady, WithEpoch,
 };
-use crate::channel::ChannelName;
+use crate::channel::{ChannelKind, ChannelName, ChannelNames};
+use crate::history::{HistoryConfig, Retention, Since, StreamId};
+
+/// How often idle histories past their age are swept out.
+const SWEEP_INTERVAL_MS: u64 = 10_000;
 
 pub struct MemoryBus {
     inbound: mpsc::Sender<Inbound>,
     subscribed: Mutex<HashSet<ChannelName>>,
+    history: Option<MemoryHistory>,
 }
 
 impl MemoryBus {
-    pub fn new() -> (Arc<Self>, InboundReceiver) {
+    pub fn new(names: ChannelNames, history: Option<HistoryConfig>) -> (Arc<Self>, InboundReceiver) {
         let (tx, rx) = mpsc::channel(INBOUND_CAPACITY);
-        (Arc::new(Self { inbound: tx, subscribed: Mutex::new(HashSet::new()) }), rx)
+        let history = history.map(|config| MemoryHistory {
+            config,
+            names,
+            epoch: rand::random::<u32>() | 1,
+            store: Mutex::new(Store::default()),
+        });
+        (Arc::new(Self { inbound: tx, subscribed: Mutex::new(HashSet::new()), history }), rx)
     }
 
-    fn subscribed(&self) -> std::sync::MutexGuard<'_, HashSet<ChannelName>> {
+    fn subscribed(&self) -> MutexGuard<'_, HashSet<ChannelName>> {
         self.subscribed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn history(&self) -> Result<&MemoryHistory, BusError> {
+        self.history.as_ref().ok_or_else(|| BusError::Refused("history is off".into()))
     }
 }
 
@@ -39,21 +57,61 @@ impl Bus for MemoryBus {
         self.subscribed().remove(&channel);
     }
 
-    fn publish<'a>(&'a self, channels: &'a [ChannelName], payload: Bytes) -> PublishFuture<'a> {
+    fn publish<'a>(
+        &'a self,
+        channels: &'a [ChannelName],
+        payload: Bytes,
+        durable: bool,
+    ) -> BusFuture<'a, PublishReceipt> {
         Box::pin(async move {
-            let mut receipt = PublishReceipt { channels: channels.len(), receivers: 0 };
+            let history = self.history.as_ref().filter(|_| durable);
+            let mut receipt = PublishReceipt { channels: channels.len(), ..Default::default() };
+            let mut receivers = 0;
             for channel in channels {
+                let id = history.map(|h| h.append(channel, &payload));
+                if let Some(id) = id {
+                    receipt.ids.push(id.to_string());
+                }
                 if !self.subscribed().contains(channel) {
                     continue;
                 }
-                receipt.receivers += 1;
+                receivers += 1;
                 // Waiting here (rather than dropping) pushes back on the publisher, like Redis would.
                 self.inbound
-                    .send(Inbound::Message { channel: channel.clone(), payload: payload.clone() })
+                    .send(Inbound::Message { channel: channel.clone(), id, payload: payload.clone() })
                     .await
                     .map_err(|_| BusError::Unavailable("node is shutting down".into()))?;
             }
+            if history.is_none() {
+                receipt.receivers = Some(receivers);
+            }
             Ok(receipt)
+        })
+    }
+
+    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, WithEpoch<StreamId>> {
+        Box::pin(async move {
+            let history = self.history()?;
+            let mut store = history.store();
+            let now = now_ms();
+            Ok((
+                history.epoch,
+                channels.iter().map(|c| store.live(c, now).map_or(StreamId::ZERO, |s| s.last)).collect(),
+            ))
+        })
+    }
+
+    fn since<'a>(
+        &'a self,
+        epoch: u32,
+        away: Duration,
+        positions: &'a [(ChannelName, StreamId)],
+    ) -> BusFuture<'a, WithEpoch<Since>> {
+        Box::pin(async move {
+            let history = self.history()?;
+            let results =
+                positions.iter().map(|(channel, position)| history.since(epoch, away, channel, *position)).collect();
+            Ok((history.epoch, results))
         })
     }
 
@@ -66,29 +124,196 @@ impl Bus for MemoryBus {
     }
 }
 
+struct MemoryHistory {
+    config: HistoryConfig,
+    names: ChannelNames,
+    epoch: u32,
+    store: Mutex<Store>,
+}
+
+#[derive(Default)]
+struct Store {
+    streams: HashMap<ChannelName, Stream>,
+    last_sweep_ms: u64,
+}
+
+struct Stream {
+    entries: VecDeque<(StreamId, Bytes)>,
+    last: StreamId,
+    /// The newest id ever trimmed: positions before it lost something.
+    max_deleted: StreamId,
+    expires_at_ms: Option<u64>,
+}
+
+impl Store {
+    /// The channel's history, unless it expired (then it is gone, as in Redis).
+    fn live(&mut self, channel: &ChannelName, now: u64) -> Option<&mut Stream> {
+        if self.streams.get(channel).is_some_and(|s| s.expires_at_ms.is_some_and(|at| at <= now)) {
+            self.streams.remove(channel);
+        }
+        self.streams.get_mut(channel)
+    }
+}
+
+impl MemoryHistory {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn retention(&self, channel: &ChannelName) -> Retention {
+        self.config.retention(self.names.kind_of(channel).unwrap_or(ChannelKind::Topic))
+    }
+
+    fn append(&self, channel: &ChannelName, payload: &Bytes) -> StreamId {
+        let retention = self.retention(channel);
+        let now = now_ms();
+        let mut store = self.store();
+        if now >= store.last_sweep_ms + SWEEP_INTERVAL_MS {
+            store.last_sweep_ms = now;
+            store.streams.retain(|_, s| s.expires_at_ms.is_none_or(|at| at > now));
+        }
+        if store.live(channel, now).is_none() {
+            let fresh = Stream {
+                entries: VecDeque::new(),
+                last: StreamId::ZERO,
+                max_deleted: StreamId::ZERO,
+                expires_at_ms: None,
+            };
+            store.streams.insert(channel.clone(), fresh);
+        }
+        let Some(stream) = store.streams.get_mut(channel) else { unreachable!("inserted above") };
+        let id = if now > stream.last.ms {
+            StreamId { ms: now, seq: 0 }
+        } else {
+            StreamId { ms: stream.last.ms, seq: stream.last.seq + 1 }
+        };
+        stream.entries.push_back((id, payload.clone()));
+        stream.last = id;
+        while stream.entries.len() > retention.length as usize {
+            if let Some((trimmed, _)) = stream.entries.pop_front() {
+                stream.max_deleted = trimmed;
+            }
+        }
+        let age = retention.age.as_millis() as u64;
+        if age > 0 {
+            while stream.entries.front().is_some_and(|(first, _)| first.ms + age < now) {
+                if let Some((trimmed, _)) = stream.entries.pop_front() {
+                    stream.max_deleted = trimmed;
+                }
+            }
+            stream.expires_at_ms = Some(now + age);
+        }
+        id
+    }
+
+    /// The same decision as the `sse_since` Redis function; see history.rs.
+    fn since(&self, epoch: u32, away: Duration, channel: &ChannelName, position: StreamId) -> Since {
+        let age = self.retention(channel).age.as_millis() as u64;
+        let window_passed = age > 0 && away.as_millis() as u64 > age;
+        let now = now_ms();
+        let mut store = self.store();
+        let stream = store.live(channel, now);
+        if epoch != self.epoch {
+            return Since::Reset { tail: stream.map_or(StreamId::ZERO, |s| s.last) };
+        }
+        let Some(stream) = stream else {
+            let expired_after_position = position != StreamId::ZERO && age > 0 && position.ms + age <= now;
+            return if !window_passed && (position == StreamId::ZERO || expired_after_position) {
+                Since::Entries(Vec::new())
+            } else {
+                Since::Reset { tail: StreamId::ZERO }
+            };
+        };
+        if position > stream.last || stream.max_deleted > position {
+            return Since::Reset { tail: stream.last };
+        }
+        if window_passed && (position == StreamId::ZERO || !stream.entries.iter().any(|(id, _)| *id == position)) {
+            return Since::Reset { tail: stream.last };
+        }
+        Since::Entries(stream.entries.iter().filter(|(id, _)| *id > position).cloned().collect())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn bus(length: u32) -> (Arc<MemoryBus>, InboundReceiver) {
+        let retention = Retention { length, age: Duration::from_secs(3600) };
+        MemoryBus::new(
+            ChannelNames::new("sse"),
+            Some(HistoryConfig { user: retention, topic: retention, broadcast: retention }),
+        )
+    }
+
+    fn entries(since: Since) -> Vec<Bytes> {
+        match since {
+            Since::Entries(e) => e.into_iter().map(|(_, p)| p).collect(),
+            Since::Reset { .. } => panic!("unexpected reset"),
+        }
+    }
+
     #[tokio::test]
-    async fn only_subscribed_channels_receive() {
-        let (bus, mut inbound) = MemoryBus::new();
+    async fn only_subscribed_channels_receive_live() {
+        let (bus, mut inbound) = MemoryBus::new(ChannelNames::new("sse"), None);
         let a = ChannelName::from_bus("sse:user:a");
         let b = ChannelName::from_bus("sse:user:b");
         let ready = Arc::new(SubscriptionReady::default());
         bus.subscribe(a.clone(), ready.clone());
         assert!(ready.is_set());
-        let receipt = bus.publish(&[a.clone(), b.clone()], Bytes::from_static(b"hi")).await.expect("published");
-        assert_eq!(receipt, PublishReceipt { channels: 2, receivers: 1 });
+        let receipt = bus.publish(&[a.clone(), b.clone()], Bytes::from_static(b"hi"), true).await.expect("published");
+        assert_eq!(receipt, PublishReceipt { channels: 2, receivers: Some(1), ids: vec![] });
         match inbound.try_recv() {
-            Ok(Inbound::Message { channel, payload }) => {
+            Ok(Inbound::Message { channel, id: None, payload }) => {
                 assert_eq!(channel, a);
                 assert_eq!(&payload[..], b"hi");
             }
             other => panic!("unexpected {other:?}"),
         }
         assert!(inbound.try_recv().is_err());
-        bus.unsubscribe(a.clone());
-        assert_eq!(bus.publish(&[a], Bytes::new()).await.expect("ok").receivers, 0);
+    }
+
+    #[tokio::test]
+    async fn history_replays_what_came_after_a_position() {
+        let (bus, _inbound) = bus(100);
+        let c = ChannelName::from_bus("sse:topic:t");
+        let (epoch, tails) = bus.tails(std::slice::from_ref(&c)).await.expect("tails");
+        assert_eq!(tails, [StreamId::ZERO]);
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let receipt = bus.publish(std::slice::from_ref(&c), Bytes::from(format!("m{i}")), true).await.expect("ok");
+            ids.push(StreamId::parse(&receipt.ids[0]).expect("id"));
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
+        let (_, since) = bus.since(epoch, Duration::ZERO, &[(c.clone(), ids[0])]).await.expect("since");
+        assert_eq!(entries(since.into_iter().next().expect("one")), [Bytes::from("m1"), Bytes::from("m2")]);
+        let (_, since) = bus.since(epoch, Duration::ZERO, &[(c.clone(), StreamId::ZERO)]).await.expect("since");
+        assert_eq!(entries(since.into_iter().next().expect("one")).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn trimmed_history_another_epoch_or_a_future_position_reset() {
+        let (bus, _inbound) = bus(2);
+        let c = ChannelName::from_bus("sse:user:u");
+        let (epoch, _) = bus.tails(std::slice::from_ref(&c)).await.expect("tails");
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let receipt = bus.publish(std::slice::from_ref(&c), Bytes::from(format!("m{i}")), true).await.expect("ok");
+            ids.push(StreamId::parse(&receipt.ids[0]).expect("id"));
+        }
+        let ask = |position| vec![(c.clone(), position)];
+        let reset = |r: WithEpoch<Since>| matches!(r.1[0], Since::Reset { .. });
+        assert!(reset(bus.since(epoch, Duration::ZERO, &ask(ids[0])).await.expect("since")), "m1 was trimmed");
+        assert!(!reset(bus.since(epoch, Duration::ZERO, &ask(ids[1])).await.expect("since")), "trimmed up to m1 only");
+        assert!(reset(bus.since(epoch ^ 2, Duration::ZERO, &ask(ids[3])).await.expect("since")), "other epoch");
+        let future = StreamId { ms: ids[3].ms + 1000, seq: 0 };
+        assert!(
+            reset(bus.since(epoch, Duration::ZERO, &ask(future)).await.expect("since")),
+            "a position from the future"
+        );
     }
 }

@@ -13,11 +13,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use crate::channel::ChannelName;
+use crate::history::{Since, StreamId};
 
 /// Room for bursts between the bus and the dispatcher. Beyond it messages are dropped and
 /// counted rather than buffered without bound (the subscriber must never block).
@@ -26,8 +28,10 @@ pub const INBOUND_CAPACITY: usize = 65_536;
 /// What the bus hands to the dispatcher.
 #[derive(Debug)]
 pub enum Inbound {
-    /// A payload published on a channel this node subscribed to.
-    Message { channel: ChannelName, payload: Bytes },
+    /// A payload published on a channel this node subscribed to; `id` when it is in history.
+    Message { channel: ChannelName, id: Option<StreamId>, payload: Bytes },
+    /// A subscription was confirmed; after a `Disconnected`, this is where a gap ends.
+    Subscribed(ChannelName),
     /// The bus lost its connection: messages published meanwhile are not delivered live.
     Disconnected,
 }
@@ -43,16 +47,24 @@ pub enum BusError {
     Refused(String),
 }
 
-pub type PublishFuture<'a> = Pin<Box<dyn Future<Output = Result<PublishReceipt, BusError>> + Send + 'a>>;
+pub type BusFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BusError>> + Send + 'a>>;
 
 /// What a publish reached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PublishReceipt {
     /// Channels published to.
     pub channels: usize,
-    /// Subscribers that received it: nodes holding a listener (Redis), or local channels with listeners.
-    pub receivers: usize,
+    /// Plain publish: subscribers that received it (nodes holding a listener with Redis, local
+    /// channels with listeners with the embedded bus).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receivers: Option<usize>,
+    /// Durable publish: the history id given to each channel, in request order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
 }
+
+/// The history epoch (changes when history is lost) and one value per channel asked about.
+pub type WithEpoch<T> = (u32, Vec<T>);
 
 /// A node-wide pub/sub transport.
 pub trait Bus: Send + Sync + 'static {
@@ -63,8 +75,31 @@ pub trait Bus: Send + Sync + 'static {
     /// Stops live delivery of `channel`. Must not block.
     fn unsubscribe(&self, channel: ChannelName);
 
-    /// Publishes one payload to every channel given, as one batch.
-    fn publish<'a>(&'a self, channels: &'a [ChannelName], payload: Bytes) -> PublishFuture<'a>;
+    /// Publishes one payload to every channel given, as one batch. `durable` records it in
+    /// history first (ignored when history is off).
+    fn publish<'a>(
+        &'a self,
+        channels: &'a [ChannelName],
+        payload: Bytes,
+        durable: bool,
+    ) -> BusFuture<'a, PublishReceipt>;
+
+    /// The last history id of each channel (`StreamId::ZERO` when empty).
+    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, WithEpoch<StreamId>>;
+
+    /// What each channel's history holds after its position. A cursor from another epoch,
+    /// or one that cannot be proven continuous, gets `Since::Reset`.
+    fn since<'a>(
+        &'a self,
+        epoch: u32,
+        away: Duration,
+        positions: &'a [(ChannelName, StreamId)],
+    ) -> BusFuture<'a, WithEpoch<Since>>;
+
+    /// True once after the inbound queue overflowed and live messages were dropped.
+    fn take_overflow(&self) -> bool {
+        false
+    }
 
     /// Whether the bus can deliver right now (for `/readyz` and for refusing new streams).
     fn is_ready(&self) -> bool;

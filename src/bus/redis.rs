@@ -25,9 +25,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Bus, BusError, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishFuture, PublishReceipt, SubscriptionReady,
+    Bus, BusError, BusFuture, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishReceipt, SubscriptionReady, WithEpoch,
 };
 use crate::channel::ChannelName;
+use crate::history::{Since, StreamId, parse_epoch, split_live_id};
 use crate::metrics::BusMetrics;
 
 /// How long one SUBSCRIBE/UNSUBSCRIBE/PING may take before the owner retries later.
@@ -44,7 +45,10 @@ enum Command {
 pub struct RedisBus {
     commands: mpsc::UnboundedSender<Command>,
     ready: Arc<AtomicBool>,
+    overflowed: Arc<AtomicBool>,
     pool: deadpool_redis::Pool,
+    /// The function library (history.rs), when history is on.
+    library: Option<Arc<str>>,
 }
 
 impl RedisBus {
@@ -52,19 +56,23 @@ impl RedisBus {
     /// `is_ready` reports until the first PING succeeds.
     pub fn start(
         url: &str,
+        library: Option<String>,
         metrics: BusMetrics,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Self>, InboundReceiver), BusError> {
+        let library: Option<Arc<str>> = library.map(Arc::from);
         let subscriber_url = with_resp3(url);
         let client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Refused(e.to_string()))?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let ready = Arc::new(AtomicBool::new(false));
 
+        let overflowed = Arc::new(AtomicBool::new(false));
         let push_ready = ready.clone();
+        let push_overflowed = overflowed.clone();
         let push_metrics = metrics.clone();
         let config = ConnectionManagerConfig::new()
             .set_push_sender(move |push: PushInfo| -> Result<(), ()> {
-                on_push(push, &inbound_tx, &push_ready, &push_metrics);
+                on_push(push, &inbound_tx, &push_ready, &push_overflowed, &push_metrics);
                 Ok(())
             })
             .set_automatic_resubscription()
@@ -97,15 +105,60 @@ impl RedisBus {
             metrics,
             subscribed: HashSet::new(),
             pending: HashMap::new(),
+            library: library.clone(),
         };
         tokio::spawn(owner.run(shutdown));
-        Ok((Arc::new(Self { commands, ready, pool }), inbound_rx))
+        Ok((Arc::new(Self { commands, ready, overflowed, pool, library }), inbound_rx))
     }
+
+    async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
+        self.pool.get().await.map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    /// Runs a function call, loading the library first if Redis lost it (a restart without
+    /// persistence forgets functions; Redis then answers "Function not found").
+    async fn call<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, BusError> {
+        let mut connection = self.connection().await?;
+        match command.query_async(&mut *connection).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                let library = self.library.as_deref().ok_or_else(|| BusError::Refused("history is off".into()))?;
+                load_library(&mut *connection, library).await?;
+                command.query_async(&mut *connection).await.map_err(bus_error)
+            }
+            result => result.map_err(bus_error),
+        }
+    }
+}
+
+fn bus_error(e: redis::RedisError) -> BusError {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        BusError::Unavailable(e.to_string())
+    } else {
+        BusError::Refused(e.to_string())
+    }
+}
+
+async fn load_library(connection: &mut impl redis::aio::ConnectionLike, library: &str) -> Result<(), BusError> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(library)
+        .query_async::<String>(connection)
+        .await
+        .map_err(bus_error)?;
+    tracing::info!("loaded the history function library into redis");
+    Ok(())
 }
 
 /// Runs inside redis-rs's relay task: must never block, so the inbound queue is bounded and
 /// a full queue drops (counted) instead of waiting.
-fn on_push(push: PushInfo, inbound: &mpsc::Sender<Inbound>, ready: &AtomicBool, metrics: &BusMetrics) {
+fn on_push(
+    push: PushInfo,
+    inbound: &mpsc::Sender<Inbound>,
+    ready: &AtomicBool,
+    overflowed: &AtomicBool,
+    metrics: &BusMetrics,
+) {
     match push.kind {
         PushKind::Message => {
             let mut data = push.data.into_iter();
@@ -116,9 +169,19 @@ fn on_push(push: PushInfo, inbound: &mpsc::Sender<Inbound>, ready: &AtomicBool, 
             let Ok(channel) = std::str::from_utf8(&channel) else {
                 return;
             };
-            let message = Inbound::Message { channel: ChannelName::from_bus(channel), payload: Bytes::from(payload) };
+            let (id, payload) = split_live_id(&Bytes::from(payload));
+            let message = Inbound::Message { channel: ChannelName::from_bus(channel), id, payload };
             if inbound.try_send(message).is_err() {
                 metrics.inbound_dropped.increment(1);
+                overflowed.store(true, Ordering::Release);
+            }
+        }
+        PushKind::Subscribe => {
+            if let Some(Value::BulkString(channel)) = push.data.first()
+                && let Ok(channel) = std::str::from_utf8(channel)
+                && inbound.try_send(Inbound::Subscribed(ChannelName::from_bus(channel))).is_err()
+            {
+                overflowed.store(true, Ordering::Release);
             }
         }
         PushKind::Disconnection => {
@@ -130,6 +193,64 @@ fn on_push(push: PushInfo, inbound: &mpsc::Sender<Inbound>, ready: &AtomicBool, 
         }
         _ => {}
     }
+}
+
+fn malformed() -> BusError {
+    BusError::Refused("unexpected reply from a history function (is the library current?)".into())
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// `{epoch, per channel {'ok', {{id, {'d', payload}}...}} or {'reset', tail}}`
+fn parse_since(reply: Vec<Value>, expected: usize) -> Result<WithEpoch<Since>, BusError> {
+    let mut values = reply.into_iter();
+    let epoch = values.next().and_then(|v| text(&v)).and_then(|e| parse_epoch(&e)).ok_or_else(malformed)?;
+    let mut results = Vec::with_capacity(expected);
+    for value in values {
+        let Value::Array(parts) = value else { return Err(malformed()) };
+        let mut parts = parts.into_iter();
+        let status = parts.next().and_then(|v| text(&v)).ok_or_else(malformed)?;
+        let body = parts.next();
+        results.push(match (status.as_str(), body) {
+            ("reset", Some(tail)) => {
+                Since::Reset { tail: text(&tail).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed)? }
+            }
+            ("ok", None) => Since::Entries(Vec::new()),
+            ("ok", Some(Value::Array(entries))) => {
+                Since::Entries(entries.into_iter().map(parse_entry).collect::<Result<_, _>>()?)
+            }
+            _ => return Err(malformed()),
+        });
+    }
+    if results.len() != expected {
+        return Err(malformed());
+    }
+    Ok((epoch, results))
+}
+
+fn parse_entry(entry: Value) -> Result<(StreamId, Bytes), BusError> {
+    let Value::Array(parts) = entry else { return Err(malformed()) };
+    let mut parts = parts.into_iter();
+    let id = parts.next().and_then(|v| text(&v)).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed)?;
+    let Some(Value::Array(fields)) = parts.next() else { return Err(malformed()) };
+    // Fields are [name, value, ...]; the function writes only `d`.
+    let payload = fields
+        .chunks(2)
+        .find_map(|pair| match pair {
+            [name, Value::BulkString(payload)] if text(name).as_deref() == Some("d") => {
+                Some(Bytes::from(payload.clone()))
+            }
+            _ => None,
+        })
+        .ok_or_else(malformed)?;
+    Ok((id, payload))
 }
 
 fn with_resp3(url: &str) -> String {
@@ -156,6 +277,7 @@ struct SubscriptionOwner {
     /// Channels Redis has confirmed (and that the manager re-subscribes after a reconnect).
     subscribed: HashSet<ChannelName>,
     pending: HashMap<ChannelName, Pending>,
+    library: Option<Arc<str>>,
 }
 
 impl SubscriptionOwner {
@@ -202,7 +324,15 @@ impl SubscriptionOwner {
         let was = self.ready.swap(alive, Ordering::AcqRel);
         self.metrics.ready.set(if alive { 1.0 } else { 0.0 });
         match (was, alive) {
-            (false, true) => tracing::info!(channels = self.subscribed.len(), "redis bus ready"),
+            (false, true) => {
+                tracing::info!(channels = self.subscribed.len(), "redis bus ready");
+                // A restarted Redis has forgotten the functions producers call: load them now.
+                if let Some(library) = self.library.clone()
+                    && let Err(e) = load_library(&mut self.manager, &library).await
+                {
+                    tracing::warn!(error = %e, "cannot load the history function library");
+                }
+            }
             (true, false) => tracing::warn!("redis bus not answering PING"),
             _ => {}
         }
@@ -273,22 +403,75 @@ impl Bus for RedisBus {
         let _ = self.commands.send(Command::Unsubscribe(channel));
     }
 
-    fn publish<'a>(&'a self, channels: &'a [ChannelName], payload: Bytes) -> PublishFuture<'a> {
+    fn publish<'a>(
+        &'a self,
+        channels: &'a [ChannelName],
+        payload: Bytes,
+        durable: bool,
+    ) -> BusFuture<'a, PublishReceipt> {
         Box::pin(async move {
-            let mut connection = self.pool.get().await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+            let mut receipt = PublishReceipt { channels: channels.len(), ..Default::default() };
+            if durable && self.library.is_some() {
+                for channel in channels {
+                    let mut fcall = redis::cmd("FCALL");
+                    fcall.arg("sse_publish").arg(1).arg(channel.as_str()).arg(payload.as_ref());
+                    receipt.ids.push(self.call::<String>(&fcall).await?);
+                }
+                return Ok(receipt);
+            }
+            let mut connection = self.connection().await?;
             let mut pipe = redis::pipe();
             for channel in channels {
                 pipe.cmd("PUBLISH").arg(channel.as_str()).arg(payload.as_ref());
             }
-            let counts: Vec<usize> = pipe.query_async(&mut *connection).await.map_err(|e| {
-                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-                    BusError::Unavailable(e.to_string())
-                } else {
-                    BusError::Refused(e.to_string())
-                }
-            })?;
-            Ok(PublishReceipt { channels: channels.len(), receivers: counts.iter().sum() })
+            let counts: Vec<usize> = pipe.query_async(&mut *connection).await.map_err(bus_error)?;
+            receipt.receivers = Some(counts.iter().sum());
+            Ok(receipt)
         })
+    }
+
+    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, WithEpoch<StreamId>> {
+        Box::pin(async move {
+            let mut fcall = redis::cmd("FCALL");
+            fcall.arg("sse_tail").arg(channels.len());
+            for channel in channels {
+                fcall.arg(channel.as_str());
+            }
+            let reply: Vec<Value> = self.call(&fcall).await?;
+            let mut values = reply.into_iter();
+            let epoch = values.next().and_then(|v| text(&v)).and_then(|e| parse_epoch(&e)).ok_or_else(malformed)?;
+            let tails = values
+                .map(|v| text(&v).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed))
+                .collect::<Result<Vec<_>, _>>()?;
+            if tails.len() != channels.len() {
+                return Err(malformed());
+            }
+            Ok((epoch, tails))
+        })
+    }
+
+    fn since<'a>(
+        &'a self,
+        epoch: u32,
+        away: Duration,
+        positions: &'a [(ChannelName, StreamId)],
+    ) -> BusFuture<'a, WithEpoch<Since>> {
+        Box::pin(async move {
+            let mut fcall = redis::cmd("FCALL");
+            fcall.arg("sse_since").arg(positions.len());
+            for (channel, _) in positions {
+                fcall.arg(channel.as_str());
+            }
+            fcall.arg(epoch.to_string()).arg(away.as_millis() as u64);
+            for (_, position) in positions {
+                fcall.arg(position.to_string());
+            }
+            parse_since(self.call(&fcall).await?, positions.len())
+        })
+    }
+
+    fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, Ordering::AcqRel)
     }
 
     fn is_ready(&self) -> bool {

@@ -4,8 +4,14 @@
 //! waits until the bus confirms every subscription it needs, and only then answers with
 //! `connected`. A client that publishes right after reading `connected` therefore never loses
 //! its first message to a subscription still in flight.
+//!
+//! With history on, each channel is positioned first (from `Last-Event-ID`, or at the current
+//! tail for a new stream), and after subscribing the stream replays what history holds past
+//! those positions; live copies of replayed entries are dropped by id in the connection. So a
+//! message published at any moment of a (re)connect arrives exactly once.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,10 +22,12 @@ use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
 use super::error::ApiError;
-use crate::auth::{AuthError, Grant, token_from_request};
+use crate::auth::{AuthError, Grant, token_from_request, unix_now};
+use crate::bus::BusError;
 use crate::channel::{ChannelName, check_name, topic_allowed};
-use crate::connection::EventStream;
+use crate::connection::{Connection, EventStream, Item};
 use crate::frame;
+use crate::history::{Cursor, ResetReason, Since, StreamId, reset_frame};
 use crate::hub::JoinError;
 use crate::node::Node;
 
@@ -58,22 +66,23 @@ pub async fn subscribe(
 ) -> Result<Response, ApiError> {
     check_origin(&node, &headers)?;
     let query = StreamQuery::parse(query.as_deref());
-    let grant = token_from_request(&headers, query.access_token.as_deref())
-        .ok_or(AuthError::Missing)
-        .and_then(|token| node.auth.verify(token))
-        .inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
-    let topics = granted_topics(&grant, query.topics)?;
-
+    let (grant, topics, channels) = authorize(&node, &headers, &query)?;
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
     }
-    let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
-    channels.push(node.channels.user(grant.user.as_str()));
-    channels.push(node.channels.broadcast());
-    channels.extend(topics.iter().map(|t| node.channels.topic(t)));
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(query.last_event_id)
+        .filter(|id| !id.is_empty());
+    let start = match node.history {
+        Some(_) => Some(position(&node, &channels, last_event_id.as_deref()).await.map_err(bus_unavailable)?),
+        None => None,
+    };
 
-    let joined = node.hub.join(grant.user.clone(), channels, grant.expires_at).map_err(|e| {
+    let joined = node.hub.join(grant.user.clone(), channels.clone(), grant.expires_at).map_err(|e| {
         node.hub_metrics.rejected(e.label());
         match e {
             JoinError::UserLimit => ApiError::TooManyRequests {
@@ -94,8 +103,12 @@ pub async fn subscribe(
         node.hub_metrics.rejected("subscribe_timeout");
         return Err(ApiError::unavailable("not_ready", "subscribing took too long; retry shortly"));
     }
-
     let connection = joined.membership.connection();
+    let resets = match start {
+        Some(start) => replay(&node, connection, start).await.map_err(bus_unavailable)?,
+        None => None,
+    };
+
     let connected = json!({
         "connection_id": format!("{}:{}", node.node_id, connection.id.0),
         "node_id": node.node_id,
@@ -104,7 +117,11 @@ pub async fn subscribe(
     });
     let mut preamble = BytesMut::new();
     preamble.put(frame::retry(node.config.retry_interval));
-    preamble.put(frame::event(Some("connected"), None, &connected.to_string()));
+    let cursor = connection.cursor();
+    preamble.put(frame::event(Some("connected"), cursor.as_deref(), &connected.to_string()));
+    if let Some(reset) = resets {
+        preamble.put(reset);
+    }
     let body = EventStream::new(joined.membership, preamble.freeze());
 
     let mut response = Response::new(Body::new(body));
@@ -115,6 +132,126 @@ pub async fn subscribe(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// Checks the token and the asked topics; returns the grant, the topics and every channel of
+/// the stream (user, broadcast, then topics).
+pub fn authorize(
+    node: &Node,
+    headers: &HeaderMap,
+    query: &StreamQuery,
+) -> Result<(Grant, Vec<String>, Vec<ChannelName>), ApiError> {
+    let grant = token_from_request(headers, query.access_token.as_deref())
+        .ok_or(AuthError::Missing)
+        .and_then(|token| node.auth.verify(token))
+        .inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
+    let topics = granted_topics(&grant, query.topics.clone())?;
+    let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
+    channels.push(node.channels.user(grant.user.as_str()));
+    channels.push(node.channels.broadcast());
+    channels.extend(topics.iter().map(|t| node.channels.topic(t)));
+    Ok((grant, topics, channels))
+}
+
+fn bus_unavailable(e: BusError) -> ApiError {
+    ApiError::unavailable("not_ready", format!("history is unavailable: {e}"))
+}
+
+/// Where each channel of a stream starts, decided before subscribing.
+pub struct Start {
+    /// The epoch the positions belong to.
+    pub epoch: u32,
+    pub positions: Vec<(ChannelName, StreamId)>,
+    /// How long the client was away (from the cursor's issue time).
+    pub away: Duration,
+    /// Set when `Last-Event-ID` was not a cursor: every channel is reset.
+    pub invalid_cursor: bool,
+}
+
+/// Positions every channel: from the cursor where it has one, else at the current tail (a new
+/// stream, or a topic the stream did not have before).
+pub async fn position(node: &Node, channels: &[ChannelName], last_event_id: Option<&str>) -> Result<Start, BusError> {
+    let (current, tails) = node.hub.bus().tails(channels).await?;
+    node.epoch.store(current, Ordering::Release);
+    let cursor = last_event_id.map(Cursor::decode);
+    let (epoch, away, invalid_cursor, cursor) = match cursor {
+        None => (current, Duration::ZERO, false, None),
+        Some(Err(_)) => (current, Duration::ZERO, true, None),
+        Some(Ok(cursor)) => {
+            (cursor.epoch, Duration::from_secs(unix_now().saturating_sub(cursor.issued_at)), false, Some(cursor))
+        }
+    };
+    let positions = channels
+        .iter()
+        .zip(tails)
+        .map(|(channel, tail)| (channel.clone(), cursor.as_ref().and_then(|c| c.position(channel)).unwrap_or(tail)))
+        .collect();
+    Ok(Start { epoch, positions, away, invalid_cursor })
+}
+
+/// What history says past each position: the entries to replay and the channels to reset.
+pub struct Resume {
+    pub epoch: u32,
+    /// Where each channel continues: the asked position (the entries follow it), or the tail
+    /// after a reset.
+    pub positions: Vec<StreamId>,
+    pub entries: Vec<(usize, StreamId, bytes::Bytes)>,
+    pub reset: Vec<usize>,
+    pub reason: ResetReason,
+}
+
+pub async fn read_history(node: &Node, start: Start) -> Result<Resume, BusError> {
+    let (current, results) = node.hub.bus().since(start.epoch, start.away, &start.positions).await?;
+    node.epoch.store(current, Ordering::Release);
+    let reason = if start.invalid_cursor {
+        ResetReason::InvalidCursor
+    } else if start.epoch != current {
+        ResetReason::HistoryLost
+    } else {
+        ResetReason::WindowLost
+    };
+    let mut resume = Resume { epoch: current, positions: Vec::new(), entries: Vec::new(), reset: Vec::new(), reason };
+    for (index, ((_, position), since)) in start.positions.iter().zip(results).enumerate() {
+        match since {
+            Since::Entries(entries) if !start.invalid_cursor => {
+                resume.positions.push(*position);
+                resume.entries.extend(entries.into_iter().map(|(id, payload)| (index, id, payload)));
+            }
+            Since::Entries(entries) => {
+                // No trustworthy position: continue from the newest entry, and say so.
+                resume.positions.push(entries.last().map_or(*position, |(id, _)| *id));
+                resume.reset.push(index);
+            }
+            Since::Reset { tail } => {
+                resume.positions.push(tail);
+                resume.reset.push(index);
+            }
+        }
+    }
+    Ok(resume)
+}
+
+/// Reads history past the start positions and queues it ahead of live messages; returns the
+/// `reset` event to send after `connected`, if any channel lost continuity.
+async fn replay(node: &Node, connection: &Connection, start: Start) -> Result<Option<bytes::Bytes>, BusError> {
+    let channels: Vec<ChannelName> = start.positions.iter().map(|(c, _)| c.clone()).collect();
+    let resume = read_history(node, start).await?;
+    let mut replay = Vec::with_capacity(resume.entries.len());
+    for (index, id, payload) in resume.entries {
+        let Ok(message) = crate::envelope::parse(&payload) else {
+            continue; // Counted when it was published live; never written to a stream.
+        };
+        let frame = frame::event(message.event.as_deref(), None, &message.data);
+        replay.push(Item::Event { channel: channels[index].clone(), id, frame });
+    }
+    // Positions stay where the client was: each replayed entry is newer, and the connection
+    // advances as it writes them.
+    connection.start_history(resume.epoch, resume.positions, replay);
+    if resume.reset.is_empty() {
+        return Ok(None);
+    }
+    let reset: Vec<&ChannelName> = resume.reset.iter().map(|&i| &channels[i]).collect();
+    Ok(Some(reset_frame(&node.channels, &reset, resume.reason)))
 }
 
 /// Checks each asked topic and that the token grants it; removes duplicates.

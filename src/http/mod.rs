@@ -6,6 +6,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod history;
 pub mod publish;
 pub mod server;
 
@@ -27,6 +28,7 @@ pub fn router(node: Arc<Node>) -> Router {
             post(publish::publish).layer(DefaultBodyLimit::max(node.config.max_publish_bytes as usize)),
         )
         .route("/api/stats", get(admin::stats))
+        .route("/api/history", get(history::history))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics));

@@ -28,6 +28,8 @@ pub struct PublishRequest {
     pub users: Vec<String>,
     pub topics: Vec<String>,
     pub broadcast: bool,
+    /// Record in history (default when history is on).
+    pub durable: bool,
     /// The envelope producers would publish to Redis themselves.
     pub envelope: Value,
 }
@@ -45,6 +47,11 @@ impl PublishRequest {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => b,
             Some(_) => return Err(ApiError::bad_request("broadcast", "expected true or false")),
+        };
+        let durable = match fields.remove("durable") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => b,
+            Some(_) => return Err(ApiError::bad_request("durable", "expected true or false")),
         };
         if users.is_empty() && topics.is_empty() && !broadcast {
             return Err(ApiError::bad_request("users", "name at least one target: users, topics or broadcast"));
@@ -78,7 +85,7 @@ impl PublishRequest {
         if let Some(unknown) = fields.keys().next() {
             return Err(ApiError::bad_request(unknown.clone(), "unknown field"));
         }
-        Ok(Self { users, topics, broadcast, envelope: Value::Object(envelope) })
+        Ok(Self { users, topics, broadcast, durable, envelope: Value::Object(envelope) })
     }
 
     pub fn channels(&self, names: &ChannelNames) -> Vec<ChannelName> {
@@ -135,12 +142,14 @@ pub async fn publish(
     let request = PublishRequest::parse(&body)?;
     let channels = request.channels(&node.channels);
     let payload = Bytes::from(request.envelope.to_string());
-    let receipt = node.hub.bus().publish(&channels, payload).await.map_err(|e| match e {
+    let durable = request.durable && node.history.is_some();
+    let receipt = node.hub.bus().publish(&channels, payload, durable).await.map_err(|e| match e {
         BusError::Unavailable(m) => ApiError::unavailable("bus_unavailable", m),
         BusError::Refused(m) => ApiError::unavailable("bus_refused", m),
     })?;
     node.publish_requests.increment(1);
-    Ok((StatusCode::ACCEPTED, Json(json!({"channels": receipt.channels, "receivers": receipt.receivers}))))
+    let body = serde_json::to_value(&receipt).unwrap_or_else(|_| json!({"channels": receipt.channels}));
+    Ok((StatusCode::ACCEPTED, Json(body)))
 }
 
 #[cfg(test)]
@@ -179,6 +188,7 @@ mod tests {
         assert_eq!(field_of(r#"{"users":["ok","bad id"],"data":1}"#), "users[1]");
         assert_eq!(field_of(r#"{"topics":[true],"data":1}"#), "topics[0]");
         assert_eq!(field_of(r#"{"broadcast":"yes","data":1}"#), "broadcast");
+        assert_eq!(field_of(r#"{"broadcast":true,"data":1,"durable":"no"}"#), "durable");
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"event":"a\nb"}"#), "event");
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"event":3}"#), "event");
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"id":"a\rb"}"#), "id");

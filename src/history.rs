@@ -1,0 +1,457 @@
+//! History and resume cursors: the ids that let a reconnecting client continue exactly where
+//! it stopped, on any node, across every channel of its stream.
+//!
+//! A durable publish appends to a bounded per-channel history (a Redis stream whose key is the
+//! channel name itself, so key and channel always share a cluster slot) and publishes live
+//! with the new entry's id. A connection tracks, per channel, the last id it delivered; every
+//! event it writes carries `id: <cursor>`, a compact URL-safe encoding of
+//! (history epoch, issue time, per-channel positions). On reconnect the node positions each
+//! channel from the cursor, subscribes live first, replays what is newer from history, and
+//! drops live duplicates by id. When continuity cannot be proven (trimmed, expired, history
+//! lost with Redis) the client gets an explicit `reset` event instead of a silent gap.
+
+use std::fmt;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+
+use crate::channel::{ChannelKind, ChannelName, ChannelNames};
+
+/// A history entry id: `<milliseconds>-<sequence>`, ordered like Redis stream ids.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl StreamId {
+    /// Before every entry: "the channel was empty when I looked".
+    pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(Self { ms: ms.parse().ok()?, seq: seq.parse().ok()? })
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// What history says about one channel since a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    /// Every entry after the position, oldest first (possibly none).
+    Entries(Vec<(StreamId, Bytes)>),
+    /// Continuity cannot be proven; the channel continues from `tail`.
+    Reset { tail: StreamId },
+}
+
+/// Length and age bounds of one channel kind's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub length: u32,
+    /// Zero: no age limit (and no expiry of idle histories).
+    pub age: Duration,
+}
+
+/// History settings per channel kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryConfig {
+    pub user: Retention,
+    pub topic: Retention,
+    pub broadcast: Retention,
+}
+
+impl HistoryConfig {
+    pub fn retention(&self, kind: ChannelKind) -> Retention {
+        match kind {
+            ChannelKind::User => self.user,
+            ChannelKind::Topic => self.topic,
+            ChannelKind::Broadcast => self.broadcast,
+        }
+    }
+}
+
+/// Names a channel inside a cursor: 32 bits of FNV-1a. A stream holds a handful of channels,
+/// so a collision inside one stream is negligible, and a cursor can only position channels
+/// the token already grants.
+pub fn channel_hash(channel: &ChannelName) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in channel.as_str().bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash
+}
+
+/// Reads the history epoch the functions return: a decimal number below 2^32 that changes
+/// whenever Redis loses its data.
+pub fn parse_epoch(epoch: &str) -> Option<u32> {
+    epoch.parse().ok()
+}
+
+const CURSOR_VERSION: u8 = 1;
+/// Channels one cursor may carry (a stream has user + broadcast + at most 64 topics).
+const MAX_CURSOR_CHANNELS: usize = 80;
+
+/// A decoded `Last-Event-ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub epoch: u32,
+    /// UNIX seconds when the node wrote it: how long the client has been away.
+    pub issued_at: u64,
+    pub positions: Vec<(u32, StreamId)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not a resume cursor of this server")]
+pub struct CursorError;
+
+impl Cursor {
+    /// Writes a cursor: version, epoch, issue time, then (channel hash, position) pairs.
+    pub fn encode(epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) -> String {
+        let mut out = Vec::with_capacity(64);
+        out.push(CURSOR_VERSION);
+        out.extend_from_slice(&epoch.to_le_bytes());
+        put_varint(&mut out, issued_at);
+        for (hash, id) in positions {
+            out.extend_from_slice(&hash.to_le_bytes());
+            put_varint(&mut out, id.ms);
+            put_varint(&mut out, id.seq);
+        }
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    pub fn decode(text: &str) -> Result<Self, CursorError> {
+        if text.len() > 2048 {
+            return Err(CursorError);
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| CursorError)?;
+        let mut input = bytes.as_slice();
+        if take(&mut input, 1)?[0] != CURSOR_VERSION {
+            return Err(CursorError);
+        }
+        let epoch = u32::from_le_bytes(take(&mut input, 4)?.try_into().map_err(|_| CursorError)?);
+        let issued_at = get_varint(&mut input)?;
+        let mut positions = Vec::new();
+        while !input.is_empty() {
+            if positions.len() == MAX_CURSOR_CHANNELS {
+                return Err(CursorError);
+            }
+            let hash = u32::from_le_bytes(take(&mut input, 4)?.try_into().map_err(|_| CursorError)?);
+            let ms = get_varint(&mut input)?;
+            let seq = get_varint(&mut input)?;
+            positions.push((hash, StreamId { ms, seq }));
+        }
+        Ok(Self { epoch, issued_at, positions })
+    }
+
+    /// This cursor's position for `channel`, if it has one.
+    pub fn position(&self, channel: &ChannelName) -> Option<StreamId> {
+        let hash = channel_hash(channel);
+        self.positions.iter().find(|(h, _)| *h == hash).map(|(_, id)| *id)
+    }
+}
+
+fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8], CursorError> {
+    if input.len() < n {
+        return Err(CursorError);
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Ok(head)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn get_varint(input: &mut &[u8]) -> Result<u64, CursorError> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = take(input, 1)?[0];
+        value |= u64::from(byte & 0x7f).checked_shl(shift).ok_or(CursorError)?;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(CursorError)
+}
+
+/// Why a stream's channels lost continuity, as the `reset` event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// The cursor is older than the retained history (trimmed or expired).
+    WindowLost,
+    /// History was lost with Redis (restart without persistence, FLUSHALL, failover).
+    HistoryLost,
+    /// `Last-Event-ID` is not a cursor of this server.
+    InvalidCursor,
+}
+
+impl ResetReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            ResetReason::WindowLost => "window_lost",
+            ResetReason::HistoryLost => "history_lost",
+            ResetReason::InvalidCursor => "invalid_cursor",
+        }
+    }
+}
+
+/// `event: reset` naming the channels (as clients see them) that continue without their past.
+pub fn reset_frame(names: &ChannelNames, channels: &[&ChannelName], reason: ResetReason) -> Bytes {
+    let logical: Vec<&str> = channels.iter().map(|c| names.logical(c)).collect();
+    let data = serde_json::json!({"channels": logical, "reason": reason.label()});
+    crate::frame::event(Some("reset"), None, &data.to_string())
+}
+
+/// Marks a live message that was recorded in history: `0x1F <id> 0x1F <payload>`. A JSON
+/// envelope never starts with this byte; plain payloads starting with it are reserved.
+pub const LIVE_ID_MARK: u8 = 0x1f;
+
+/// Splits a live message into its history id and payload, if the function published it.
+pub fn split_live_id(message: &Bytes) -> (Option<StreamId>, Bytes) {
+    if message.first() != Some(&LIVE_ID_MARK) {
+        return (None, message.clone());
+    }
+    let rest = &message[1..];
+    let Some(end) = rest.iter().position(|&b| b == LIVE_ID_MARK) else {
+        return (None, message.clone());
+    };
+    match std::str::from_utf8(&rest[..end]).ok().and_then(StreamId::parse) {
+        Some(id) => (Some(id), message.slice(end + 2..)),
+        None => (None, message.clone()),
+    }
+}
+
+/// The Redis Function library. Generated from the configuration so that producers' plain
+/// `FCALL sse_publish 1 <channel> <payload>` applies the same retention as the nodes; every
+/// node loads it with `FUNCTION LOAD REPLACE` (all nodes must share history settings).
+pub fn redis_library(prefix: &str, config: &HistoryConfig) -> String {
+    let limits = |r: Retention| format!("{{len = {}, age = {}}}", r.length, r.age.as_millis());
+    LUA_LIBRARY
+        .replace("%PREFIX%", &prefix.replace('\\', "\\\\").replace('\'', "\\'"))
+        .replace("%USER%", &limits(config.user))
+        .replace("%TOPIC%", &limits(config.topic))
+        .replace("%BROADCAST%", &limits(config.broadcast))
+}
+
+/// Name of the library; bump `LIBRARY_VERSION` when the functions' contract changes.
+pub const LIBRARY_NAME: &str = "sse_fanout";
+pub const LIBRARY_VERSION: u32 = 1;
+
+const LUA_LIBRARY: &str = r#"#!lua name=sse_fanout
+-- sse-fanout history functions, version 1. Generated by the nodes; see README "Durable publish".
+local PREFIX = '%PREFIX%'
+local LIMITS = { user = %USER%, topic = %TOPIC%, broadcast = %BROADCAST% }
+local EPOCH_KEY = PREFIX .. ':epoch'
+
+local function limits_of(channel)
+  local rest = string.sub(channel, #PREFIX + 2)
+  if rest == 'broadcast' then return LIMITS.broadcast end
+  if string.sub(rest, 1, 5) == 'user:' then return LIMITS.user end
+  return LIMITS.topic
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Changes whenever Redis loses its data (restart without persistence, FLUSHALL, failover to an
+-- empty replica): every cursor of the old epoch then gets an explicit reset.
+local function epoch()
+  local e = redis.call('GET', EPOCH_KEY)
+  if not e then
+    -- Seconds mod 4096 and microseconds: below 2^32, and different at every creation.
+    local t = redis.call('TIME')
+    e = tostring((tonumber(t[1]) % 4096) * 1000000 + tonumber(t[2]))
+    redis.call('SET', EPOCH_KEY, e)
+  end
+  return e
+end
+
+local function parse_id(id)
+  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
+  return tonumber(ms) or 0, tonumber(seq) or 0
+end
+
+local function cmp(a, b)
+  local am, as = parse_id(a)
+  local bm, bs = parse_id(b)
+  if am ~= bm then return am < bm and -1 or 1 end
+  if as ~= bs then return as < bs and -1 or 1 end
+  return 0
+end
+
+local function field(info, name)
+  for i = 1, #info, 2 do
+    if info[i] == name then return info[i + 1] end
+  end
+  return '0-0'
+end
+
+local function tail_of(key)
+  if redis.call('EXISTS', key) == 0 then return '0-0' end
+  return field(redis.call('XINFO', 'STREAM', key), 'last-generated-id')
+end
+
+-- FCALL sse_publish 1 <channel> <payload>  ->  the history id
+local function publish(keys, args)
+  local channel = keys[1]
+  local limits = limits_of(channel)
+  epoch()
+  local id = redis.call('XADD', channel, 'MAXLEN', '~', limits.len, '*', 'd', args[1])
+  if limits.age > 0 then
+    redis.call('XTRIM', channel, 'MINID', '~', now_ms() - limits.age)
+    redis.call('PEXPIRE', channel, limits.age)
+  end
+  redis.call('PUBLISH', channel, '\31' .. id .. '\31' .. args[1])
+  return id
+end
+
+-- FCALL sse_tail N <channel>...  ->  {epoch, last id per channel ('0-0' when empty)}
+local function tail(keys, args)
+  local out = { epoch() }
+  for i, key in ipairs(keys) do out[i + 1] = tail_of(key) end
+  return out
+end
+
+-- FCALL sse_since N <channel>... <cursor epoch> <ms away> <position>...
+--   -> {epoch, per channel {'ok', entries} or {'reset', tail}}
+-- A position is continuous when nothing after it was ever removed: the stream still holds it,
+-- or trimming stopped at or before it (max-deleted-entry-id), within the same epoch.
+local function since(keys, args)
+  local current = epoch()
+  local same_epoch = args[1] == current
+  local away = tonumber(args[2]) or 0
+  local now = now_ms()
+  local out = { current }
+  for i, key in ipairs(keys) do
+    local pos = args[i + 2]
+    local limits = limits_of(key)
+    local window_passed = limits.age > 0 and away > limits.age
+    local result
+    if not same_epoch then
+      result = { 'reset', tail_of(key) }
+    elseif redis.call('EXISTS', key) == 0 then
+      local pos_ms = parse_id(pos)
+      -- An idle history expires one age after its last entry: if that entry is the client's
+      -- own position, nothing was missed.
+      if (pos == '0-0' and not window_passed)
+          or (pos ~= '0-0' and limits.age > 0 and not window_passed and pos_ms + limits.age <= now) then
+        result = { 'ok', {} }
+      else
+        result = { 'reset', '0-0' }
+      end
+    else
+      local info = redis.call('XINFO', 'STREAM', key)
+      local last = field(info, 'last-generated-id')
+      if cmp(pos, last) > 0 or cmp(field(info, 'max-deleted-entry-id'), pos) > 0 then
+        result = { 'reset', last }
+      elseif window_passed and (pos == '0-0' or #redis.call('XRANGE', key, pos, pos) == 0) then
+        -- Away longer than the window: the history may have expired and started over.
+        result = { 'reset', last }
+      else
+        result = { 'ok', redis.call('XRANGE', key, '(' .. pos, '+') }
+      end
+    end
+    out[i + 1] = result
+  end
+  return out
+end
+
+local function version() return 1 end
+
+redis.register_function('sse_publish', publish)
+redis.register_function('sse_tail', tail)
+redis.register_function('sse_since', since)
+redis.register_function('sse_version', version)
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn stream_ids_parse_print_and_order() {
+        let id = StreamId::parse("1700000000000-3").expect("valid");
+        assert_eq!(id, StreamId { ms: 1_700_000_000_000, seq: 3 });
+        assert_eq!(id.to_string(), "1700000000000-3");
+        assert!(StreamId::parse("17-4").expect("id") < StreamId::parse("18-0").expect("id"));
+        assert!(StreamId::parse("17-4").expect("id") > StreamId::parse("17-3").expect("id"));
+        for bad in ["", "17", "-1", "a-b", "1-2-3", "1 -2"] {
+            assert_eq!(StreamId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_cursor_is_short_and_url_safe() {
+        let channels = ["sse:user:42", "sse:broadcast", "sse:topic:rounds:roulette:7"].map(ChannelName::from_bus);
+        let positions = channels.iter().map(|c| (channel_hash(c), StreamId { ms: 1_795_000_000_000, seq: 12 }));
+        let text = Cursor::encode(0xdead_beef, 1_795_000_000, positions);
+        assert!(text.len() <= 64, "{text} is {} chars", text.len());
+        assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let cursor = Cursor::decode(&text).expect("round trip");
+        assert_eq!(cursor.epoch, 0xdead_beef);
+        assert_eq!(cursor.position(&channels[2]), Some(StreamId { ms: 1_795_000_000_000, seq: 12 }));
+        assert_eq!(cursor.position(&ChannelName::from_bus("sse:user:43")), None);
+    }
+
+    #[test]
+    fn garbage_is_not_a_cursor() {
+        for bad in ["", "h1", "not a cursor!", "AAAA", &"A".repeat(3000)] {
+            assert!(Cursor::decode(bad).is_err(), "{bad}");
+        }
+        let mut valid = Cursor::encode(1, 2, std::iter::once((3, StreamId { ms: 4, seq: 5 })));
+        valid.pop();
+        assert!(Cursor::decode(&valid).is_err(), "truncated");
+    }
+
+    #[test]
+    fn live_messages_carry_their_history_id() {
+        let (id, payload) = split_live_id(&Bytes::from_static(b"\x1f1700-2\x1f{\"data\":1}"));
+        assert_eq!(id, Some(StreamId { ms: 1700, seq: 2 }));
+        assert_eq!(&payload[..], b"{\"data\":1}");
+        let plain = Bytes::from_static(b"{\"data\":1}");
+        assert_eq!(split_live_id(&plain), (None, plain.clone()));
+        let odd = Bytes::from_static(b"\x1fnot an id\x1fx");
+        assert_eq!(split_live_id(&odd), (None, odd.clone()));
+    }
+
+    #[test]
+    fn the_library_embeds_prefix_and_limits() {
+        let retention = Retention { length: 100, age: Duration::from_secs(3600) };
+        let lua = redis_library("app's", &HistoryConfig { user: retention, topic: retention, broadcast: retention });
+        assert!(lua.starts_with("#!lua name=sse_fanout\n"));
+        assert!(lua.contains(r"local PREFIX = 'app\'s'"));
+        assert!(lua.contains("user = {len = 100, age = 3600000}"));
+        assert!(!lua.contains("%USER%") && !lua.contains("%PREFIX%"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_cursor_round_trips(epoch: u32, issued: u64, positions in proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..10)) {
+            let positions: Vec<(u32, StreamId)> = positions.into_iter().map(|(h, ms, seq)| (h, StreamId { ms, seq })).collect();
+            let text = Cursor::encode(epoch, issued, positions.iter().copied());
+            let cursor = Cursor::decode(&text).expect("round trip");
+            prop_assert_eq!(cursor, Cursor { epoch, issued_at: issued, positions });
+        }
+
+        #[test]
+        fn decoding_never_panics(text in ".{0,200}") {
+            let _ = Cursor::decode(&text);
+        }
+    }
+}
