@@ -8,15 +8,24 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How far ahead of the first missing number a message may arrive and still be matched.
+/// Several concurrent HTTP publishers (or a server that fans out in parallel) reorder
+/// messages by a few positions; anything further ahead counts the skipped ones as lost.
+pub const WINDOW: u64 = 256;
+
 /// What one client saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Track {
-    /// The next sequence number this client expects (1 before anything arrived).
+    /// The lowest sequence number not received yet (1 before anything arrived).
     pub next: u64,
-    /// Numbers skipped over: a later one arrived first and these never came before it.
+    /// Bit `i` set: `next + i` has been received (bit 0 is always clear between calls).
+    ahead: [u64; (WINDOW / 64) as usize],
+    /// Numbers given up on: a message further than `WINDOW` ahead of them arrived first.
     pub gaps: u64,
-    /// Numbers that arrived again, or after a later one.
+    /// Numbers that arrived a second time.
     pub dups: u64,
+    /// Messages that arrived before an earlier one (reordered, not lost).
+    pub reordered: u64,
     /// Bench events received in total.
     pub received: u64,
     /// Last SSE id seen, for `Last-Event-ID` on reconnect.
@@ -32,23 +41,66 @@ impl Track {
 
     pub fn on_seq(&mut self, seq: u64) {
         self.received += 1;
-        if seq == self.next {
-            self.next += 1;
-        } else if seq > self.next {
-            self.gaps += seq - self.next;
-            self.next = seq + 1;
-        } else {
+        if seq < self.next {
             self.dups += 1;
+            return;
+        }
+        let mut off = seq - self.next;
+        if off >= WINDOW {
+            // Give up on the oldest positions to make room; those never received are lost.
+            let shift = off - WINDOW + 1;
+            let held = (0..shift.min(WINDOW)).filter(|&i| self.bit(i)).count() as u64;
+            self.gaps += shift - held;
+            self.next += shift;
+            self.shift_down(shift);
+            off = WINDOW - 1;
+        }
+        if self.bit(off) {
+            self.dups += 1;
+            return;
+        }
+        if off > 0 {
+            self.reordered += 1;
+        }
+        self.ahead[(off / 64) as usize] |= 1 << (off % 64);
+        let run = self.ahead[0].trailing_ones() as u64;
+        if run > 0 {
+            self.next += run;
+            self.shift_down(run);
+            while self.bit(0) {
+                self.next += 1;
+                self.shift_down(1);
+            }
         }
     }
 
-    /// Messages this client is still missing if the last one sent to it was `last`:
-    /// the skipped ones plus the tail that never came.
-    pub fn missing(&self, last: u64) -> u64 {
-        self.gaps + (last + 1).saturating_sub(self.next)
+    /// Bit `i` stands for `next + i`.
+    fn bit(&self, i: u64) -> bool {
+        i < WINDOW && self.ahead[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
-    /// Got exactly 1..=last, each once, in order.
+    fn shift_down(&mut self, k: u64) {
+        if k >= WINDOW {
+            self.ahead = Default::default();
+            return;
+        }
+        let (words, bits) = ((k / 64) as usize, (k % 64) as u32);
+        let n = self.ahead.len();
+        for i in 0..n {
+            let lo = self.ahead.get(i + words).copied().unwrap_or(0);
+            let hi = self.ahead.get(i + words + 1).copied().unwrap_or(0);
+            self.ahead[i] = if bits == 0 { lo } else { (lo >> bits) | (hi << (64 - bits)) };
+        }
+    }
+
+    /// Messages this client is still missing if the last one sent to it was `last`.
+    pub fn missing(&self, last: u64) -> u64 {
+        let span = (last + 1).saturating_sub(self.next);
+        let held = (0..span.min(WINDOW)).filter(|&i| self.bit(i)).count() as u64;
+        self.gaps + span - held
+    }
+
+    /// Got exactly 1..=last, each once.
     pub fn is_exact(&self, last: u64) -> bool {
         self.gaps == 0 && self.dups == 0 && self.next == last + 1
     }
@@ -131,13 +183,49 @@ mod tests {
     }
 
     #[test]
-    fn gaps_dups_and_reorders() {
-        let t = track(&[1, 3, 3, 2, 4]);
-        assert_eq!(t.gaps, 1);
+    fn reordering_is_not_loss() {
+        let t = track(&[1, 3, 4, 2, 5]);
+        assert_eq!((t.gaps, t.dups, t.reordered, t.received), (0, 0, 2, 5));
+        assert!(t.is_exact(5));
+        let t = track(&[2, 1]);
+        assert!(t.is_exact(2));
+    }
+
+    #[test]
+    fn local_shuffles_are_exact() {
+        use rand::seq::SliceRandom;
+        let mut rng = rand::rng();
+        let mut seqs: Vec<u64> = (1..=5_000).collect();
+        for chunk in seqs.chunks_mut(100) {
+            chunk.shuffle(&mut rng);
+        }
+        let t = track(&seqs);
+        assert!(t.is_exact(5_000), "{t:?}");
+        assert_eq!(t.missing(5_000), 0);
+    }
+
+    #[test]
+    fn duplicates_and_holes() {
+        let t = track(&[1, 3, 3, 2, 2, 5]);
         assert_eq!(t.dups, 2);
-        assert_eq!(t.received, 5);
-        assert!(!t.is_exact(4));
-        assert_eq!(t.missing(4), 1);
+        assert_eq!(t.next, 4);
+        assert_eq!(t.missing(5), 1);
+        assert_eq!(t.missing(7), 3);
+        assert!(!t.is_exact(5));
+    }
+
+    #[test]
+    fn far_ahead_counts_the_skipped_as_lost() {
+        let far = 1 + WINDOW + 10;
+        let t = track(&[1, 3, far]);
+        // 2 and 4..far-1 minus the ones still inside the window at the end.
+        assert_eq!(t.missing(far), far - 2 - 1);
+        let mut all = vec![1, 3, far];
+        all.extend(2..far);
+        let t = track(&all);
+        assert_eq!(t.next, far + 1);
+        assert!(t.gaps > 0);
+        assert_eq!(t.missing(far), t.gaps);
     }
 
     #[test]
