@@ -329,8 +329,10 @@ end
 
 -- FCALL sse_since N <channel>... <cursor epoch> <ms away> <position>...
 --   -> {epoch, per channel {'ok', entries} or {'reset', tail}}
--- A position is continuous when nothing after it was ever removed: the stream still holds it,
--- or trimming stopped at or before it (max-deleted-entry-id), within the same epoch.
+-- Trimming only ever removes the oldest entries, so a position is continuous while its own
+-- entry is still there (then everything after it is too). Redis does not advance
+-- max-deleted-entry-id on MAXLEN/MINID trimming, so presence is the proof. A position of 0-0
+-- ("empty when I looked") is continuous while nothing was ever trimmed.
 local function since(keys, args)
   local current = epoch()
   local same_epoch = args[1] == current
@@ -357,13 +359,16 @@ local function since(keys, args)
     else
       local info = redis.call('XINFO', 'STREAM', key)
       local last = field(info, 'last-generated-id')
-      if cmp(pos, last) > 0 or cmp(field(info, 'max-deleted-entry-id'), pos) > 0 then
-        result = { 'reset', last }
-      elseif window_passed and (pos == '0-0' or #redis.call('XRANGE', key, pos, pos) == 0) then
-        -- Away longer than the window: the history may have expired and started over.
-        result = { 'reset', last }
+      local continuous
+      if pos == '0-0' then
+        continuous = not window_passed and field(info, 'entries-added') == field(info, 'length')
       else
+        continuous = #redis.call('XRANGE', key, pos, pos) == 1
+      end
+      if continuous then
         result = { 'ok', redis.call('XRANGE', key, '(' .. pos, '+') }
+      else
+        result = { 'reset', last }
       end
     end
     out[i + 1] = result

@@ -206,7 +206,8 @@ impl MemoryHistory {
         id
     }
 
-    /// The same decision as the `sse_since` Redis function; see history.rs.
+    /// The decision of the `sse_since` Redis function (history.rs), with exact trim tracking
+    /// here: a position is continuous unless something newer than it was trimmed.
     fn since(&self, epoch: u32, away: Duration, channel: &ChannelName, position: StreamId) -> Since {
         let age = self.retention(channel).age.as_millis() as u64;
         let window_passed = age > 0 && away.as_millis() as u64 > age;

@@ -1,0 +1,334 @@
+//! History and exact resume end to end: real `redis-server`, several node processes, clients
+//! that disconnect and come back with `Last-Event-ID` on another node.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A long-lived producer connection to Redis.
+struct Producer(redis::aio::MultiplexedConnection);
+
+impl Producer {
+    async fn connect(redis: &RedisServer) -> Self {
+        let client = redis::Client::open(redis.url()).expect("url");
+        Self(client.get_multiplexed_async_connection().await.expect("connect"))
+    }
+
+    /// `FCALL sse_publish 1 <channel> <payload>`; returns the history id.
+    async fn durable(&mut self, channel: &str, payload: &str) -> String {
+        redis::cmd("FCALL")
+            .arg("sse_publish")
+            .arg(1)
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut self.0)
+            .await
+            .expect("FCALL sse_publish")
+    }
+}
+
+fn envelope(data: &str) -> String {
+    json!({"event": "m", "data": data}).to_string()
+}
+
+fn stream_url(node: &Node, user: &str, topics: &[&str]) -> String {
+    let mut url = node.url(&format!("/events?access_token={}", token(user, &["*"], None)));
+    for t in topics {
+        url.push_str(&format!("&topic={t}"));
+    }
+    url
+}
+
+/// Opens a stream, resuming from `last_id` when given; returns it after `connected`, with the
+/// cursor `connected` carried.
+async fn open(url: &str, last_id: Option<&str>) -> (SseClient, String) {
+    let headers: Vec<(&str, &str)> = last_id.map(|id| ("last-event-id", id)).into_iter().collect();
+    let mut client = SseClient::open(url, &headers).await;
+    assert_eq!(client.status, 200, "{:?}", client.body);
+    let connected = client.next_event(WAIT).await.expect("connected");
+    assert_eq!(connected.event, "connected");
+    let cursor = connected.id.expect("connected carries a cursor when history is on");
+    (client, cursor)
+}
+
+/// Reads `n` events (comments skipped), panicking on a timeout.
+async fn read(client: &mut SseClient, n: usize) -> Vec<SseEvent> {
+    let mut events = Vec::with_capacity(n);
+    while events.len() < n {
+        let event =
+            client.next_event(WAIT).await.unwrap_or_else(|| panic!("only {} of {n} events: {events:?}", events.len()));
+        events.push(event);
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
+    let redis = RedisServer::start().await;
+    let a = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let b = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+
+    let (mut stream, _) = open(&stream_url(&a, "u1", &["t1"]), None).await;
+    producer.durable("sse:user:u1", &envelope("before")).await;
+    let seen = read(&mut stream, 1).await;
+    assert_eq!(seen[0].data, "before");
+    let last_id = seen[0].id.clone().expect("a cursor");
+    drop(stream);
+
+    producer.durable("sse:user:u1", &envelope("u-1")).await;
+    producer.durable("sse:topic:t1", &envelope("t-1")).await;
+    producer.durable("sse:broadcast", &envelope("b-1")).await;
+    let (status, _) = publish_api(&a, json!({"users": ["u1"], "event": "m", "data": "u-2"})).await;
+    assert_eq!(status, 202);
+    producer.durable("sse:topic:t1", &envelope("t-2")).await;
+
+    let (mut stream, _) = open(&stream_url(&b, "u1", &["t1"]), Some(&last_id)).await;
+    let missed = read(&mut stream, 5).await;
+    let by_channel = |prefix: &str| -> Vec<String> {
+        missed.iter().map(|e| e.data.clone()).filter(|d| d.starts_with(prefix)).collect()
+    };
+    assert_eq!(by_channel("u-"), ["u-1", "u-2"], "user channel in order");
+    assert_eq!(by_channel("t-"), ["t-1", "t-2"], "topic in order");
+    assert_eq!(by_channel("b-"), ["b-1"]);
+    producer.durable("sse:user:u1", &envelope("live")).await;
+    assert_eq!(read(&mut stream, 1).await[0].data, "live");
+    stream.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnecting_hundreds_of_times_while_publishing_loses_and_duplicates_nothing() {
+    let redis = RedisServer::start().await;
+    let settings = [("SSE_REDIS_URL", redis.url()), ("SSE_HISTORY_USER_LENGTH", "5000".to_owned())];
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = Node::start(&settings).await;
+    let b = Node::start(&settings).await;
+    const PER_CHANNEL: usize = 1500;
+
+    let urls = [stream_url(&a, "racer", &["race"]), stream_url(&b, "racer", &["race"])];
+    // The first stream positions the client before anything is published.
+    let (first, cursor) = open(&urls[1], None).await;
+    drop(first);
+    let mut last_id = Some(cursor);
+
+    let mut producer = Producer::connect(&redis).await;
+    let publisher = tokio::spawn(async move {
+        for i in 0..PER_CHANNEL {
+            producer.durable("sse:user:racer", &envelope(&format!("user:{i}"))).await;
+            producer.durable("sse:topic:race", &envelope(&format!("topic:{i}"))).await;
+            if i % 2 == 0 {
+                // About 4 s of publishing in bursts, so reconnects land mid-burst and between.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+
+    let mut received: HashMap<&'static str, Vec<usize>> = HashMap::new();
+    let mut reconnects = 0;
+    let record = |event: &SseEvent, received: &mut HashMap<&'static str, Vec<usize>>| {
+        let (channel, n) = event.data.split_once(':').expect("channel:n");
+        let channel = if channel == "user" { "user" } else { "topic" };
+        received.entry(channel).or_default().push(n.parse().expect("a number"));
+    };
+    while !publisher.is_finished() {
+        let (mut stream, cursor) = open(&urls[reconnects % 2], last_id.as_deref()).await;
+        last_id = Some(cursor);
+        reconnects += 1;
+        // Read for a few milliseconds, then drop the connection mid-flow.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(2 + (reconnects as u64 * 7) % 15);
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, stream.next_event(WAIT)).await {
+            if event.event == "reset" {
+                panic!("unexpected reset after {reconnects} reconnects: {event:?}");
+            }
+            record(&event, &mut received);
+            last_id = event.id.clone();
+        }
+    }
+    publisher.await.expect("publisher");
+    let (mut stream, _) = open(&urls[0], last_id.as_deref()).await;
+    let total = |r: &HashMap<&str, Vec<usize>>| r.values().map(Vec::len).sum::<usize>();
+    while total(&received) < 2 * PER_CHANNEL {
+        let Some(event) = stream.next_event(WAIT).await else {
+            for (channel, seen) in &received {
+                let missing: Vec<usize> = (0..PER_CHANNEL).filter(|i| !seen.contains(i)).collect();
+                eprintln!("{channel}: {} received, missing {missing:?}, after {reconnects} reconnects", seen.len());
+            }
+            panic!("stalled at {}; node logs:\n{}\n{}", total(&received), a.log_text(), b.log_text());
+        };
+        record(&event, &mut received);
+    }
+    stream.assert_silent(Duration::from_millis(300)).await;
+    assert!(reconnects >= 100, "only {reconnects} reconnects: the publisher finished too fast");
+    let expected: Vec<usize> = (0..PER_CHANNEL).collect();
+    assert_eq!(received["user"], expected, "user channel: exactly the published sequence");
+    assert_eq!(received["topic"], expected, "topic: exactly the published sequence");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trimmed_history_gives_an_explicit_reset() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_TOPIC_LENGTH", "5")]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let url = stream_url(&node, "trim", &["t"]);
+    let (stream, cursor) = open(&url, None).await;
+    drop(stream);
+    for i in 0..400 {
+        producer.durable("sse:topic:t", &envelope(&format!("{i}"))).await;
+    }
+    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let reset = stream.next_event(WAIT).await.expect("reset");
+    assert_eq!(reset.event, "reset");
+    let data: Value = serde_json::from_str(&reset.data).expect("json");
+    assert_eq!(data, json!({"channels": ["topic:t"], "reason": "window_lost"}));
+    producer.durable("sse:topic:t", &envelope("after")).await;
+    assert_eq!(read(&mut stream, 1).await[0].data, "after", "live delivery continues after a reset");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flushall_gives_an_explicit_reset_on_every_channel() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let url = stream_url(&node, "flush", &["t"]);
+    let (mut stream, _) = open(&url, None).await;
+    producer.durable("sse:user:flush", &envelope("one")).await;
+    let cursor = read(&mut stream, 1).await[0].id.clone().expect("cursor");
+    drop(stream);
+    redis.command(&["FLUSHALL"]).await.expect("flushall");
+    producer.durable("sse:user:flush", &envelope("after flush")).await;
+    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let reset = stream.next_event(WAIT).await.expect("reset");
+    assert_eq!(reset.event, "reset");
+    let data: Value = serde_json::from_str(&reset.data).expect("json");
+    assert_eq!(data, json!({"channels": ["user:flush", "broadcast", "topic:t"], "reason": "history_lost"}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_or_garbage_cursor_gives_nothing_it_should_not() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let (mut alice, _) = open(&stream_url(&node, "alice", &[]), None).await;
+    producer.durable("sse:user:alice", &envelope("alice secret 1")).await;
+    let alice_cursor = read(&mut alice, 1).await[0].id.clone().expect("cursor");
+    producer.durable("sse:user:alice", &envelope("alice secret 2")).await;
+    producer.durable("sse:user:mallory", &envelope("mallory own")).await;
+
+    // Mallory presents Alice's cursor: it positions only channels Mallory's token grants.
+    let (mut mallory, _) = open(&stream_url(&node, "mallory", &[]), Some(&alice_cursor)).await;
+    mallory.assert_silent(Duration::from_millis(500)).await;
+    producer.durable("sse:user:mallory", &envelope("mallory live")).await;
+    assert_eq!(read(&mut mallory, 1).await[0].data, "mallory live");
+
+    let (mut garbage, _) = open(&stream_url(&node, "mallory", &["x"]), Some("not-a-cursor")).await;
+    let reset = garbage.next_event(WAIT).await.expect("reset");
+    assert_eq!(reset.event, "reset");
+    let data: Value = serde_json::from_str(&reset.data).expect("json");
+    assert_eq!(data["reason"], "invalid_cursor");
+    assert_eq!(data["channels"], json!(["user:mallory", "broadcast", "topic:x"]));
+    garbage.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
+    let mut redis = RedisServer::start().await;
+    let port = redis.port;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    node.wait_readyz(200, WAIT).await;
+    let version = redis.command(&["FCALL", "sse_version", "0"]).await.expect("reply");
+    assert_eq!(version.trim(), ":1", "loaded at startup on a fresh redis");
+
+    redis.kill();
+    node.wait_readyz(503, WAIT).await;
+    let redis = RedisServer::start_on(port).await;
+    assert!(redis.command(&["FCALL", "sse_version", "0"]).await.expect("reply").contains("Function not found"));
+    node.wait_readyz(200, Duration::from_secs(10)).await;
+    let mut reloaded = String::new();
+    for _ in 0..50 {
+        reloaded = redis.command(&["FCALL", "sse_version", "0"]).await.expect("reply");
+        if reloaded.trim() == ":1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reloaded.trim(), ":1", "the node reloads the library when redis comes back");
+    let mut producer = Producer::connect(&redis).await;
+    assert!(producer.durable("sse:broadcast", &envelope("x")).await.contains('-'));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_subscriber_connection_is_backfilled_from_history() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let (mut stream, _) = open(&stream_url(&node, "bf", &[]), None).await;
+    producer.durable("sse:user:bf", &envelope("0")).await;
+    assert_eq!(read(&mut stream, 1).await[0].data, "0");
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await.expect("reply");
+    assert!(killed.trim() != ":0", "the node's subscriber connection was killed: {killed}");
+    for i in 1..=20 {
+        producer.durable("sse:user:bf", &envelope(&i.to_string())).await;
+    }
+    let data: Vec<String> = read(&mut stream, 20).await.into_iter().map(|e| e.data).collect();
+    let expected: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
+    assert_eq!(data, expected, "every message published while reconnecting, once, in order");
+    stream.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_embedded_bus_resumes_too() {
+    let node = Node::start(&[]).await;
+    let url = stream_url(&node, "solo", &["news"]);
+    let (mut stream, _) = open(&url, None).await;
+    publish_api(&node, json!({"users": ["solo"], "data": "seen"})).await;
+    let cursor = read(&mut stream, 1).await[0].id.clone().expect("cursor");
+    drop(stream);
+    for body in [
+        json!({"users": ["solo"], "data": "a"}),
+        json!({"topics": ["news"], "data": "b"}),
+        json!({"broadcast": true, "data": "c"}),
+    ] {
+        assert_eq!(publish_api(&node, body).await.0, 202);
+    }
+    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let mut data: Vec<String> = read(&mut stream, 3).await.into_iter().map(|e| e.data).collect();
+    data.sort();
+    assert_eq!(data, ["a", "b", "c"]);
+    stream.assert_silent(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polling_returns_missed_events_and_the_next_cursor() {
+    let node = Node::start(&[]).await;
+    let token = token("poller", &["*"], None);
+    let get = |after: Option<String>| {
+        let mut url = node.url(&format!("/api/history?topic=news&access_token={token}"));
+        if let Some(after) = after {
+            url.push_str(&format!("&after={after}"));
+        }
+        async move { http().get(url).send().await.expect("get").json::<Value>().await.expect("json") }
+    };
+    let first = get(None).await;
+    assert_eq!(first["events"], json!([]));
+    let cursor = first["cursor"].as_str().expect("cursor").to_owned();
+    publish_api(&node, json!({"users": ["poller"], "event": "dm", "data": {"x": 1}})).await;
+    publish_api(&node, json!({"topics": ["news"], "data": "headline"})).await;
+    let second = get(Some(cursor)).await;
+    let events = second["events"].as_array().expect("events");
+    assert_eq!(events.len(), 2, "{second}");
+    assert_eq!(
+        (events[0]["channel"].as_str(), events[0]["event"].as_str(), events[0]["data"].as_str()),
+        (Some("user:poller"), Some("dm"), Some(r#"{"x":1}"#))
+    );
+    assert_eq!((events[1]["channel"].as_str(), events[1]["data"].as_str()), (Some("topic:news"), Some("headline")));
+    let third = get(second["cursor"].as_str().map(str::to_owned)).await;
+    assert_eq!(third["events"], json!([]));
+    let unauthorized = http().get(node.url("/api/history")).send().await.expect("get");
+    assert_eq!(unauthorized.status(), 401);
+}
