@@ -326,6 +326,27 @@ async fn a_stream_is_closed_when_its_token_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn lifetime_and_inactivity_timeouts_close_streams_with_their_reason() {
+    let lifetime = Node::start(&[("SSE_MAX_CONNECTION_LIFETIME", "2s")]).await;
+    let inactive = Node::start(&[("SSE_CONNECTION_TIMEOUT", "2s"), ("SSE_HEARTBEAT_INTERVAL", "1s")]).await;
+    let mut by_lifetime = subscribe(&lifetime, "p1", &[]).await;
+    let mut by_inactivity = subscribe(&inactive, "p2", &[]).await;
+    let mut active = subscribe(&inactive, "p3", &[]).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(publish_api(&inactive, json!({"users": ["p3"], "data": "keep"})).await.0, 202);
+    }
+    let farewell = by_lifetime.next_event(WAIT).await.expect("lifetime farewell");
+    assert_eq!(farewell.data, r#"{"reason":"lifetime"}"#);
+    let farewell = by_inactivity.next_event(WAIT).await.expect("inactivity farewell");
+    assert_eq!(farewell.data, r#"{"reason":"inactive"}"#, "heartbeats do not count as activity");
+    for _ in 0..4 {
+        assert_eq!(active.next_event(WAIT).await.expect("still open").data, "keep", "events keep a stream active");
+    }
+    assert_eq!(inactive.metric("sse_connections_closed_total", r#"reason="inactive""#).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_streams_with_a_retry_and_exits_zero() {
     let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "1s"), ("SSE_RETRY_INTERVAL", "2s")]).await;
     let mut streams = Vec::new();
