@@ -176,6 +176,9 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
         c.connect.record_span(started, opened);
         if held {
             let mut tracks = shared.tracks.borrow_mut();
+            if let Some(t) = tracks.get_mut(local) {
+                t.opened = true;
+            }
             if let Some(t) = tracks.get_mut(local)
                 && t.awaiting_back
             {

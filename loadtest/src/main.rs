@@ -16,6 +16,7 @@ mod payload;
 mod pool;
 mod protocol;
 mod publisher;
+mod render;
 mod report;
 mod scenario;
 mod server_stats;
@@ -58,6 +59,13 @@ enum Scenario {
         #[arg(long, default_value = "127.0.0.1:8099")]
         listen: SocketAddr,
     },
+    /// Render JSON result lines into the tables of docs/benchmarks.md.
+    Render {
+        #[arg(long)]
+        results: std::path::PathBuf,
+        #[arg(long)]
+        docs: std::path::PathBuf,
+    },
     /// Internal: a client-holding worker process driven over stdin/stdout.
     #[command(hide = true)]
     Worker,
@@ -65,8 +73,10 @@ enum Scenario {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Scenario::Worker = cli.scenario {
-        return worker::main();
+    match &cli.scenario {
+        Scenario::Worker => return worker::main(),
+        Scenario::Render { results, docs } => return render::run(results, docs),
+        _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
@@ -77,7 +87,7 @@ fn main() -> Result<()> {
             Scenario::Reconnect(a) => scenario::reconnect::run(a).await,
             Scenario::Churn(a) => scenario::churn::run(a).await,
             Scenario::Origin { listen } => origin::serve(listen).await,
-            Scenario::Worker => unreachable!("handled above"),
+            Scenario::Worker | Scenario::Render { .. } => unreachable!("handled above"),
         }
     })
 }

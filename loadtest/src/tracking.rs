@@ -32,6 +32,9 @@ pub struct Track {
     pub last_id: Vec<u8>,
     /// Dropped by a reconnect storm and not open again yet.
     pub awaiting_back: bool,
+    /// The stream opened at least once; a client that never connected is a connect failure,
+    /// reported as such, not a loss.
+    pub opened: bool,
 }
 
 impl Track {
@@ -150,6 +153,9 @@ impl Verdict {
 pub fn verify<'a>(tracks: impl IntoIterator<Item = (u64, &'a Track)>, expect: &Expect) -> Verdict {
     let mut v = Verdict::default();
     for (user, t) in tracks {
+        if !t.opened {
+            continue;
+        }
         let last = expect.last_for(user);
         v.clients += 1;
         v.missing += t.missing(last);
@@ -167,6 +173,7 @@ mod tests {
 
     fn track(seqs: &[u64]) -> Track {
         let mut t = Track::new();
+        t.opened = true;
         for &s in seqs {
             t.on_seq(s);
         }
@@ -237,9 +244,10 @@ mod tests {
     fn verify_uses_per_user_streams() {
         let expect = Expect { broadcast_last: None, user_last: Some(vec![2, 0, 1]) };
         let a = track(&[1, 2]);
-        let b = Track::new();
-        let c = Track::new();
-        let v = verify([(0, &a), (1, &b), (2, &c)], &expect);
+        let b = track(&[]);
+        let c = track(&[]);
+        let never = Track::new();
+        let v = verify([(0, &a), (1, &b), (2, &c), (3, &never)], &expect);
         assert_eq!(v, Verdict { clients: 3, exact: 2, missing: 1, dups: 0 });
         let bc = Expect { broadcast_last: Some(2), user_last: None };
         assert_eq!(verify([(7, &a)], &bc).exact, 1);

@@ -1,0 +1,344 @@
+//! `sse-loadtest render`: turns the JSON result lines of a benchmark run (several servers,
+//! repeated scenarios) into the Markdown tables of docs/benchmarks.md — absolute figures per
+//! server and run, the spread between repeats, and our node's ratio to each peer.
+//!
+//! The tables replace whatever stands between the `<!-- bench:results:begin -->` and
+//! `<!-- bench:results:end -->` markers, so the hand-written text around them stays.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+pub const BEGIN: &str = "<!-- bench:results:begin -->";
+pub const END: &str = "<!-- bench:results:end -->";
+
+/// Our node's label; every other label is a peer.
+const OURS: &str = "ours";
+
+pub fn run(results: &Path, docs: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(results).with_context(|| format!("reading {}", results.display()))?;
+    let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let tables = tables(&lines);
+    let doc = std::fs::read_to_string(docs).unwrap_or_default();
+    let out = splice(&doc, &tables);
+    std::fs::write(docs, out).with_context(|| format!("writing {}", docs.display()))?;
+    eprintln!("render: {} result lines → {}", lines.len(), docs.display());
+    Ok(())
+}
+
+/// Replaces the text between the markers, or appends a marked section.
+pub fn splice(doc: &str, tables: &str) -> String {
+    match (doc.find(BEGIN), doc.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{BEGIN}\n{tables}{}", &doc[..b], &doc[e..])
+        }
+        _ => format!("{doc}\n{BEGIN}\n{tables}{END}\n"),
+    }
+}
+
+fn f(v: &Value, k: &str) -> Option<f64> {
+    v.get(k)?.as_f64()
+}
+
+fn labels(lines: &[Value]) -> Vec<String> {
+    let mut seen = Vec::new();
+    for l in lines {
+        if let Some(s) = l["label"].as_str()
+            && !seen.iter().any(|x| x == s)
+        {
+            seen.push(s.to_string());
+        }
+    }
+    seen
+}
+
+fn of<'a>(lines: &'a [Value], label: &str, scenario: &str, kind: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|l| l["label"] == label && l["scenario"] == scenario && l["kind"] == kind).collect()
+}
+
+/// `a / b` formatted as a ratio, or a dash.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn num(x: Option<f64>, digits: usize) -> String {
+    x.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+/// "a / b (spread s%)" over repeats, with the mean as the headline value; the spread is
+/// (max − min) / mean.
+fn runs(values: &[f64], digits: usize) -> (String, Option<f64>) {
+    if values.is_empty() {
+        return ("–".into(), None);
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let median = v.iter().sum::<f64>() / v.len() as f64;
+    let list: Vec<String> = values.iter().map(|x| format!("{x:.digits$}")).collect();
+    let spread = if v.len() > 1 && median != 0.0 {
+        format!(" (spread {:.0}%)", (v[v.len() - 1] - v[0]) / median * 100.0)
+    } else {
+        String::new()
+    };
+    (format!("{}{spread}", list.join(" / ")), Some(median))
+}
+
+pub fn tables(lines: &[Value]) -> String {
+    let labels = labels(lines);
+    let mut out = String::new();
+    let peers: Vec<&String> = labels.iter().filter(|l| l.as_str() != OURS).collect();
+
+    // Versions and conditions.
+    let _ = writeln!(out, "\n#### Servers measured\n");
+    let _ = writeln!(out, "| label | version | quiet wait before run (s) | server core | load-generator core |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for l in lines.iter().filter(|l| l["kind"] == "meta") {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            l["label"].as_str().unwrap_or(""),
+            l["version"].as_str().unwrap_or(""),
+            l["quiet_wait_s"],
+            l["server_cpu"].as_str().unwrap_or(""),
+            l["loadgen_cpu"].as_str().unwrap_or("")
+        );
+    }
+
+    // Idle connections.
+    let _ = writeln!(out, "\n#### Idle connections: server RSS per connection\n");
+    let _ = writeln!(out, "Runs separated by `/`; headline = mean of runs; ratio = ours ÷ peer (lower is better).\n");
+    let _ = writeln!(
+        out,
+        "| server | target conns | open | failures | connect rate /s | RSS bytes/conn | ratio ours÷this |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let mut rss: BTreeMap<(String, u64), Option<f64>> = BTreeMap::new();
+    let mut targets: Vec<u64> =
+        of_kind(lines, "conns", "checkpoint").iter().filter_map(|l| l["target_conns"].as_u64()).collect();
+    targets.sort();
+    targets.dedup();
+    for t in &targets {
+        for label in &labels {
+            let cps: Vec<&Value> = of(lines, label, "conns", "checkpoint")
+                .into_iter()
+                .filter(|l| l["target_conns"].as_u64() == Some(*t))
+                .collect();
+            if cps.is_empty() {
+                continue;
+            }
+            let vals: Vec<f64> = cps.iter().filter_map(|l| f(l, "server_rss_bytes_per_conn")).collect();
+            let (text, median) = runs(&vals, 0);
+            rss.insert((label.clone(), *t), median);
+            let open: Vec<String> = cps.iter().map(|l| l["open"].to_string()).collect();
+            let fails: Vec<String> = cps.iter().map(|l| l["failures"].to_string()).collect();
+            let rates: Vec<f64> = cps.iter().filter_map(|l| f(l, "connect_rate_per_s")).collect();
+            let _ = writeln!(
+                out,
+                "| {label} | {t} | {} | {} | {} | {text} | {} |",
+                open.join(" / "),
+                fails.join(" / "),
+                runs(&rates, 0).0,
+                if label == OURS {
+                    "–".into()
+                } else {
+                    ratio(rss.get(&(OURS.to_string(), *t)).copied().flatten(), median)
+                }
+            );
+        }
+    }
+
+    for (scenario, slo) in [("fanout", 50.0), ("unicast", 20.0)] {
+        let _ = writeln!(out, "\n#### {scenario}: every step\n");
+        let _ = writeln!(
+            out,
+            "| server | run | rate /s | subscribers | deliveries /s | lost | p50 ms | p99 ms | p99.9 ms | max ms | server CPU % | server CPU s per 1M deliveries | load-gen CPU % | met p99 ≤ {slo} ms, 0 loss |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let mut best: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut cpu_m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for label in &labels {
+            let steps = of(lines, label, scenario, "step");
+            let mut run = 0;
+            let mut prev_rate = f64::INFINITY;
+            let mut best_this: Option<f64> = None;
+            let mut cpu_this: Option<f64> = None;
+            for s in steps {
+                let rate = f(s, "rate").unwrap_or(0.0);
+                if rate <= prev_rate {
+                    if run > 0 {
+                        best.entry(label.clone()).or_default().push(best_this.unwrap_or(0.0));
+                        if let Some(c) = cpu_this {
+                            cpu_m.entry(label.clone()).or_default().push(c);
+                        }
+                    }
+                    run += 1;
+                    best_this = None;
+                    cpu_this = None;
+                }
+                prev_rate = rate;
+                let lat = &s["latency_ms"];
+                let met = s["met_slo"].as_bool().unwrap_or(false);
+                if met && best_this.is_none_or(|b| rate > b) {
+                    best_this = Some(rate);
+                    cpu_this = f(s, "server_cpu_s_per_million_deliveries");
+                }
+                let _ = writeln!(
+                    out,
+                    "| {label} | {run} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    s["conns"],
+                    num(f(s, "deliveries_per_s"), 0),
+                    s["lost"],
+                    num(f(lat, "p50_ms"), 2),
+                    num(f(lat, "p99_ms"), 2),
+                    num(f(lat, "p999_ms"), 2),
+                    num(f(lat, "max_ms"), 1),
+                    num(f(s, "server_cpu_pct"), 0),
+                    num(f(s, "server_cpu_s_per_million_deliveries"), 2),
+                    num(f(s, "loadgen_worker_cpu_pct"), 0),
+                    if met { "yes" } else { "no" }
+                );
+            }
+            if run > 0 {
+                best.entry(label.clone()).or_default().push(best_this.unwrap_or(0.0));
+                if let Some(c) = cpu_this {
+                    cpu_m.entry(label.clone()).or_default().push(c);
+                }
+            }
+        }
+        let _ = writeln!(out, "\n#### {scenario}: headline\n");
+        let _ = writeln!(
+            out,
+            "| server | highest rate with p99 ≤ {slo} ms and 0 loss (per run) | ratio ours÷this | server CPU s per 1M deliveries at that rate | ratio ours÷this |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        let ours_best = best.get(OURS).and_then(|v| runs(v, 0).1);
+        let ours_cpu = cpu_m.get(OURS).and_then(|v| runs(v, 2).1);
+        for label in &labels {
+            let (bt, bm) = runs(best.get(label).map(Vec::as_slice).unwrap_or(&[]), 0);
+            let (ct, cm) = runs(cpu_m.get(label).map(Vec::as_slice).unwrap_or(&[]), 2);
+            let mine = label == OURS;
+            let _ = writeln!(
+                out,
+                "| {label} | {bt} | {} | {ct} | {} |",
+                if mine { "–".into() } else { ratio(ours_best, bm) },
+                if mine { "–".into() } else { ratio(ours_cpu, cm) }
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n#### Reconnect storm\n");
+    let _ = writeln!(
+        out,
+        "| server | clients | all back after (s) | reconnect p50 / p99 / max ms | clients exact | missing | duplicates | failures during storm |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for label in &labels {
+        for s in of(lines, label, "reconnect", "storm") {
+            let r = &s["reconnect_ms"];
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {} | {} / {} / {} | {} / {} | {} | {} | {} |",
+                s["conns"],
+                num(f(s, "all_back_after_s"), 2),
+                num(f(r, "p50_ms"), 0),
+                num(f(r, "p99_ms"), 0),
+                num(f(r, "max_ms"), 0),
+                s["clients_exact"],
+                s["clients_checked"],
+                s["missing_total"],
+                s["duplicates_total"],
+                s["failures_during_storm"]
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n#### Churn\n");
+    let _ = writeln!(
+        out,
+        "| server | held | churn opened /s | churn connect p99 ms | failures | held lost | event p99 ms | server CPU % |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for label in &labels {
+        for s in of(lines, label, "churn", "churn") {
+            let _ = writeln!(
+                out,
+                "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+                s["held"],
+                num(f(s, "churn_opened_per_s"), 0),
+                num(f(&s["connect_ms"], "p99_ms"), 1),
+                s["failures"],
+                s["held_lost"],
+                num(f(&s["latency_ms"], "p99_ms"), 2),
+                num(f(s, "server_cpu_pct"), 0)
+            );
+        }
+    }
+    if peers.is_empty() {
+        let _ = writeln!(out, "\n(no peer results in this run)");
+    }
+    out.push('\n');
+    out
+}
+
+fn of_kind<'a>(lines: &'a [Value], scenario: &str, kind: &str) -> Vec<&'a Value> {
+    lines.iter().filter(|l| l["scenario"] == scenario && l["kind"] == kind).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn splices_between_markers_or_appends() {
+        let doc = format!("intro\n{BEGIN}\nold\n{END}\nafter\n");
+        assert_eq!(splice(&doc, "new\n"), format!("intro\n{BEGIN}\nnew\n{END}\nafter\n"));
+        let appended = splice("intro\n", "t\n");
+        assert!(appended.starts_with("intro\n\n<!--"));
+        assert!(appended.ends_with(&format!("t\n{END}\n")));
+    }
+
+    #[test]
+    fn headline_takes_best_rate_per_run_and_ratios() {
+        let step = |label: &str, rate: f64, met: bool, cpu: f64| {
+            json!({"label": label, "scenario": "fanout", "kind": "step", "rate": rate,
+                   "met_slo": met, "server_cpu_s_per_million_deliveries": cpu,
+                   "latency_ms": {"p99_ms": 1.0}, "conns": 10, "lost": 0})
+        };
+        let lines = vec![
+            step("ours", 10.0, true, 1.0),
+            step("ours", 20.0, true, 2.0),
+            step("ours", 10.0, true, 1.0),
+            step("ours", 20.0, false, 2.0),
+            step("nchan", 10.0, true, 4.0),
+            step("nchan", 20.0, false, 4.0),
+        ];
+        let t = tables(&lines);
+        // ours: runs best 20 and 10 → mean 15; nchan 10 → ratio 1.50×.
+        assert!(t.contains("| ours | 20 / 10 (spread 67%) |"), "{t}");
+        assert!(t.contains("| nchan | 10 | 1.50× |"), "{t}");
+    }
+
+    #[test]
+    fn rss_ratio_per_checkpoint() {
+        let cp = |label: &str, bytes: f64| {
+            json!({"label": label, "scenario": "conns", "kind": "checkpoint", "target_conns": 10000,
+                   "open": 10000, "failures": {}, "connect_rate_per_s": 500.0,
+                   "server_rss_bytes_per_conn": bytes})
+        };
+        let t = tables(&[cp("ours", 3000.0), cp("nchan", 10000.0), cp("ours", 3200.0)]);
+        assert!(
+            t.contains(
+                "| ours | 10000 | 10000 / 10000 | {} / {} | 500 / 500 (spread 0%) | 3000 / 3200 (spread 6%) | – |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("0.31×"), "{t}");
+    }
+}
