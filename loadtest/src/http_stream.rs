@@ -21,6 +21,9 @@ pub enum Framing {
 pub struct Head {
     pub status: u16,
     pub framing: Framing,
+    /// The server will close the connection after this response (`Connection: close`, or
+    /// HTTP/1.0 without keep-alive): a client must not send another request on it.
+    pub closes: bool,
     /// Bytes of `buf` the head took, including the blank line.
     pub len: usize,
 }
@@ -57,6 +60,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, FramingError> {
     }
     let status = parts.next().and_then(|s| s.parse::<u16>().ok()).ok_or(FramingError("bad status code"))?;
     let mut framing = Framing::UntilClose;
+    let mut closes = version == "HTTP/1.0";
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
@@ -67,12 +71,19 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, FramingError> {
         } else if name.eq_ignore_ascii_case("content-length") && framing != Framing::Chunked {
             let n = value.parse::<u64>().map_err(|_| FramingError("bad content-length"))?;
             framing = Framing::Length(n);
+        } else if name.eq_ignore_ascii_case("connection") {
+            let v = value.to_ascii_lowercase();
+            if v.contains("close") {
+                closes = true;
+            } else if v.contains("keep-alive") {
+                closes = false;
+            }
         }
     }
     if matches!(status, 204 | 304) || (100..200).contains(&status) {
         framing = Framing::Length(0);
     }
-    Ok(Some(Head { status, framing, len: end + 4 }))
+    Ok(Some(Head { status, framing, closes, len: end + 4 }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,8 +216,12 @@ mod tests {
         assert_eq!(h.len, 80);
         let h = parse_head(b"HTTP/1.1 202 Accepted\r\ncontent-length: 12\r\n\r\n").unwrap().unwrap();
         assert_eq!((h.status, h.framing), (202, Framing::Length(12)));
+        assert!(!h.closes);
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 10\r\n\r\n").unwrap().unwrap();
+        assert!(h.closes);
         let h = parse_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.framing, Framing::UntilClose);
+        assert!(h.closes);
         assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\nA: b\r\n").unwrap(), None);
         assert!(parse_head(b"SSH-2.0-x\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 abc\r\n\r\n").is_err());

@@ -382,7 +382,7 @@ impl HttpConn {
                     }
                     body_seen += k as u64;
                 }
-                Ok((head.status, true))
+                Ok((head.status, !head.closes))
             }
             Framing::Chunked => {
                 let mut dec = ChunkedDecoder::new();
@@ -394,7 +394,7 @@ impl HttpConn {
                     }
                     dec.decode(&chunk[..k], |_| {})?;
                 }
-                Ok((head.status, true))
+                Ok((head.status, !head.closes))
             }
             Framing::UntilClose => {
                 while stream.read(&mut chunk).await? > 0 {}

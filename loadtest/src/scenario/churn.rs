@@ -13,6 +13,7 @@ use super::{Run, cpu_secs, failure_delta, r3};
 use crate::cli::{Common, Publish};
 use crate::protocol::Command;
 use crate::publisher::{Dest, Publisher, Sequencer};
+use crate::server_stats::ticks_per_sec;
 
 #[derive(Debug, Clone, Args)]
 pub struct ChurnArgs {
@@ -66,7 +67,7 @@ pub async fn run(a: ChurnArgs) -> Result<()> {
         "churn",
         json!({
             "held": o.open,
-            "held_open_at_end": agg.open.saturating_sub(0),
+            "open_at_end": agg.open,
             "churn_rate": a.churn_rate,
             "churn_opened": churn_opened,
             "churn_opened_per_s": r3(churn_opened as f64 / secs),
@@ -81,6 +82,9 @@ pub async fn run(a: ChurnArgs) -> Result<()> {
             "held_exact": v.exact,
             "latency_ms": lat,
             "server_cpu_pct": r3(cpu_secs(&s0, &s1) / secs * 100.0),
+            "loadgen_worker_cpu_pct": r3(
+                (agg.cpu_ticks - before.cpu_ticks) as f64 / ticks_per_sec() as f64 / secs * 100.0
+            ),
         }),
     )?;
     run.rep.say(&format!(
