@@ -243,7 +243,7 @@ impl Config {
     /// History retention per channel kind, or `None` when history is off.
     pub fn history(&self) -> Option<crate::history::HistoryConfig> {
         use crate::history::{HistoryConfig, Retention};
-        self.history.then(|| HistoryConfig {
+        self.history.then_some(HistoryConfig {
             user: Retention { length: self.history_user_length, age: self.history_user_age },
             topic: Retention { length: self.history_topic_length, age: self.history_topic_age },
             broadcast: Retention { length: self.history_broadcast_length, age: self.history_broadcast_age },

@@ -114,6 +114,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = tokio::spawn(http::server::serve(
         listener,
         http::router(node.clone()),
+        node.clone(),
         stop_accepting.clone(),
         connections.clone(),
     ));

@@ -64,6 +64,45 @@ async fn every_stream_of_one_user_receives_across_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn events_work_as_a_first_request_and_after_another_on_a_kept_alive_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Node::start(&[]).await;
+    let token = token("kim", &[], None);
+    // Raw path: /events first, over HTTP/1.1 (chunked) and HTTP/1.0 (close-delimited).
+    for version in ["1.1", "1.0"] {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
+        let request = format!("GET /events?access_token={token} HTTP/{version}\r\nHost: x\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.expect("write");
+        let head = read_until(&mut socket, "event: connected").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("content-type: text/event-stream"), "{head}");
+        assert_eq!(head.contains("transfer-encoding: chunked"), version == "1.1", "{head}");
+    }
+    // Hyper path: a kept-alive connection that asked for something else first.
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
+    socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let health = read_until(&mut socket, "\"ok\"}").await;
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    let request = format!("GET /events?access_token={token} HTTP/1.1\r\nHost: x\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("write");
+    let stream = read_until(&mut socket, "event: connected").await;
+    assert!(stream.contains("text/event-stream"), "{stream}");
+    assert_eq!(publish_api(&node, json!({"users": ["kim"], "data": "to both paths"})).await.0, 202);
+    read_until(&mut socket, "to both paths").await;
+
+    async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
+            assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_connected_event_names_connection_node_user_and_topics() {
     let node = Node::start(&[("SSE_NODE_ID", "edge-7")]).await;
     let token = token("dave", &["rounds:*"], None);

@@ -59,14 +59,40 @@ impl StreamQuery {
     }
 }
 
+/// `GET /events` served by hyper (used when a connection's first request was something else).
 pub async fn subscribe(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    check_origin(&node, &headers)?;
-    let query = StreamQuery::parse(query.as_deref());
-    let (grant, topics, channels) = authorize(&node, &headers, &query)?;
+    let opened = open(&node, &headers, query.as_deref()).await?;
+    let body = EventStream::new(opened.membership, opened.preamble);
+    let mut response = Response::new(Body::new(body));
+    *response.status_mut() = StatusCode::OK;
+    let h = response.headers_mut();
+    for (name, value) in STREAM_HEADERS {
+        h.insert(*name, HeaderValue::from_static(value));
+    }
+    Ok(response)
+}
+
+/// Headers of every event stream response. `no-transform` keeps intermediaries from
+/// compressing or buffering; `X-Accel-Buffering` turns nginx buffering off for this response.
+pub const STREAM_HEADERS: &[(&str, &str)] =
+    &[("content-type", "text/event-stream"), ("cache-control", "no-cache, no-transform"), ("x-accel-buffering", "no")];
+
+/// A stream that joined the hub and is ready to be written: its preamble first.
+pub struct Opened {
+    pub membership: crate::hub::Membership,
+    pub preamble: bytes::Bytes,
+}
+
+/// Everything `/events` decides before the first byte: origin, token, topics, readiness,
+/// limits, subscriptions, and (with history) the resume. Shared by both serving paths.
+pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Opened, ApiError> {
+    check_origin(node, headers)?;
+    let query = StreamQuery::parse(query);
+    let (grant, topics, channels) = authorize(node, headers, &query)?;
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
@@ -78,7 +104,7 @@ pub async fn subscribe(
         .or(query.last_event_id)
         .filter(|id| !id.is_empty());
     let start = match node.history {
-        Some(_) => Some(position(&node, &channels, last_event_id.as_deref()).await.map_err(bus_unavailable)?),
+        Some(_) => Some(position(node, &channels, last_event_id.as_deref()).await.map_err(bus_unavailable)?),
         None => None,
     };
 
@@ -105,7 +131,7 @@ pub async fn subscribe(
     }
     let connection = joined.membership.connection();
     let resets = match start {
-        Some(start) => replay(&node, connection, start).await.map_err(bus_unavailable)?,
+        Some(start) => replay(node, connection, start).await.map_err(bus_unavailable)?,
         None => None,
     };
 
@@ -122,16 +148,7 @@ pub async fn subscribe(
     if let Some(reset) = resets {
         preamble.put(reset);
     }
-    let body = EventStream::new(joined.membership, preamble.freeze());
-
-    let mut response = Response::new(Body::new(body));
-    *response.status_mut() = StatusCode::OK;
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    // no-transform keeps intermediaries from compressing or buffering the stream.
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(Opened { membership: joined.membership, preamble: preamble.freeze() })
 }
 
 /// Checks the token and the asked topics; returns the grant, the topics and every channel of

@@ -8,6 +8,7 @@ pub mod events;
 pub mod health;
 pub mod history;
 pub mod publish;
+pub mod raw_stream;
 pub mod server;
 
 use std::sync::Arc;
@@ -39,6 +40,24 @@ pub fn router(node: Arc<Node>) -> Router {
         router = router.layer(cors);
     }
     router.with_state(node)
+}
+
+/// The CORS headers of an event stream served on the raw path (the router's `CorsLayer` does
+/// the same for everything hyper serves).
+pub fn stream_cors_headers(node: &Node, origin: Option<&HeaderValue>) -> Vec<(HeaderName, HeaderValue)> {
+    let Some(origin) = origin.filter(|o| !o.is_empty()) else { return Vec::new() };
+    let mut configured = node.config.cors_origins().peekable();
+    if configured.peek().is_none() {
+        return Vec::new();
+    }
+    if !configured.any(|o| o == "*" || o.as_bytes() == origin.as_bytes()) {
+        return Vec::new();
+    }
+    vec![
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone()),
+        (header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true")),
+        (header::VARY, HeaderValue::from_static("origin")),
+    ]
 }
 
 fn cors_layer(node: &Node) -> Option<CorsLayer> {

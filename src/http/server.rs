@@ -1,8 +1,10 @@
-//! The accept loop: each TCP connection is served by hyper's HTTP/1 connection directly.
-//! Measured in ../shared/CRATES.md §3: this holds an idle stream in about half the memory of
-//! `axum::serve`. On shutdown the loop stops accepting and asks every connection to finish
-//! its current response; event streams finish when the drain closes them.
+//! The accept loop. A connection whose first request is `GET /events` is served on the raw
+//! path ([`super::raw_stream`]); every other connection by hyper's HTTP/1 connection directly
+//! (not `axum::serve`, which measured twice the memory per connection, ../shared/CRATES.md §3).
+//! On shutdown the loop stops accepting and asks every connection to finish its current
+//! response; event streams finish when the drain closes them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,10 +15,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::raw_stream::{self, Prefixed};
+use crate::node::Node;
+
 /// A request head must arrive within this long; slowloris clients are dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, router: Router, stop_accepting: CancellationToken, connections: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    node: Arc<Node>,
+    stop_accepting: CancellationToken,
+    connections: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -32,20 +43,36 @@ pub async fn serve(listener: TcpListener, router: Router, stop_accepting: Cancel
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
+        let node = node.clone();
         let stop = stop_accepting.clone();
         connections.spawn(async move {
-            let mut builder = http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+            let mut stream = stream;
+            let first = tokio::time::timeout(HEADER_READ_TIMEOUT, raw_stream::read_first_request(&mut stream)).await;
+            let Ok(Ok((buffered, request))) = first else { return };
+            if buffered.is_empty() {
+                return;
+            }
+            match request {
+                Some(request) => raw_stream::serve(node, stream, request).await,
+                // Boxed so that the long-lived event stream tasks are not sized for hyper's state.
+                None => Box::pin(serve_with_hyper(Prefixed::new(buffered, stream), router, stop)).await,
             }
         });
+    }
+}
+
+async fn serve_with_hyper(io: Prefixed, router: Router, stop: CancellationToken) {
+    let service = TowerToHyperService::new(router);
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
     }
 }
