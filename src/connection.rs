@@ -248,7 +248,8 @@ impl Connection {
                 continue; // Already delivered (replayed from history, now arriving live).
             }
             *position = id;
-            let id_line = self.cursor_of(&state).map(|cursor| crate::frame::id_line(&cursor));
+            let positions = self.channel_hashes.iter().copied().zip(state.positions.iter().copied());
+            let id_line = Some(Cursor::id_line(state.epoch, unix_now(), positions));
             return Poll::Ready(Some(Outgoing { id_line, frame }));
         }
         if state.closed {

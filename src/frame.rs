@@ -19,13 +19,6 @@ pub fn event(event: Option<&str>, id: Option<&str>, data: &str) -> Bytes {
     out.freeze()
 }
 
-/// The `id:` line a connection writes before a shared frame, when the id is the connection's own.
-pub fn id_line(id: &str) -> Bytes {
-    let mut out = BytesMut::with_capacity(id.len() + 5);
-    put_field(&mut out, b"id: ", id);
-    out.freeze()
-}
-
 /// A comment line, ignored by EventSource and used as a heartbeat.
 pub fn comment(text: &str) -> Bytes {
     debug_assert!(!text.contains(['\r', '\n']));
@@ -153,7 +146,6 @@ mod tests {
     fn control_frames() {
         assert_eq!(text(comment("ping")), ": ping\n\n");
         assert_eq!(text(retry(std::time::Duration::from_millis(2500))), "retry: 2500\n\n");
-        assert_eq!(text(id_line("abc")), "id: abc\n");
     }
 
     proptest! {

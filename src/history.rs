@@ -115,6 +115,23 @@ pub struct CursorError;
 impl Cursor {
     /// Writes a cursor: version, epoch, issue time, then (channel hash, position) pairs.
     pub fn encode(epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) -> String {
+        URL_SAFE_NO_PAD.encode(Self::raw(epoch, issued_at, positions))
+    }
+
+    /// The `id: <cursor>\n` line of an event, encoded straight into its final buffer: this runs
+    /// once per stream per durable event, on the fan-out hot path.
+    pub fn id_line(epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) -> Bytes {
+        let raw = Self::raw(epoch, issued_at, positions);
+        let encoded_len = base64::encoded_len(raw.len(), false).unwrap_or(0);
+        let mut line = vec![0u8; 4 + encoded_len + 1];
+        line[..4].copy_from_slice(b"id: ");
+        let written = URL_SAFE_NO_PAD.encode_slice(&raw, &mut line[4..4 + encoded_len]).unwrap_or(0);
+        line.truncate(4 + written);
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+
+    fn raw(epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         out.push(CURSOR_VERSION);
         out.extend_from_slice(&epoch.to_le_bytes());
@@ -124,7 +141,7 @@ impl Cursor {
             put_varint(&mut out, id.ms);
             put_varint(&mut out, id.seq);
         }
-        URL_SAFE_NO_PAD.encode(out)
+        out
     }
 
     pub fn decode(text: &str) -> Result<Self, CursorError> {
@@ -410,6 +427,8 @@ mod tests {
         assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         let cursor = Cursor::decode(&text).expect("round trip");
         assert_eq!(cursor.epoch, 0xdead_beef);
+        let positions = channels.iter().map(|c| (channel_hash(c), StreamId { ms: 1_795_000_000_000, seq: 12 }));
+        assert_eq!(Cursor::id_line(0xdead_beef, 1_795_000_000, positions), Bytes::from(format!("id: {text}\n")));
         assert_eq!(cursor.position(&channels[2]), Some(StreamId { ms: 1_795_000_000_000, seq: 12 }));
         assert_eq!(cursor.position(&ChannelName::from_bus("sse:user:43")), None);
     }
