@@ -16,7 +16,7 @@ use super::events::StreamQuery;
 use crate::auth::{AuthError, token_from_request};
 use crate::bus::BusError;
 use crate::channel::{ChannelName, ChannelNames, check_name};
-use crate::envelope::{checked_event_name, checked_id};
+use crate::envelope::{Refusal, checked_event_name, checked_id};
 use crate::node::Node;
 
 /// Targets one request may name; a larger fan-out should publish to a topic instead.
@@ -43,16 +43,8 @@ impl PublishRequest {
         };
         let users = names(&mut fields, "users")?;
         let topics = names(&mut fields, "topics")?;
-        let broadcast = match fields.remove("broadcast") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => b,
-            Some(_) => return Err(ApiError::bad_request("broadcast", "expected true or false")),
-        };
-        let durable = match fields.remove("durable") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => b,
-            Some(_) => return Err(ApiError::bad_request("durable", "expected true or false")),
-        };
+        let broadcast = flag(&mut fields, "broadcast", false)?;
+        let durable = flag(&mut fields, "durable", true)?;
         if users.is_empty() && topics.is_empty() && !broadcast {
             return Err(ApiError::bad_request("users", "name at least one target: users, topics or broadcast"));
         }
@@ -61,26 +53,12 @@ impl PublishRequest {
         }
         let data = fields.remove("data").ok_or_else(|| ApiError::bad_request("data", "missing (any JSON value)"))?;
         let mut envelope = Map::new();
-        match fields.remove("event") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(e)) => {
-                let e = checked_event_name(e).map_err(|_| {
-                    ApiError::bad_request("event", "must not contain line breaks or NUL, at most 256 bytes")
-                })?;
-                envelope.insert("event".into(), Value::String(e));
-            }
-            Some(_) => return Err(ApiError::bad_request("event", "expected a string")),
+        if let Some(event) = line_field(&mut fields, "event", checked_event_name)? {
+            envelope.insert("event".into(), Value::String(event));
         }
         envelope.insert("data".into(), data);
-        match fields.remove("id") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(id)) => {
-                let id = checked_id(id).map_err(|_| {
-                    ApiError::bad_request("id", "must not contain line breaks or NUL, at most 256 bytes")
-                })?;
-                envelope.insert("id".into(), Value::String(id));
-            }
-            Some(_) => return Err(ApiError::bad_request("id", "expected a string")),
+        if let Some(id) = line_field(&mut fields, "id", checked_id)? {
+            envelope.insert("id".into(), Value::String(id));
         }
         if let Some(unknown) = fields.keys().next() {
             return Err(ApiError::bad_request(unknown.clone(), "unknown field"));
@@ -97,6 +75,30 @@ impl PublishRequest {
         channels.sort();
         channels.dedup();
         channels
+    }
+}
+
+/// An optional boolean field.
+fn flag(fields: &mut Map<String, Value>, field: &'static str, default: bool) -> Result<bool, ApiError> {
+    match fields.remove(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(_) => Err(ApiError::bad_request(field, "expected true or false")),
+    }
+}
+
+/// An optional string field that will be written on an SSE line (`event:`, `id:`).
+fn line_field(
+    fields: &mut Map<String, Value>,
+    field: &'static str,
+    check: fn(String) -> Result<String, Refusal>,
+) -> Result<Option<String>, ApiError> {
+    match fields.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(value)) => check(value)
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(field, "must not contain line breaks or NUL, at most 256 bytes")),
+        Some(_) => Err(ApiError::bad_request(field, "expected a string")),
     }
 }
 
