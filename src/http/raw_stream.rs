@@ -209,13 +209,11 @@ fn chunk(chunked: bool, frames: Vec<Bytes>) -> Vec<Bytes> {
     out
 }
 
-/// Writes every piece with vectored writes, dropping a peer that stops reading.
+/// Writes every piece with vectored writes, dropping a peer that stops reading. The write is
+/// tried first: the stall timer (and its clock read) is armed only when the socket is full,
+/// which keeps the common case at one system call per wake-up.
 async fn write_all(stream: &TcpStream, pieces: &mut VecDeque<Bytes>) -> io::Result<()> {
     while !pieces.is_empty() {
-        match tokio::time::timeout(WRITE_STALL_TIMEOUT, stream.writable()).await {
-            Ok(ready) => ready?,
-            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-        }
         let slices: Vec<IoSlice<'_>> = pieces.iter().take(MAX_BATCH * 2 + 2).map(|b| IoSlice::new(b)).collect();
         match stream.try_write_vectored(&slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -231,7 +229,12 @@ async fn write_all(stream: &TcpStream, pieces: &mut VecDeque<Bytes>) -> io::Resu
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(WRITE_STALL_TIMEOUT, stream.writable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+                }
+            }
             Err(e) => return Err(e),
         }
     }
