@@ -11,8 +11,9 @@
 //! (see ../shared/CRATES.md §2; with the default retry budget it stayed dead after a 20 s
 //! outage). Readiness is what a 1 s PING says, and drops at once on a disconnection push.
 //!
-//! Publishing from the node (the HTTP API) goes through a separate `deadpool-redis` pool,
-//! never through the subscriber connection.
+//! Publishing from the node (the HTTP API) goes through a separate `deadpool-redis` pool, and
+//! history reads through one shared multiplexed connection (pipelined, so a storm of thousands
+//! of resumes never waits for a pooled connection); neither uses the subscriber connection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub struct RedisBus {
     ready: Arc<AtomicBool>,
     overflowed: Arc<AtomicBool>,
     pool: deadpool_redis::Pool,
+    reads: ConnectionManager,
     /// The function library (history.rs), when history is on.
     library: Option<Arc<str>>,
 }
@@ -97,6 +99,18 @@ impl RedisBus {
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
             .map_err(|e| BusError::Refused(e.to_string()))?;
 
+        let reads_config = ConnectionManagerConfig::new()
+            .set_number_of_retries(usize::MAX)
+            .set_max_delay(Duration::from_secs(2))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        // RESP3 here too: the manager then hears of a dropped connection and reconnects before
+        // the next read needs it.
+        let reads_client =
+            redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Refused(e.to_string()))?;
+        let reads = ConnectionManager::new_lazy_with_config(reads_client, reads_config)
+            .map_err(|e| BusError::Refused(e.to_string()))?;
+
         let (commands, command_rx) = mpsc::unbounded_channel();
         let owner = SubscriptionOwner {
             manager,
@@ -108,25 +122,42 @@ impl RedisBus {
             library: library.clone(),
         };
         tokio::spawn(owner.run(shutdown));
-        Ok((Arc::new(Self { commands, ready, overflowed, pool, library }), inbound_rx))
+        Ok((Arc::new(Self { commands, ready, overflowed, pool, reads, library }), inbound_rx))
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
         self.pool.get().await.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
-    /// Runs a function call, loading the library first if Redis lost it (a restart without
-    /// persistence forgets functions; Redis then answers "Function not found").
-    async fn call<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Result<T, BusError> {
-        let mut connection = self.connection().await?;
-        match command.query_async(&mut *connection).await {
+    /// Runs function calls in one round trip, loading the library first if Redis lost it (a
+    /// restart without persistence forgets functions; Redis then answers "Function not found").
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        connection: &mut (impl redis::aio::ConnectionLike + Send),
+        calls: &redis::Pipeline,
+    ) -> Result<Vec<T>, BusError> {
+        let attempt = tokio::time::timeout(COMMAND_TIMEOUT, calls.query_async::<Vec<T>>(&mut *connection)).await;
+        match attempt.map_err(|_| BusError::Unavailable("redis did not answer in time".into()))? {
             Err(e) if e.to_string().contains("Function not found") => {
                 let library = self.library.as_deref().ok_or_else(|| BusError::Refused("history is off".into()))?;
                 load_library(&mut *connection, library).await?;
-                command.query_async(&mut *connection).await.map_err(bus_error)
+                calls.query_async(&mut *connection).await.map_err(bus_error)
             }
             result => result.map_err(bus_error),
         }
+    }
+
+    /// One history function call on the shared read connection. Retried once when the
+    /// connection turns out to be dead: the failure is what makes the manager reconnect.
+    async fn read(&self, call: redis::Cmd) -> Result<Vec<Value>, BusError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(call);
+        let mut reads = self.reads.clone();
+        let reply = match self.call::<Vec<Value>>(&mut reads, &pipe).await {
+            Err(BusError::Unavailable(_)) => self.call::<Vec<Value>>(&mut reads, &pipe).await?,
+            other => other?,
+        };
+        reply.into_iter().next().ok_or_else(malformed)
     }
 }
 
@@ -412,11 +443,12 @@ impl Bus for RedisBus {
         Box::pin(async move {
             let mut receipt = PublishReceipt { channels: channels.len(), ..Default::default() };
             if durable && self.library.is_some() {
+                let mut calls = redis::pipe();
                 for channel in channels {
-                    let mut fcall = redis::cmd("FCALL");
-                    fcall.arg("sse_publish").arg(1).arg(channel.as_str()).arg(payload.as_ref());
-                    receipt.ids.push(self.call::<String>(&fcall).await?);
+                    calls.cmd("FCALL").arg("sse_publish").arg(1).arg(channel.as_str()).arg(payload.as_ref());
                 }
+                let mut connection = self.connection().await?;
+                receipt.ids = self.call::<String>(&mut *connection, &calls).await?;
                 return Ok(receipt);
             }
             let mut connection = self.connection().await?;
@@ -437,7 +469,7 @@ impl Bus for RedisBus {
             for channel in channels {
                 fcall.arg(channel.as_str());
             }
-            let reply: Vec<Value> = self.call(&fcall).await?;
+            let reply = self.read(fcall).await?;
             let mut values = reply.into_iter();
             let epoch = values.next().and_then(|v| text(&v)).and_then(|e| parse_epoch(&e)).ok_or_else(malformed)?;
             let tails = values
@@ -466,7 +498,7 @@ impl Bus for RedisBus {
             for (_, position) in positions {
                 fcall.arg(position.to_string());
             }
-            parse_since(self.call(&fcall).await?, positions.len())
+            parse_since(self.read(fcall).await?, positions.len())
         })
     }
 
