@@ -125,25 +125,29 @@ pub fn tables(lines: &[Value]) -> String {
     targets.dedup();
     for t in &targets {
         for label in &labels {
-            let cps: Vec<&Value> = of(lines, label, "conns", "checkpoint")
-                .into_iter()
-                .filter(|l| l["target_conns"].as_u64() == Some(*t))
-                .collect();
+            rss.insert((label.clone(), *t), rss_headline(lines, label, *t).1);
+        }
+        for label in &labels {
+            let all = of(lines, label, "conns", "checkpoint");
+            let coldest = all.iter().filter_map(|l| l["server_rss_kib_before"].as_u64()).min().unwrap_or(0);
+            let cps: Vec<&Value> = all.into_iter().filter(|l| l["target_conns"].as_u64() == Some(*t)).collect();
             if cps.is_empty() {
                 continue;
             }
-            let vals: Vec<f64> = cps.iter().filter_map(|l| f(l, "server_rss_bytes_per_conn")).collect();
+            let vals: Vec<f64> =
+                cps.iter().filter(|l| !is_warm(l, coldest)).filter_map(|l| f(l, "server_rss_bytes_per_conn")).collect();
+            let warm = cps.iter().filter(|l| is_warm(l, coldest)).count();
             let (text, median) = runs(&vals, 0);
-            rss.insert((label.clone(), *t), median);
             let open: Vec<String> = cps.iter().map(|l| l["open"].to_string()).collect();
             let fails: Vec<String> = cps.iter().map(|l| l["failures"].to_string()).collect();
             let rates: Vec<f64> = cps.iter().filter_map(|l| f(l, "connect_rate_per_s")).collect();
             let _ = writeln!(
                 out,
-                "| {label} | {t} | {} | {} | {} | {text} | {} |",
+                "| {label} | {t} | {} | {} | {} | {text}{} | {} |",
                 open.join(" / "),
                 fails.join(" / "),
                 runs(&rates, 0).0,
+                if warm > 0 { format!(" ({warm} run(s) on a warm server left out)") } else { String::new() },
                 if label == OURS {
                     "–".into()
                 } else {
@@ -162,6 +166,7 @@ pub fn tables(lines: &[Value]) -> String {
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         let mut best: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut cpu_m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut cpu_all: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for label in &labels {
             let steps = of(lines, label, scenario, "step");
             let mut run = 0;
@@ -182,6 +187,9 @@ pub fn tables(lines: &[Value]) -> String {
                     cpu_this = None;
                 }
                 prev_rate = rate;
+                if let Some(c) = f(s, "server_cpu_s_per_million_deliveries") {
+                    cpu_all.entry(label.clone()).or_default().push(c);
+                }
                 let lat = &s["latency_ms"];
                 let met = s["met_slo"].as_bool().unwrap_or(false);
                 if met && best_this.is_none_or(|b| rate > b) {
@@ -214,20 +222,25 @@ pub fn tables(lines: &[Value]) -> String {
         let _ = writeln!(out, "\n#### {scenario}: headline\n");
         let _ = writeln!(
             out,
-            "| server | highest rate with p99 ≤ {slo} ms and 0 loss (per run) | ratio ours÷this | server CPU s per 1M deliveries at that rate | ratio ours÷this |"
+            "| server | highest rate with p99 ≤ {slo} ms and 0 loss (per run) | ratio ours÷this | server CPU s per 1M deliveries at that rate | ratio ours÷this | server CPU s per 1M deliveries, mean of all steps | ratio ours÷this |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        let mean = |v: Option<&Vec<f64>>| v.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64);
+        let ours_all = mean(cpu_all.get(OURS));
         let ours_best = best.get(OURS).and_then(|v| runs(v, 0).1);
         let ours_cpu = cpu_m.get(OURS).and_then(|v| runs(v, 2).1);
         for label in &labels {
             let (bt, bm) = runs(best.get(label).map(Vec::as_slice).unwrap_or(&[]), 0);
             let (ct, cm) = runs(cpu_m.get(label).map(Vec::as_slice).unwrap_or(&[]), 2);
             let mine = label == OURS;
+            let all = mean(cpu_all.get(label));
             let _ = writeln!(
                 out,
-                "| {label} | {bt} | {} | {ct} | {} |",
+                "| {label} | {bt} | {} | {ct} | {} | {} | {} |",
                 if mine { "–".into() } else { ratio(ours_best, bm) },
-                if mine { "–".into() } else { ratio(ours_cpu, cm) }
+                if mine { "–".into() } else { ratio(ours_cpu, cm) },
+                num(all, 2),
+                if mine { "–".into() } else { ratio(ours_all, all) }
             );
         }
     }
@@ -284,6 +297,26 @@ pub fn tables(lines: &[Value]) -> String {
     }
     out.push('\n');
     out
+}
+
+/// A checkpoint measured on a server that already held much more memory before the run
+/// than its coldest start (left over from earlier scenarios): its RSS difference says
+/// nothing about the streams.
+fn is_warm(l: &Value, coldest_kib: u64) -> bool {
+    let before = l["server_rss_kib_before"].as_u64().unwrap_or(0);
+    before > coldest_kib + coldest_kib / 2 + 10 * 1024
+}
+
+/// RSS per connection at checkpoint `t` over the cold runs of `label`.
+fn rss_headline(lines: &[Value], label: &str, t: u64) -> (String, Option<f64>) {
+    let all = of(lines, label, "conns", "checkpoint");
+    let coldest = all.iter().filter_map(|l| l["server_rss_kib_before"].as_u64()).min().unwrap_or(0);
+    let vals: Vec<f64> = all
+        .iter()
+        .filter(|l| l["target_conns"].as_u64() == Some(t) && !is_warm(l, coldest))
+        .filter_map(|l| f(l, "server_rss_bytes_per_conn"))
+        .collect();
+    runs(&vals, 0)
 }
 
 fn of_kind<'a>(lines: &'a [Value], scenario: &str, kind: &str) -> Vec<&'a Value> {
