@@ -20,7 +20,7 @@ use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::connection::CloseReason;
 use crate::history::{HistoryConfig, ResetReason, Since, reset_frame};
-use crate::hub::{Hub, Limits};
+use crate::hub::{Heartbeat, Hub, Limits};
 use crate::metrics::{BusMetrics, HubMetrics, PUBLISH_REQUESTS};
 use crate::{frame, http, shutdown};
 
@@ -192,22 +192,23 @@ async fn backfill(node: &Node, channel: crate::channel::ChannelName, last: crate
     }
 }
 
-/// One node-wide ticker instead of a timer per stream: clock, heartbeats and timeouts.
+/// One node-wide ticker instead of a timer per stream: clock, heartbeats and timeouts. With a
+/// heartbeat interval of N seconds, each tick pings 1/N of the streams (see `hub::Heartbeat`).
 async fn tick(hub: Arc<Hub>, heartbeat_interval: Duration, stop: CancellationToken) {
-    let ping = frame::comment("ping");
+    let slots = heartbeat_interval.as_secs_f64().ceil().max(1.0) as u64;
+    let frame = frame::comment("ping");
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heartbeat = Instant::now();
+    let mut count: u64 = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let heartbeat_due = !heartbeat_interval.is_zero() && last_heartbeat.elapsed() >= heartbeat_interval;
-        if heartbeat_due {
-            last_heartbeat = Instant::now();
-        }
-        hub.tick(heartbeat_due.then_some(&ping));
+        count += 1;
+        let heartbeat =
+            (!heartbeat_interval.is_zero()).then(|| Heartbeat { frame: frame.clone(), slot: count % slots, slots });
+        hub.tick(heartbeat.as_ref());
     }
 }
 
