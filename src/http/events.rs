@@ -42,6 +42,8 @@ pub struct StreamQuery {
     pub access_token: Option<String>,
     pub topics: Vec<String>,
     pub last_event_id: Option<String>,
+    /// `/api/history`'s cursor.
+    pub after: Option<String>,
 }
 
 impl StreamQuery {
@@ -52,6 +54,7 @@ impl StreamQuery {
                 "access_token" => parsed.access_token = Some(value.into_owned()),
                 "topic" => parsed.topics.push(value.into_owned()),
                 "lastEventId" => parsed.last_event_id = Some(value.into_owned()),
+                "after" => parsed.after = Some(value.into_owned()),
                 _ => {}
             }
         }
@@ -170,7 +173,7 @@ pub fn authorize(
     Ok((grant, topics, channels))
 }
 
-fn bus_unavailable(e: BusError) -> ApiError {
+pub fn bus_unavailable(e: BusError) -> ApiError {
     ApiError::unavailable("not_ready", format!("history is unavailable: {e}"))
 }
 

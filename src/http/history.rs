@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::events::{StreamQuery, authorize, position, read_history};
+use super::events::{StreamQuery, authorize, bus_unavailable, position, read_history};
 use crate::auth::unix_now;
 use crate::history::{Cursor, channel_hash};
 use crate::node::Node;
@@ -20,18 +20,14 @@ pub async fn history(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let after = query
-        .as_deref()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "after").map(|(_, v)| v.into_owned()));
     let query = StreamQuery::parse(query.as_deref());
     let (_grant, _topics, channels) = authorize(&node, &headers, &query)?;
     if node.history.is_none() {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
     }
-    let unavailable =
-        |e: crate::bus::BusError| ApiError::unavailable("not_ready", format!("history is unavailable: {e}"));
-    let start = position(&node, &channels, after.as_deref().filter(|a| !a.is_empty())).await.map_err(unavailable)?;
-    let resume = read_history(&node, start).await.map_err(unavailable)?;
+    let after = query.after.as_deref().filter(|a| !a.is_empty());
+    let start = position(&node, &channels, after).await.map_err(bus_unavailable)?;
+    let resume = read_history(&node, start).await.map_err(bus_unavailable)?;
 
     let mut positions = resume.positions.clone();
     let mut entries = resume.entries;
