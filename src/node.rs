@@ -16,10 +16,10 @@ use crate::auth::Authenticator;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::RedisBus;
 use crate::bus::{Bus, Inbound, InboundReceiver};
-use crate::channel::ChannelNames;
+use crate::channel::{ChannelName, ChannelNames};
 use crate::config::Config;
 use crate::connection::CloseReason;
-use crate::history::{HistoryConfig, ResetReason, Since, reset_frame};
+use crate::history::{HistoryConfig, ResetReason, Since, StreamId, reset_frame};
 use crate::hub::{Heartbeat, Hub, Limits};
 use crate::metrics::{BusMetrics, HubMetrics, PUBLISH_REQUESTS};
 use crate::{frame, http, shutdown};
@@ -147,19 +147,33 @@ async fn dispatch(mut inbound: InboundReceiver, node: Arc<Node>) {
     let hub = node.hub.clone();
     let mut batch = Vec::with_capacity(256);
     while inbound.recv_many(&mut batch, 256).await > 0 {
-        for message in batch.drain(..) {
-            match message {
-                Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), id, &payload),
+        let mut index = 0;
+        while index < batch.len() {
+            match &batch[index] {
+                Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), *id, payload),
                 Inbound::Disconnected => hub.mark_gaps(),
-                Inbound::Subscribed(channel) => {
-                    if node.history.is_some()
-                        && let Some(last) = hub.take_gap(channel.as_str())
-                    {
-                        backfill(&node, channel, last).await;
+                Inbound::Subscribed(_) if node.history.is_some() => {
+                    // After a reconnect the confirmations arrive together: backfill every gapped
+                    // channel confirmed from here to the end of the batch in one round trip. No
+                    // message of a channel precedes its own confirmation, so order holds.
+                    let gaps: Vec<(ChannelName, StreamId)> = batch[index..]
+                        .iter()
+                        .filter_map(|m| match m {
+                            Inbound::Subscribed(channel) => {
+                                hub.take_gap(channel.as_str()).map(|last| (channel.clone(), last))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    if !gaps.is_empty() {
+                        backfill(&node, &gaps).await;
                     }
                 }
+                Inbound::Subscribed(_) => {}
             }
+            index += 1;
         }
+        batch.clear();
         if hub.bus().take_overflow() {
             tracing::warn!("the bus outran the dispatcher and live messages were dropped; streams resume from history");
             hub.close_all(CloseReason::Overflow);
@@ -167,29 +181,33 @@ async fn dispatch(mut inbound: InboundReceiver, node: Arc<Node>) {
     }
 }
 
-/// Delivers what a channel missed while the bus was disconnected, from history.
-async fn backfill(node: &Node, channel: crate::channel::ChannelName, last: crate::history::StreamId) {
+/// Delivers what channels missed while the bus was disconnected, from history.
+async fn backfill(node: &Node, gaps: &[(ChannelName, StreamId)]) {
     let epoch = node.epoch.load(Ordering::Acquire);
-    let asked = [(channel.clone(), last)];
-    match node.hub.bus().since(epoch, Duration::ZERO, &asked).await {
-        Ok((_, results)) => match results.into_iter().next() {
-            Some(Since::Entries(entries)) => {
-                tracing::info!(%channel, missed = entries.len(), "backfilled after a bus reconnect");
+    let results = match node.hub.bus().since(epoch, Duration::ZERO, gaps).await {
+        Ok((_, results)) => results,
+        Err(e) => {
+            tracing::warn!(channels = gaps.len(), error = %e, "backfill after a bus reconnect failed");
+            return;
+        }
+    };
+    let mut missed = 0;
+    for ((channel, _), since) in gaps.iter().zip(results) {
+        match since {
+            Since::Entries(entries) => {
+                missed += entries.len();
                 for (id, payload) in entries {
                     node.hub.deliver(channel.as_str(), Some(id), &payload);
                 }
             }
-            Some(Since::Reset { .. }) => {
+            Since::Reset { .. } => {
                 tracing::warn!(%channel, "history lost across a bus reconnect; streams are told to reset");
-                node.hub.deliver_frame(
-                    channel.as_str(),
-                    reset_frame(&node.channels, &[&channel], ResetReason::HistoryLost),
-                );
+                let frame = reset_frame(&node.channels, &[channel], ResetReason::HistoryLost);
+                node.hub.deliver_frame(channel.as_str(), frame);
             }
-            None => {}
-        },
-        Err(e) => tracing::warn!(%channel, error = %e, "backfill after a bus reconnect failed"),
+        }
     }
+    tracing::info!(channels = gaps.len(), missed, "backfilled after a bus reconnect");
 }
 
 /// One node-wide ticker instead of a timer per stream: clock, heartbeats and timeouts. With a
