@@ -22,6 +22,39 @@ pub struct Cli {
 pub enum Command {
     /// Run the node (the default when no subcommand is given).
     Serve,
+    /// Check a stream end to end through the proxies in front of the nodes: headers,
+    /// buffering, probe latency, heartbeats, idle cuts. Exit 0 clean, 1 on any FAIL.
+    Doctor(DoctorArgs),
+}
+
+/// What `sse-fanout doctor` checks and with which tokens. It speaks plain HTTP/1.1 only
+/// (no TLS): run it against the proxy's http:// side, or against a node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DoctorArgs {
+    /// The stream URL, e.g. `http://127.0.0.1:8080/events?topic=news` (http:// only).
+    pub url: String,
+
+    /// Subscriber token (JWT), sent as `Authorization: Bearer`. Its `sub` (read without
+    /// verifying) is the user the probe is published to.
+    #[arg(long, env = "SSE_DOCTOR_TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// Token with role `publisher` or `admin` for the probe. Without it the probe is skipped (WARN).
+    #[arg(long, env = "SSE_DOCTOR_PUBLISHER_TOKEN", hide_env_values = true)]
+    pub publisher_token: Option<String>,
+
+    /// Where to `POST` the probe (http:// only). Default: the stream URL's origin + `/api/publish`.
+    #[arg(long)]
+    pub publish_url: Option<String>,
+
+    /// How long to wait for a `: ping` heartbeat after `connected` (above SSE_HEARTBEAT_INTERVAL). 0: skip.
+    #[arg(long, default_value = "35s", value_parser = parse_duration)]
+    pub heartbeat_wait: Duration,
+
+    /// Also keep the stream open this long (from the request) and report if it is cut before,
+    /// e.g. by a proxy idle timeout. Unset: not checked.
+    #[arg(long, value_parser = parse_duration)]
+    pub idle: Option<Duration>,
 }
 
 /// What a node is configured with. Durations take a unit (`500ms`, `30s`, `5m`, `1h`);
@@ -342,6 +375,29 @@ mod tests {
         assert!(parse(&["--history-user-length", "0"]).is_err());
         assert!(parse(&["--history", "maybe"]).is_err());
         assert!(parse(&["--history", "false"]).expect("valid").history().is_none());
+    }
+
+    #[test]
+    fn doctor_takes_a_url_and_tokens_and_serve_stays_the_default() {
+        let cli = Cli::try_parse_from(["sse-fanout"]).expect("no subcommand");
+        assert!(cli.command.is_none());
+        let cli = Cli::try_parse_from([
+            "sse-fanout",
+            "doctor",
+            "http://127.0.0.1:8080/events",
+            "--token",
+            "t",
+            "--heartbeat-wait",
+            "2s",
+            "--idle",
+            "1m",
+        ])
+        .expect("doctor args");
+        let Some(Command::Doctor(args)) = cli.command else { panic!("doctor subcommand") };
+        assert_eq!(args.url, "http://127.0.0.1:8080/events");
+        assert_eq!(args.heartbeat_wait, Duration::from_secs(2));
+        assert_eq!(args.idle, Some(Duration::from_secs(60)));
+        assert!(args.publisher_token.is_none() && args.publish_url.is_none());
     }
 
     #[test]

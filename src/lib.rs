@@ -8,6 +8,7 @@ pub mod bus;
 pub mod channel;
 pub mod config;
 pub mod connection;
+pub mod doctor;
 pub mod envelope;
 pub mod frame;
 pub mod history;

@@ -1,7 +1,8 @@
-//! Parses the configuration, builds the node and runs it until shutdown.
+//! Parses the configuration, builds the node and runs it until shutdown; or runs the
+//! `doctor` check, which needs neither the node's settings nor its logging.
 
 use clap::Parser;
-use sse_fanout::config::{Cli, Command};
+use sse_fanout::config::{Cli, Command, Config, DoctorArgs};
 
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
@@ -9,11 +10,18 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = cli.config.validate() {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config),
+        Command::Doctor(args) => doctor(args),
+    }
+}
+
+fn serve(config: Config) -> std::process::ExitCode {
+    if let Err(e) = config.validate() {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
-    if let Err(e) = sse_fanout::logging::init(cli.config.log_format, &cli.config.log_level) {
+    if let Err(e) = sse_fanout::logging::init(config.log_format, &config.log_level) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
     }
@@ -24,16 +32,22 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => sse_fanout::node::run(cli.config).await,
-        }
-    });
-    match result {
+    match runtime.block_on(sse_fanout::node::run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// One connection at a time: a single-threaded runtime is all the doctor needs.
+fn doctor(args: DoctorArgs) -> std::process::ExitCode {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(sse_fanout::doctor::run(args)),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
             std::process::ExitCode::FAILURE
         }
     }
