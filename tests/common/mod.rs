@@ -404,3 +404,219 @@ pub async fn publish_api(node: &Node, body: Value) -> (u16, Value) {
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
+
+// ---------------------------------------------------------------------------------------------
+// nginx in front of nodes, and an EventSource-like client (tests/cluster_nginx.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// nginx rendered from `nginx/cluster.conf.template` (the config `scripts/cluster` runs), on a
+/// free loopback port, in front of the given node ports. Stopped by PID on drop.
+pub struct Nginx {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    pub async fn start(upstream_ports: &[u16]) -> Self {
+        Self::start_with(upstream_ports, |conf| conf).await
+    }
+
+    /// Like [`Nginx::start`], with `edit` applied to the rendered config (to break it on purpose).
+    pub async fn start_with(upstream_ports: &[u16], edit: impl FnOnce(String) -> String) -> Self {
+        let port = free_port();
+        let dir = scratch_dir("nginx");
+        std::fs::create_dir_all(dir.join("tmp")).expect("nginx temp dir");
+        let template =
+            std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nginx/cluster.conf.template"))
+                .expect("read nginx/cluster.conf.template");
+        let servers: Vec<String> = upstream_ports
+            .iter()
+            .map(|p| format!("        server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;"))
+            .collect();
+        let conf = template
+            .replace("@STATE_DIR@", dir.to_str().expect("utf8 path"))
+            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
+            .replace("@UPSTREAM_SERVERS@", &servers.join("\n"))
+            // Far below the 20k per-process limit of the test machines, far above what a test opens.
+            .replace("@RLIMIT_NOFILE@", "8192")
+            .replace("@WORKER_CONNECTIONS@", "8000");
+        for placeholder in ["@STATE_DIR@", "@LISTEN@", "@UPSTREAM_SERVERS@", "@RLIMIT_NOFILE@", "@WORKER_CONNECTIONS@"]
+        {
+            assert!(!conf.contains(placeholder), "{placeholder} left in the rendered config");
+        }
+        let conf = edit(conf);
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nginx");
+        let child = Command::new(bin)
+            .arg("-p")
+            .arg(format!("{}/", dir.display()))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("stderr file"))
+            .spawn()
+            .expect("nginx must be installed (scripts/test installs it)");
+        let nginx = Self { port, child: Some(child), dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(r) = http().get(nginx.url("/healthz")).send().await
+                && r.status() == 200
+            {
+                return nginx;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nginx did not start; error log:\n{}", nginx.error_log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn error_log(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        format!("{}{}", read("stderr.log"), read("error.log"))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM to the master: it stops its workers too (a SIGKILL would orphan them,
+            // still holding the port). SIGKILL only if it does not go.
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let _ = std::fs::remove_dir_all(&self.dir);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One stream an [`EventSource`] opened: which node `connected` named, and when.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub node_id: String,
+    pub at: Instant,
+}
+
+/// Everything an [`EventSource`] saw, in order.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Every event of every stream, `connected`, `disconnected` and `reset` included.
+    pub events: Vec<SseEvent>,
+    pub connections: Vec<Connection>,
+    /// When each stream ended (the server closed it or the connection broke).
+    pub ends: Vec<Instant>,
+    /// Status of each refused attempt (0: no HTTP answer at all).
+    pub refused: Vec<u16>,
+}
+
+impl Seen {
+    /// Data of the events named `event`.
+    pub fn data_of(&self, event: &str) -> Vec<&str> {
+        self.events.iter().filter(|e| e.event == event).map(|e| e.data.as_str()).collect()
+    }
+}
+
+/// A client that behaves like a browser's EventSource: it reconnects after every end of stream
+/// (waiting the last `retry:` it was sent) with `Last-Event-ID` set to the last `id:` it saw,
+/// and records everything. One task per client; aborted on drop.
+pub struct EventSource {
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EventSource {
+    pub fn open(url: String) -> Self {
+        Self::open_with(http_streaming(), url)
+    }
+
+    /// Opens with a shared client (many sources, one connection pool).
+    pub fn open_with(client: reqwest::Client, url: String) -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let shared = seen.clone();
+        let task = tokio::spawn(async move {
+            // The EventSource default until the server sends `retry:`.
+            let mut retry = Duration::from_secs(3);
+            let mut last_id: Option<String> = None;
+            loop {
+                let mut request = client.get(&url).header("accept", "text/event-stream");
+                if let Some(id) = &last_id {
+                    request = request.header("last-event-id", id);
+                }
+                match request.send().await {
+                    Ok(response) if response.status() == 200 => {
+                        let mut bytes = response.bytes_stream();
+                        let mut parser = Parser::default();
+                        while let Some(Ok(chunk)) = bytes.next().await {
+                            let items = parser.feed(&chunk);
+                            let mut seen = shared.lock().expect("lock");
+                            for item in items {
+                                let Received::Event(event) = item else { continue };
+                                if let Some(id) = &event.id {
+                                    last_id = Some(id.clone());
+                                }
+                                if let Some(ms) = event.retry {
+                                    retry = Duration::from_millis(ms);
+                                }
+                                if event.event == "connected" {
+                                    let node_id = serde_json::from_str::<Value>(&event.data)
+                                        .ok()
+                                        .and_then(|v| v["node_id"].as_str().map(str::to_owned))
+                                        .unwrap_or_default();
+                                    seen.connections.push(Connection { node_id, at: Instant::now() });
+                                }
+                                seen.events.push(event);
+                            }
+                        }
+                        shared.lock().expect("lock").ends.push(Instant::now());
+                    }
+                    Ok(response) => shared.lock().expect("lock").refused.push(response.status().as_u16()),
+                    Err(_) => shared.lock().expect("lock").refused.push(0),
+                }
+                tokio::time::sleep(retry).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    pub fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().expect("lock")
+    }
+
+    /// Waits until `done` holds for what was seen; false on timeout.
+    pub async fn wait_for(&self, within: Duration, done: impl Fn(&Seen) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if done(&self.seen()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for EventSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
