@@ -184,12 +184,16 @@ impl Connection {
         self.cursor_of(&state)
     }
 
+    /// (channel hash, position) pairs, the content of a cursor.
+    fn positions<'a>(&'a self, state: &'a State) -> impl Iterator<Item = (u32, StreamId)> + 'a {
+        self.channel_hashes.iter().copied().zip(state.positions.iter().copied())
+    }
+
     fn cursor_of(&self, state: &State) -> Option<String> {
         if state.positions.is_empty() {
             return None;
         }
-        let positions = self.channel_hashes.iter().copied().zip(state.positions.iter().copied());
-        Some(Cursor::encode(state.epoch, unix_now(), positions))
+        Some(Cursor::encode(state.epoch, unix_now(), self.positions(state)))
     }
 
     /// Ends the stream after what is queued plus `farewell`. Returns false if already closed.
@@ -248,8 +252,7 @@ impl Connection {
                 continue; // Already delivered (replayed from history, now arriving live).
             }
             *position = id;
-            let positions = self.channel_hashes.iter().copied().zip(state.positions.iter().copied());
-            let id_line = Some(Cursor::id_line(state.epoch, unix_now(), positions));
+            let id_line = Some(Cursor::id_line(state.epoch, unix_now(), self.positions(&state)));
             return Poll::Ready(Some(Outgoing { id_line, frame }));
         }
         if state.closed {

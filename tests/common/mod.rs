@@ -135,14 +135,8 @@ impl Node {
             .spawn()
             .expect("start sse-fanout");
         let node = Self { port, child: Some(child), log, stdout };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(r) = http().get(node.url("/healthz")).send().await
-                && r.status() == 200
-            {
-                return node;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if answers_healthz(&node.url("/healthz")).await {
+            return node;
         }
         panic!("node did not start; log:\n{}", node.log_text());
     }
@@ -214,6 +208,20 @@ impl Drop for Node {
             let _ = child.wait();
         }
     }
+}
+
+/// Polls `url` for up to 10 s; true once it answers 200.
+async fn answers_healthz(url: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(r) = http().get(url).send().await
+            && r.status() == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 pub fn http() -> reqwest::Client {
@@ -465,14 +473,8 @@ impl Nginx {
             .spawn()
             .expect("nginx must be installed (scripts/test installs it)");
         let nginx = Self { port, child: Some(child), dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(r) = http().get(nginx.url("/healthz")).send().await
-                && r.status() == 200
-            {
-                return nginx;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if answers_healthz(&nginx.url("/healthz")).await {
+            return nginx;
         }
         panic!("nginx did not start; error log:\n{}", nginx.error_log());
     }
