@@ -121,14 +121,26 @@ impl Cursor {
     /// The `id: <cursor>\n` line of an event, encoded straight into its final buffer: this runs
     /// once per stream per durable event, on the fan-out hot path.
     pub fn id_line(epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) -> Bytes {
-        let raw = Self::raw(epoch, issued_at, positions);
-        let encoded_len = base64::encoded_len(raw.len(), false).unwrap_or(0);
-        let mut line = vec![0u8; 4 + encoded_len + 1];
-        line[..4].copy_from_slice(b"id: ");
-        let written = URL_SAFE_NO_PAD.encode_slice(&raw, &mut line[4..4 + encoded_len]).unwrap_or(0);
-        line.truncate(4 + written);
-        line.push(b'\n');
+        let mut line = Vec::new();
+        Self::put_id_line(&mut line, epoch, issued_at, positions);
         Bytes::from(line)
+    }
+
+    /// Appends the `id: <cursor>\n` line to `out` (a stream's outgoing bytes).
+    pub fn put_id_line(
+        out: &mut Vec<u8>,
+        epoch: u32,
+        issued_at: u64,
+        positions: impl Iterator<Item = (u32, StreamId)>,
+    ) {
+        let raw = Self::raw(epoch, issued_at, positions);
+        let start = out.len();
+        let encoded_len = base64::encoded_len(raw.len(), false).unwrap_or(0);
+        out.extend_from_slice(b"id: ");
+        out.resize(start + 4 + encoded_len, 0);
+        let written = URL_SAFE_NO_PAD.encode_slice(&raw, &mut out[start + 4..]).unwrap_or(0);
+        out.truncate(start + 4 + written);
+        out.push(b'\n');
     }
 
     fn raw(epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) -> Vec<u8> {

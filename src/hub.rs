@@ -88,7 +88,12 @@ pub struct Hub {
     /// Seconds since `started`, advanced by the ticker: a clock read per push would cost more.
     clock: AtomicU32,
     refusal_log: LogLimiter,
+    /// Runtime workers a large fan-out is split over.
+    fan_out_workers: usize,
 }
+
+/// Listeners per worker below which a fan-out is not worth splitting.
+const PARALLEL_FAN_OUT_MIN: usize = 1024;
 
 #[derive(Default)]
 struct Registry {
@@ -100,7 +105,9 @@ struct Registry {
 }
 
 struct ChannelEntry {
-    listeners: Vec<Arc<Connection>>,
+    /// Shared with fan-outs in progress, which write outside the registry lock; a join or leave
+    /// during one copies the list (`Arc::make_mut`) instead of waiting for it.
+    listeners: Arc<Vec<Arc<Connection>>>,
     ready: Arc<SubscriptionReady>,
     /// The newest history id delivered on this channel, where a backfill starts after a gap.
     last_id: Mutex<StreamId>,
@@ -122,6 +129,7 @@ impl Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
+        self.connection.release();
         self.hub.detach(&self.connection);
     }
 }
@@ -144,6 +152,7 @@ impl Hub {
             started: Instant::now(),
             clock: AtomicU32::new(0),
             refusal_log: LogLimiter::default(),
+            fan_out_workers: tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()),
         })
     }
 
@@ -202,13 +211,13 @@ impl Hub {
                     let ready = Arc::new(SubscriptionReady::default());
                     self.bus.subscribe(channel.clone(), ready.clone());
                     ChannelEntry {
-                        listeners: Vec::new(),
+                        listeners: Arc::default(),
                         ready,
                         last_id: Mutex::new(StreamId::ZERO),
                         gap: AtomicBool::new(false),
                     }
                 });
-                entry.listeners.push(connection.clone());
+                Arc::make_mut(&mut entry.listeners).push(connection.clone());
                 if !entry.ready.is_set() {
                     pending.push(entry.ready.clone());
                 }
@@ -241,7 +250,7 @@ impl Hub {
         for channel in connection.channels.iter() {
             let Some(entry) = registry.channels.get_mut(channel) else { continue };
             if let Some(i) = entry.listeners.iter().position(|c| Arc::ptr_eq(c, connection)) {
-                entry.listeners.swap_remove(i);
+                Arc::make_mut(&mut entry.listeners).swap_remove(i);
             }
             if entry.listeners.is_empty() {
                 registry.channels.remove(channel);
@@ -263,50 +272,64 @@ impl Hub {
 
     /// Fans one payload from the bus out to this node's listeners on `channel`. `id` is its
     /// history id when it was published durably.
-    pub fn deliver(&self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
+    pub async fn deliver(self: &Arc<Self>, channel: &str, id: Option<StreamId>, payload: &[u8]) {
         self.metrics.bus_messages.increment(1);
-        let registry = self.read();
-        let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
-        let framed = match envelope::parse(payload) {
-            Ok(message) => {
-                let producer_id = if self.limits.history { None } else { message.id.as_deref() };
-                frame::event(message.event.as_deref(), producer_id, &message.data)
-            }
-            Err(refusal) => {
-                drop(registry);
-                self.metrics.refused(refusal.label());
-                if let Some(suppressed) = self.refusal_log.allow(self.now()) {
-                    tracing::warn!(channel, reason = %refusal, suppressed, "refused a published payload");
+        let (listeners, item) = {
+            let registry = self.read();
+            let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
+            let framed = match envelope::parse(payload) {
+                Ok(message) => {
+                    let producer_id = if self.limits.history { None } else { message.id.as_deref() };
+                    frame::event(message.event.as_deref(), producer_id, &message.data)
                 }
-                return;
+                Err(refusal) => {
+                    drop(registry);
+                    self.metrics.refused(refusal.label());
+                    if let Some(suppressed) = self.refusal_log.allow(self.now()) {
+                        tracing::warn!(channel, reason = %refusal, suppressed, "refused a published payload");
+                    }
+                    return;
+                }
+            };
+            if let Some(id) = id {
+                let mut last = entry.last_id.lock().unwrap_or_else(PoisonError::into_inner);
+                *last = (*last).max(id);
             }
+            let item = match id {
+                Some(id) => Item::Event { channel: name.clone(), id, frame: framed },
+                None => Item::Raw(framed),
+            };
+            (entry.listeners.clone(), item)
         };
-        if let Some(id) = id {
-            let mut last = entry.last_id.lock().unwrap_or_else(PoisonError::into_inner);
-            *last = (*last).max(id);
-        }
-        let item = match id {
-            Some(id) => Item::Event { channel: name.clone(), id, frame: framed },
-            None => Item::Raw(framed),
-        };
-        self.fan_out(channel, &entry.listeners, item);
+        self.fan_out(channel, listeners, item).await;
     }
 
     /// Writes one frame to every listener of `channel` (an explicit `reset`, for instance).
-    pub fn deliver_frame(&self, channel: &str, frame: Bytes) {
-        let registry = self.read();
-        if let Some(entry) = registry.channels.get(channel) {
-            self.fan_out(channel, &entry.listeners, Item::Raw(frame));
+    pub async fn deliver_frame(self: &Arc<Self>, channel: &str, frame: Bytes) {
+        let listeners = self.read().channels.get(channel).map(|entry| entry.listeners.clone());
+        if let Some(listeners) = listeners {
+            self.fan_out(channel, listeners, Item::Raw(frame)).await;
         }
     }
 
-    fn fan_out(&self, channel: &str, listeners: &[Arc<Connection>], item: Item) {
-        let now = Some(self.now());
-        let mut slow = 0;
-        for listener in listeners {
-            if listener.push(item.clone(), self.limits.queue_capacity, now) == Pushed::Full && listener.cut() {
-                slow += 1;
-            }
+    /// Pushes `item` to every listener, outside the registry lock (a direct write is a system
+    /// call per listener; joins and leaves must not wait for 10,000 of them). With several
+    /// runtime workers a large fan-out is split over them; it completes before the next one
+    /// starts, so every stream still sees events in bus order.
+    async fn fan_out(self: &Arc<Self>, channel: &str, listeners: Arc<Vec<Arc<Connection>>>, item: Item) {
+        let parts = self.fan_out_workers.min(listeners.len() / PARALLEL_FAN_OUT_MIN).max(1);
+        let share = listeners.len().div_ceil(parts);
+        let mut others = Vec::with_capacity(parts - 1);
+        for part in 1..parts {
+            let (hub, listeners, item) = (self.clone(), listeners.clone(), item.clone());
+            others.push(tokio::spawn(async move {
+                let end = listeners.len().min((part + 1) * share);
+                hub.push_to(&listeners[part * share..end], &item)
+            }));
+        }
+        let mut slow = self.push_to(&listeners[..share.min(listeners.len())], &item);
+        for other in others {
+            slow += other.await.unwrap_or(0);
         }
         self.metrics.sent.increment((listeners.len() - slow) as u64);
         if slow > 0 {
@@ -315,6 +338,18 @@ impl Hub {
             }
             tracing::debug!(channel, slow, "cut off slow consumers");
         }
+    }
+
+    /// Pushes to each of `listeners`; returns how many were cut off as slow consumers.
+    fn push_to(&self, listeners: &[Arc<Connection>], item: &Item) -> usize {
+        let now = Some(self.now());
+        let mut slow = 0;
+        for listener in listeners {
+            if listener.push(item, self.limits.queue_capacity, now) == Pushed::Full && listener.cut() {
+                slow += 1;
+            }
+        }
+        slow
     }
 
     /// The bus lost its connection: every channel has a gap until it is resubscribed.
@@ -351,13 +386,13 @@ impl Hub {
         self.clock.store(now, Ordering::Relaxed);
         let unix = unix_now();
         let mut expired = Vec::new();
+        let ping = heartbeat.map(|h| (Item::Raw(h.frame.clone()), h.slot, h.slots));
         {
             let registry = self.read();
             for connection in registry.users.values().flatten() {
-                if let Some(heartbeat) = heartbeat
-                    && connection.id.0 % heartbeat.slots == heartbeat.slot
-                    && connection.push(Item::Raw(heartbeat.frame.clone()), self.limits.queue_capacity, None)
-                        == Pushed::Full
+                if let Some((ping, slot, slots)) = &ping
+                    && connection.id.0 % slots == *slot
+                    && connection.push(ping, self.limits.queue_capacity, None) == Pushed::Full
                 {
                     expired.push((connection.clone(), CloseReason::SlowConsumer));
                     continue;
@@ -445,12 +480,16 @@ mod tests {
     use std::task::{Context, Poll, Waker};
 
     fn hub(per_user: usize, policy: PerUserPolicy) -> Arc<Hub> {
+        hub_sized(per_user, policy, 3, 2)
+    }
+
+    fn hub_sized(per_user: usize, policy: PerUserPolicy, per_node: usize, queue_capacity: usize) -> Arc<Hub> {
         let (bus, _inbound) = MemoryBus::new(ChannelNames::new("sse"), None);
         let limits = Limits {
             per_user,
             per_user_policy: policy,
-            per_node: 3,
-            queue_capacity: 2,
+            per_node,
+            queue_capacity,
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
@@ -476,28 +515,28 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_message_reaches_every_listener_of_its_channel_only() {
+    #[tokio::test]
+    async fn a_message_reaches_every_listener_of_its_channel_only() {
         let hub = hub(5, PerUserPolicy::Reject);
         let a1 = join(&hub, "a").expect("joins");
         let a2 = join(&hub, "a").expect("joins");
         let b = join(&hub, "b").expect("joins");
-        hub.deliver("sse:user:a", None, br#"{"event":"e","data":"for a"}"#);
-        hub.deliver("sse:user:nobody", None, b"ignored");
+        hub.deliver("sse:user:a", None, br#"{"event":"e","data":"for a"}"#).await;
+        hub.deliver("sse:user:nobody", None, b"ignored").await;
         let expected = Bytes::from_static(b"event: e\ndata: for a\n\n");
         assert_eq!(drain(a1.membership.connection()), std::slice::from_ref(&expected));
         assert_eq!(drain(a2.membership.connection()), [expected]);
         assert!(drain(b.membership.connection()).is_empty());
-        hub.deliver("sse:broadcast", None, b"all");
+        hub.deliver("sse:broadcast", None, b"all").await;
         assert_eq!(drain(b.membership.connection()), [Bytes::from_static(b"data: all\n\n")]);
     }
 
-    #[test]
-    fn a_refused_payload_is_not_delivered_and_the_next_one_is() {
+    #[tokio::test]
+    async fn a_refused_payload_is_not_delivered_and_the_next_one_is() {
         let hub = hub(5, PerUserPolicy::Reject);
         let a = join(&hub, "a").expect("joins");
-        hub.deliver("sse:user:a", None, br#"{"event":"x\ny","data":1}"#);
-        hub.deliver("sse:user:a", None, br#"{"data":2}"#);
+        hub.deliver("sse:user:a", None, br#"{"event":"x\ny","data":1}"#).await;
+        hub.deliver("sse:user:a", None, br#"{"data":2}"#).await;
         assert_eq!(drain(a.membership.connection()), [Bytes::from_static(b"data: 2\n\n")]);
     }
 
@@ -539,15 +578,30 @@ mod tests {
         assert_eq!((stats.connections, stats.users, stats.channels), (0, 0, 0));
     }
 
-    #[test]
-    fn a_full_queue_cuts_the_slow_consumer_off() {
+    #[tokio::test]
+    async fn a_full_queue_cuts_the_slow_consumer_off() {
         let hub = hub(5, PerUserPolicy::Reject);
         let a = join(&hub, "a").expect("joins");
         for _ in 0..3 {
-            hub.deliver("sse:user:a", None, b"x");
+            hub.deliver("sse:user:a", None, b"x").await;
         }
         assert!(a.membership.connection().is_closed());
         assert!(drain(a.membership.connection()).is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fan_out_split_over_workers_keeps_every_stream_in_order() {
+        let (streams, messages) = (3 * PARALLEL_FAN_OUT_MIN, 50);
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, messages);
+        assert_eq!(hub.fan_out_workers, 2);
+        let joined: Vec<Joined> = (0..streams).map(|i| join(&hub, &format!("u{i}")).expect("joins")).collect();
+        for seq in 0..messages {
+            hub.deliver("sse:broadcast", None, format!(r#"{{"data":{seq}}}"#).as_bytes()).await;
+        }
+        let expected: Vec<Bytes> = (0..messages).map(|seq| Bytes::from(format!("data: {seq}\n\n"))).collect();
+        for stream in &joined {
+            assert_eq!(drain(stream.membership.connection()), expected);
+        }
     }
 
     #[test]

@@ -150,7 +150,7 @@ async fn dispatch(mut inbound: InboundReceiver, node: Arc<Node>) {
         let mut index = 0;
         while index < batch.len() {
             match &batch[index] {
-                Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), *id, payload),
+                Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), *id, payload).await,
                 Inbound::Disconnected => hub.mark_gaps(),
                 Inbound::Subscribed(_) if node.history.is_some() => {
                     // After a reconnect the confirmations arrive together: backfill every gapped
@@ -197,13 +197,13 @@ async fn backfill(node: &Node, gaps: &[(ChannelName, StreamId)]) {
             Since::Entries(entries) => {
                 missed += entries.len();
                 for (id, payload) in entries {
-                    node.hub.deliver(channel.as_str(), Some(id), &payload);
+                    node.hub.deliver(channel.as_str(), Some(id), &payload).await;
                 }
             }
             Since::Reset { .. } => {
                 tracing::warn!(%channel, "history lost across a bus reconnect; streams are told to reset");
                 let frame = reset_frame(&node.channels, &[channel], ResetReason::HistoryLost);
-                node.hub.deliver_frame(channel.as_str(), frame);
+                node.hub.deliver_frame(channel.as_str(), frame).await;
             }
         }
     }

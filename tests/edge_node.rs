@@ -501,3 +501,68 @@ async fn es256_public_keys_are_accepted_and_hs256_tokens_then_refused() {
     assert_eq!(refused.status, 401);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A raw HTTP/1.1 stream whose reading the test controls (reqwest always reads).
+async fn open_raw_stream(node: &Node, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
+    let request = format!("GET /events?access_token={} HTTP/1.1\r\nHost: test\r\n\r\n", token(user, &[], None));
+    socket.write_all(request.as_bytes()).await.expect("request");
+    read_raw_until(&mut socket, &mut Vec::new(), |wire| find(wire, b"event: connected").is_some()).await;
+    socket
+}
+
+/// Reads into `wire` until `done(wire)` or the server closes; panics after 10 s.
+async fn read_raw_until(socket: &mut tokio::net::TcpStream, wire: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(wire) {
+        let mut buffer = [0u8; 65536];
+        match tokio::time::timeout_at(deadline, socket.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return false,
+            Ok(Ok(n)) => wire.extend_from_slice(&buffer[..n]),
+            Err(_) => panic!("timed out after {} bytes", wire.len()),
+        }
+    }
+    true
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_pauses_reading_gets_everything_in_order_and_one_that_never_reads_is_cut_off() {
+    // Events are written straight into sockets while they have room; what a full socket cannot
+    // take waits in the stream's queue, behind the rest of the write the socket cut short.
+    let node = Node::start(&[("SSE_QUEUE_CAPACITY", "400")]).await;
+    let mut paused = open_raw_stream(&node, "pauser").await;
+    let events = 300;
+    let padding = "p".repeat(8 * 1024);
+    for seq in 0..events {
+        let data = format!("e{seq}-{padding}");
+        let (status, _) = publish_api(&node, json!({"users": ["pauser"], "data": data})).await;
+        assert_eq!(status, 202);
+    }
+    // 2.4 MB waited in kernel buffers and the queue while the client did not read.
+    let mut wire = Vec::new();
+    let last = format!("data: e{}-", events - 1);
+    assert!(read_raw_until(&mut paused, &mut wire, |w| find(w, last.as_bytes()).is_some()).await);
+    let mut at = 0;
+    for seq in 0..events {
+        let marker = format!("data: e{seq}-");
+        let found =
+            find(&wire[at..], marker.as_bytes()).unwrap_or_else(|| panic!("event {seq} missing or out of order"));
+        at += found + marker.len();
+    }
+    assert_eq!(node.metric("sse_connections_closed_total", r#"reason="slow_consumer""#).await, 0.0);
+
+    // A client that never reads fills its socket, then its queue (400 frames), and is cut off.
+    let mut sleeper = open_raw_stream(&node, "sleeper").await;
+    for seq in 0..1600 {
+        publish_api(&node, json!({"users": ["sleeper"], "data": format!("s{seq}-{padding}")})).await;
+    }
+    assert_eq!(node.metric("sse_connections_closed_total", r#"reason="slow_consumer""#).await, 1.0);
+    let mut rest = Vec::new();
+    assert!(!read_raw_until(&mut sleeper, &mut rest, |_| false).await, "the server closes the connection");
+}

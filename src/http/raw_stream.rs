@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::events::{self, STREAM_HEADERS};
-use crate::connection::Outgoing;
+use crate::connection::{Batch, MAX_BATCH, Sink, chunk};
 use crate::node::Node;
 
 /// Largest request head read before giving up on the fast path (hyper answers 431 then).
@@ -36,8 +36,6 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// A stream whose socket accepts no byte for this long is dropped (a peer that stopped reading).
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Events written per wake-up at most; more wait for the next one.
-const MAX_BATCH: usize = 64;
 
 /// The parts of a `GET /events` request the stream needs.
 pub struct EventsRequest {
@@ -144,13 +142,17 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
     if write_all(&stream, &mut pieces).await.is_err() {
         return;
     }
+    // From here on the dispatcher and the ticker write events straight into the socket; this
+    // task writes only what they could not (a full socket) and watches for the client leaving.
+    let stream = Arc::new(stream);
     let connection = opened.membership.connection();
+    connection.attach(Sink { socket: stream.clone(), chunked });
     loop {
         tokio::select! {
-            batch = std::future::poll_fn(|cx| next_batch(connection, cx)) => {
-                let Some(batch) = batch else { break };
-                let frames = batch.into_iter().flat_map(|o| o.id_line.into_iter().chain(std::iter::once(o.frame))).collect();
-                pieces.extend(chunk(chunked, frames));
+            batch = std::future::poll_fn(|cx| connection.poll_batch(cx, chunked, &mut pieces)) => {
+                if batch == Batch::Ended {
+                    break;
+                }
                 if write_all(&stream, &mut pieces).await.is_err() {
                     return;
                 }
@@ -162,27 +164,14 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
             }
         }
     }
+    drop(connection.release());
     if chunked {
         pieces.push_back(Bytes::from_static(b"0\r\n\r\n"));
         let _ = write_all(&stream, &mut pieces).await;
     }
-    let mut stream = stream;
-    let _ = stream.shutdown().await;
-}
-
-/// Everything queued right now (up to a batch), or `None` once the stream has ended.
-fn next_batch(connection: &crate::connection::Connection, cx: &mut Context<'_>) -> Poll<Option<Vec<Outgoing>>> {
-    let mut batch = Vec::new();
-    while batch.len() < MAX_BATCH {
-        match connection.poll_next(cx) {
-            Poll::Ready(Some(outgoing)) => batch.push(outgoing),
-            Poll::Ready(None) if batch.is_empty() => return Poll::Ready(None),
-            Poll::Ready(None) => break,
-            Poll::Pending if batch.is_empty() => return Poll::Pending,
-            Poll::Pending => break,
-        }
+    if let Ok(mut stream) = Arc::try_unwrap(stream) {
+        let _ = stream.shutdown().await;
     }
-    Poll::Ready(Some(batch))
 }
 
 /// The client sent more bytes (ignored) or closed its side: true when it is gone.
@@ -194,19 +183,6 @@ fn client_left(stream: &TcpStream) -> bool {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
         Err(_) => true,
     }
-}
-
-/// Wraps frames into one HTTP/1.1 chunk (one size line for the whole batch).
-fn chunk(chunked: bool, frames: Vec<Bytes>) -> Vec<Bytes> {
-    if !chunked {
-        return frames;
-    }
-    let size: usize = frames.iter().map(Bytes::len).sum();
-    let mut out = Vec::with_capacity(frames.len() + 2);
-    out.push(Bytes::from(format!("{size:x}\r\n")));
-    out.extend(frames);
-    out.push(Bytes::from_static(b"\r\n"));
-    out
 }
 
 /// Writes every piece with vectored writes, dropping a peer that stops reading. The write is
