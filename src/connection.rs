@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -113,13 +113,6 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(HEADROOM + COPY_MAX + 256));
 }
 
-/// The socket of a stream served on the raw path, shared with the task that owns its response.
-pub struct Sink {
-    pub socket: Arc<TcpStream>,
-    /// HTTP/1.1 chunked transfer encoding (HTTP/1.0 bodies are written as they are).
-    pub chunked: bool,
-}
-
 pub struct Connection {
     pub id: ConnectionId,
     pub user: UserId,
@@ -129,6 +122,10 @@ pub struct Connection {
     pub opened_at: Instant,
     /// Token `exp`, seconds since the UNIX epoch.
     pub token_expires_at: u64,
+    /// The stream's socket on the raw path, set once its head is written. Kept here rather than
+    /// behind its own `Arc`: a fan-out touches every stream's connection anyway, and one more
+    /// allocation per stream would be one more cache miss per delivery.
+    socket: OnceLock<TcpStream>,
     state: Mutex<State>,
 }
 
@@ -143,8 +140,10 @@ struct State {
     /// Hub clock second of the last event queued (heartbeats excluded), for the inactivity timeout.
     last_event_at: u32,
     waker: Option<Waker>,
-    /// Where events are written directly, once the response head is out (raw path only).
-    sink: Option<Sink>,
+    /// Events may be written straight into `socket` (raw path, head written, stream not ended).
+    attached: bool,
+    /// HTTP/1.1 chunked transfer encoding (HTTP/1.0 bodies are written as they are).
+    chunked: bool,
     /// The stream's task holds bytes it has not finished writing: nobody else may write now.
     writer_busy: bool,
     /// The unwritten rest of a direct write that the socket did not take; the task writes it first.
@@ -161,6 +160,7 @@ impl Connection {
             channel_hashes,
             opened_at: Instant::now(),
             token_expires_at,
+            socket: OnceLock::new(),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 allowance: 0,
@@ -169,7 +169,8 @@ impl Connection {
                 closed: false,
                 last_event_at: now,
                 waker: None,
-                sink: None,
+                attached: false,
+                chunked: false,
                 writer_busy: false,
                 backlog: None,
             }),
@@ -181,13 +182,20 @@ impl Connection {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// From now on events may be written straight into `sink`. Called by the raw path once the
-    /// response head and preamble are written.
-    pub fn attach(&self, sink: Sink) {
+    /// From now on events may be written straight into `socket`. Called by the raw path once
+    /// the response head and preamble are written; the stream's task then reaches the socket
+    /// through [`Connection::socket`].
+    pub fn attach(&self, socket: TcpStream, chunked: bool) {
         let mut state = self.state();
-        if !state.closed {
-            state.sink = Some(sink);
+        if self.socket.set(socket).is_ok() && !state.closed {
+            state.attached = true;
+            state.chunked = chunked;
         }
+    }
+
+    /// The socket given to [`Connection::attach`].
+    pub fn socket(&self) -> Option<&TcpStream> {
+        self.socket.get()
     }
 
     /// Queues a frame, or writes it at once when the stream has a socket and nothing waits
@@ -201,7 +209,7 @@ impl Connection {
             if let Some(now) = now {
                 state.last_event_at = now;
             }
-            if state.sink.is_some() && !state.writer_busy && state.queue.is_empty() {
+            if state.attached && !state.writer_busy && state.queue.is_empty() {
                 return self.write_direct(&mut state, item);
             }
             if state.queue.len() >= capacity + state.allowance {
@@ -230,10 +238,10 @@ impl Connection {
             if with_cursor {
                 Cursor::put_id_line(&mut out, state.epoch, unix_now(), self.positions(state));
             }
-            let Some(sink) = state.sink.as_ref() else { return Err(io::ErrorKind::NotConnected.into()) };
+            let Some(socket) = self.socket.get() else { return Err(io::ErrorKind::NotConnected.into()) };
             let size = out.len() - HEADROOM + frame.len();
-            let start = if sink.chunked { put_chunk_size(&mut out, size) } else { HEADROOM };
-            let tail: &[u8] = if sink.chunked { b"\r\n" } else { b"" };
+            let start = if state.chunked { put_chunk_size(&mut out, size) } else { HEADROOM };
+            let tail: &[u8] = if state.chunked { b"\r\n" } else { b"" };
             let wire = if frame.len() <= COPY_MAX {
                 out.extend_from_slice(frame);
                 out.extend_from_slice(tail);
@@ -241,7 +249,7 @@ impl Connection {
             } else {
                 Wire { head: &out[start..], frame, tail }
             };
-            match wire.send(&sink.socket) {
+            match wire.send(socket) {
                 Ok(written) if written == wire.len() => Ok(None),
                 Ok(written) => Ok(Some(wire.rest(written))),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(wire.rest(0))),
@@ -263,7 +271,7 @@ impl Connection {
                 // The peer is gone: end the stream; its task notices and leaves the hub.
                 state.queue.clear();
                 state.closed = true;
-                state.sink = None;
+                state.attached = false;
             }
         }
         if let Some(waker) = state.waker.take() {
@@ -359,14 +367,14 @@ impl Connection {
         true
     }
 
-    /// The stream's task is gone: nothing may be written any more, and the socket is handed
-    /// back (the last other holder of it).
-    pub fn release(&self) -> Option<Sink> {
+    /// The stream's task is done with it: nothing more is written into the socket but what the
+    /// task itself writes last (the end of the chunked body).
+    pub fn release(&self) {
         let mut state = self.state();
         state.closed = true;
+        state.attached = false;
         state.queue.clear();
         state.backlog = None;
-        state.sink.take()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -653,8 +661,8 @@ mod tests {
     }
 
     /// Does what the raw path's task does: writes whatever the connection hands it, until the end.
-    async fn run_writer(conn: Arc<Connection>, socket: Arc<TcpStream>, chunked: bool) {
-        use tokio::io::AsyncWriteExt;
+    async fn run_writer(conn: Arc<Connection>, chunked: bool) {
+        let socket = conn.socket().expect("attached");
         let mut pieces = VecDeque::new();
         loop {
             let batch = std::future::poll_fn(|cx| conn.poll_batch(cx, chunked, &mut pieces)).await;
@@ -662,23 +670,27 @@ mod tests {
                 break;
             }
             while let Some(piece) = pieces.pop_front() {
-                let mut written = 0;
-                while written < piece.len() {
-                    socket.writable().await.expect("writable");
-                    match socket.try_write(&piece[written..]) {
-                        Ok(n) => written += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => panic!("write failed: {e}"),
-                    }
-                }
+                write_fully(socket, &piece).await;
             }
         }
-        drop(conn.release());
-        let Ok(mut socket) = Arc::try_unwrap(socket) else { panic!("the connection still holds the socket") };
+        conn.release();
+        assert_eq!(conn.push(&raw(b"data: late\n\n"), 8, None), Pushed::Closed);
         if chunked {
-            socket.write_all(b"0\r\n\r\n").await.expect("last chunk");
+            write_fully(socket, b"0\r\n\r\n").await;
         }
-        socket.shutdown().await.expect("shutdown");
+        socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write).expect("shutdown");
+    }
+
+    async fn write_fully(socket: &TcpStream, bytes: &[u8]) {
+        let mut written = 0;
+        while written < bytes.len() {
+            socket.writable().await.expect("writable");
+            match socket.try_write(&bytes[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("write failed: {e}"),
+            }
+        }
     }
 
     /// Everything the client reads until the server closes, chunk framing removed.
@@ -720,7 +732,7 @@ mod tests {
     async fn an_attached_stream_is_written_at_once_without_its_task() {
         let (server, mut client) = socket_pair().await;
         let conn = connection();
-        conn.attach(Sink { socket: Arc::new(server), chunked: true });
+        conn.attach(server, true);
         assert_eq!(conn.push(&raw(b"data: a\n\n"), 4, Some(1)), Pushed::Queued);
         let big = Bytes::from(format!("data: {}\n\n", "b".repeat(COPY_MAX)));
         assert_eq!(conn.push(&Item::Raw(big.clone()), 4, None), Pushed::Queued);
@@ -742,10 +754,9 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_stops_reading_gets_everything_in_order_once_it_reads_again() {
         let (server, client) = socket_pair().await;
-        let socket = Arc::new(server);
         let conn = Arc::new(connection());
-        conn.attach(Sink { socket: socket.clone(), chunked: true });
-        let writer = tokio::spawn(run_writer(conn.clone(), socket, true));
+        conn.attach(server, true);
+        let writer = tokio::spawn(run_writer(conn.clone(), true));
         // Far more than the socket buffers hold while nobody reads: the rest must queue behind
         // the backlog of the direct write the socket cut short, in order.
         let events = 3000;
@@ -772,7 +783,6 @@ mod tests {
     #[tokio::test]
     async fn direct_writes_carry_the_cursor_and_skip_what_was_delivered() {
         let (server, client) = socket_pair().await;
-        let socket = Arc::new(server);
         let conn = Arc::new(connection());
         let channel = ChannelName::from_bus("sse:user:u");
         let event = |seq: u64| Item::Event {
@@ -781,8 +791,8 @@ mod tests {
             frame: Bytes::from(format!("data: {seq}\n\n")),
         };
         conn.start_history(3, vec![StreamId { ms: 10, seq: 1 }], Vec::new());
-        conn.attach(Sink { socket: socket.clone(), chunked: true });
-        let writer = tokio::spawn(run_writer(conn.clone(), socket, true));
+        conn.attach(server, true);
+        let writer = tokio::spawn(run_writer(conn.clone(), true));
         for seq in [1, 2, 2, 3] {
             conn.push(&event(seq), 8, None);
         }
@@ -803,7 +813,7 @@ mod tests {
     async fn a_write_to_a_vanished_client_ends_the_stream() {
         let (server, client) = socket_pair().await;
         let conn = connection();
-        conn.attach(Sink { socket: Arc::new(server), chunked: true });
+        conn.attach(server, true);
         drop(client);
         // The first write may still be accepted by the kernel; the reset makes a later one fail.
         for _ in 0..50 {

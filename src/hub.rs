@@ -386,19 +386,23 @@ impl Hub {
         self.clock.store(now, Ordering::Relaxed);
         let unix = unix_now();
         let mut expired = Vec::new();
-        let ping = heartbeat.map(|h| (Item::Raw(h.frame.clone()), h.slot, h.slots));
+        let mut due = Vec::new();
         {
             let registry = self.read();
             for connection in registry.users.values().flatten() {
-                if let Some((ping, slot, slots)) = &ping
-                    && connection.id.0 % slots == *slot
-                    && connection.push(ping, self.limits.queue_capacity, None) == Pushed::Full
-                {
-                    expired.push((connection.clone(), CloseReason::SlowConsumer));
-                    continue;
-                }
                 if let Some(reason) = self.overdue(connection, now, unix) {
                     expired.push((connection.clone(), reason));
+                } else if heartbeat.is_some_and(|h| connection.id.0 % h.slots == h.slot) {
+                    due.push(connection.clone());
+                }
+            }
+        }
+        // Written outside the registry lock: a heartbeat may be a system call per stream.
+        if let Some(heartbeat) = heartbeat {
+            let ping = Item::Raw(heartbeat.frame.clone());
+            for connection in due {
+                if connection.push(&ping, self.limits.queue_capacity, None) == Pushed::Full {
+                    expired.push((connection, CloseReason::SlowConsumer));
                 }
             }
         }

@@ -23,11 +23,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::IntoResponse;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::events::{self, STREAM_HEADERS};
-use crate::connection::{Batch, MAX_BATCH, Sink, chunk};
+use crate::connection::{Batch, MAX_BATCH, chunk};
 use crate::node::Node;
 
 /// Largest request head read before giving up on the fast path (hyper answers 431 then).
@@ -144,34 +144,33 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
     }
     // From here on the dispatcher and the ticker write events straight into the socket; this
     // task writes only what they could not (a full socket) and watches for the client leaving.
-    let stream = Arc::new(stream);
     let connection = opened.membership.connection();
-    connection.attach(Sink { socket: stream.clone(), chunked });
+    connection.attach(stream, chunked);
+    let Some(stream) = connection.socket() else { return };
     loop {
         tokio::select! {
             batch = std::future::poll_fn(|cx| connection.poll_batch(cx, chunked, &mut pieces)) => {
                 if batch == Batch::Ended {
                     break;
                 }
-                if write_all(&stream, &mut pieces).await.is_err() {
+                if write_all(stream, &mut pieces).await.is_err() {
                     return;
                 }
             }
             readable = stream.readable() => {
-                if readable.is_err() || client_left(&stream) {
+                if readable.is_err() || client_left(stream) {
                     return;
                 }
             }
         }
     }
-    drop(connection.release());
+    connection.release();
     if chunked {
         pieces.push_back(Bytes::from_static(b"0\r\n\r\n"));
-        let _ = write_all(&stream, &mut pieces).await;
+        let _ = write_all(stream, &mut pieces).await;
     }
-    if let Ok(mut stream) = Arc::try_unwrap(stream) {
-        let _ = stream.shutdown().await;
-    }
+    // The socket itself closes when the connection is dropped, once the hub has let go of it.
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
 }
 
 /// The client sent more bytes (ignored) or closed its side: true when it is gone.
