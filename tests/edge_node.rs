@@ -69,6 +69,7 @@ async fn events_work_as_a_first_request_and_after_another_on_a_kept_alive_connec
     let node = Node::start(&[]).await;
     let token = token("kim", &[], None);
     // Raw path: /events first, over HTTP/1.1 (chunked) and HTTP/1.0 (close-delimited).
+    let mut raw = Vec::new();
     for version in ["1.1", "1.0"] {
         let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
         let request = format!("GET /events?access_token={token} HTTP/{version}\r\nHost: x\r\n\r\n");
@@ -77,6 +78,7 @@ async fn events_work_as_a_first_request_and_after_another_on_a_kept_alive_connec
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         assert!(head.contains("content-type: text/event-stream"), "{head}");
         assert_eq!(head.contains("transfer-encoding: chunked"), version == "1.1", "{head}");
+        raw.push((version, socket));
     }
     // Hyper path: a kept-alive connection that asked for something else first.
     let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
@@ -87,8 +89,35 @@ async fn events_work_as_a_first_request_and_after_another_on_a_kept_alive_connec
     socket.write_all(request.as_bytes()).await.expect("write");
     let stream = read_until(&mut socket, "event: connected").await;
     assert!(stream.contains("text/event-stream"), "{stream}");
-    assert_eq!(publish_api(&node, json!({"users": ["kim"], "data": "to both paths"})).await.0, 202);
-    read_until(&mut socket, "to both paths").await;
+    assert_eq!(publish_api(&node, json!({"users": ["kim"], "data": "to every path"})).await.0, 202);
+    read_until(&mut socket, "to every path").await;
+    // The raw path writes events itself: one chunk per event over HTTP/1.1, bare over HTTP/1.0.
+    for (version, mut socket) in raw {
+        let seen = read_until(&mut socket, "data: to every path\n\n").await;
+        if version == "1.1" {
+            let seen = read_until_more(&mut socket, seen.clone(), "\n\n\r\n").await;
+            // `<size>\r\n<id: cursor>\ndata: to every path\n\n\r\n`: the size matches the content.
+            let content_end = seen.len() - 2;
+            let content_start = seen[..content_end].rfind("\r\n").expect("chunk-size line") + 2;
+            let size_start = seen[..content_start - 2].rfind("\r\n").map_or(0, |i| i + 2);
+            let size = usize::from_str_radix(&seen[size_start..content_start - 2], 16).expect("hex size");
+            assert_eq!(size, content_end - content_start, "{seen:?}");
+            assert!(seen[content_start..content_end].ends_with("data: to every path\n\n"), "{seen:?}");
+        } else {
+            assert!(!seen.contains("\r\n"), "no chunk framing over HTTP/1.0: {seen:?}");
+        }
+    }
+
+    async fn read_until_more(socket: &mut tokio::net::TcpStream, seen: String, needle: &str) -> String {
+        let mut seen = seen.into_bytes();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).ends_with(needle) {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
+            assert!(n > 0, "closed before {needle:?}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
 
     async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
         let mut seen = Vec::new();

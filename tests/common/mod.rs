@@ -207,6 +207,13 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let Some(dir) = self.log.parent() else { return };
+        if std::thread::panicking() {
+            // The test failed: keep the node's logs for whoever reads the failure.
+            eprintln!("node logs kept in {}", dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
