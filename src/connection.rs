@@ -227,18 +227,17 @@ impl Connection {
     /// Writes one item into the socket under the lock (so nothing can overtake it). What the
     /// socket does not take becomes the backlog the stream's task writes when it can.
     fn write_direct(&self, state: &mut State, item: &Item) -> Pushed {
-        let Some(with_cursor) = self.admit(state, item) else { return Pushed::Queued };
-        let frame = item.frame();
         let outcome = SCRATCH.with(|scratch| {
-            let Ok(mut out) = scratch.try_borrow_mut() else {
-                return Err(io::ErrorKind::WouldBlock.into());
-            };
+            // In use further up this thread's stack (nothing does that today): queue instead.
+            let Ok(mut out) = scratch.try_borrow_mut() else { return Direct::Busy };
+            let Some(socket) = self.socket.get() else { return Direct::Busy };
+            let Some(with_cursor) = self.admit(state, item) else { return Direct::Written };
+            let frame = item.frame();
             out.clear();
             out.resize(HEADROOM, 0);
             if with_cursor {
                 Cursor::put_id_line(&mut out, state.epoch, unix_now(), self.positions(state));
             }
-            let Some(socket) = self.socket.get() else { return Err(io::ErrorKind::NotConnected.into()) };
             let size = out.len() - HEADROOM + frame.len();
             let start = if state.chunked { put_chunk_size(&mut out, size) } else { HEADROOM };
             let tail: &[u8] = if state.chunked { b"\r\n" } else { b"" };
@@ -250,24 +249,20 @@ impl Connection {
                 Wire { head: &out[start..], frame, tail }
             };
             match wire.send(socket) {
-                Ok(written) if written == wire.len() => Ok(None),
-                Ok(written) => Ok(Some(wire.rest(written))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(wire.rest(0))),
-                Err(e) => Err(e),
+                Ok(written) if written == wire.len() => Direct::Written,
+                Ok(written) => Direct::Partly(wire.rest(written)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Direct::Partly(wire.rest(0)),
+                Err(_) => Direct::Failed,
             }
         });
         match outcome {
-            Ok(None) => return Pushed::Queued,
-            Ok(Some(rest)) => {
+            Direct::Written => return Pushed::Queued,
+            Direct::Partly(rest) => {
                 state.backlog = Some(rest);
                 state.writer_busy = true;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The scratch buffer is in use further up this thread's stack (cannot happen
-                // today); queue instead of writing.
-                state.queue.push_back(item.clone());
-            }
-            Err(_) => {
+            Direct::Busy => state.queue.push_back(item.clone()),
+            Direct::Failed => {
                 // The peer is gone: end the stream; its task notices and leaves the hub.
                 state.queue.clear();
                 state.closed = true;
@@ -427,6 +422,18 @@ impl Connection {
         register(&mut state, cx);
         Poll::Pending
     }
+}
+
+/// How a direct write went.
+enum Direct {
+    /// On the wire (or skipped as already delivered).
+    Written,
+    /// The socket took only part of it, or nothing: the rest waits for the stream's task.
+    Partly(Bytes),
+    /// Could not write now; the item goes to the queue untouched.
+    Busy,
+    /// The socket failed: the client is gone.
+    Failed,
 }
 
 /// What the raw path's task does next.

@@ -4,8 +4,10 @@
 //! buffer, an 8 KiB head buffer and its dispatcher state alive for the whole life of the
 //! stream (measured: 12.5 KB RSS per idle stream, 8.7 KB with jemalloc). Here the request head
 //! is read once into a small buffer and dropped; the stream then costs its socket, one small
-//! task and its hub entry. Frames queued by the hub are written with one vectored write per
-//! wake-up as HTTP/1.1 chunks, sharing the hub's `Bytes` without copying.
+//! task and its hub entry. Once the head is out the socket moves into the stream's connection,
+//! and the fan-out writes events into it directly (see [`crate::connection`]). This task
+//! writes only what the socket could not take at once — HTTP/1.1 chunks with vectored writes,
+//! sharing the hub's `Bytes` without copying — and notices the client leaving.
 //!
 //! Only a connection whose *first* request is `GET /events` comes here; anything else (and
 //! any later request on a kept-alive connection) is handed to hyper with the bytes already
