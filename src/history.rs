@@ -133,27 +133,38 @@ impl Cursor {
         issued_at: u64,
         positions: impl Iterator<Item = (u32, StreamId)>,
     ) {
-        let raw = Self::raw(epoch, issued_at, positions);
-        let start = out.len();
-        let encoded_len = base64::encoded_len(raw.len(), false).unwrap_or(0);
-        out.extend_from_slice(b"id: ");
-        out.resize(start + 4 + encoded_len, 0);
-        let written = URL_SAFE_NO_PAD.encode_slice(&raw, &mut out[start + 4..]).unwrap_or(0);
-        out.truncate(start + 4 + written);
-        out.push(b'\n');
+        thread_local! {
+            /// The unencoded cursor, reused: this runs per stream per durable event.
+            static RAW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        RAW.with_borrow_mut(|raw| {
+            raw.clear();
+            Self::put_raw(raw, epoch, issued_at, positions);
+            let start = out.len();
+            let encoded_len = base64::encoded_len(raw.len(), false).unwrap_or(0);
+            out.extend_from_slice(b"id: ");
+            out.resize(start + 4 + encoded_len, 0);
+            let written = URL_SAFE_NO_PAD.encode_slice(&raw[..], &mut out[start + 4..]).unwrap_or(0);
+            out.truncate(start + 4 + written);
+            out.push(b'\n');
+        });
     }
 
     fn raw(epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
+        Self::put_raw(&mut out, epoch, issued_at, positions);
+        out
+    }
+
+    fn put_raw(out: &mut Vec<u8>, epoch: u32, issued_at: u64, positions: impl Iterator<Item = (u32, StreamId)>) {
         out.push(CURSOR_VERSION);
         out.extend_from_slice(&epoch.to_le_bytes());
-        put_varint(&mut out, issued_at);
+        put_varint(out, issued_at);
         for (hash, id) in positions {
             out.extend_from_slice(&hash.to_le_bytes());
-            put_varint(&mut out, id.ms);
-            put_varint(&mut out, id.seq);
+            put_varint(out, id.ms);
+            put_varint(out, id.seq);
         }
-        out
     }
 
     pub fn decode(text: &str) -> Result<Self, CursorError> {

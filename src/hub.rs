@@ -180,11 +180,18 @@ impl Hub {
         token_expires_at: u64,
     ) -> Result<Joined, JoinError> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let connection = Arc::new(Connection::new(id, user.clone(), channels.into(), token_expires_at, self.now()));
         let mut evicted = None;
         let mut pending = Vec::new();
+        let connection;
         {
             let mut registry = self.write();
+            // Share the registry's name of each channel that already has listeners: events carry
+            // that name, and a stream finds its channel by pointer instead of comparing strings.
+            let channels: Box<[ChannelName]> = channels
+                .into_iter()
+                .map(|c| registry.channels.get_key_value(&c).map_or(c, |(known, _)| known.clone()))
+                .collect();
+            connection = Arc::new(Connection::new(id, user.clone(), channels, token_expires_at, self.now()));
             if registry.draining {
                 return Err(JoinError::Draining);
             }
