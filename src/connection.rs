@@ -93,7 +93,8 @@ pub struct Outgoing {
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    Queued,
+    /// Written into the socket, queued for the stream's task, or skipped as already delivered.
+    Accepted,
     /// The queue was full: the caller cuts the connection off.
     Full,
     /// The stream is already closing; the frame was dropped.
@@ -221,7 +222,7 @@ impl Connection {
         if let Some(waker) = waker {
             waker.wake();
         }
-        Pushed::Queued
+        Pushed::Accepted
     }
 
     /// Writes one item into the socket under the lock (so nothing can overtake it). What the
@@ -256,7 +257,7 @@ impl Connection {
             }
         });
         match outcome {
-            Direct::Written => return Pushed::Queued,
+            Direct::Written => return Pushed::Accepted,
             Direct::Partly(rest) => {
                 state.backlog = Some(rest);
                 state.writer_busy = true;
@@ -272,7 +273,7 @@ impl Connection {
         if let Some(waker) = state.waker.take() {
             waker.wake();
         }
-        Pushed::Queued
+        Pushed::Accepted
     }
 
     /// Starts history tracking: the epoch and per-channel positions the stream resumes from,
@@ -599,7 +600,7 @@ mod tests {
         let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
         assert_eq!(conn.poll_next(&mut cx), Poll::Pending);
-        assert_eq!(conn.push(&raw(b"a"), 4, Some(5)), Pushed::Queued);
+        assert_eq!(conn.push(&raw(b"a"), 4, Some(5)), Pushed::Accepted);
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst), "push must wake the body");
         conn.push(&raw(b"b"), 4, None);
         assert_eq!(conn.poll_next(&mut cx), out(b"a"));
@@ -611,7 +612,7 @@ mod tests {
     fn a_full_queue_is_reported_and_cut_drops_everything() {
         let conn = connection();
         for _ in 0..3 {
-            assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Queued);
+            assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Accepted);
         }
         assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Full);
         assert!(conn.cut());
@@ -727,6 +728,13 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_one_chunk() {
+        let pieces = chunk(true, vec![Bytes::from_static(b"id: 1\n"), Bytes::from_static(b"data: x\n\n")]);
+        let wire: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(wire, b"f\r\nid: 1\ndata: x\n\n\r\n");
+    }
+
+    #[test]
     fn chunk_size_lines_are_lowercase_hex_right_before_the_data() {
         for (size, line) in [(0, "0"), (9, "9"), (15, "f"), (16, "10"), (300, "12c"), (65536, "10000")] {
             let mut out = vec![0u8; HEADROOM];
@@ -740,9 +748,9 @@ mod tests {
         let (server, mut client) = socket_pair().await;
         let conn = connection();
         conn.attach(server, true);
-        assert_eq!(conn.push(&raw(b"data: a\n\n"), 4, Some(1)), Pushed::Queued);
+        assert_eq!(conn.push(&raw(b"data: a\n\n"), 4, Some(1)), Pushed::Accepted);
         let big = Bytes::from(format!("data: {}\n\n", "b".repeat(COPY_MAX)));
-        assert_eq!(conn.push(&Item::Raw(big.clone()), 4, None), Pushed::Queued);
+        assert_eq!(conn.push(&Item::Raw(big.clone()), 4, None), Pushed::Accepted);
         // Nothing waits for a task: the queue is empty and the bytes are on the wire.
         let mut pieces = VecDeque::new();
         assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), true, &mut pieces), Poll::Pending);
@@ -771,7 +779,7 @@ mod tests {
         for seq in 0..events {
             let frame = Bytes::from(format!("data: {seq} {}\n\n", "x".repeat(seq % 3000)));
             expected.extend_from_slice(&frame);
-            assert_eq!(conn.push(&Item::Raw(frame), events, None), Pushed::Queued);
+            assert_eq!(conn.push(&Item::Raw(frame), events, None), Pushed::Accepted);
             if seq % 100 == 0 {
                 tokio::task::yield_now().await; // let the task write some in between
             }

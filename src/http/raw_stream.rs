@@ -327,11 +327,4 @@ mod tests {
         assert!(matches!(parse_events_request(b"GET /events HTTP/1.1\r\nHost"), Parsed::Partial));
         assert!(matches!(parse_events_request(b"\x00\x01garbage\r\n\r\n"), Parsed::Other));
     }
-
-    #[test]
-    fn a_batch_is_one_chunk() {
-        let pieces = chunk(true, vec![Bytes::from_static(b"id: 1\n"), Bytes::from_static(b"data: x\n\n")]);
-        let wire: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
-        assert_eq!(wire, b"f\r\nid: 1\ndata: x\n\n\r\n");
-    }
 }
