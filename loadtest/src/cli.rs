@@ -77,6 +77,12 @@ pub struct Common {
     /// A response head slower than this is a failure.
     #[arg(long, default_value_t = 15_000)]
     pub head_timeout_ms: u64,
+    /// After a read, a worker keeps polling its sockets without sleeping for this long (0: it
+    /// sleeps in epoll_wait whenever nothing is ready, like any client). On loopback the
+    /// sender's CPU pays for waking a sleeping reader, unless receive processing is steered to
+    /// another core; a reader that stays awake through a burst is never woken.
+    #[arg(long, default_value_t = 0)]
+    pub stay_awake_ms: u64,
 }
 
 impl Common {
@@ -100,6 +106,7 @@ impl Common {
         s.headers = self.headers.clone();
         s.source_ips = self.source_ips.max(1);
         s.head_timeout_ms = self.head_timeout_ms;
+        s.stay_awake_ms = self.stay_awake_ms;
         s.resume = resume;
         Ok(s)
     }

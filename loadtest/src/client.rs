@@ -17,10 +17,11 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout};
 
+use crate::awake::Awake;
 use crate::histogram::Latency;
 use crate::http_stream::{ChunkedDecoder, Framing, parse_head};
 use crate::jwt::Minter;
@@ -56,6 +57,7 @@ pub struct Shared {
     pub tracks: RefCell<Vec<Track>>,
     /// When the last `DropAll` happened; clients that open after it count as "back".
     pub dropped_at: Cell<Option<u64>>,
+    pub awake: Awake,
     buf: RefCell<Vec<u8>>,
 }
 
@@ -69,6 +71,7 @@ impl Shared {
             counters: RefCell::default(),
             tracks: RefCell::default(),
             dropped_at: Cell::new(None),
+            awake: Awake::default(),
             buf: RefCell::new(vec![0; READ_BUF]),
         }
     }
@@ -149,7 +152,7 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
         loop {
             stream.readable().await.map_err(|e| classify(&e, "read_error"))?;
             let mut buf = shared.buf.borrow_mut();
-            match stream.try_read(&mut buf[..]) {
+            match read_once(&stream, &mut buf[..]) {
                 Ok(0) => return Err("closed_before_head"),
                 Ok(n) => {
                     head_buf.extend_from_slice(&buf[..n]);
@@ -211,9 +214,10 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
         };
         ready.map_err(|e| classify(&e, "read_error"))?;
         let mut buf = shared.buf.borrow_mut();
-        match stream.try_read(&mut buf[..]) {
+        match read_once(&stream, &mut buf[..]) {
             Ok(0) => return if held { Err("closed_by_server") } else { Ok(()) },
             Ok(n) => {
+                shared.awake.on_read();
                 if body.process(shared, held.then_some(local), &buf[..n])? {
                     return if held { Err("closed_by_server") } else { Ok(()) };
                 }
@@ -268,6 +272,29 @@ impl Body {
             t.last_id.extend_from_slice(parser.last_id());
         }
         Ok(ended)
+    }
+}
+
+/// One `recv` per wake-up. A read shorter than `buf` drained the socket, so its readiness is
+/// cleared now rather than by a second `recv` that would only return `EAGAIN`. Tokio clears
+/// readiness only if no new edge arrived since it was observed, so data that lands after the
+/// `recv` still wakes the stream.
+fn read_once(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let fd = stream.as_raw_fd();
+    let mut got = 0usize;
+    let outcome = stream.try_io(Interest::READABLE, || {
+        // SAFETY: `fd` is the stream's open socket and `buf` is writable for `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        got = n as usize;
+        if got > 0 && got < buf.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
+    });
+    match outcome {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        Err(e) => Err(e),
+        Ok(()) => Ok(got),
     }
 }
 

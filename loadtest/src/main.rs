@@ -6,6 +6,7 @@
 //! processes (this binary, hidden `worker` subcommand) because one process may hold at most
 //! 20,000 open files here. Every run is bounded in time and count and targets loopback only.
 
+mod awake;
 mod cli;
 mod client;
 mod histogram;

@@ -37,6 +37,8 @@ pub struct SubscribeSpec {
     pub head_timeout_ms: u64,
     /// Send `Last-Event-ID` when reopening a stream.
     pub resume: bool,
+    /// A worker keeps polling without sleeping for this long after its last read (0: never).
+    pub stay_awake_ms: u64,
 }
 
 impl SubscribeSpec {
@@ -55,6 +57,7 @@ impl SubscribeSpec {
             source_ips: 1,
             head_timeout_ms: 15_000,
             resume: false,
+            stay_awake_ms: 0,
         })
     }
 

@@ -36,6 +36,10 @@ async fn run() -> Result<()> {
     let first = lines.next_line().await?.context("parent closed stdin before the setup line")?;
     let setup: WorkerSetup = serde_json::from_str(&first).context("bad setup line")?;
     let shared = Rc::new(Shared::new(setup.subscribe.clone(), setup.workers));
+    let poller = spawn_local({
+        let shared = shared.clone();
+        async move { shared.awake.run(Duration::from_millis(shared.spec.stay_awake_ms)).await }
+    });
     let held: Held = Rc::default();
     // Openers run as tasks so that snapshots are answered while clients are being opened.
     let mut openers: Vec<AbortHandle> = Vec::new();
@@ -116,6 +120,7 @@ async fn run() -> Result<()> {
             Command::Exit => break,
         }
     }
+    poller.abort();
     for task in openers {
         task.abort();
     }
