@@ -96,12 +96,18 @@ pub fn tables(lines: &[Value]) -> String {
 
     // Versions and conditions.
     let _ = writeln!(out, "\n#### Servers measured\n");
-    let _ = writeln!(out, "| label | version | quiet wait before run (s) | server core | load-generator core |");
-    let _ = writeln!(out, "|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| label | version | quiet wait before run (s) | server core | load-generator core | loopback receive on | reader stays awake (ms) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for l in lines.iter().filter(|l| l["kind"] == "meta") {
+        // Runs from before the setting existed had readers that slept at once.
+        let awake = l["stay_awake_ms"].as_u64().unwrap_or(0);
+        let receive_on = if l["rx_steered"] == true { "load-generator core" } else { "sender's core" };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {receive_on} | {awake} |",
             l["label"].as_str().unwrap_or(""),
             l["version"].as_str().unwrap_or(""),
             l["quiet_wait_s"],
