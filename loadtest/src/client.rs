@@ -9,7 +9,6 @@
 //! per read, not per event.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -22,30 +21,16 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout};
 
 use crate::awake::Awake;
-use crate::histogram::Latency;
 use crate::http_stream::{ChunkedDecoder, Framing, parse_head};
 use crate::jwt::Minter;
 use crate::payload::{self, now_nanos};
+use crate::protocol::Counters;
 use crate::sse_parse::SseParser;
 use crate::target::SubscribeSpec;
 use crate::tracking::Track;
 
 /// Bytes read per wake-up; one buffer serves every stream of the worker.
 const READ_BUF: usize = 64 * 1024;
-
-/// Counters every client of a worker writes into.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub open: u64,
-    pub opened: u64,
-    pub failures: BTreeMap<&'static str, u64>,
-    pub received: u64,
-    pub latency: Latency,
-    pub connect: Latency,
-    pub back: u64,
-    pub reconnect: Latency,
-    pub churn_closed: u64,
-}
 
 /// What the clients of one worker share.
 pub struct Shared {
@@ -68,7 +53,7 @@ impl Shared {
             spec,
             workers,
             minter,
-            counters: RefCell::default(),
+            counters: RefCell::new(Counters { workers: 1, ..Counters::default() }),
             tracks: RefCell::default(),
             dropped_at: Cell::new(None),
             awake: Awake::default(),
@@ -81,7 +66,7 @@ impl Shared {
     }
 
     fn fail(&self, kind: &'static str) {
-        *self.counters.borrow_mut().failures.entry(kind).or_default() += 1;
+        *self.counters.borrow_mut().failures.entry(kind.to_string()).or_default() += 1;
     }
 }
 

@@ -1,12 +1,12 @@
 //! The parent's side of the worker processes: start them (this binary, `worker`
 //! subcommand), send every one the same command, and gather their snapshots into one
-//! `Aggregate`. Workers are killed on drop, by the PIDs this pool started.
+//! `Counters`. Workers are killed on drop, by the PIDs this pool started.
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command as Process};
 
-use crate::protocol::{Aggregate, Command, Snapshot, WorkerSetup};
+use crate::protocol::{Command, Counters, WorkerSetup};
 use crate::target::SubscribeSpec;
 use crate::tracking::Expect;
 
@@ -70,13 +70,13 @@ impl Pool {
     }
 
     /// Asks every worker for its counters and adds them up.
-    pub async fn snapshot(&mut self, reset: bool, expect: Option<Expect>) -> Result<Aggregate> {
+    pub async fn snapshot(&mut self, reset: bool, expect: Option<Expect>) -> Result<Counters> {
         self.send(&Command::Snapshot { reset, expect }).await?;
-        let mut agg = Aggregate::default();
+        let mut agg = Counters::default();
         for w in &mut self.workers {
             let line = w.stdout.next_line().await?.context("a worker process exited without answering")?;
-            let snap: Snapshot = serde_json::from_str(&line).context("bad worker snapshot")?;
-            agg.add(&snap)?;
+            let snap: Counters = serde_json::from_str(&line).context("bad worker snapshot")?;
+            agg.add(&snap);
         }
         Ok(agg)
     }

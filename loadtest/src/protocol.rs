@@ -4,11 +4,10 @@
 //! Workers are this same binary re-executed with the hidden `worker` subcommand (a single
 //! process cannot hold more than 20,000 sockets on this machine). The parent writes one JSON
 //! `Command` per line to a worker's stdin — the first line is its `WorkerSetup` — and the
-//! worker answers every `Snapshot` command with one JSON `Snapshot` line on stdout.
+//! worker answers every `Snapshot` command with one JSON `Counters` line on stdout.
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::histogram::Latency;
@@ -44,16 +43,19 @@ pub enum Command {
     /// Close every held stream at once; with `reconnect`, open each again immediately,
     /// resuming from its last event id (the reconnect storm).
     DropAll { reconnect: bool },
-    /// Report counters; `reset` starts a new interval for latency and deliveries;
-    /// `expect` asks for a per-client check against what was sent.
+    /// Answer with the worker's `Counters`; `reset` starts a new interval for latency and
+    /// deliveries; `expect` asks for a per-client check against what was sent.
     Snapshot { reset: bool, expect: Option<Expect> },
     /// Close everything and exit.
     Exit,
 }
 
-/// One worker's counters. Cumulative unless marked "interval".
+/// What a worker's clients count and what it answers a `Snapshot` with, one JSON line, its
+/// histograms encoded (`Latency`'s serde form); the parent adds every worker's answer into
+/// one of the same kind. Cumulative unless marked "interval".
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct Counters {
+    /// Worker processes counted here.
     pub workers: u64,
     /// Held streams that are open now (past the response head).
     pub open: u64,
@@ -63,40 +65,23 @@ pub struct Snapshot {
     pub failures: BTreeMap<String, u64>,
     /// Interval: bench events received.
     pub received: u64,
-    /// Interval: publish-to-receive latency (encoded `Latency`).
-    pub latency: String,
+    /// Interval: publish-to-receive latency.
+    pub latency: Latency,
     /// Interval: connect-to-response-head time.
-    pub connect: String,
+    pub connect: Latency,
     /// Since the last `DropAll`: clients whose stream is open again, and the time each took.
     pub back: u64,
-    pub reconnect: String,
+    pub reconnect: Latency,
     /// Churn clients that completed their life and closed.
     pub churn_closed: u64,
-    /// Present when the command carried `expect`.
+    /// Present when the `Snapshot` command carried `expect`.
     pub verdict: Option<Verdict>,
-    /// This worker's own CPU time in clock ticks, to see whether the load generator saturated.
+    /// The workers' own CPU time in clock ticks, to see whether the load generator saturated.
     pub cpu_ticks: u64,
 }
 
-/// The workers' snapshots added up, histograms decoded and merged.
-#[derive(Debug, Clone, Default)]
-pub struct Aggregate {
-    pub workers: u64,
-    pub open: u64,
-    pub opened: u64,
-    pub failures: BTreeMap<String, u64>,
-    pub received: u64,
-    pub latency: Latency,
-    pub connect: Latency,
-    pub back: u64,
-    pub reconnect: Latency,
-    pub churn_closed: u64,
-    pub verdict: Option<Verdict>,
-    pub cpu_ticks: u64,
-}
-
-impl Aggregate {
-    pub fn add(&mut self, s: &Snapshot) -> Result<()> {
+impl Counters {
+    pub fn add(&mut self, s: &Counters) {
         self.workers += s.workers;
         self.open += s.open;
         self.opened += s.opened;
@@ -104,16 +89,15 @@ impl Aggregate {
             *self.failures.entry(k.clone()).or_default() += v;
         }
         self.received += s.received;
-        self.latency.merge(&Latency::decode(&s.latency)?);
-        self.connect.merge(&Latency::decode(&s.connect)?);
+        self.latency.merge(&s.latency);
+        self.connect.merge(&s.connect);
         self.back += s.back;
-        self.reconnect.merge(&Latency::decode(&s.reconnect)?);
+        self.reconnect.merge(&s.reconnect);
         self.churn_closed += s.churn_closed;
         if let Some(v) = &s.verdict {
             self.verdict.get_or_insert_with(Verdict::default).add(v);
         }
         self.cpu_ticks += s.cpu_ticks;
-        Ok(())
     }
 
     pub fn failures_total(&self) -> u64 {
@@ -125,25 +109,21 @@ impl Aggregate {
 mod tests {
     use super::*;
 
-    fn snap(open: u64, latencies: &[u64], verdict: Option<Verdict>) -> Snapshot {
-        let mut h = Latency::new();
+    fn snap(open: u64, latencies: &[u64], verdict: Option<Verdict>) -> Counters {
+        let mut latency = Latency::new();
         for &l in latencies {
-            h.record_micros(l);
+            latency.record_micros(l);
         }
-        let empty = Latency::new().encode().unwrap();
-        Snapshot {
+        Counters {
             workers: 1,
             open,
             opened: open,
             failures: BTreeMap::from([("connect_refused".to_string(), 2)]),
             received: latencies.len() as u64,
-            latency: h.encode().unwrap(),
-            connect: empty.clone(),
-            back: 0,
-            reconnect: empty,
-            churn_closed: 0,
+            latency,
             verdict,
             cpu_ticks: 10,
+            ..Counters::default()
         }
     }
 
@@ -155,9 +135,9 @@ mod tests {
             serde_json::to_string(&snap(4, &[50_000], None)).unwrap(),
             serde_json::to_string(&snap(5, &[], Some(v))).unwrap(),
         ];
-        let mut agg = Aggregate::default();
+        let mut agg = Counters::default();
         for l in &lines {
-            agg.add(&serde_json::from_str(l).unwrap()).unwrap();
+            agg.add(&serde_json::from_str(l).unwrap());
         }
         assert_eq!(agg.workers, 3);
         assert_eq!(agg.open, 12);

@@ -15,9 +15,8 @@ use tokio::task::{AbortHandle, LocalSet, spawn_local};
 use tokio::time::Instant;
 
 use crate::client::{self, Role, Shared};
-use crate::histogram::Latency;
 use crate::payload::now_nanos;
-use crate::protocol::{Command, Snapshot, WorkerSetup};
+use crate::protocol::{Command, WorkerSetup};
 use crate::server_stats;
 use crate::tracking::{Expect, Track, verify};
 
@@ -111,9 +110,7 @@ async fn run() -> Result<()> {
                 }
             }
             Command::Snapshot { reset, expect } => {
-                let snap = snapshot(&shared, &setup, &held, reset, expect.as_ref())?;
-                let mut line = serde_json::to_vec(&snap)?;
-                line.push(b'\n');
+                let line = snapshot(&shared, &setup, &held, reset, expect.as_ref())?;
                 out.write_all(&line).await?;
                 out.flush().await?;
             }
@@ -149,13 +146,14 @@ async fn paced(rate: f64, clients: Vec<u64>, mut start: impl FnMut(u64)) {
     }
 }
 
+/// This worker's counters as one JSON line; `reset` then starts a new interval.
 fn snapshot(
     shared: &Shared,
     setup: &WorkerSetup,
     held: &Held,
     reset: bool,
     expect: Option<&Expect>,
-) -> Result<Snapshot> {
+) -> Result<Vec<u8>> {
     let verdict = expect.map(|e| {
         let tracks = shared.tracks.borrow();
         let held = held.borrow();
@@ -168,24 +166,15 @@ fn snapshot(
         )
     });
     let mut c = shared.counters.borrow_mut();
-    let snap = Snapshot {
-        workers: 1,
-        open: c.open,
-        opened: c.opened,
-        failures: c.failures.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        received: c.received,
-        latency: c.latency.encode()?,
-        connect: c.connect.encode()?,
-        back: c.back,
-        reconnect: c.reconnect.encode()?,
-        churn_closed: c.churn_closed,
-        verdict,
-        cpu_ticks: server_stats::cpu_ticks(std::process::id()).unwrap_or(0),
-    };
+    c.verdict = verdict;
+    c.cpu_ticks = server_stats::cpu_ticks(std::process::id()).unwrap_or(0);
+    let mut line = serde_json::to_vec(&*c)?;
+    line.push(b'\n');
+    c.verdict = None;
     if reset {
         c.received = 0;
-        c.latency = Latency::new();
-        c.connect = Latency::new();
+        c.latency.reset();
+        c.connect.reset();
     }
-    Ok(snap)
+    Ok(line)
 }

@@ -189,6 +189,6 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
     run.finish().await
 }
 
-fn prev_open(prev: &crate::protocol::Aggregate, opened: u64) -> u64 {
+fn prev_open(prev: &crate::protocol::Counters, opened: u64) -> u64 {
     if prev.open > 0 { prev.open } else { opened }
 }

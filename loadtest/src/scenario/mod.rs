@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::cli::Common;
 use crate::histogram::Summary;
 use crate::pool::{Pool, workers_for};
-use crate::protocol::{Aggregate, Command};
+use crate::protocol::{Command, Counters};
 use crate::report::{Reporter, bar};
 use crate::server_stats::{Sample, Server, ticks_per_sec};
 
@@ -113,7 +113,7 @@ impl Run {
 }
 
 /// Failures by kind that happened between two aggregates.
-pub fn failure_delta(before: &Aggregate, after: &Aggregate) -> Value {
+pub fn failure_delta(before: &Counters, after: &Counters) -> Value {
     let mut m = serde_json::Map::new();
     for (k, v) in &after.failures {
         let d = v - before.failures.get(k).copied().unwrap_or(0);
