@@ -40,8 +40,11 @@ pub struct Shared {
     pub counters: RefCell<Counters>,
     /// Tracks of held clients by local index (`client / workers`).
     pub tracks: RefCell<Vec<Track>>,
-    /// When the last `DropAll` happened; clients that open after it count as "back".
+    /// When the last `DropAll` or `WatchLosses` happened; clients that open after it count as
+    /// "back".
     pub dropped_at: Cell<Option<u64>>,
+    /// Set by `WatchLosses`: a held stream that ends counts as lost.
+    pub watching_losses: Cell<bool>,
     pub awake: Awake,
     buf: RefCell<Vec<u8>>,
 }
@@ -56,6 +59,7 @@ impl Shared {
             counters: RefCell::new(Counters { workers: 1, ..Counters::default() }),
             tracks: RefCell::default(),
             dropped_at: Cell::new(None),
+            watching_losses: Cell::new(false),
             awake: Awake::default(),
             buf: RefCell::new(vec![0; READ_BUF]),
         }
@@ -67,6 +71,22 @@ impl Shared {
 
     fn fail(&self, kind: &'static str) {
         *self.counters.borrow_mut().failures.entry(kind.to_string()).or_default() += 1;
+    }
+
+    /// A held stream ended while losses are watched: it is lost until it opens again. Counted
+    /// once per stream, however many attempts its return takes.
+    fn on_held_stream_ended(&self, client: u64) {
+        if !self.watching_losses.get() {
+            return;
+        }
+        let mut tracks = self.tracks.borrow_mut();
+        if let Some(t) = tracks.get_mut(self.local_index(client))
+            && t.opened
+            && !t.awaiting_back
+        {
+            t.awaiting_back = true;
+            self.counters.borrow_mut().lost += 1;
+        }
     }
 }
 
@@ -90,6 +110,9 @@ pub async fn run(shared: Rc<Shared>, client: u64, role: Role) {
             }
             (Err(kind), _) => shared.fail(kind),
             (Ok(()), _) => {}
+        }
+        if let Role::Held { .. } = role {
+            shared.on_held_stream_ended(client);
         }
         match role {
             Role::Held { retry: true } => {

@@ -43,6 +43,9 @@ pub enum Command {
     /// Close every held stream at once; with `reconnect`, open each again immediately,
     /// resuming from its last event id (the reconnect storm).
     DropAll { reconnect: bool },
+    /// From now on, count every held stream that ends as lost, and each one that opens again
+    /// as back (a storm the server side causes, e.g. a node killed behind a load balancer).
+    WatchLosses,
     /// Answer with the worker's `Counters`; `reset` starts a new interval for latency and
     /// deliveries; `expect` asks for a per-client check against what was sent.
     Snapshot { reset: bool, expect: Option<Expect> },
@@ -69,7 +72,9 @@ pub struct Counters {
     pub latency: Latency,
     /// Interval: connect-to-response-head time.
     pub connect: Latency,
-    /// Since the last `DropAll`: clients whose stream is open again, and the time each took.
+    /// Since the last `DropAll` or `WatchLosses`: held streams lost, how many of them are open
+    /// again, and the time each took.
+    pub lost: u64,
     pub back: u64,
     pub reconnect: Latency,
     /// Churn clients that completed their life and closed.
@@ -91,6 +96,7 @@ impl Counters {
         self.received += s.received;
         self.latency.merge(&s.latency);
         self.connect.merge(&s.connect);
+        self.lost += s.lost;
         self.back += s.back;
         self.reconnect.merge(&s.reconnect);
         self.churn_closed += s.churn_closed;

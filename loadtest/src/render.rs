@@ -256,15 +256,18 @@ pub fn tables(lines: &[Value]) -> String {
     let _ = writeln!(out, "\n#### Reconnect storm\n");
     let _ = writeln!(
         out,
-        "| server | clients | all back after (s) | reconnect p50 / p99 / max ms | clients exact | missing | duplicates | failures during storm |"
+        "| server | storm | clients | streams lost | all back after (s) | reconnect p50 / p99 / max ms | clients exact | missing | duplicates | failures during storm |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for label in &labels {
         for s in of(lines, label, "reconnect", "storm") {
             let r = &s["reconnect_ms"];
+            // Lines from before node-kill storms were all client drops of every stream.
+            let storm = s["storm"].as_str().unwrap_or("clients_dropped").replace('_', " ");
+            let lost = s.get("lost").unwrap_or(&s["conns"]);
             let _ = writeln!(
                 out,
-                "| {label} | {} | {} | {} / {} / {} | {} / {} | {} | {} | {} |",
+                "| {label} | {storm} | {} | {lost} | {} | {} / {} / {} | {} / {} | {} | {} | {} |",
                 s["conns"],
                 num(f(s, "all_back_after_s"), 2),
                 num(f(r, "p50_ms"), 0),
@@ -390,5 +393,22 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("0.31×"), "{t}");
+    }
+
+    #[test]
+    fn storms_say_what_kind_and_how_many_streams_were_lost() {
+        let storm = |extra: Value| {
+            let mut l = json!({"label": "ours", "scenario": "reconnect", "kind": "storm", "conns": 900,
+                   "all_back_after_s": 1.5, "reconnect_ms": {"p50_ms": 100.0, "p99_ms": 200.0, "max_ms": 300.0},
+                   "clients_exact": 900, "clients_checked": 900, "missing_total": 0, "duplicates_total": 0,
+                   "failures_during_storm": {}});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                l[k] = v.clone();
+            }
+            l
+        };
+        let t = tables(&[storm(json!({})), storm(json!({"storm": "node_killed", "lost": 300}))]);
+        assert!(t.contains("| ours | clients dropped | 900 | 900 | 1.50 |"), "an old line: every stream dropped\n{t}");
+        assert!(t.contains("| ours | node killed | 900 | 300 | 1.50 |"), "{t}");
     }
 }

@@ -30,7 +30,8 @@ pub struct Track {
     pub received: u64,
     /// Last SSE id seen, for `Last-Event-ID` on reconnect.
     pub last_id: Vec<u8>,
-    /// Dropped by a reconnect storm and not open again yet.
+    /// Lost its stream in a reconnect storm (dropped by the client or by a killed node) and
+    /// not open again yet.
     pub awaiting_back: bool,
     /// The stream opened at least once; a client that never connected is a connect failure,
     /// reported as such, not a loss.

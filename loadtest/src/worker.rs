@@ -79,14 +79,14 @@ async fn run() -> Result<()> {
                     .abort_handle(),
                 );
             }
+            Command::WatchLosses => {
+                start_storm(&shared, 0);
+                shared.watching_losses.set(true);
+            }
             Command::DropAll { reconnect } => {
-                {
-                    let mut c = shared.counters.borrow_mut();
-                    c.back = 0;
-                    c.reconnect.reset();
-                }
-                shared.dropped_at.set(Some(now_nanos()));
                 let old: Vec<(u64, AbortHandle)> = held.borrow_mut().drain(..).collect();
+                start_storm(&shared, old.len() as u64);
+                shared.watching_losses.set(false);
                 for (_, task) in &old {
                     task.abort();
                 }
@@ -125,6 +125,15 @@ async fn run() -> Result<()> {
         task.abort();
     }
     Ok(())
+}
+
+/// Starts counting a storm's returns: `lost` streams so far, none back.
+fn start_storm(shared: &Shared, lost: u64) {
+    let mut c = shared.counters.borrow_mut();
+    c.lost = lost;
+    c.back = 0;
+    c.reconnect.reset();
+    shared.dropped_at.set(Some(now_nanos()));
 }
 
 /// Calls `start` for each client in `clients`, `rate` per second, in small bursts so a high

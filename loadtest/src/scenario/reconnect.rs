@@ -4,10 +4,13 @@
 //! failures by kind (429/503 shedding included), and whether each client ended with exactly
 //! the messages sent, none lost and none twice.
 //!
+//! With `--kill-pid`, the storm is a node failure instead: the tool SIGKILLs that process
+//! (a node behind the load balancer the clients connect through) and the clients it held
+//! reconnect on their own, through the same URL, to the nodes left; the report counts the
+//! streams lost and how long until each is back and resumed.
+//!
 //! Clients retry with 50–500 ms of jitter after a failure, as a browser's EventSource would
-//! (with a smaller `retry:`). The same clients also reconnect on their own when the server
-//! closes them, so killing and restarting a node during the publish phase (done outside this
-//! tool) is measured by the same counters.
+//! (with a smaller `retry:`).
 
 use std::time::Duration;
 
@@ -41,6 +44,10 @@ pub struct ReconnectArgs {
     /// Longest wait after publishing for clients to catch up.
     #[arg(long, default_value_t = 30)]
     pub settle_secs: u64,
+    /// Make the storm a node failure: SIGKILL this process (one the caller started, e.g. a
+    /// node behind the load balancer in --url) instead of dropping every client's stream.
+    #[arg(long)]
+    pub kill_pid: Option<u32>,
 }
 
 pub async fn run(mut a: ReconnectArgs) -> Result<()> {
@@ -61,8 +68,21 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
     let publishing = publisher.run_step(&mut seq, a.rate, total_secs, || Dest::Broadcast);
     let storm = async {
         tokio::time::sleep(Duration::from_secs(a.before_secs)).await;
-        let at = Instant::now();
-        run.pool.send(&Command::DropAll { reconnect: true }).await?;
+        let at = match a.kill_pid {
+            Some(pid) => {
+                run.pool.send(&Command::WatchLosses).await?;
+                // Every worker answers in order, so all of them watch before the kill.
+                run.pool.snapshot(false, None).await?;
+                let at = Instant::now();
+                kill(pid)?;
+                at
+            }
+            None => {
+                let at = Instant::now();
+                run.pool.send(&Command::DropAll { reconnect: true }).await?;
+                at
+            }
+        };
         let limit = at + Duration::from_secs(a.after_secs + a.settle_secs);
         let mut all_back = None;
         let mut last = None;
@@ -71,12 +91,12 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
             let agg = run.pool.snapshot(false, None).await?;
             run.rep.progress(&format!(
                 "storm {} {}/{} back after {:.1} s",
-                crate::report::bar(agg.back, o.open, 30),
+                crate::report::bar(agg.back, agg.lost, 30),
                 agg.back,
-                o.open,
+                agg.lost,
                 at.elapsed().as_secs_f64()
             ));
-            let done = agg.back >= o.open;
+            let done = agg.lost > 0 && agg.back >= agg.lost && agg.open >= o.open;
             last = Some(agg);
             if done {
                 all_back = Some(at.elapsed().as_secs_f64());
@@ -106,6 +126,8 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
         "storm",
         json!({
             "conns": o.open,
+            "storm": if a.kill_pid.is_some() { "node_killed" } else { "clients_dropped" },
+            "lost": agg.lost,
             "rate": a.rate,
             "published": stats.sent,
             "publish_errors": stats.errors,
@@ -121,9 +143,9 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
         }),
     )?;
     run.rep.say(&format!(
-        "{} of {} back {}; {} of {} clients exact (missing {}, duplicates {}); reconnect p50 {:.0} p99 {:.0} max {:.0} ms; failures {}",
+        "{} of {} lost streams back {}; {} of {} clients exact (missing {}, duplicates {}); reconnect p50 {:.0} p99 {:.0} max {:.0} ms; failures {}",
         agg.back,
-        o.open,
+        agg.lost,
         all_back.map_or("NOT ALL".to_string(), |s| format!("after {s:.2} s")),
         v.exact,
         v.clients,
@@ -135,4 +157,14 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
         failure_delta(&before, &agg)
     ));
     run.finish().await
+}
+
+/// Sends SIGKILL to `pid`: a node dies without closing anything itself.
+fn kill(pid: u32) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| anyhow::anyhow!("--kill-pid {pid} is not a process id"))?;
+    // SAFETY: kill(2) with a plain signal number has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        anyhow::bail!("--kill-pid {pid}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
