@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -81,6 +81,21 @@ pub enum Item {
     /// An event recorded in history: written with the stream's cursor as `id:`, and skipped
     /// when the stream already delivered `id` on `channel` (a replayed entry arriving live).
     Event { channel: ChannelName, id: StreamId, frame: Bytes },
+    /// A `reset` for a channel whose history was lost while the stream was open (boxed: rare,
+    /// and every queue slot is as large as the largest variant).
+    Rebase(Arc<Rebase>),
+}
+
+/// Where a stream's cursor continues after a channel's history was lost: in `epoch`, with
+/// `channel` at `tail`. Applied when the `reset` frame is written, which then carries the new
+/// cursor as its `id:`, so what was queued before it keeps the old cursor and a client that
+/// reconnects after it resumes in the new history instead of being reset a second time.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rebase {
+    pub epoch: u32,
+    pub channel: ChannelName,
+    pub tail: StreamId,
+    pub frame: Bytes,
 }
 
 /// What the body writes next: an optional `id:` line, then the shared frame.
@@ -307,7 +322,19 @@ impl Connection {
     /// entry arriving live), else whether an `id:` cursor line goes before it (the positions are
     /// advanced past it first).
     fn admit(&self, state: &mut State, item: &Item) -> Option<bool> {
-        let Item::Event { channel, id, .. } = item else { return Some(false) };
+        let (channel, id) = match item {
+            Item::Raw(_) => return Some(false),
+            Item::Event { channel, id, .. } => (channel, id),
+            Item::Rebase(rebase) => {
+                let slot = self.channels.iter().position(|c| *c == rebase.channel);
+                let Some(position) = slot.and_then(|slot| state.positions.get_mut(slot)) else {
+                    return Some(false); // Not this stream's channel, or history is off for it.
+                };
+                *position = rebase.tail;
+                state.epoch = rebase.epoch;
+                return Some(true);
+            }
+        };
         let slot = self.channels.iter().position(|c| c == channel)?;
         let Some(position) = state.positions.get_mut(slot) else {
             return Some(false); // History is off for this stream: no cursor.
@@ -523,12 +550,14 @@ impl Item {
     fn frame(&self) -> &Bytes {
         match self {
             Item::Raw(frame) | Item::Event { frame, .. } => frame,
+            Item::Rebase(rebase) => &rebase.frame,
         }
     }
 
     fn into_frame(self) -> Bytes {
         match self {
             Item::Raw(frame) | Item::Event { frame, .. } => frame,
+            Item::Rebase(rebase) => rebase.frame.clone(),
         }
     }
 }
@@ -658,6 +687,47 @@ mod tests {
         let cursor = Cursor::decode(line.trim_start_matches("id: ").trim_end()).expect("a cursor");
         assert_eq!(cursor.epoch, 7);
         assert_eq!(cursor.position(&channel), Some(StreamId { ms: 10, seq: 3 }));
+    }
+
+    #[test]
+    fn a_rebase_moves_the_cursor_to_the_new_history_where_the_reset_is_written() {
+        let conn = connection();
+        let channel = ChannelName::from_bus("sse:user:u");
+        let event = |ms: u64, frame: &'static [u8]| Item::Event {
+            channel: channel.clone(),
+            id: StreamId { ms, seq: 0 },
+            frame: Bytes::from_static(frame),
+        };
+        let cursor_of = |outgoing: &Outgoing| {
+            let line = String::from_utf8(outgoing.id_line.clone().expect("an id line").to_vec()).expect("utf8");
+            Cursor::decode(line.trim_start_matches("id: ").trim_end()).expect("a cursor")
+        };
+        conn.start_history(7, vec![StreamId { ms: 50, seq: 0 }], Vec::new());
+        // Queued before the loss: keeps the old history's cursor.
+        conn.push(&event(60, b"old"), 8, None);
+        let reset = Bytes::from_static(b"event: reset\n\n");
+        let rebase =
+            Rebase { epoch: 9, channel: channel.clone(), tail: StreamId { ms: 20, seq: 0 }, frame: reset.clone() };
+        conn.push(&Item::Rebase(Arc::new(rebase)), 8, None);
+        // The new history's ids are below the old position (restored from an older snapshot).
+        conn.push(&event(30, b"new"), 8, None);
+        let mut cx = Context::from_waker(Waker::noop());
+        let Poll::Ready(Some(old)) = conn.poll_next(&mut cx) else { panic!("the old event") };
+        assert_eq!((cursor_of(&old).epoch, cursor_of(&old).position(&channel)), (7, Some(StreamId { ms: 60, seq: 0 })));
+        let Poll::Ready(Some(written)) = conn.poll_next(&mut cx) else { panic!("the reset") };
+        assert_eq!(written.frame, reset);
+        let at_reset = cursor_of(&written);
+        assert_eq!((at_reset.epoch, at_reset.position(&channel)), (9, Some(StreamId { ms: 20, seq: 0 })));
+        let Poll::Ready(Some(new)) = conn.poll_next(&mut cx) else {
+            panic!("an event after the reset is not a duplicate")
+        };
+        assert_eq!(new.frame, Bytes::from_static(b"new"));
+        assert_eq!(cursor_of(&new).epoch, 9);
+        // A rebase for a channel the stream does not have is written as it is.
+        let other =
+            Rebase { epoch: 9, channel: ChannelName::from_bus("sse:topic:x"), tail: StreamId::ZERO, frame: reset };
+        conn.push(&Item::Rebase(Arc::new(other)), 8, None);
+        assert_eq!(conn.poll_next(&mut cx), out(b"event: reset\n\n"));
     }
 
     /// A connected loopback pair: (server side, client side).

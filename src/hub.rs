@@ -17,7 +17,7 @@ use crate::auth::{UserId, unix_now};
 use crate::bus::{Bus, SubscriptionReady};
 use crate::channel::ChannelName;
 use crate::config::PerUserPolicy;
-use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed};
+use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed, Rebase};
 use crate::envelope;
 use crate::frame;
 use crate::history::StreamId;
@@ -312,6 +312,19 @@ impl Hub {
     }
 
     /// Writes one frame to every listener of `channel` (an explicit `reset`, for instance).
+    /// Tells `channel`'s streams its history was lost (`frame` is the `reset` event): their
+    /// cursors continue in `epoch` from `tail`, and so does the node's own backfill position.
+    pub async fn deliver_rebase(self: &Arc<Self>, channel: &str, epoch: u32, tail: StreamId, frame: Bytes) {
+        let (listeners, item) = {
+            let registry = self.read();
+            let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
+            *entry.last_id.lock().unwrap_or_else(PoisonError::into_inner) = tail;
+            let rebase = Rebase { epoch, channel: name.clone(), tail, frame };
+            (entry.listeners.clone(), Item::Rebase(Arc::new(rebase)))
+        };
+        self.fan_out(channel, listeners, item).await;
+    }
+
     pub async fn deliver_frame(self: &Arc<Self>, channel: &str, frame: Bytes) {
         let listeners = self.read().channels.get(channel).map(|entry| entry.listeners.clone());
         if let Some(listeners) = listeners {

@@ -184,8 +184,8 @@ async fn dispatch(mut inbound: InboundReceiver, node: Arc<Node>) {
 /// Delivers what channels missed while the bus was disconnected, from history.
 async fn backfill(node: &Node, gaps: &[(ChannelName, StreamId)]) {
     let epoch = node.epoch.load(Ordering::Acquire);
-    let results = match node.hub.bus().since(epoch, Duration::ZERO, gaps).await {
-        Ok((_, results)) => results,
+    let (current, results) = match node.hub.bus().since(epoch, Duration::ZERO, gaps).await {
+        Ok(answer) => answer,
         Err(e) => {
             tracing::warn!(channels = gaps.len(), error = %e, "backfill after a bus reconnect failed");
             return;
@@ -200,13 +200,15 @@ async fn backfill(node: &Node, gaps: &[(ChannelName, StreamId)]) {
                     node.hub.deliver(channel.as_str(), Some(id), &payload).await;
                 }
             }
-            Since::Reset { .. } => {
-                tracing::warn!(%channel, "history lost across a bus reconnect; streams are told to reset");
-                let frame = reset_frame(&node.channels, &[channel], ResetReason::HistoryLost);
-                node.hub.deliver_frame(channel.as_str(), frame).await;
+            Since::Reset { tail } => {
+                let reason = if current == epoch { ResetReason::WindowLost } else { ResetReason::HistoryLost };
+                tracing::warn!(%channel, reason = reason.label(), "history lost across a bus reconnect; streams are told to reset");
+                let frame = reset_frame(&node.channels, &[channel], reason);
+                node.hub.deliver_rebase(channel.as_str(), current, tail, frame).await;
             }
         }
     }
+    node.epoch.store(current, Ordering::Release);
     tracing::info!(channels = gaps.len(), missed, "backfilled after a bus reconnect");
 }
 

@@ -210,6 +210,46 @@ async fn flushall_gives_an_explicit_reset_on_every_channel() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn history_lost_under_an_open_stream_resets_it_once() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let url = stream_url(&node, "lost", &[]);
+    let (mut stream, _) = open(&url, None).await;
+    producer.durable("sse:user:lost", &envelope("before")).await;
+    let before = read(&mut stream, 1).await.remove(0);
+
+    // Redis loses everything while the node is cut off: the backfill finds a new history.
+    redis.command(&["FLUSHALL"]).await.expect("flushall");
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await.expect("reply");
+    assert!(killed.trim() != ":0", "the node's subscriber connection was killed: {killed}");
+    let reset = stream.next_event(WAIT).await.expect("reset");
+    assert_eq!(reset.event, "reset");
+    let data: Value = serde_json::from_str(&reset.data).expect("json");
+    assert_eq!(data, json!({"channels": ["user:lost"], "reason": "history_lost"}));
+    let at_reset = reset.id.expect("a last event id");
+    assert_ne!(Some(&at_reset), before.id.as_ref(), "the reset carries a new cursor, in the new history");
+
+    producer.durable("sse:user:lost", &envelope("after")).await;
+    let after = read(&mut stream, 1).await.remove(0);
+    assert_eq!(after.data, "after");
+    drop(stream);
+
+    // Coming back from the reset's own cursor, or from a later one: no second reset, and
+    // exactly what was missed. (The node turns ready again at its next bus health check.)
+    node.wait_readyz(200, WAIT).await;
+    for (cursor, expected) in [(at_reset, vec!["after", "later"]), (after.id.expect("cursor"), vec!["later"])] {
+        if expected.len() == 2 {
+            producer.durable("sse:user:lost", &envelope("later")).await;
+        }
+        let (mut again, _) = open(&url, Some(&cursor)).await;
+        let data: Vec<String> = read(&mut again, expected.len()).await.into_iter().map(|e| e.data).collect();
+        assert_eq!(data, expected);
+        again.assert_silent(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_foreign_or_garbage_cursor_gives_nothing_it_should_not() {
     let redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
