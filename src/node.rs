@@ -88,8 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let hub = Hub::new(bus, limits, hub_metrics.clone());
     let dev = config.is_development().then(|| development_mode(&auth)).flatten();
 
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let node = Arc::new(Node {
         channels: names,
         node_id: node_id.clone(),
@@ -179,6 +178,22 @@ async fn dispatch(mut inbound: InboundReceiver, node: Arc<Node>) {
             hub.close_all(CloseReason::Overflow);
         }
     }
+}
+
+/// Pending connections the listener queues before the kernel drops new SYNs (tokio's default
+/// is 1,024). After a node fails, thousands of clients come back within their retry jitter, and
+/// a SYN dropped from a full queue is retried only a second later. The kernel caps it at
+/// `net.core.somaxconn` (4,096 by default).
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Delivers what channels missed while the bus was disconnected, from history.

@@ -514,7 +514,12 @@ fn nginx_conf_streams_unbuffered_to_every_compose_node() {
     }
 
     // The published container port is the one nginx listens on.
-    let listen = single_arg(&d, "server", "listen");
+    let listen_args = single_arg(&d, "server", "listen");
+    let listen = listen_args.split_whitespace().next().unwrap_or_default().to_owned();
+    assert!(
+        listen_args.split_whitespace().any(|p| p.starts_with("backlog=")),
+        "nginx needs a deep accept queue for the reconnects after a node fails: listen {listen_args}"
+    );
     let published = strings(&compose["services"]["nginx"]["ports"], "nginx ports");
     assert!(
         published.iter().any(|p| p.rsplit(':').next() == Some(listen.as_str())),
