@@ -622,6 +622,17 @@ mod tests {
         Poll::Ready(Some(Outgoing { id_line: None, frame: Bytes::from_static(b) }))
     }
 
+    /// A history entry of `channel` at `ms-seq`.
+    fn entry(channel: &ChannelName, ms: u64, seq: u64, frame: impl Into<Bytes>) -> Item {
+        Item::Event { channel: channel.clone(), id: StreamId { ms, seq }, frame: frame.into() }
+    }
+
+    /// The cursor of an `id: <cursor>` line.
+    fn cursor_in(id_line: &[u8]) -> Cursor {
+        let line = std::str::from_utf8(id_line).expect("utf8");
+        Cursor::decode(line.trim_start_matches("id: ").trim_end()).expect("a cursor")
+    }
+
     #[test]
     fn frames_come_out_in_order_and_a_push_wakes_the_reader() {
         let conn = connection();
@@ -666,11 +677,7 @@ mod tests {
     fn replayed_entries_come_first_and_their_live_copies_are_dropped() {
         let conn = connection();
         let channel = ChannelName::from_bus("sse:user:u");
-        let event = |seq: u64, frame: &'static [u8]| Item::Event {
-            channel: channel.clone(),
-            id: StreamId { ms: 10, seq },
-            frame: Bytes::from_static(frame),
-        };
+        let event = |seq: u64, frame: &'static [u8]| entry(&channel, 10, seq, frame);
         // Live copies of entries 2 and 3 arrived while the replay was being read.
         conn.push(&event(2, b"two"), 4, None);
         conn.push(&event(3, b"three"), 4, None);
@@ -683,8 +690,7 @@ mod tests {
             frames.push(outgoing.frame);
         }
         assert_eq!(frames, [Bytes::from_static(b"one"), Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
-        let line = String::from_utf8(last_cursor.expect("an id line").to_vec()).expect("utf8");
-        let cursor = Cursor::decode(line.trim_start_matches("id: ").trim_end()).expect("a cursor");
+        let cursor = cursor_in(&last_cursor.expect("an id line"));
         assert_eq!(cursor.epoch, 7);
         assert_eq!(cursor.position(&channel), Some(StreamId { ms: 10, seq: 3 }));
     }
@@ -693,15 +699,8 @@ mod tests {
     fn a_rebase_moves_the_cursor_to_the_new_history_where_the_reset_is_written() {
         let conn = connection();
         let channel = ChannelName::from_bus("sse:user:u");
-        let event = |ms: u64, frame: &'static [u8]| Item::Event {
-            channel: channel.clone(),
-            id: StreamId { ms, seq: 0 },
-            frame: Bytes::from_static(frame),
-        };
-        let cursor_of = |outgoing: &Outgoing| {
-            let line = String::from_utf8(outgoing.id_line.clone().expect("an id line").to_vec()).expect("utf8");
-            Cursor::decode(line.trim_start_matches("id: ").trim_end()).expect("a cursor")
-        };
+        let event = |ms: u64, frame: &'static [u8]| entry(&channel, ms, 0, frame);
+        let cursor_of = |outgoing: &Outgoing| cursor_in(outgoing.id_line.as_deref().expect("an id line"));
         conn.start_history(7, vec![StreamId { ms: 50, seq: 0 }], Vec::new());
         // Queued before the loss: keeps the old history's cursor.
         conn.push(&event(60, b"old"), 8, None);
@@ -870,11 +869,7 @@ mod tests {
         let (server, client) = socket_pair().await;
         let conn = Arc::new(connection());
         let channel = ChannelName::from_bus("sse:user:u");
-        let event = |seq: u64| Item::Event {
-            channel: channel.clone(),
-            id: StreamId { ms: 10, seq },
-            frame: Bytes::from(format!("data: {seq}\n\n")),
-        };
+        let event = |seq: u64| entry(&channel, 10, seq, format!("data: {seq}\n\n"));
         conn.start_history(3, vec![StreamId { ms: 10, seq: 1 }], Vec::new());
         conn.attach(server, true);
         let writer = tokio::spawn(run_writer(conn.clone(), true));
@@ -886,7 +881,7 @@ mod tests {
         let mut lines = body.lines().filter(|l| !l.is_empty());
         for seq in [2, 3] {
             let id = lines.next().expect("an id line");
-            let cursor = Cursor::decode(id.trim_start_matches("id: ")).expect("a cursor");
+            let cursor = cursor_in(id.as_bytes());
             assert_eq!((cursor.epoch, cursor.position(&channel)), (3, Some(StreamId { ms: 10, seq })));
             assert_eq!(lines.next(), Some(format!("data: {seq}").as_str()));
         }
