@@ -171,6 +171,25 @@ async fn reconnecting_hundreds_of_times_while_publishing_loses_and_duplicates_no
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_topic_added_on_reconnect_starts_at_its_current_end() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let (stream, cursor) = open(&stream_url(&node, "adds", &[]), None).await;
+    drop(stream);
+    producer.durable("sse:user:adds", &envelope("missed")).await;
+    producer.durable("sse:topic:late", &envelope("before the topic was asked for")).await;
+
+    // The cursor knows the user and broadcast channels, not the topic: those two resume, the
+    // topic starts where its history ends now.
+    let (mut again, _) = open(&stream_url(&node, "adds", &["late"]), Some(&cursor)).await;
+    assert_eq!(read(&mut again, 1).await[0].data, "missed");
+    again.assert_silent(Duration::from_millis(300)).await;
+    producer.durable("sse:topic:late", &envelope("live")).await;
+    assert_eq!(read(&mut again, 1).await[0].data, "live");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn trimmed_history_gives_an_explicit_reset() {
     let redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_TOPIC_LENGTH", "5")]).await;
