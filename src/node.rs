@@ -147,11 +147,18 @@ async fn dispatch(mut inbound: InboundReceiver, node: Arc<Node>) {
     let mut batch = Vec::with_capacity(256);
     while inbound.recv_many(&mut batch, 256).await > 0 {
         let mut index = 0;
+        // Set once the rest of the batch's confirmations were looked at: the later ones have
+        // nothing left to backfill (a storm of streams brings a confirmation each).
+        let mut rest_backfilled = false;
         while index < batch.len() {
             match &batch[index] {
                 Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), *id, payload).await,
-                Inbound::Disconnected => hub.mark_gaps(),
-                Inbound::Subscribed(_) if node.history.is_some() => {
+                Inbound::Disconnected => {
+                    hub.mark_gaps();
+                    rest_backfilled = false;
+                }
+                Inbound::Subscribed(_) if node.history.is_some() && !rest_backfilled => {
+                    rest_backfilled = true;
                     // After a reconnect the confirmations arrive together: backfill every gapped
                     // channel confirmed from here to the end of the batch in one round trip. No
                     // message of a channel precedes its own confirmation, so order holds.
