@@ -311,7 +311,6 @@ impl Hub {
         self.fan_out(channel, listeners, item).await;
     }
 
-    /// Writes one frame to every listener of `channel` (an explicit `reset`, for instance).
     /// Tells `channel`'s streams its history was lost (`frame` is the `reset` event): their
     /// cursors continue in `epoch` from `tail`, and so does the node's own backfill position.
     pub async fn deliver_rebase(self: &Arc<Self>, channel: &str, epoch: u32, tail: StreamId, frame: Bytes) {
@@ -323,13 +322,6 @@ impl Hub {
             (entry.listeners.clone(), Item::Rebase(Arc::new(rebase)))
         };
         self.fan_out(channel, listeners, item).await;
-    }
-
-    pub async fn deliver_frame(self: &Arc<Self>, channel: &str, frame: Bytes) {
-        let listeners = self.read().channels.get(channel).map(|entry| entry.listeners.clone());
-        if let Some(listeners) = listeners {
-            self.fan_out(channel, listeners, Item::Raw(frame)).await;
-        }
     }
 
     /// Pushes `item` to every listener, outside the registry lock (a direct write is a system
