@@ -85,7 +85,7 @@ impl Shared {
             && !t.awaiting_back
         {
             t.awaiting_back = true;
-            self.counters.borrow_mut().lost += 1;
+            self.counters.borrow_mut().streams_lost += 1;
         }
     }
 }

@@ -74,7 +74,7 @@ pub struct Counters {
     pub connect: Latency,
     /// Since the last `DropAll` or `WatchLosses`: held streams lost, how many of them are open
     /// again, and the time each took.
-    pub lost: u64,
+    pub streams_lost: u64,
     pub back: u64,
     pub reconnect: Latency,
     /// Churn clients that completed their life and closed.
@@ -96,7 +96,7 @@ impl Counters {
         self.received += s.received;
         self.latency.merge(&s.latency);
         self.connect.merge(&s.connect);
-        self.lost += s.lost;
+        self.streams_lost += s.streams_lost;
         self.back += s.back;
         self.reconnect.merge(&s.reconnect);
         self.churn_closed += s.churn_closed;

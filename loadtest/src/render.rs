@@ -264,7 +264,7 @@ pub fn tables(lines: &[Value]) -> String {
             let r = &s["reconnect_ms"];
             // Lines from before node-kill storms were all client drops of every stream.
             let storm = s["storm"].as_str().unwrap_or("clients_dropped").replace('_', " ");
-            let lost = s.get("lost").unwrap_or(&s["conns"]);
+            let lost = s.get("streams_lost").unwrap_or(&s["conns"]);
             let _ = writeln!(
                 out,
                 "| {label} | {storm} | {} | {lost} | {} | {} / {} / {} | {} / {} | {} | {} | {} |",
@@ -407,7 +407,7 @@ mod tests {
             }
             l
         };
-        let t = tables(&[storm(json!({})), storm(json!({"storm": "node_killed", "lost": 300}))]);
+        let t = tables(&[storm(json!({})), storm(json!({"storm": "node_killed", "streams_lost": 300}))]);
         assert!(t.contains("| ours | clients dropped | 900 | 900 | 1.50 |"), "an old line: every stream dropped\n{t}");
         assert!(t.contains("| ours | node killed | 900 | 300 | 1.50 |"), "{t}");
     }

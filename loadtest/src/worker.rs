@@ -128,9 +128,9 @@ async fn run() -> Result<()> {
 }
 
 /// Starts counting a storm's returns: `lost` streams so far, none back.
-fn start_storm(shared: &Shared, lost: u64) {
+fn start_storm(shared: &Shared, streams_lost: u64) {
     let mut c = shared.counters.borrow_mut();
-    c.lost = lost;
+    c.streams_lost = streams_lost;
     c.back = 0;
     c.reconnect.reset();
     shared.dropped_at.set(Some(now_nanos()));

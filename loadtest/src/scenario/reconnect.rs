@@ -91,12 +91,12 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
             let agg = run.pool.snapshot(false, None).await?;
             run.rep.progress(&format!(
                 "storm {} {}/{} back after {:.1} s",
-                crate::report::bar(agg.back, agg.lost, 30),
+                crate::report::bar(agg.back, agg.streams_lost, 30),
                 agg.back,
-                agg.lost,
+                agg.streams_lost,
                 at.elapsed().as_secs_f64()
             ));
-            let done = agg.lost > 0 && agg.back >= agg.lost && agg.open >= o.open;
+            let done = agg.streams_lost > 0 && agg.back >= agg.streams_lost && agg.open >= o.open;
             last = Some(agg);
             if done {
                 all_back = Some(at.elapsed().as_secs_f64());
@@ -127,7 +127,7 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
         json!({
             "conns": o.open,
             "storm": if a.kill_pid.is_some() { "node_killed" } else { "clients_dropped" },
-            "lost": agg.lost,
+            "streams_lost": agg.streams_lost,
             "rate": a.rate,
             "published": stats.sent,
             "publish_errors": stats.errors,
@@ -145,7 +145,7 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
     run.rep.say(&format!(
         "{} of {} lost streams back {}; {} of {} clients exact (missing {}, duplicates {}); reconnect p50 {:.0} p99 {:.0} max {:.0} ms; failures {}",
         agg.back,
-        agg.lost,
+        agg.streams_lost,
         all_back.map_or("NOT ALL".to_string(), |s| format!("after {s:.2} s")),
         v.exact,
         v.clients,
