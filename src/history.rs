@@ -397,10 +397,11 @@ local function since(keys, args)
         result = { 'reset', '0-0' }
       end
     else
-      local info = redis.call('XINFO', 'STREAM', key)
-      local last = field(info, 'last-generated-id')
+      -- XINFO STREAM copies the first and last entries into Lua: read it only when needed.
+      local info
       local continuous
       if pos == '0-0' then
+        info = redis.call('XINFO', 'STREAM', key)
         continuous = not window_passed and field(info, 'entries-added') == field(info, 'length')
       else
         continuous = #redis.call('XRANGE', key, pos, pos) == 1
@@ -408,7 +409,8 @@ local function since(keys, args)
       if continuous then
         result = { 'ok', redis.call('XRANGE', key, '(' .. pos, '+') }
       else
-        result = { 'reset', last }
+        info = info or redis.call('XINFO', 'STREAM', key)
+        result = { 'reset', field(info, 'last-generated-id') }
       end
     end
     out[i + 1] = result
