@@ -79,14 +79,10 @@ async fn run() -> Result<()> {
                     .abort_handle(),
                 );
             }
-            Command::WatchLosses => {
-                start_storm(&shared, 0);
-                shared.watching_losses.set(true);
-            }
+            Command::WatchLosses => start_storm(&shared, 0, true),
             Command::DropAll { reconnect } => {
                 let old: Vec<(u64, AbortHandle)> = held.borrow_mut().drain(..).collect();
-                start_storm(&shared, old.len() as u64);
-                shared.watching_losses.set(false);
+                start_storm(&shared, old.len() as u64, false);
                 for (_, task) in &old {
                     task.abort();
                 }
@@ -127,8 +123,10 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
-/// Starts counting a storm's returns: `lost` streams so far, none back.
-fn start_storm(shared: &Shared, streams_lost: u64) {
+/// Starts counting a storm's returns: `streams_lost` so far, none back; with `watch`, every
+/// held stream that ends from now on is lost too.
+fn start_storm(shared: &Shared, streams_lost: u64, watch: bool) {
+    shared.watching_losses.set(watch);
     let mut c = shared.counters.borrow_mut();
     c.streams_lost = streams_lost;
     c.back = 0;

@@ -68,21 +68,16 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
     let publishing = publisher.run_step(&mut seq, a.rate, total_secs, || Dest::Broadcast);
     let storm = async {
         tokio::time::sleep(Duration::from_secs(a.before_secs)).await;
-        let at = match a.kill_pid {
-            Some(pid) => {
-                run.pool.send(&Command::WatchLosses).await?;
-                // Every worker answers in order, so all of them watch before the kill.
-                run.pool.snapshot(false, None).await?;
-                let at = Instant::now();
-                kill(pid)?;
-                at
-            }
-            None => {
-                let at = Instant::now();
-                run.pool.send(&Command::DropAll { reconnect: true }).await?;
-                at
-            }
-        };
+        if a.kill_pid.is_some() {
+            run.pool.send(&Command::WatchLosses).await?;
+            // Every worker answers in order, so all of them watch before the kill.
+            run.pool.snapshot(false, None).await?;
+        }
+        let at = Instant::now();
+        match a.kill_pid {
+            Some(pid) => kill(pid)?,
+            None => run.pool.send(&Command::DropAll { reconnect: true }).await?,
+        }
         let limit = at + Duration::from_secs(a.after_secs + a.settle_secs);
         let mut all_back = None;
         let mut last = None;
