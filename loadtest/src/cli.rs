@@ -19,6 +19,8 @@ pub enum Preset {
     Nchan,
     /// Pushpin on :7999 with the `sse-loadtest origin` backend, publishing to :5561.
     Pushpin,
+    /// `sse-loadtest floor` on :8093, publishing through Redis to `sse:broadcast` (fanout only).
+    Floor,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +94,7 @@ impl Common {
                 Preset::Ours => "http://127.0.0.1:8080/events?access_token={token}",
                 Preset::Nchan => "http://127.0.0.1:8091/sub/{user}",
                 Preset::Pushpin => "http://127.0.0.1:7999/sub/{user}",
+                Preset::Floor => "http://127.0.0.1:8093/sub/{user}",
             }
             .to_string()
         });
@@ -160,11 +163,11 @@ impl Publish {
     pub fn spec(&self, common: &Common) -> Result<PublishSpec> {
         let preset = common.target;
         let kind = self.publisher.unwrap_or(match preset {
-            Preset::Ours => PublisherKind::Redis,
+            Preset::Ours | Preset::Floor => PublisherKind::Redis,
             Preset::Nchan | Preset::Pushpin => PublisherKind::HttpPost,
         });
         let (bc, user) = match preset {
-            Preset::Ours => ("sse:broadcast", "sse:user:{user}"),
+            Preset::Ours | Preset::Floor => ("sse:broadcast", "sse:user:{user}"),
             Preset::Nchan | Preset::Pushpin => ("broadcast", "user_{user}"),
         };
         let via = match kind {
@@ -182,7 +185,7 @@ impl Publish {
                     (Some(u), _) => u.clone(),
                     (None, Preset::Nchan) => "http://127.0.0.1:8091/pub/{channel}".into(),
                     (None, Preset::Pushpin) => "http://127.0.0.1:5561/publish/".into(),
-                    (None, Preset::Ours) => bail!("--publisher http-post needs --publish-url"),
+                    (None, Preset::Ours | Preset::Floor) => bail!("--publisher http-post needs --publish-url"),
                 };
                 let body = self.publish_body.clone().unwrap_or_else(|| {
                     match preset {

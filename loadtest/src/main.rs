@@ -9,6 +9,7 @@
 mod awake;
 mod cli;
 mod client;
+mod floor;
 mod histogram;
 mod http_stream;
 mod jwt;
@@ -60,6 +61,16 @@ enum Scenario {
         #[arg(long, default_value = "127.0.0.1:8099")]
         listen: SocketAddr,
     },
+    /// The cheapest SSE fan-out possible, measured beside the servers as this machine's floor.
+    Floor {
+        #[arg(long, default_value = "127.0.0.1:8093")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        /// Redis channel whose messages go to every stream.
+        #[arg(long, default_value = "sse:broadcast")]
+        channel: String,
+    },
     /// Render JSON result lines into the tables of docs/benchmarks.md.
     Render {
         #[arg(long)]
@@ -88,6 +99,7 @@ fn main() -> Result<()> {
             Scenario::Reconnect(a) => scenario::reconnect::run(a).await,
             Scenario::Churn(a) => scenario::churn::run(a).await,
             Scenario::Origin { listen } => origin::serve(listen).await,
+            Scenario::Floor { listen, redis_url, channel } => floor::serve(listen, &redis_url, &channel).await,
             Scenario::Worker | Scenario::Render { .. } => unreachable!("handled above"),
         }
     })

@@ -15,8 +15,10 @@ use serde_json::Value;
 pub const BEGIN: &str = "<!-- bench:results:begin -->";
 pub const END: &str = "<!-- bench:results:end -->";
 
-/// Our node's label; every other label is a peer.
+/// Our node's label; every other label but the floor's is a peer.
 const OURS: &str = "ours";
+/// `sse-loadtest floor`, the cheapest fan-out possible: not a peer, the machine's limit.
+const FLOOR: &str = "floor";
 
 pub fn run(results: &Path, docs: &Path) -> Result<()> {
     let text = std::fs::read_to_string(results).with_context(|| format!("reading {}", results.display()))?;
@@ -92,7 +94,7 @@ fn runs(values: &[f64], digits: usize) -> (String, Option<f64>) {
 pub fn tables(lines: &[Value]) -> String {
     let labels = labels(lines);
     let mut out = String::new();
-    let peers: Vec<&String> = labels.iter().filter(|l| l.as_str() != OURS).collect();
+    let peers: Vec<&String> = labels.iter().filter(|l| l.as_str() != OURS && l.as_str() != FLOOR).collect();
 
     // Versions and conditions.
     let _ = writeln!(out, "\n#### Servers measured\n");
@@ -251,6 +253,13 @@ pub fn tables(lines: &[Value]) -> String {
                 if mine { "–".into() } else { ratio(ours_all, all) }
             );
         }
+        if labels.iter().any(|l| l == FLOOR) {
+            let _ = writeln!(
+                out,
+                "\n`floor` is `sse-loadtest floor`, not a peer: one `send` per stream and nothing else, the \
+lowest latency and CPU per delivery any server can show on this machine."
+            );
+        }
     }
 
     let _ = writeln!(out, "\n#### Reconnect storm\n");
@@ -376,6 +385,18 @@ mod tests {
             })
             .collect();
         assert!(tables(&relaxed).contains("highest rate with p99 ≤ 250 ms"), "the objective comes from the steps");
+    }
+
+    #[test]
+    fn the_floor_is_explained_and_is_no_peer() {
+        let step = |label: &str| {
+            json!({"label": label, "scenario": "fanout", "kind": "step", "rate": 2.0, "met_slo": false,
+                   "server_cpu_s_per_million_deliveries": 4.0, "latency_ms": {"p99_ms": 100.0}, "conns": 10, "lost": 0})
+        };
+        let t = tables(&[step("floor"), step("ours")]);
+        assert!(t.contains("`floor` is `sse-loadtest floor`, not a peer"), "{t}");
+        assert!(t.contains("(no peer results in this run)"), "{t}");
+        assert!(!tables(&[step("nchan"), step("ours")]).contains("`floor` is"));
     }
 
     #[test]
