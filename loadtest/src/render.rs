@@ -166,99 +166,12 @@ pub fn tables(lines: &[Value]) -> String {
     }
 
     for (scenario, default_slo) in [("fanout", 50.0), ("unicast", 20.0)] {
-        // The objective the steps were measured against (`scripts/bench --fanout-slo` changes it).
-        let slo = of_kind(lines, scenario, "step").iter().find_map(|s| f(s, "slo_p99_ms")).unwrap_or(default_slo);
-        let _ = writeln!(out, "\n#### {scenario}: every step\n");
-        let _ = writeln!(
-            out,
-            "| server | run | rate /s | subscribers | deliveries /s | lost | p50 ms | p99 ms | p99.9 ms | max ms | server CPU % | server CPU s per 1M deliveries | load-gen CPU % | met p99 ≤ {slo} ms, 0 loss |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-        let mut best: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        let mut cpu_m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        let mut cpu_all: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for label in &labels {
-            let steps = of(lines, label, scenario, "step");
-            let mut run = 0;
-            let mut prev_rate = f64::INFINITY;
-            let mut best_this: Option<f64> = None;
-            let mut cpu_this: Option<f64> = None;
-            for s in steps {
-                let rate = f(s, "rate").unwrap_or(0.0);
-                if rate <= prev_rate {
-                    if run > 0 {
-                        best.entry(label.clone()).or_default().push(best_this.unwrap_or(0.0));
-                        if let Some(c) = cpu_this {
-                            cpu_m.entry(label.clone()).or_default().push(c);
-                        }
-                    }
-                    run += 1;
-                    best_this = None;
-                    cpu_this = None;
-                }
-                prev_rate = rate;
-                if let Some(c) = f(s, "server_cpu_s_per_million_deliveries") {
-                    cpu_all.entry(label.clone()).or_default().push(c);
-                }
-                let lat = &s["latency_ms"];
-                let met = s["met_slo"].as_bool().unwrap_or(false);
-                if met && best_this.is_none_or(|b| rate > b) {
-                    best_this = Some(rate);
-                    cpu_this = f(s, "server_cpu_s_per_million_deliveries");
-                }
-                let _ = writeln!(
-                    out,
-                    "| {label} | {run} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    s["conns"],
-                    num(f(s, "deliveries_per_s"), 0),
-                    s["lost"],
-                    num(f(lat, "p50_ms"), 2),
-                    num(f(lat, "p99_ms"), 2),
-                    num(f(lat, "p999_ms"), 2),
-                    num(f(lat, "max_ms"), 1),
-                    num(f(s, "server_cpu_pct"), 0),
-                    num(f(s, "server_cpu_s_per_million_deliveries"), 2),
-                    num(f(s, "loadgen_worker_cpu_pct"), 0),
-                    if met { "yes" } else { "no" }
-                );
-            }
-            if run > 0 {
-                best.entry(label.clone()).or_default().push(best_this.unwrap_or(0.0));
-                if let Some(c) = cpu_this {
-                    cpu_m.entry(label.clone()).or_default().push(c);
-                }
-            }
-        }
-        let _ = writeln!(out, "\n#### {scenario}: headline\n");
-        let _ = writeln!(
-            out,
-            "| server | highest rate with p99 ≤ {slo} ms and 0 loss (per run) | ratio ours÷this | server CPU s per 1M deliveries at that rate | ratio ours÷this | server CPU s per 1M deliveries, mean of all steps | ratio ours÷this |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-        let mean = |v: Option<&Vec<f64>>| v.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64);
-        let ours_all = mean(cpu_all.get(OURS));
-        let ours_best = best.get(OURS).and_then(|v| runs(v, 0).1);
-        let ours_cpu = cpu_m.get(OURS).and_then(|v| runs(v, 2).1);
-        for label in &labels {
-            let (bt, bm) = runs(best.get(label).map(Vec::as_slice).unwrap_or(&[]), 0);
-            let (ct, cm) = runs(cpu_m.get(label).map(Vec::as_slice).unwrap_or(&[]), 2);
-            let mine = label == OURS;
-            let all = mean(cpu_all.get(label));
-            let _ = writeln!(
-                out,
-                "| {label} | {bt} | {} | {ct} | {} | {} | {} |",
-                if mine { "–".into() } else { ratio(ours_best, bm) },
-                if mine { "–".into() } else { ratio(ours_cpu, cm) },
-                num(all, 2),
-                if mine { "–".into() } else { ratio(ours_all, all) }
-            );
-        }
-        if labels.iter().any(|l| l == FLOOR) {
-            let _ = writeln!(
-                out,
-                "\n`floor` is `sse-loadtest floor`, not a peer: one `send` per stream and nothing else, the \
-lowest latency and CPU per delivery any server can show on this machine."
-            );
+        // One set of tables per stream count: a run may measure the same scenario at several.
+        let mut sizes: Vec<u64> = of_kind(lines, scenario, "step").iter().filter_map(|s| s["conns"].as_u64()).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        sizes.dedup();
+        for size in sizes {
+            delivery_tables(&mut out, lines, &labels, scenario, size, default_slo);
         }
     }
 
@@ -317,6 +230,108 @@ lowest latency and CPU per delivery any server can show on this machine."
     }
     out.push('\n');
     out
+}
+
+/// The every-step and headline tables of one delivery scenario at one stream count.
+fn delivery_tables(out: &mut String, lines: &[Value], labels: &[String], scenario: &str, size: u64, default_slo: f64) {
+    // The objective the steps were measured against (`scripts/bench --fanout-slo` changes it).
+    let slo = of_kind(lines, scenario, "step")
+        .iter()
+        .filter(|s| s["conns"].as_u64() == Some(size))
+        .find_map(|s| f(s, "slo_p99_ms"))
+        .unwrap_or(default_slo);
+    let _ = writeln!(out, "\n#### {scenario}, {size} streams: every step\n");
+    let _ = writeln!(
+        out,
+        "| server | run | rate /s | subscribers | deliveries /s | lost | p50 ms | p99 ms | p99.9 ms | max ms | server CPU % | server CPU s per 1M deliveries | load-gen CPU % | met p99 ≤ {slo} ms, 0 loss |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut best: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut cpu_m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut cpu_all: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for label in labels {
+        let steps = of(lines, label, scenario, "step").into_iter().filter(|s| s["conns"].as_u64() == Some(size));
+        let mut run = 0;
+        let mut prev_rate = f64::INFINITY;
+        let mut best_this: Option<f64> = None;
+        let mut cpu_this: Option<f64> = None;
+        for s in steps {
+            let rate = f(s, "rate").unwrap_or(0.0);
+            if rate <= prev_rate {
+                if run > 0 {
+                    best.entry(label.clone()).or_default().push(best_this.unwrap_or(0.0));
+                    if let Some(c) = cpu_this {
+                        cpu_m.entry(label.clone()).or_default().push(c);
+                    }
+                }
+                run += 1;
+                best_this = None;
+                cpu_this = None;
+            }
+            prev_rate = rate;
+            if let Some(c) = f(s, "server_cpu_s_per_million_deliveries") {
+                cpu_all.entry(label.clone()).or_default().push(c);
+            }
+            let lat = &s["latency_ms"];
+            let met = s["met_slo"].as_bool().unwrap_or(false);
+            if met && best_this.is_none_or(|b| rate > b) {
+                best_this = Some(rate);
+                cpu_this = f(s, "server_cpu_s_per_million_deliveries");
+            }
+            let _ = writeln!(
+                out,
+                "| {label} | {run} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                s["conns"],
+                num(f(s, "deliveries_per_s"), 0),
+                s["lost"],
+                num(f(lat, "p50_ms"), 2),
+                num(f(lat, "p99_ms"), 2),
+                num(f(lat, "p999_ms"), 2),
+                num(f(lat, "max_ms"), 1),
+                num(f(s, "server_cpu_pct"), 0),
+                num(f(s, "server_cpu_s_per_million_deliveries"), 2),
+                num(f(s, "loadgen_worker_cpu_pct"), 0),
+                if met { "yes" } else { "no" }
+            );
+        }
+        if run > 0 {
+            best.entry(label.clone()).or_default().push(best_this.unwrap_or(0.0));
+            if let Some(c) = cpu_this {
+                cpu_m.entry(label.clone()).or_default().push(c);
+            }
+        }
+    }
+    let _ = writeln!(out, "\n#### {scenario}, {size} streams: headline\n");
+    let _ = writeln!(
+        out,
+        "| server | highest rate with p99 ≤ {slo} ms and 0 loss (per run) | ratio ours÷this | server CPU s per 1M deliveries at that rate | ratio ours÷this | server CPU s per 1M deliveries, mean of all steps | ratio ours÷this |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let mean = |v: Option<&Vec<f64>>| v.filter(|v| !v.is_empty()).map(|v| v.iter().sum::<f64>() / v.len() as f64);
+    let ours_all = mean(cpu_all.get(OURS));
+    let ours_best = best.get(OURS).and_then(|v| runs(v, 0).1);
+    let ours_cpu = cpu_m.get(OURS).and_then(|v| runs(v, 2).1);
+    for label in labels {
+        let (bt, bm) = runs(best.get(label).map(Vec::as_slice).unwrap_or(&[]), 0);
+        let (ct, cm) = runs(cpu_m.get(label).map(Vec::as_slice).unwrap_or(&[]), 2);
+        let mine = label == OURS;
+        let all = mean(cpu_all.get(label));
+        let _ = writeln!(
+            out,
+            "| {label} | {bt} | {} | {ct} | {} | {} | {} |",
+            if mine { "–".into() } else { ratio(ours_best, bm) },
+            if mine { "–".into() } else { ratio(ours_cpu, cm) },
+            num(all, 2),
+            if mine { "–".into() } else { ratio(ours_all, all) }
+        );
+    }
+    if labels.iter().any(|l| l == FLOOR) {
+        let _ = writeln!(
+            out,
+            "\n`floor` is `sse-loadtest floor`, not a peer: one `send` per stream and nothing else, the \
+    lowest latency and CPU per delivery any server can show on this machine."
+        );
+    }
 }
 
 /// A checkpoint measured on a server that already held much more memory before the run
@@ -385,6 +400,21 @@ mod tests {
             })
             .collect();
         assert!(tables(&relaxed).contains("highest rate with p99 ≤ 250 ms"), "the objective comes from the steps");
+    }
+
+    #[test]
+    fn each_stream_count_has_its_own_headline() {
+        let step = |conns: u64, rate: f64, met: bool| {
+            json!({"label": "ours", "scenario": "fanout", "kind": "step", "rate": rate, "met_slo": met,
+                   "server_cpu_s_per_million_deliveries": 4.0, "latency_ms": {"p99_ms": 1.0}, "conns": conns, "lost": 0})
+        };
+        let t =
+            tables(&[step(10000, 2.0, false), step(10000, 5.0, false), step(3000, 10.0, true), step(3000, 20.0, true)]);
+        let big = t.find("#### fanout, 10000 streams: headline").expect("the 10k headline");
+        let small = t.find("#### fanout, 3000 streams: headline").expect("the 3k headline");
+        assert!(big < small, "larger first\n{t}");
+        assert!(t[big..small].contains("| ours | 0 |"), "no 10k step met the objective\n{t}");
+        assert!(t[small..].contains("| ours | 20 |"), "{t}");
     }
 
     #[test]
