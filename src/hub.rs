@@ -329,6 +329,7 @@ impl Hub {
     /// runtime workers a large fan-out is split over them; it completes before the next one
     /// starts, so every stream still sees events in bus order.
     async fn fan_out(self: &Arc<Self>, channel: &str, listeners: Arc<Vec<Arc<Connection>>>, item: Item) {
+        let started = Instant::now();
         let parts = self.fan_out_workers.min(listeners.len() / PARALLEL_FAN_OUT_MIN).max(1);
         let share = listeners.len().div_ceil(parts);
         let mut others = Vec::with_capacity(parts - 1);
@@ -344,6 +345,7 @@ impl Hub {
             slow += other.await.unwrap_or(0);
         }
         self.metrics.sent.increment((listeners.len() - slow) as u64);
+        self.metrics.fan_out.record(started.elapsed());
         if slow > 0 {
             for _ in 0..slow {
                 self.metrics.closed(CloseReason::SlowConsumer.label());

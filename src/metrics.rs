@@ -10,6 +10,7 @@ pub const ACTIVE_CONNECTIONS: &str = "sse_active_connections";
 pub const TOTAL_CONNECTIONS: &str = "sse_total_connections";
 pub const CONNECTION_DURATION: &str = "sse_connection_duration_seconds";
 pub const MESSAGES_SENT: &str = "sse_messages_sent_total";
+pub const FAN_OUT_DURATION: &str = "sse_fanout_duration_seconds";
 pub const CONNECTIONS_REJECTED: &str = "sse_connections_rejected_total";
 pub const CONNECTIONS_CLOSED: &str = "sse_connections_closed_total";
 pub const MESSAGES_REFUSED: &str = "sse_messages_refused_total";
@@ -29,6 +30,10 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
             Matcher::Full(CONNECTION_DURATION.to_owned()),
             &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0],
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(FAN_OUT_DURATION.to_owned()),
+            &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+        )?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -39,6 +44,11 @@ fn describe() {
     describe_counter!(TOTAL_CONNECTIONS, "Event streams opened since start");
     describe_histogram!(CONNECTION_DURATION, metrics::Unit::Seconds, "How long streams stayed open");
     describe_counter!(MESSAGES_SENT, "Events queued to streams (one per stream per event)");
+    describe_histogram!(
+        FAN_OUT_DURATION,
+        metrics::Unit::Seconds,
+        "Time to hand one message to every local stream of its channel (written or queued)"
+    );
     describe_counter!(CONNECTIONS_REJECTED, "Stream requests refused, by reason");
     describe_counter!(CONNECTIONS_CLOSED, "Streams closed by the node, by reason");
     describe_counter!(MESSAGES_REFUSED, "Published payloads not delivered because they could break framing, by reason");
@@ -58,6 +68,7 @@ pub struct HubMetrics {
     pub total: Counter,
     pub duration: Histogram,
     pub sent: Counter,
+    pub fan_out: Histogram,
     pub channels: Gauge,
     pub bus_messages: Counter,
 }
@@ -69,6 +80,7 @@ impl HubMetrics {
             total: counter!(TOTAL_CONNECTIONS),
             duration: histogram!(CONNECTION_DURATION),
             sent: counter!(MESSAGES_SENT),
+            fan_out: histogram!(FAN_OUT_DURATION),
             channels: gauge!(SUBSCRIBED_CHANNELS),
             bus_messages: counter!(BUS_MESSAGES),
         }

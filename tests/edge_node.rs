@@ -457,6 +457,21 @@ async fn stats_need_an_admin_token() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn every_fan_out_is_timed() {
+    let node = Node::start(&[]).await;
+    let mut a = subscribe(&node, "ines", &[]).await;
+    let mut b = subscribe(&node, "ines", &[]).await;
+    assert_eq!(node.metric("sse_fanout_duration_seconds_count", "").await, 0.0);
+    assert_eq!(publish_api(&node, json!({"users": ["ines"], "data": "both"})).await.0, 202);
+    for stream in [&mut a, &mut b] {
+        assert!(stream.next_event(Duration::from_secs(5)).await.is_some(), "delivered");
+    }
+    // One message to two streams is one fan-out.
+    assert_eq!(node.metric("sse_fanout_duration_seconds_count", "").await, 1.0);
+    assert!(node.metric("sse_fanout_duration_seconds_bucket", r#"le="1""#).await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn development_mode_prints_working_tokens_and_serves_the_demo() {
     let node = Node::start_raw(&[]).await;
     let out = node.stdout_text();
