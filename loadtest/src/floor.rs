@@ -17,10 +17,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::http_stream::MAX_HEAD;
+use crate::http_stream::read_head;
 
 const RESPONSE_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
@@ -74,16 +74,8 @@ async fn accept_loop(listener: TcpListener, streams: Streams) {
 async fn admit(mut sock: TcpStream) -> Result<StdStream> {
     sock.set_nodelay(true)?;
     let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            bail!("request head too large");
-        }
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("closed before its request head");
-        }
-        head.extend_from_slice(&chunk[..n]);
+    if read_head(&mut sock, &mut head).await?.is_none() {
+        bail!("closed or too large before the end of its request head");
     }
     sock.write_all(RESPONSE_HEAD).await?;
     Ok(sock.into_std()?)
@@ -141,6 +133,7 @@ mod tests {
     use std::io::Read;
     use std::net::{Shutdown, TcpListener as StdListener};
     use std::process::{Child, Command, Stdio};
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn frames_the_envelope_data_or_the_raw_payload() {

@@ -5,8 +5,12 @@
 //! Only what a load generator talking to known servers needs: no header values are kept but
 //! the status and the framing, and the chunk decoder is a byte-at-a-time state machine that
 //! passes data slices through without copying, so chunk boundaries may fall anywhere.
+//!
+//! The tool's own small servers (`origin`, `floor`) read request heads with [`read_head`].
 
 use std::fmt;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// How the body after the head ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +45,26 @@ impl std::error::Error for FramingError {}
 
 /// Heads larger than this are refused: every server here sends a few hundred bytes.
 pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Reads from `sock` into `buf` until `buf` holds a whole request or response head; returns
+/// its length including the blank line, or `None` if the peer closed first or sent a head
+/// larger than [`MAX_HEAD`].
+pub async fn read_head(sock: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(Some(i + 4));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
 
 /// Parses a response head from the start of `buf`; `Ok(None)` while it is incomplete.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, FramingError> {
@@ -204,6 +228,26 @@ impl ChunkedDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn read_head_stops_at_the_blank_line_or_gives_up() {
+        // Delivered in pieces: the head ends inside the second read.
+        let (mut tx, mut rx) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+            tx.write_all(b"st: x\r\n\r\nnext").await.unwrap();
+        });
+        let mut buf = Vec::new();
+        assert_eq!(read_head(&mut rx, &mut buf).await.unwrap(), Some(27));
+        assert!(buf.starts_with(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        writer.await.unwrap();
+
+        let mut closed: &[u8] = b"GET / HTTP/1.1\r\n";
+        assert_eq!(read_head(&mut closed, &mut Vec::new()).await.unwrap(), None, "closed before the end");
+        let huge = vec![b'x'; MAX_HEAD + 4096];
+        assert_eq!(read_head(&mut huge.as_slice(), &mut Vec::new()).await.unwrap(), None, "too large");
+    }
 
     #[test]
     fn parses_heads() {

@@ -11,10 +11,10 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::http_stream::MAX_HEAD;
+use crate::http_stream::read_head;
 
 pub async fn serve(listen: SocketAddr) -> Result<()> {
     if !listen.ip().is_loopback() {
@@ -34,21 +34,8 @@ pub async fn serve(listen: SocketAddr) -> Result<()> {
 async fn handle(mut sock: TcpStream) -> Result<()> {
     sock.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
     loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if buf.len() > MAX_HEAD {
-                return Ok(());
-            }
-            let n = sock.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
+        let Some(end) = read_head(&mut sock, &mut buf).await? else { return Ok(()) };
         let response = respond(&buf[..end]);
         buf.drain(..end);
         sock.write_all(response.as_bytes()).await?;

@@ -81,14 +81,14 @@ fn runs(values: &[f64], digits: usize) -> (String, Option<f64>) {
     }
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    let median = v.iter().sum::<f64>() / v.len() as f64;
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
     let list: Vec<String> = values.iter().map(|x| format!("{x:.digits$}")).collect();
-    let spread = if v.len() > 1 && median != 0.0 {
-        format!(" (spread {:.0}%)", (v[v.len() - 1] - v[0]) / median * 100.0)
+    let spread = if v.len() > 1 && mean != 0.0 {
+        format!(" (spread {:.0}%)", (v[v.len() - 1] - v[0]) / mean * 100.0)
     } else {
         String::new()
     };
-    (format!("{}{spread}", list.join(" / ")), Some(median))
+    (format!("{}{spread}", list.join(" / ")), Some(mean))
 }
 
 pub fn tables(lines: &[Value]) -> String {
@@ -145,7 +145,7 @@ pub fn tables(lines: &[Value]) -> String {
             let vals: Vec<f64> =
                 cps.iter().filter(|l| !is_warm(l, coldest)).filter_map(|l| f(l, "server_rss_bytes_per_conn")).collect();
             let warm = cps.iter().filter(|l| is_warm(l, coldest)).count();
-            let (text, median) = runs(&vals, 0);
+            let (text, mean) = runs(&vals, 0);
             let open: Vec<String> = cps.iter().map(|l| l["open"].to_string()).collect();
             let fails: Vec<String> = cps.iter().map(|l| l["failures"].to_string()).collect();
             let rates: Vec<f64> = cps.iter().filter_map(|l| f(l, "connect_rate_per_s")).collect();
@@ -159,7 +159,7 @@ pub fn tables(lines: &[Value]) -> String {
                 if label == OURS {
                     "–".into()
                 } else {
-                    ratio(rss.get(&(OURS.to_string(), *t)).copied().flatten(), median)
+                    ratio(rss.get(&(OURS.to_string(), *t)).copied().flatten(), mean)
                 }
             );
         }
