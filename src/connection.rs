@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -133,8 +134,8 @@ pub struct Connection {
     pub id: ConnectionId,
     pub user: UserId,
     pub channels: Box<[ChannelName]>,
-    /// `channel_hash` of each channel, computed once for cursors.
-    channel_hashes: Box<[u32]>,
+    /// What the stream keeps per channel besides its name (same order as `channels`).
+    per_channel: Box<[PerChannel]>,
     pub opened_at: Instant,
     /// Token `exp`, seconds since the UNIX epoch.
     pub token_expires_at: u64,
@@ -143,6 +144,14 @@ pub struct Connection {
     /// allocation per stream would be one more cache miss per delivery.
     socket: OnceLock<TcpStream>,
     state: Mutex<State>,
+}
+
+struct PerChannel {
+    /// `channel_hash` of the channel, computed once for cursors.
+    hash: u32,
+    /// This stream's index in the hub's listener list of the channel, so that leaving does not
+    /// search a list of thousands. Read and written only under the hub's registry lock.
+    listed_at: AtomicU32,
 }
 
 struct State {
@@ -168,12 +177,13 @@ struct State {
 
 impl Connection {
     pub fn new(id: ConnectionId, user: UserId, channels: Box<[ChannelName]>, token_expires_at: u64, now: u32) -> Self {
-        let channel_hashes = channels.iter().map(channel_hash).collect();
+        let per_channel =
+            channels.iter().map(|c| PerChannel { hash: channel_hash(c), listed_at: AtomicU32::new(0) }).collect();
         Self {
             id,
             user,
             channels,
-            channel_hashes,
+            per_channel,
             opened_at: Instant::now(),
             token_expires_at,
             socket: OnceLock::new(),
@@ -206,6 +216,25 @@ impl Connection {
         if self.socket.set(socket).is_ok() && !state.closed {
             state.attached = true;
             state.chunked = chunked;
+        }
+    }
+
+    /// Where the hub listed this stream among the listeners of `channels[slot]`.
+    pub(crate) fn listed_at(&self, slot: usize) -> usize {
+        self.per_channel.get(slot).map_or(usize::MAX, |c| c.listed_at.load(Ordering::Relaxed) as usize)
+    }
+
+    pub(crate) fn set_listed_at(&self, slot: usize, index: usize) {
+        if let Some(c) = self.per_channel.get(slot) {
+            c.listed_at.store(index as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// The hub moved this stream from `from` to `to` in `channel`'s listener list.
+    pub(crate) fn relist(&self, channel: &ChannelName, from: usize, to: usize) {
+        let slot = (0..self.channels.len()).find(|&k| self.channels[k] == *channel && self.listed_at(k) == from);
+        if let Some(slot) = slot {
+            self.set_listed_at(slot, to);
         }
     }
 
@@ -315,7 +344,7 @@ impl Connection {
 
     /// (channel hash, position) pairs, the content of a cursor.
     fn positions<'a>(&'a self, state: &'a State) -> impl Iterator<Item = (u32, StreamId)> + 'a {
-        self.channel_hashes.iter().copied().zip(state.positions.iter().copied())
+        self.per_channel.iter().map(|c| c.hash).zip(state.positions.iter().copied())
     }
 
     /// Decides whether `item` is written: `None` when the stream already delivered it (a replayed

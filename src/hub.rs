@@ -213,7 +213,7 @@ impl Hub {
             }
             registry.users.entry(user).or_default().push(connection.clone());
             registry.connections += 1;
-            for channel in connection.channels.iter() {
+            for (slot, channel) in connection.channels.iter().enumerate() {
                 let entry = registry.channels.entry(channel.clone()).or_insert_with(|| {
                     let ready = Arc::new(SubscriptionReady::default());
                     self.bus.subscribe(channel.clone(), ready.clone());
@@ -224,7 +224,9 @@ impl Hub {
                         gap: AtomicBool::new(false),
                     }
                 });
-                Arc::make_mut(&mut entry.listeners).push(connection.clone());
+                let listeners = Arc::make_mut(&mut entry.listeners);
+                connection.set_listed_at(slot, listeners.len());
+                listeners.push(connection.clone());
                 if !entry.ready.is_set() {
                     pending.push(entry.ready.clone());
                 }
@@ -254,10 +256,19 @@ impl Hub {
             registry.users.remove(&connection.user);
         }
         registry.connections -= 1;
-        for channel in connection.channels.iter() {
+        for (slot, channel) in connection.channels.iter().enumerate() {
             let Some(entry) = registry.channels.get_mut(channel) else { continue };
-            if let Some(i) = entry.listeners.iter().position(|c| Arc::ptr_eq(c, connection)) {
-                Arc::make_mut(&mut entry.listeners).swap_remove(i);
+            let at = connection.listed_at(slot);
+            let kept = entry.listeners.get(at).is_some_and(|listed| Arc::ptr_eq(listed, connection));
+            debug_assert!(kept, "{channel}: a listener's index was not kept");
+            // The index is kept under this lock; the search only guards against a bug.
+            let at = if kept { Some(at) } else { entry.listeners.iter().position(|c| Arc::ptr_eq(c, connection)) };
+            if let Some(at) = at {
+                let listeners = Arc::make_mut(&mut entry.listeners);
+                listeners.swap_remove(at);
+                if let Some(moved) = listeners.get(at) {
+                    moved.relist(channel, listeners.len(), at);
+                }
             }
             if entry.listeners.is_empty() {
                 registry.channels.remove(channel);
@@ -581,6 +592,31 @@ mod tests {
 
     fn hub_evicting() -> Arc<Hub> {
         hub(1, PerUserPolicy::EvictOldest)
+    }
+
+    #[test]
+    fn leaving_in_any_order_keeps_every_listener_index() {
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 4);
+        let broadcast = ChannelNames::new("sse").broadcast();
+        let mut joined: Vec<Option<Joined>> =
+            (0..64).map(|i| Some(join(&hub, &format!("u{i}")).expect("joins"))).collect();
+        for step in 0..64 {
+            // A fan-out in progress holds the list: the leave below must copy it, indices intact.
+            let in_flight = (step % 5 == 0).then(|| hub.read().channels[&broadcast].listeners.clone());
+            drop(joined[(step * 7) % 64].take()); // 7 and 64 are coprime: every stream, scattered
+            let registry = hub.read();
+            for connection in joined.iter().flatten().map(|j| &j.membership.connection) {
+                for (slot, channel) in connection.channels.iter().enumerate() {
+                    let listed = &registry.channels[channel].listeners[connection.listed_at(slot)];
+                    assert!(Arc::ptr_eq(listed, connection), "step {step}: {channel} lists another stream");
+                }
+            }
+            let left = registry.channels.get(&broadcast).map_or(0, |e| e.listeners.len());
+            assert_eq!(left, 63 - step);
+            if let Some(snapshot) = in_flight {
+                assert_eq!(snapshot.len(), 64 - step, "the fan-out's copy is untouched");
+            }
+        }
     }
 
     #[test]
