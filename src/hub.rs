@@ -106,7 +106,9 @@ struct Registry {
 
 struct ChannelEntry {
     /// Shared with fan-outs in progress, which write outside the registry lock; a join or leave
-    /// during one copies the list (`Arc::make_mut`) instead of waiting for it.
+    /// during one copies the list (`Arc::make_mut`) instead of waiting for it. Unordered: a
+    /// leave swaps the last listener into the gap, and every listener knows its index
+    /// ([`Connection::listed_at`]).
     listeners: Arc<Vec<Arc<Connection>>>,
     ready: Arc<SubscriptionReady>,
     /// The newest history id delivered on this channel, where a backfill starts after a gap.
