@@ -230,6 +230,11 @@ impl Connection {
         }
     }
 
+    /// Where `channel` is in `channels` (and so in `per_channel` and the cursor positions).
+    fn slot_of(&self, channel: &ChannelName) -> Option<usize> {
+        self.channels.iter().position(|c| c == channel)
+    }
+
     /// The hub moved this stream from `from` to `to` in `channel`'s listener list.
     pub(crate) fn relist(&self, channel: &ChannelName, from: usize, to: usize) {
         let slot = (0..self.channels.len()).find(|&k| self.channels[k] == *channel && self.listed_at(k) == from);
@@ -355,8 +360,8 @@ impl Connection {
             Item::Raw(_) => return Some(false),
             Item::Event { channel, id, .. } => (channel, id),
             Item::Rebase(rebase) => {
-                let slot = self.channels.iter().position(|c| *c == rebase.channel);
-                let Some(position) = slot.and_then(|slot| state.positions.get_mut(slot)) else {
+                let Some(position) = self.slot_of(&rebase.channel).and_then(|slot| state.positions.get_mut(slot))
+                else {
                     return Some(false); // Not this stream's channel, or history is off for it.
                 };
                 *position = rebase.tail;
@@ -364,7 +369,7 @@ impl Connection {
                 return Some(true);
             }
         };
-        let slot = self.channels.iter().position(|c| c == channel)?;
+        let slot = self.slot_of(channel)?;
         let Some(position) = state.positions.get_mut(slot) else {
             return Some(false); // History is off for this stream: no cursor.
         };
