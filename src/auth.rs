@@ -222,19 +222,31 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Where a request carried its token. A browser attaches cookies to requests from any site,
+/// so a cookie-carried token proves less than one the page had to set itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Header,
+    Query,
+    Cookie,
+}
+
 /// Finds the token in the contract's order: header, query parameter, cookie.
-pub fn token_from_request<'a>(headers: &'a HeaderMap, access_token_param: Option<&'a str>) -> Option<&'a str> {
+pub fn token_from_request<'a>(
+    headers: &'a HeaderMap,
+    access_token_param: Option<&'a str>,
+) -> Option<(&'a str, TokenSource)> {
     if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let mut parts = value.splitn(2, ' ');
         if let (Some(scheme), Some(token)) = (parts.next(), parts.next())
             && scheme.eq_ignore_ascii_case("bearer")
             && !token.trim().is_empty()
         {
-            return Some(token.trim());
+            return Some((token.trim(), TokenSource::Header));
         }
     }
     if let Some(token) = access_token_param.filter(|t| !t.is_empty()) {
-        return Some(token);
+        return Some((token, TokenSource::Query));
     }
     headers
         .get_all(header::COOKIE)
@@ -243,19 +255,16 @@ pub fn token_from_request<'a>(headers: &'a HeaderMap, access_token_param: Option
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, value)| *name == "sse_token" && !value.is_empty())
-        .map(|(_, value)| value)
+        .map(|(_, value)| (value, TokenSource::Cookie))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
-    use clap::Parser;
 
     fn config(args: &[&str]) -> Config {
-        let mut full = vec!["sse-fanout"];
-        full.extend_from_slice(args);
-        crate::config::Cli::parse_from(full).config
+        crate::config::config_from(args)
     }
 
     fn sign(secret: &str, claims: serde_json::Value) -> String {
@@ -271,10 +280,10 @@ mod tests {
     fn the_header_wins_then_the_query_then_the_cookie() {
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_static("a=1; sse_token=cookie"));
-        assert_eq!(token_from_request(&headers, None), Some("cookie"));
-        assert_eq!(token_from_request(&headers, Some("query")), Some("query"));
+        assert_eq!(token_from_request(&headers, None), Some(("cookie", TokenSource::Cookie)));
+        assert_eq!(token_from_request(&headers, Some("query")), Some(("query", TokenSource::Query)));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer header"));
-        assert_eq!(token_from_request(&headers, Some("query")), Some("header"));
+        assert_eq!(token_from_request(&headers, Some("query")), Some(("header", TokenSource::Header)));
         assert_eq!(token_from_request(&HeaderMap::new(), Some("")), None);
         let mut basic = HeaderMap::new();
         basic.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));

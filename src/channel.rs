@@ -84,6 +84,11 @@ impl ChannelNames {
         Self { prefix: prefix.to_owned() }
     }
 
+    /// The configured prefix (`SSE_CHANNEL_PREFIX`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn user(&self, user_id: &str) -> ChannelName {
         ChannelName(Arc::from(format!("{}:user:{user_id}", self.prefix)))
     }

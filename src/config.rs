@@ -6,22 +6,41 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::ffi::OsString;
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// A push server for Server-Sent Events, fanned out over Redis pub/sub.
 #[derive(Debug, Parser)]
-#[command(name = "sse-fanout", version, about, long_about = None)]
+#[command(name = "sse-fanout", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub config: Config,
+    pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's arguments. Without a subcommand the node runs: `sse-fanout
+    /// --listen …` means `sse-fanout serve --listen …`. The node's settings belong to `serve`
+    /// alone, so another subcommand never reads (nor fails on) an `SSE_*` variable of the node.
+    pub fn from_args() -> Self {
+        Self::parse_from(with_default_command(std::env::args_os()))
+    }
+}
+
+/// Inserts `serve` when the first argument is not a subcommand.
+pub fn with_default_command(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    let named = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| matches!(a, "serve" | "doctor" | "help"));
+    if !named {
+        args.insert(1.min(args.len()), OsString::from("serve"));
+    }
+    args
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node (the default when no subcommand is given).
-    Serve,
+    Serve(Box<Config>),
     /// Check a stream end to end through the proxies in front of the nodes: headers,
     /// buffering, probe latency, heartbeats, idle cuts. Exit 0 clean, 1 on any FAIL.
     Doctor(DoctorArgs),
@@ -321,6 +340,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
 }
 
+/// The node's settings from `args` (after the program name), without validating them.
+#[cfg(test)]
+pub fn config_from(args: &[&str]) -> Config {
+    let full = std::iter::once("sse-fanout").chain(args.iter().copied()).map(OsString::from);
+    match Cli::parse_from(with_default_command(full)).command {
+        Command::Serve(config) => *config,
+        Command::Doctor(_) => panic!("not the node's arguments"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,9 +357,11 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut full = vec!["sse-fanout"];
         full.extend_from_slice(args);
-        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
-        cli.config.validate().map_err(|e| e.to_string())?;
-        Ok(cli.config)
+        let cli = Cli::try_parse_from(with_default_command(full.into_iter().map(OsString::from)))
+            .map_err(|e| e.to_string())?;
+        let Command::Serve(config) = cli.command else { return Err("not serve".into()) };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(*config)
     }
 
     #[test]
@@ -379,8 +410,12 @@ mod tests {
 
     #[test]
     fn doctor_takes_a_url_and_tokens_and_serve_stays_the_default() {
-        let cli = Cli::try_parse_from(["sse-fanout"]).expect("no subcommand");
-        assert!(cli.command.is_none());
+        let serve = |args: &[&str]| Cli::try_parse_from(with_default_command(args.iter().map(OsString::from)));
+        assert!(matches!(serve(&["sse-fanout"]).expect("no subcommand").command, Command::Serve(_)));
+        let Command::Serve(config) = serve(&["sse-fanout", "--listen", "127.0.0.1:9"]).expect("flags").command else {
+            panic!("serve is implied")
+        };
+        assert_eq!(config.listen.port(), 9);
         let cli = Cli::try_parse_from([
             "sse-fanout",
             "doctor",
@@ -393,7 +428,7 @@ mod tests {
             "1m",
         ])
         .expect("doctor args");
-        let Some(Command::Doctor(args)) = cli.command else { panic!("doctor subcommand") };
+        let Command::Doctor(args) = cli.command else { panic!("doctor subcommand") };
         assert_eq!(args.url, "http://127.0.0.1:8080/events");
         assert_eq!(args.heartbeat_wait, Duration::from_secs(2));
         assert_eq!(args.idle, Some(Duration::from_secs(60)));

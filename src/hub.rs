@@ -238,7 +238,7 @@ impl Hub {
         self.metrics.active.increment(1.0);
         self.metrics.total.increment(1);
         if let Some(oldest) = evicted {
-            self.metrics.closed(CloseReason::Replaced.label());
+            self.metrics.closed(CloseReason::Replaced);
             oldest.close(CloseReason::Replaced.farewell());
         }
         Ok(Joined { membership: Membership { hub: self.clone(), connection }, pending })
@@ -286,7 +286,7 @@ impl Hub {
     pub fn close(&self, connection: &Arc<Connection>, reason: CloseReason, farewell: Bytes) {
         self.detach(connection);
         if connection.close(farewell) {
-            self.metrics.closed(reason.label());
+            self.metrics.closed(reason);
         }
     }
 
@@ -354,15 +354,22 @@ impl Hub {
             }));
         }
         let mut slow = self.push_to(&listeners[..share.min(listeners.len())], &item);
-        for other in others {
-            slow += other.await.unwrap_or(0);
+        // A share that panicked reached an unknown part of its listeners: none of it is counted
+        // as sent. (The streams themselves are intact: a connection's lock survives a panic.)
+        let mut lost = 0;
+        for (part, other) in (1..parts).zip(others) {
+            match other.await {
+                Ok(cut) => slow += cut,
+                Err(e) => {
+                    lost += listeners.len().min((part + 1) * share).saturating_sub(part * share);
+                    tracing::error!(channel, error = %e, "a fan-out share failed");
+                }
+            }
         }
-        self.metrics.sent.increment((listeners.len() - slow) as u64);
+        self.metrics.sent.increment(listeners.len().saturating_sub(slow + lost) as u64);
         self.metrics.fan_out.record(started.elapsed());
         if slow > 0 {
-            for _ in 0..slow {
-                self.metrics.closed(CloseReason::SlowConsumer.label());
-            }
+            self.metrics.closed_many(CloseReason::SlowConsumer, slow as u64);
             tracing::debug!(channel, slow, "cut off slow consumers");
         }
     }
@@ -437,7 +444,7 @@ impl Hub {
             if reason == CloseReason::SlowConsumer {
                 self.detach(&connection);
                 if connection.cut() {
-                    self.metrics.closed(reason.label());
+                    self.metrics.closed(reason);
                 }
             } else {
                 self.close(&connection, reason, reason.farewell());

@@ -1,20 +1,25 @@
 //! sse-fanout: a Server-Sent Events fan-out node over Redis pub/sub.
 //!
-//! The hot path reads top to bottom: [`bus`] → [`hub`] (framed once by [`frame`]) →
-//! [`connection`] → the socket. [`node`] wires the parts; [`http`] holds the routes.
+//! The hot path reads top to bottom: [`bus`] → [`dispatch`] → [`hub`] (framed once by
+//! [`frame`]) → [`connection`] → the socket. [`server`] builds a node and runs it;
+//! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol.
 
-pub mod auth;
-pub mod bus;
-pub mod channel;
+mod auth;
+mod bus;
+mod channel;
 pub mod config;
-pub mod connection;
+mod connection;
+mod dev_mode;
+mod dispatch;
 pub mod doctor;
-pub mod envelope;
-pub mod frame;
-pub mod history;
-pub mod http;
-pub mod hub;
+mod envelope;
+mod frame;
+mod history;
+mod http;
+mod hub;
 pub mod logging;
-pub mod metrics;
-pub mod node;
+mod metrics;
+mod node;
+mod resume;
+pub mod server;
 pub mod shutdown;

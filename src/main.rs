@@ -1,17 +1,16 @@
-//! Parses the configuration, builds the node and runs it until shutdown; or runs the
+//! Parses the configuration, builds the node and runs it until SIGTERM/SIGINT; or runs the
 //! `doctor` check, which needs neither the node's settings nor its logging.
 
-use clap::Parser;
 use sse_fanout::config::{Cli, Command, Config, DoctorArgs};
+use sse_fanout::{server, shutdown};
 
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.config),
+    match Cli::from_args().command {
+        Command::Serve(config) => serve(*config),
         Command::Doctor(args) => doctor(args),
     }
 }
@@ -32,7 +31,7 @@ fn serve(config: Config) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sse_fanout::node::run(config)) {
+    match runtime.block_on(run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -40,6 +39,24 @@ fn serve(config: Config) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The first signal starts the drain; a second one skips the rest of it.
+async fn run(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let address = config.listen;
+    let listener = server::listen(address).with_context(|| format!("cannot listen on {address}"))?;
+    let node = server::Server::build(config)?;
+    let (first, second) = (tokio::sync::oneshot::channel::<()>(), tokio::sync::oneshot::channel::<()>());
+    tokio::spawn(async move {
+        let signal = shutdown::signal().await;
+        tracing::info!(signal, "shutting down");
+        let _ = first.0.send(());
+        let signal = shutdown::signal().await;
+        tracing::warn!(signal, "second signal");
+        let _ = second.0.send(());
+    });
+    node.serve(listener, async { first.1.await.unwrap_or(()) }, async { second.1.await.unwrap_or(()) }).await
 }
 
 /// One connection at a time: a single-threaded runtime is all the doctor needs.

@@ -1,10 +1,14 @@
 //! Metric names in one place, registered once. Handles are created at startup and passed
 //! down, so the hot path increments an atomic instead of looking a name up per event.
 
+use std::sync::{Mutex, PoisonError};
+
 use metrics::{
     Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::connection::CloseReason;
 
 pub const ACTIVE_CONNECTIONS: &str = "sse_active_connections";
 pub const TOTAL_CONNECTIONS: &str = "sse_total_connections";
@@ -22,8 +26,20 @@ pub const BUS_UNSUBSCRIBE_COMMANDS: &str = "sse_bus_unsubscribe_commands_total";
 pub const SUBSCRIBED_CHANNELS: &str = "sse_subscribed_channels";
 pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
 
-/// Installs the Prometheus recorder. Call once, before any handle is created.
+/// Installs the Prometheus recorder the first time, before any handle is created; later calls
+/// (several servers in one test process) share it.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    static INSTALLED: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
+    let handle = build_recorder()?;
+    *installed = Some(handle.clone());
+    Ok(handle)
+}
+
+fn build_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     // Buckets rather than summaries, so durations aggregate across nodes.
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -71,6 +87,31 @@ pub struct HubMetrics {
     pub fan_out: Histogram,
     pub channels: Gauge,
     pub bus_messages: Counter,
+    /// `sse_connections_closed_total` per reason, resolved once: a storm closes thousands.
+    closed: [Counter; CLOSE_REASONS.len()],
+}
+
+/// Every reason a stream is closed for, in the order of `HubMetrics::closed`.
+const CLOSE_REASONS: [CloseReason; 7] = [
+    CloseReason::Replaced,
+    CloseReason::SlowConsumer,
+    CloseReason::Inactive,
+    CloseReason::Lifetime,
+    CloseReason::TokenExpired,
+    CloseReason::Shutdown,
+    CloseReason::Overflow,
+];
+
+fn close_index(reason: CloseReason) -> usize {
+    match reason {
+        CloseReason::Replaced => 0,
+        CloseReason::SlowConsumer => 1,
+        CloseReason::Inactive => 2,
+        CloseReason::Lifetime => 3,
+        CloseReason::TokenExpired => 4,
+        CloseReason::Shutdown => 5,
+        CloseReason::Overflow => 6,
+    }
 }
 
 impl HubMetrics {
@@ -83,6 +124,7 @@ impl HubMetrics {
             fan_out: histogram!(FAN_OUT_DURATION),
             channels: gauge!(SUBSCRIBED_CHANNELS),
             bus_messages: counter!(BUS_MESSAGES),
+            closed: CLOSE_REASONS.map(|reason| counter!(CONNECTIONS_CLOSED, "reason" => reason.label())),
         }
     }
 
@@ -90,8 +132,13 @@ impl HubMetrics {
         counter!(CONNECTIONS_REJECTED, "reason" => reason).increment(1);
     }
 
-    pub fn closed(&self, reason: &'static str) {
-        counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[close_index(reason)].increment(1);
+    }
+
+    /// `count` streams closed for the same reason at once.
+    pub fn closed_many(&self, reason: CloseReason, count: u64) {
+        self.closed[close_index(reason)].increment(count);
     }
 
     pub fn refused(&self, reason: &'static str) {
@@ -128,5 +175,17 @@ impl BusMetrics {
 impl Default for BusMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_close_reason_has_its_own_counter() {
+        for (index, reason) in CLOSE_REASONS.iter().enumerate() {
+            assert_eq!(close_index(*reason), index, "{}", reason.label());
+        }
     }
 }

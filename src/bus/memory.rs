@@ -12,10 +12,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    Bus, BusError, BusFuture, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishReceipt, SubscriptionReady, WithEpoch,
+    Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishReceipt, SubscriptionReady,
 };
 use crate::channel::{ChannelKind, ChannelName, ChannelNames};
-use crate::history::{HistoryConfig, Retention, Since, StreamId};
+use crate::history::{Entry, HistoryConfig, Retention, Since, StreamId};
 
 /// How often idle histories past their age are swept out.
 const SWEEP_INTERVAL_MS: u64 = 10_000;
@@ -43,7 +43,7 @@ impl MemoryBus {
     }
 
     fn history(&self) -> Result<&MemoryHistory, BusError> {
-        self.history.as_ref().ok_or_else(|| BusError::Refused("history is off".into()))
+        self.history.as_ref().ok_or(BusError::HistoryOff)
     }
 }
 
@@ -80,7 +80,7 @@ impl Bus for MemoryBus {
                 self.inbound
                     .send(Inbound::Message { channel: channel.clone(), id, payload: payload.clone() })
                     .await
-                    .map_err(|_| BusError::Unavailable("node is shutting down".into()))?;
+                    .map_err(|_| BusError::ShuttingDown)?;
             }
             if history.is_none() {
                 receipt.receivers = Some(receivers);
@@ -89,15 +89,15 @@ impl Bus for MemoryBus {
         })
     }
 
-    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, WithEpoch<StreamId>> {
+    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, Epoched<StreamId>> {
         Box::pin(async move {
             let history = self.history()?;
             let mut store = history.store();
             let now = now_ms();
-            Ok((
-                history.epoch,
-                channels.iter().map(|c| store.live(c, now).map_or(StreamId::ZERO, |s| s.last)).collect(),
-            ))
+            Ok(Epoched {
+                epoch: history.epoch,
+                values: channels.iter().map(|c| store.live(c, now).map_or(StreamId::ZERO, |s| s.last)).collect(),
+            })
         })
     }
 
@@ -106,12 +106,12 @@ impl Bus for MemoryBus {
         epoch: u32,
         away: Duration,
         positions: &'a [(ChannelName, StreamId)],
-    ) -> BusFuture<'a, WithEpoch<Since>> {
+    ) -> BusFuture<'a, Epoched<Since>> {
         Box::pin(async move {
             let history = self.history()?;
-            let results =
+            let values =
                 positions.iter().map(|(channel, position)| history.since(epoch, away, channel, *position)).collect();
-            Ok((history.epoch, results))
+            Ok(Epoched { epoch: history.epoch, values })
         })
     }
 
@@ -138,7 +138,7 @@ struct Store {
 }
 
 struct Stream {
-    entries: VecDeque<(StreamId, Bytes)>,
+    entries: VecDeque<Entry>,
     last: StreamId,
     /// The newest id ever trimmed: positions before it lost something.
     max_deleted: StreamId,
@@ -187,17 +187,17 @@ impl MemoryHistory {
         } else {
             StreamId { ms: stream.last.ms, seq: stream.last.seq + 1 }
         };
-        stream.entries.push_back((id, payload.clone()));
+        stream.entries.push_back(Entry { id, payload: payload.clone() });
         stream.last = id;
         while stream.entries.len() > retention.length as usize {
-            if let Some((trimmed, _)) = stream.entries.pop_front() {
+            if let Some(Entry { id: trimmed, .. }) = stream.entries.pop_front() {
                 stream.max_deleted = trimmed;
             }
         }
         let age = retention.age.as_millis() as u64;
         if age > 0 {
-            while stream.entries.front().is_some_and(|(first, _)| first.ms + age < now) {
-                if let Some((trimmed, _)) = stream.entries.pop_front() {
+            while stream.entries.front().is_some_and(|first| first.id.ms + age < now) {
+                if let Some(Entry { id: trimmed, .. }) = stream.entries.pop_front() {
                     stream.max_deleted = trimmed;
                 }
             }
@@ -228,10 +228,10 @@ impl MemoryHistory {
         if position > stream.last || stream.max_deleted > position {
             return Since::Reset { tail: stream.last };
         }
-        if window_passed && (position == StreamId::ZERO || !stream.entries.iter().any(|(id, _)| *id == position)) {
+        if window_passed && (position == StreamId::ZERO || !stream.entries.iter().any(|entry| entry.id == position)) {
             return Since::Reset { tail: stream.last };
         }
-        Since::Entries(stream.entries.iter().filter(|(id, _)| *id > position).cloned().collect())
+        Since::Entries(stream.entries.iter().filter(|entry| entry.id > position).cloned().collect())
     }
 }
 
@@ -253,7 +253,7 @@ mod tests {
 
     fn entries(since: Since) -> Vec<Bytes> {
         match since {
-            Since::Entries(e) => e.into_iter().map(|(_, p)| p).collect(),
+            Since::Entries(e) => e.into_iter().map(|entry| entry.payload).collect(),
             Since::Reset { .. } => panic!("unexpected reset"),
         }
     }
@@ -282,7 +282,7 @@ mod tests {
     async fn history_replays_what_came_after_a_position() {
         let (bus, _inbound) = bus(100);
         let c = ChannelName::from_bus("sse:topic:t");
-        let (epoch, tails) = bus.tails(std::slice::from_ref(&c)).await.expect("tails");
+        let Epoched { epoch, values: tails } = bus.tails(std::slice::from_ref(&c)).await.expect("tails");
         assert_eq!(tails, [StreamId::ZERO]);
         let mut ids = Vec::new();
         for i in 0..3 {
@@ -290,9 +290,9 @@ mod tests {
             ids.push(StreamId::parse(&receipt.ids[0]).expect("id"));
         }
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
-        let (_, since) = bus.since(epoch, Duration::ZERO, &[(c.clone(), ids[0])]).await.expect("since");
+        let since = bus.since(epoch, Duration::ZERO, &[(c.clone(), ids[0])]).await.expect("since").values;
         assert_eq!(entries(since.into_iter().next().expect("one")), [Bytes::from("m1"), Bytes::from("m2")]);
-        let (_, since) = bus.since(epoch, Duration::ZERO, &[(c.clone(), StreamId::ZERO)]).await.expect("since");
+        let since = bus.since(epoch, Duration::ZERO, &[(c.clone(), StreamId::ZERO)]).await.expect("since").values;
         assert_eq!(entries(since.into_iter().next().expect("one")).len(), 3);
     }
 
@@ -300,14 +300,14 @@ mod tests {
     async fn trimmed_history_another_epoch_or_a_future_position_reset() {
         let (bus, _inbound) = bus(2);
         let c = ChannelName::from_bus("sse:user:u");
-        let (epoch, _) = bus.tails(std::slice::from_ref(&c)).await.expect("tails");
+        let epoch = bus.tails(std::slice::from_ref(&c)).await.expect("tails").epoch;
         let mut ids = Vec::new();
         for i in 0..4 {
             let receipt = bus.publish(std::slice::from_ref(&c), Bytes::from(format!("m{i}")), true).await.expect("ok");
             ids.push(StreamId::parse(&receipt.ids[0]).expect("id"));
         }
         let ask = |position| vec![(c.clone(), position)];
-        let reset = |r: WithEpoch<Since>| matches!(r.1[0], Since::Reset { .. });
+        let reset = |r: Epoched<Since>| matches!(r.values[0], Since::Reset { .. });
         assert!(reset(bus.since(epoch, Duration::ZERO, &ask(ids[0])).await.expect("since")), "m1 was trimmed");
         assert!(!reset(bus.since(epoch, Duration::ZERO, &ask(ids[1])).await.expect("since")), "trimmed up to m1 only");
         assert!(reset(bus.since(epoch ^ 2, Duration::ZERO, &ask(ids[3])).await.expect("since")), "other epoch");

@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
 
-use crate::channel::ChannelName;
-use crate::history::{Since, StreamId};
+use crate::channel::{ChannelName, ChannelNames};
+use crate::history::{HistoryConfig, Since, StreamId};
+use crate::metrics::BusMetrics;
 
 /// Room for bursts between the bus and the dispatcher. Beyond it messages are dropped and
 /// counted rather than buffered without bound (the subscriber must never block).
@@ -38,13 +40,64 @@ pub enum Inbound {
 
 pub type InboundReceiver = mpsc::Receiver<Inbound>;
 
-/// Why a publish failed.
+/// A started bus: the bus, the queue its messages arrive on, and the task it cannot deliver
+/// without (Redis's subscription owner; none for the embedded bus).
+pub struct Running {
+    pub bus: Arc<dyn Bus>,
+    pub inbound: InboundReceiver,
+    pub owner: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts the bus the configuration asks for: Redis when `redis_url` is set, else embedded.
+pub fn start(
+    redis_url: Option<&str>,
+    names: &ChannelNames,
+    history: Option<HistoryConfig>,
+    shutdown: CancellationToken,
+) -> Result<Running, BusError> {
+    match redis_url {
+        Some(url) => {
+            let library = history.as_ref().map(|h| crate::history::redis_library(names.prefix(), h));
+            redis::RedisBus::start(url, library, BusMetrics::new(), shutdown)
+        }
+        None => {
+            let (bus, inbound) = memory::MemoryBus::new(names.clone(), history);
+            Ok(Running { bus, inbound, owner: None })
+        }
+    }
+}
+
+/// Why a bus call failed. Callers decide by variant ([`BusError::is_transient`]), never by text.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// Redis cannot be reached now (refused, dropped, no pooled connection): worth a retry.
     #[error("redis is unavailable: {0}")]
     Unavailable(String),
+    /// Redis did not answer within the command timeout: worth a retry.
+    #[error("redis did not answer in time")]
+    Timeout,
+    /// The node is shutting down: its dispatcher takes no more messages.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// Redis answered with an error.
     #[error("redis refused the command: {0}")]
     Refused(String),
+    /// A history function answered in a shape this node does not know.
+    #[error("unexpected reply from a history function (is the library current?)")]
+    MalformedReply,
+    /// History was asked of a node that keeps none.
+    #[error("history is off")]
+    HistoryOff,
+    /// The Redis URL or client settings cannot be used (fatal at startup).
+    #[error("cannot use the redis settings: {0}")]
+    Config(String),
+}
+
+impl BusError {
+    /// True when the same call may succeed later without anything being changed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BusError::Unavailable(_) | BusError::Timeout | BusError::ShuttingDown)
+    }
 }
 
 pub type BusFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BusError>> + Send + 'a>>;
@@ -63,8 +116,13 @@ pub struct PublishReceipt {
     pub ids: Vec<String>,
 }
 
-/// The history epoch (changes when history is lost) and one value per channel asked about.
-pub type WithEpoch<T> = (u32, Vec<T>);
+/// One value per channel asked about, read in one history `epoch` (it changes whenever
+/// history is lost, and a cursor of another epoch cannot be trusted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Epoched<T> {
+    pub epoch: u32,
+    pub values: Vec<T>,
+}
 
 /// A node-wide pub/sub transport.
 pub trait Bus: Send + Sync + 'static {
@@ -85,7 +143,7 @@ pub trait Bus: Send + Sync + 'static {
     ) -> BusFuture<'a, PublishReceipt>;
 
     /// The last history id of each channel (`StreamId::ZERO` when empty).
-    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, WithEpoch<StreamId>>;
+    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, Epoched<StreamId>>;
 
     /// What each channel's history holds after its position. A cursor from another epoch,
     /// or one that cannot be proven continuous, gets `Since::Reset`.
@@ -94,7 +152,7 @@ pub trait Bus: Send + Sync + 'static {
         epoch: u32,
         away: Duration,
         positions: &'a [(ChannelName, StreamId)],
-    ) -> BusFuture<'a, WithEpoch<Since>>;
+    ) -> BusFuture<'a, Epoched<Since>>;
 
     /// True once after the inbound queue overflowed and live messages were dropped.
     fn take_overflow(&self) -> bool {

@@ -8,8 +8,9 @@
 //!
 //! The connection is a RESP3 `ConnectionManager` with automatic resubscription and unlimited
 //! reconnect attempts: after Redis restarts it re-subscribes exactly the live set by itself
-//! (see ../shared/CRATES.md §2; with the default retry budget it stayed dead after a 20 s
-//! outage). Readiness is what a 1 s PING says, and drops at once on a disconnection push.
+//! (measured: with redis-rs's default budget of six retries it stayed dead after a 20 s outage
+//! until some command happened to be sent on it). Readiness is what a 1 s PING says, and drops
+//! at once on a disconnection push.
 //!
 //! Publishing from the node (the HTTP API) goes through a separate `deadpool-redis` pool, and
 //! history reads through one shared multiplexed connection (pipelined, so a storm of thousands
@@ -25,11 +26,9 @@ use deadpool_redis::redis::{self, PushInfo, PushKind, Value, aio::ConnectionMana
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Bus, BusError, BusFuture, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishReceipt, SubscriptionReady, WithEpoch,
-};
+use super::{Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, PublishReceipt, Running, SubscriptionReady};
 use crate::channel::ChannelName;
-use crate::history::{Since, StreamId, parse_epoch, split_live_id};
+use crate::history::{Entry, Since, StreamId, parse_epoch, split_live_id};
 use crate::metrics::BusMetrics;
 
 /// How long one SUBSCRIBE/UNSUBSCRIBE/PING may take before the owner retries later.
@@ -54,17 +53,17 @@ pub struct RedisBus {
 }
 
 impl RedisBus {
-    /// Starts the subscription owner. Returns at once: Redis may still be unreachable, which
-    /// `is_ready` reports until the first PING succeeds.
+    /// Starts the subscription owner, the task the bus cannot deliver without. Returns at once:
+    /// Redis may still be unreachable, which `is_ready` reports until the first PING succeeds.
     pub fn start(
         url: &str,
         library: Option<String>,
         metrics: BusMetrics,
         shutdown: CancellationToken,
-    ) -> Result<(Arc<Self>, InboundReceiver), BusError> {
+    ) -> Result<Running, BusError> {
         let library: Option<Arc<str>> = library.map(Arc::from);
         let subscriber_url = with_resp3(url);
-        let client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Refused(e.to_string()))?;
+        let client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let ready = Arc::new(AtomicBool::new(false));
 
@@ -83,7 +82,7 @@ impl RedisBus {
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(COMMAND_TIMEOUT));
         let manager =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| BusError::Refused(e.to_string()))?;
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| BusError::Config(e.to_string()))?;
 
         let mut pool_config = deadpool_redis::Config::from_url(url);
         pool_config.pool = Some(deadpool_redis::PoolConfig {
@@ -97,7 +96,7 @@ impl RedisBus {
         });
         let pool = pool_config
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| BusError::Refused(e.to_string()))?;
+            .map_err(|e| BusError::Config(e.to_string()))?;
 
         let reads_config = ConnectionManagerConfig::new()
             .set_number_of_retries(usize::MAX)
@@ -106,10 +105,9 @@ impl RedisBus {
             .set_response_timeout(Some(COMMAND_TIMEOUT));
         // RESP3 here too: the manager then hears of a dropped connection and reconnects before
         // the next read needs it.
-        let reads_client =
-            redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Refused(e.to_string()))?;
+        let reads_client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
         let reads = ConnectionManager::new_lazy_with_config(reads_client, reads_config)
-            .map_err(|e| BusError::Refused(e.to_string()))?;
+            .map_err(|e| BusError::Config(e.to_string()))?;
 
         let (commands, command_rx) = mpsc::unbounded_channel();
         let owner = SubscriptionOwner {
@@ -121,8 +119,9 @@ impl RedisBus {
             pending: HashMap::new(),
             library: library.clone(),
         };
-        tokio::spawn(owner.run(shutdown));
-        Ok((Arc::new(Self { commands, ready, overflowed, pool, reads, library }), inbound_rx))
+        let owner = tokio::spawn(owner.run(shutdown));
+        let bus = Arc::new(Self { commands, ready, overflowed, pool, reads, library });
+        Ok(Running { bus, inbound: inbound_rx, owner: Some(owner) })
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
@@ -137,9 +136,9 @@ impl RedisBus {
         calls: &redis::Pipeline,
     ) -> Result<Vec<T>, BusError> {
         let attempt = tokio::time::timeout(COMMAND_TIMEOUT, calls.query_async::<Vec<T>>(&mut *connection)).await;
-        match attempt.map_err(|_| BusError::Unavailable("redis did not answer in time".into()))? {
-            Err(e) if e.to_string().contains("Function not found") => {
-                let library = self.library.as_deref().ok_or_else(|| BusError::Refused("history is off".into()))?;
+        match attempt.map_err(|_| BusError::Timeout)? {
+            Err(e) if is_function_missing(&e) => {
+                let library = self.library.as_deref().ok_or(BusError::HistoryOff)?;
                 load_library(&mut *connection, library).await?;
                 calls.query_async(&mut *connection).await.map_err(bus_error)
             }
@@ -154,11 +153,17 @@ impl RedisBus {
         pipe.add_command(call);
         let mut reads = self.reads.clone();
         let reply = match self.call::<Vec<Value>>(&mut reads, &pipe).await {
-            Err(BusError::Unavailable(_)) => self.call::<Vec<Value>>(&mut reads, &pipe).await?,
+            Err(e) if e.is_transient() => self.call::<Vec<Value>>(&mut reads, &pipe).await?,
             other => other?,
         };
         reply.into_iter().next().ok_or_else(malformed)
     }
+}
+
+/// A restarted Redis without persistence has forgotten the library. Redis says so only in its
+/// error text (`ERR Function not found`), so this is the one place that reads it.
+fn is_function_missing(e: &redis::RedisError) -> bool {
+    e.code() == Some("ERR") && e.detail().is_some_and(|d| d.starts_with("Function not found"))
 }
 
 fn bus_error(e: redis::RedisError) -> BusError {
@@ -227,7 +232,7 @@ fn on_push(
 }
 
 fn malformed() -> BusError {
-    BusError::Refused("unexpected reply from a history function (is the library current?)".into())
+    BusError::MalformedReply
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -240,7 +245,7 @@ fn text(value: &Value) -> Option<String> {
 }
 
 /// `{epoch, per channel {'ok', {{id, {'d', payload}}...}} or {'reset', tail}}`
-fn parse_since(reply: Vec<Value>, expected: usize) -> Result<WithEpoch<Since>, BusError> {
+fn parse_since(reply: Vec<Value>, expected: usize) -> Result<Epoched<Since>, BusError> {
     let mut values = reply.into_iter();
     let epoch = values.next().and_then(|v| text(&v)).and_then(|e| parse_epoch(&e)).ok_or_else(malformed)?;
     let mut results = Vec::with_capacity(expected);
@@ -263,10 +268,10 @@ fn parse_since(reply: Vec<Value>, expected: usize) -> Result<WithEpoch<Since>, B
     if results.len() != expected {
         return Err(malformed());
     }
-    Ok((epoch, results))
+    Ok(Epoched { epoch, values: results })
 }
 
-fn parse_entry(entry: Value) -> Result<(StreamId, Bytes), BusError> {
+fn parse_entry(entry: Value) -> Result<Entry, BusError> {
     let Value::Array(parts) = entry else { return Err(malformed()) };
     let mut parts = parts.into_iter();
     let id = parts.next().and_then(|v| text(&v)).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed)?;
@@ -281,7 +286,7 @@ fn parse_entry(entry: Value) -> Result<(StreamId, Bytes), BusError> {
             _ => None,
         })
         .ok_or_else(malformed)?;
-    Ok((id, payload))
+    Ok(Entry { id, payload })
 }
 
 fn with_resp3(url: &str) -> String {
@@ -462,7 +467,7 @@ impl Bus for RedisBus {
         })
     }
 
-    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, WithEpoch<StreamId>> {
+    fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, Epoched<StreamId>> {
         Box::pin(async move {
             let mut fcall = redis::cmd("FCALL");
             fcall.arg("sse_tail").arg(channels.len());
@@ -478,7 +483,7 @@ impl Bus for RedisBus {
             if tails.len() != channels.len() {
                 return Err(malformed());
             }
-            Ok((epoch, tails))
+            Ok(Epoched { epoch, values: tails })
         })
     }
 
@@ -487,7 +492,7 @@ impl Bus for RedisBus {
         epoch: u32,
         away: Duration,
         positions: &'a [(ChannelName, StreamId)],
-    ) -> BusFuture<'a, WithEpoch<Since>> {
+    ) -> BusFuture<'a, Epoched<Since>> {
         Box::pin(async move {
             let mut fcall = redis::cmd("FCALL");
             fcall.arg("sse_since").arg(positions.len());

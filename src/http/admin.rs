@@ -3,25 +3,16 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use super::events::StreamQuery;
-use crate::auth::{AuthError, token_from_request};
+use super::grant::Access;
+use crate::auth::Role;
 use crate::node::Node;
 
-pub async fn stats(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
-    let query = StreamQuery::parse(query.as_deref());
-    let token = token_from_request(&headers, query.access_token.as_deref()).ok_or(AuthError::Missing)?;
-    if !node.auth.verify(token)?.is_admin() {
-        return Err(ApiError::forbidden("not_an_admin", "the token's role must be admin"));
-    }
+pub async fn stats(State(node): State<Arc<Node>>, access: Access) -> Result<Json<Value>, ApiError> {
+    access.require(Role::Admin)?;
     let hub = node.hub.stats();
     Ok(Json(json!({
         "node_id": node.node_id,

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::auth::AuthError;
+use crate::bus::BusError;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -35,6 +36,17 @@ impl ApiError {
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::Unavailable { code, message: message.into() }
     }
+}
+
+/// A history read failed: the stream cannot be positioned now; the client retries.
+pub fn history_unavailable(e: BusError) -> ApiError {
+    ApiError::unavailable("not_ready", format!("history is unavailable: {e}"))
+}
+
+/// A publish the bus did not take.
+pub fn publish_failed(e: BusError) -> ApiError {
+    let code = if e.is_transient() { "bus_unavailable" } else { "bus_refused" };
+    ApiError::unavailable(code, e.to_string())
 }
 
 impl From<AuthError> for ApiError {

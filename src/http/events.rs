@@ -8,26 +8,25 @@
 //! With history on, each channel is positioned first (from `Last-Event-ID`, or at the current
 //! tail for a new stream), and after subscribing the stream replays what history holds past
 //! those positions; live copies of replayed entries are dropped by id in the connection. So a
-//! message published at any moment of a (re)connect arrives exactly once.
+//! message published at any moment of a (re)connect arrives exactly once. The history side of
+//! that is [`crate::resume`]'s.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
-use super::error::ApiError;
-use crate::auth::{AuthError, Grant, token_from_request, unix_now};
-use crate::bus::BusError;
+use super::error::{ApiError, history_unavailable};
+use super::grant::{check_origin, grant};
+use crate::auth::Grant;
 use crate::channel::{ChannelName, check_name, topic_allowed};
-use crate::connection::{Connection, EventStream, Item};
+use crate::connection::EventStream;
 use crate::frame;
-use crate::history::{Cursor, ResetReason, Since, StreamId, reset_frame};
 use crate::hub::JoinError;
 use crate::node::Node;
 
@@ -36,10 +35,10 @@ pub const MAX_TOPICS_PER_STREAM: usize = 64;
 /// How long a new stream waits for its subscriptions before giving up with 503.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The query parameters of `/events`.
+/// The query parameters of `/events` and of its polling twin `/api/history` (the token is
+/// [`grant`]'s).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct StreamQuery {
-    pub access_token: Option<String>,
     pub topics: Vec<String>,
     pub last_event_id: Option<String>,
     /// `/api/history`'s cursor.
@@ -51,7 +50,6 @@ impl StreamQuery {
         let mut parsed = StreamQuery::default();
         for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
             match &*key {
-                "access_token" => parsed.access_token = Some(value.into_owned()),
                 "topic" => parsed.topics.push(value.into_owned()),
                 "lastEventId" => parsed.last_event_id = Some(value.into_owned()),
                 "after" => parsed.after = Some(value.into_owned()),
@@ -93,9 +91,11 @@ pub struct Opened {
 /// Everything `/events` decides before the first byte: origin, token, topics, readiness,
 /// limits, subscriptions, and (with history) the resume. Shared by both serving paths.
 pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Opened, ApiError> {
-    check_origin(node, headers)?;
+    // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
+    // page, whatever carries its token (CORS alone would open it and only hide it).
+    check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
+    let (grant, topics, channels) = authorize(node, headers, query)?;
     let query = StreamQuery::parse(query);
-    let (grant, topics, channels) = authorize(node, headers, &query)?;
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
@@ -106,8 +106,8 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
         .map(str::to_owned)
         .or(query.last_event_id)
         .filter(|id| !id.is_empty());
-    let start = match node.history {
-        Some(_) => Some(position(node, &channels, last_event_id.as_deref()).await.map_err(bus_unavailable)?),
+    let start = match &node.resume {
+        Some(resume) => Some(resume.position(&channels, last_event_id.as_deref()).await.map_err(history_unavailable)?),
         None => None,
     };
 
@@ -133,9 +133,9 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
         return Err(ApiError::unavailable("not_ready", "subscribing took too long; retry shortly"));
     }
     let connection = joined.membership.connection();
-    let resets = match start {
-        Some(start) => replay(node, connection, start).await.map_err(bus_unavailable)?,
-        None => None,
+    let resets = match (&node.resume, start) {
+        (Some(resume), Some(start)) => resume.replay(connection, start).await.map_err(history_unavailable)?,
+        _ => None,
     };
 
     let connected = json!({
@@ -159,127 +159,15 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
 pub fn authorize(
     node: &Node,
     headers: &HeaderMap,
-    query: &StreamQuery,
+    query: Option<&str>,
 ) -> Result<(Grant, Vec<String>, Vec<ChannelName>), ApiError> {
-    let grant = token_from_request(headers, query.access_token.as_deref())
-        .ok_or(AuthError::Missing)
-        .and_then(|token| node.auth.verify(token))
-        .inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
-    let topics = granted_topics(&grant, query.topics.clone())?;
+    let grant = grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?.grant;
+    let topics = granted_topics(&grant, StreamQuery::parse(query).topics)?;
     let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
     channels.push(node.channels.user(grant.user.as_str()));
     channels.push(node.channels.broadcast());
     channels.extend(topics.iter().map(|t| node.channels.topic(t)));
     Ok((grant, topics, channels))
-}
-
-pub fn bus_unavailable(e: BusError) -> ApiError {
-    ApiError::unavailable("not_ready", format!("history is unavailable: {e}"))
-}
-
-/// Where each channel of a stream starts, decided before subscribing.
-pub struct Start {
-    /// The epoch the positions belong to.
-    pub epoch: u32,
-    pub positions: Vec<(ChannelName, StreamId)>,
-    /// How long the client was away (from the cursor's issue time).
-    pub away: Duration,
-    /// Set when `Last-Event-ID` was not a cursor: every channel is reset.
-    pub invalid_cursor: bool,
-}
-
-/// Positions every channel: from the cursor where it has one, else at the current tail (a new
-/// stream, or a topic the stream did not have before).
-pub async fn position(node: &Node, channels: &[ChannelName], last_event_id: Option<&str>) -> Result<Start, BusError> {
-    let cursor = last_event_id.map(Cursor::decode);
-    if let Some(Ok(cursor)) = &cursor
-        && let Some(positions) = channels.iter().map(|c| Some((c.clone(), cursor.position(c)?))).collect()
-    {
-        // A resume that knows every channel needs no tails: the history read that follows
-        // checks the epoch. In a reconnect storm that is one Redis call per stream saved.
-        let away = Duration::from_secs(unix_now().saturating_sub(cursor.issued_at));
-        return Ok(Start { epoch: cursor.epoch, positions, away, invalid_cursor: false });
-    }
-    let (current, tails) = node.hub.bus().tails(channels).await?;
-    node.epoch.store(current, Ordering::Release);
-    let (epoch, away, invalid_cursor, cursor) = match cursor {
-        None => (current, Duration::ZERO, false, None),
-        Some(Err(_)) => (current, Duration::ZERO, true, None),
-        Some(Ok(cursor)) => {
-            (cursor.epoch, Duration::from_secs(unix_now().saturating_sub(cursor.issued_at)), false, Some(cursor))
-        }
-    };
-    let positions = channels
-        .iter()
-        .zip(tails)
-        .map(|(channel, tail)| (channel.clone(), cursor.as_ref().and_then(|c| c.position(channel)).unwrap_or(tail)))
-        .collect();
-    Ok(Start { epoch, positions, away, invalid_cursor })
-}
-
-/// What history says past each position: the entries to replay and the channels to reset.
-pub struct Resume {
-    pub epoch: u32,
-    /// Where each channel continues: the asked position (the entries follow it), or the tail
-    /// after a reset.
-    pub positions: Vec<StreamId>,
-    pub entries: Vec<(usize, StreamId, bytes::Bytes)>,
-    pub reset: Vec<usize>,
-    pub reason: ResetReason,
-}
-
-pub async fn read_history(node: &Node, start: Start) -> Result<Resume, BusError> {
-    let (current, results) = node.hub.bus().since(start.epoch, start.away, &start.positions).await?;
-    node.epoch.store(current, Ordering::Release);
-    let reason = if start.invalid_cursor {
-        ResetReason::InvalidCursor
-    } else if start.epoch != current {
-        ResetReason::HistoryLost
-    } else {
-        ResetReason::WindowLost
-    };
-    let mut resume = Resume { epoch: current, positions: Vec::new(), entries: Vec::new(), reset: Vec::new(), reason };
-    for (index, ((_, position), since)) in start.positions.iter().zip(results).enumerate() {
-        match since {
-            Since::Entries(entries) if !start.invalid_cursor => {
-                resume.positions.push(*position);
-                resume.entries.extend(entries.into_iter().map(|(id, payload)| (index, id, payload)));
-            }
-            Since::Entries(entries) => {
-                // No trustworthy position: continue from the newest entry, and say so.
-                resume.positions.push(entries.last().map_or(*position, |(id, _)| *id));
-                resume.reset.push(index);
-            }
-            Since::Reset { tail } => {
-                resume.positions.push(tail);
-                resume.reset.push(index);
-            }
-        }
-    }
-    Ok(resume)
-}
-
-/// Reads history past the start positions and queues it ahead of live messages; returns the
-/// `reset` event to send after `connected`, if any channel lost continuity.
-async fn replay(node: &Node, connection: &Connection, start: Start) -> Result<Option<bytes::Bytes>, BusError> {
-    let channels: Vec<ChannelName> = start.positions.iter().map(|(c, _)| c.clone()).collect();
-    let resume = read_history(node, start).await?;
-    let mut replay = Vec::with_capacity(resume.entries.len());
-    for (index, id, payload) in resume.entries {
-        let Ok(message) = crate::envelope::parse(&payload) else {
-            continue; // Counted when it was published live; never written to a stream.
-        };
-        let frame = frame::event(message.event.as_deref(), None, &message.data);
-        replay.push(Item::Event { channel: channels[index].clone(), id, frame });
-    }
-    // Positions stay where the client was: each replayed entry is newer, and the connection
-    // advances as it writes them.
-    connection.start_history(resume.epoch, resume.positions, replay);
-    if resume.reset.is_empty() {
-        return Ok(None);
-    }
-    let reset: Vec<&ChannelName> = resume.reset.iter().map(|&i| &channels[i]).collect();
-    Ok(Some(reset_frame(&node.channels, &reset, resume.reason)))
 }
 
 /// Checks each asked topic and that the token grants it; removes duplicates.
@@ -298,23 +186,6 @@ fn granted_topics(grant: &Grant, asked: Vec<String>) -> Result<Vec<String>, ApiE
         return Err(ApiError::bad_request("topic", format!("at most {MAX_TOPICS_PER_STREAM} topics per stream")));
     }
     Ok(topics)
-}
-
-/// With an allow-list configured, a browser request from another origin is refused outright
-/// (CORS alone would still open the stream and only hide it from the page).
-fn check_origin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
-        return Ok(());
-    };
-    let mut allowed = node.config.cors_origins().peekable();
-    if allowed.peek().is_none() {
-        return Ok(());
-    }
-    if allowed.any(|o| o == "*" || o == origin) {
-        return Ok(());
-    }
-    node.hub_metrics.rejected("origin_not_allowed");
-    Err(ApiError::forbidden("origin_not_allowed", format!("origin {origin} is not allowed")))
 }
 
 #[cfg(test)]
@@ -336,7 +207,6 @@ mod tests {
     fn query_parameters_are_decoded_and_topics_repeat() {
         let q = StreamQuery::parse(Some("topic=a&topic=b%3A1&access_token=t.k.n&lastEventId=x%20y&other=1"));
         assert_eq!(q.topics, ["a", "b:1"]);
-        assert_eq!(q.access_token.as_deref(), Some("t.k.n"));
         assert_eq!(q.last_event_id.as_deref(), Some("x y"));
         assert_eq!(StreamQuery::parse(None), StreamQuery::default());
     }

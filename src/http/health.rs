@@ -1,5 +1,5 @@
-//! Operator probes: `/healthz` (the process answers), `/readyz` (it can deliver: bus reachable,
-//! not draining) and `/metrics` (Prometheus text).
+//! Operator probes: `/healthz` (the process answers), `/readyz` (it can deliver: its dispatcher
+//! and bus tasks run, the bus is reachable, it is not draining) and `/metrics` (Prometheus text).
 
 use std::sync::Arc;
 
@@ -16,7 +16,9 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 pub async fn readyz(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let reason = if node.hub.is_draining() {
+    let reason = if let Some(failure) = node.failure() {
+        Some(failure)
+    } else if node.hub.is_draining() {
         Some("draining")
     } else if !node.hub.bus().is_ready() {
         Some("bus_unavailable")

@@ -9,46 +9,47 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::error::ApiError;
-use super::events::{StreamQuery, authorize, bus_unavailable, position, read_history};
+use super::error::{ApiError, history_unavailable};
+use super::events::{StreamQuery, authorize};
 use crate::auth::unix_now;
 use crate::history::{Cursor, channel_hash};
 use crate::node::Node;
+use crate::resume::MissedEntry;
 
 pub async fn history(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let query = StreamQuery::parse(query.as_deref());
-    let (_grant, _topics, channels) = authorize(&node, &headers, &query)?;
-    if node.history.is_none() {
+    let (_grant, _topics, channels) = authorize(&node, &headers, query.as_deref())?;
+    let Some(resume) = &node.resume else {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
-    }
+    };
+    let query = StreamQuery::parse(query.as_deref());
     let after = query.after.as_deref().filter(|a| !a.is_empty());
-    let start = position(&node, &channels, after).await.map_err(bus_unavailable)?;
-    let resume = read_history(&node, start).await.map_err(bus_unavailable)?;
+    let start = resume.position(&channels, after).await.map_err(history_unavailable)?;
+    let missed = resume.missed(start).await.map_err(history_unavailable)?;
 
-    let mut positions = resume.positions.clone();
-    let mut entries = resume.entries;
-    entries.sort_by_key(|(_, id, _)| *id);
+    let mut positions = missed.positions.clone();
+    let mut entries = missed.entries;
+    entries.sort_by_key(|missed| missed.entry.id);
     let mut events = Vec::with_capacity(entries.len());
-    for (index, id, payload) in entries {
-        positions[index] = positions[index].max(id);
-        let Ok(message) = crate::envelope::parse(&payload) else { continue };
+    for MissedEntry { channel, entry } in entries {
+        positions[channel] = positions[channel].max(entry.id);
+        let Ok(message) = crate::envelope::parse(&entry.payload) else { continue };
         events.push(json!({
-            "channel": node.channels.logical(&channels[index]),
+            "channel": node.channels.logical(&channels[channel]),
             "event": message.event.as_deref().unwrap_or("message"),
             "data": message.data,
-            "history_id": id.to_string(),
+            "history_id": entry.id.to_string(),
         }));
     }
     let cursor =
-        Cursor::encode(resume.epoch, unix_now(), channels.iter().map(channel_hash).zip(positions.iter().copied()));
-    let reset: Vec<&str> = resume.reset.iter().map(|&i| node.channels.logical(&channels[i])).collect();
+        Cursor::encode(missed.epoch, unix_now(), channels.iter().map(channel_hash).zip(positions.iter().copied()));
+    let reset: Vec<&str> = missed.reset.iter().map(|&i| node.channels.logical(&channels[i])).collect();
     let mut body = json!({"events": events, "cursor": cursor});
     if !reset.is_empty() {
-        body["reset"] = json!({"channels": reset, "reason": resume.reason.label()});
+        body["reset"] = json!({"channels": reset, "reason": missed.reason.label()});
     }
     Ok(Json(body))
 }

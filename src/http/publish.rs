@@ -5,16 +5,15 @@
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use super::error::ApiError;
-use super::events::StreamQuery;
-use crate::auth::{AuthError, token_from_request};
-use crate::bus::BusError;
+use super::error::{ApiError, publish_failed};
+use super::grant::Access;
+use crate::auth::Role;
 use crate::channel::{ChannelName, ChannelNames, check_name};
 use crate::envelope::{Refusal, checked_event_name, checked_id};
 use crate::node::Node;
@@ -122,18 +121,13 @@ fn names(fields: &mut Map<String, Value>, field: &'static str) -> Result<Vec<Str
     }
 }
 
+/// The token is checked (by the [`Access`] extractor) before the body is read.
 pub async fn publish(
     State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    access: Access,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let query = StreamQuery::parse(query.as_deref());
-    let token = token_from_request(&headers, query.access_token.as_deref()).ok_or(AuthError::Missing)?;
-    let grant = node.auth.verify(token)?;
-    if !grant.may_publish() {
-        return Err(ApiError::forbidden("not_a_publisher", "the token's role must be publisher or admin"));
-    }
+    access.require(Role::Publisher)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit: node.config.max_publish_bytes as usize }
@@ -144,11 +138,8 @@ pub async fn publish(
     let request = PublishRequest::parse(&body)?;
     let channels = request.channels(&node.channels);
     let payload = Bytes::from(request.envelope.to_string());
-    let durable = request.durable && node.history.is_some();
-    let receipt = node.hub.bus().publish(&channels, payload, durable).await.map_err(|e| match e {
-        BusError::Unavailable(m) => ApiError::unavailable("bus_unavailable", m),
-        BusError::Refused(m) => ApiError::unavailable("bus_refused", m),
-    })?;
+    let durable = request.durable && node.resume.is_some();
+    let receipt = node.hub.bus().publish(&channels, payload, durable).await.map_err(publish_failed)?;
     node.publish_requests.increment(1);
     let body = serde_json::to_value(&receipt).unwrap_or_else(|_| json!({"channels": receipt.channels}));
     Ok((StatusCode::ACCEPTED, Json(body)))

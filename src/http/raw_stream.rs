@@ -113,7 +113,7 @@ fn parse_events_request(buffer: &[u8]) -> Parsed {
 
 /// Opens the stream and writes it until it ends or the client goes away.
 pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
-    let cors = super::stream_cors_headers(&node, request.headers.get("origin"));
+    let cors = node.origins.stream_headers(request.headers.get("origin"));
     // Boxed: a future is as large as its largest state, and opening (auth, history round trips)
     // is far larger than writing; the box is freed once the stream is open.
     let opened = match Box::pin(events::open(&node, &request.headers, request.query.as_deref())).await {

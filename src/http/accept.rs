@@ -1,6 +1,6 @@
 //! The accept loop. A connection whose first request is `GET /events` is served on the raw
 //! path ([`super::raw_stream`]); every other connection by hyper's HTTP/1 connection directly
-//! (not `axum::serve`, which measured twice the memory per connection, ../shared/CRATES.md §3).
+//! (not `axum::serve`, which measured twice the memory per idle connection: 19.7 against 10.9 KiB).
 //! On shutdown the loop stops accepting and asks every connection to finish its current
 //! response; event streams finish when the drain closes them.
 

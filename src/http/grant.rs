@@ -1,0 +1,82 @@
+//! Who may do what over HTTP, decided in one place for every route: find the token (header,
+//! `access_token`, cookie), verify it, enforce the origin rule for cookie-carried tokens, and
+//! check the role a route needs. Every refusal is an [`ApiError`], answered by `error.rs`.
+//!
+//! The hyper path takes an [`Access`] as an axum extractor, which runs before the body is read;
+//! the raw `/events` path, which has no axum request, calls [`grant`].
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+
+use super::error::ApiError;
+use crate::auth::{AuthError, Grant, Role, TokenSource, token_from_request};
+use crate::node::Node;
+
+/// A verified token.
+#[derive(Debug)]
+pub struct Access {
+    pub grant: Grant,
+}
+
+impl Access {
+    /// The grant, when its role is at least `role`.
+    pub fn require(self, role: Role) -> Result<Grant, ApiError> {
+        if self.grant.role >= role {
+            return Ok(self.grant);
+        }
+        Err(match role {
+            Role::Admin => ApiError::forbidden("not_an_admin", "the token's role must be admin"),
+            _ => ApiError::forbidden("not_a_publisher", "the token's role must be publisher or admin"),
+        })
+    }
+}
+
+/// Verifies the request's token. A token from the `sse_token` cookie is refused for a request
+/// from an origin outside `SSE_CORS_ORIGINS`: the browser sent it on another site's behalf.
+pub fn grant(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Access, ApiError> {
+    let access_token = query_param(query, "access_token");
+    let (token, source) = token_from_request(headers, access_token.as_deref()).ok_or(AuthError::Missing)?;
+    if source == TokenSource::Cookie {
+        check_origin(node, headers)?;
+    }
+    let grant = node.auth.verify(token)?;
+    Ok(Access { grant })
+}
+
+/// Refuses a browser request from an origin outside the configured allow-list.
+pub fn check_origin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    let origin = headers.get(header::ORIGIN);
+    if node.origins.permits(origin.map(|o| o.as_bytes())) {
+        return Ok(());
+    }
+    let shown = origin.and_then(|o| o.to_str().ok()).unwrap_or("(not text)");
+    Err(ApiError::forbidden("origin_not_allowed", format!("origin {shown} is not allowed")))
+}
+
+/// The last value of `name` in a query string, decoded (a repeated parameter overrides).
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes()).filter(|(key, _)| key == name).last().map(|(_, value)| value.into_owned())
+}
+
+impl FromRequestParts<Arc<Node>> for Access {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
+        grant(node, &parts.headers, parts.uri.query())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_access_token_is_read_decoded() {
+        assert_eq!(query_param(Some("access_token=x&a=1&access_token=t%2Ek"), "access_token").as_deref(), Some("t.k"));
+        assert_eq!(query_param(Some("topic=a"), "access_token"), None);
+        assert_eq!(query_param(None, "access_token"), None);
+    }
+}
