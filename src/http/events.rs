@@ -111,7 +111,10 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
         None => None,
     };
 
-    let joined = node.hub.join(grant.user.clone(), channels.clone(), grant.expires_at).map_err(|e| {
+    // The token was accepted with the leeway, so it ends with it: closing a stream at once
+    // with `token_expired` after accepting its token would be a contradiction.
+    let closes_at = grant.expires_at.saturating_add(node.config.jwt_leeway.as_secs());
+    let joined = node.hub.join(grant.user.clone(), channels.clone(), closes_at).map_err(|e| {
         node.hub_metrics.rejected(e.label());
         match e {
             JoinError::UserLimit => ApiError::TooManyRequests {
