@@ -79,6 +79,8 @@ pub enum AuthError {
     Malformed,
     #[error("token claim {0} is missing or invalid")]
     BadClaim(&'static str),
+    #[error("this request needs its token in Authorization: Bearer, not in a cookie or the query string")]
+    BearerRequired,
 }
 
 /// Why the configured key cannot be used. Fatal at startup.

@@ -416,4 +416,33 @@ mod tests {
         bearer.headers_mut().insert("origin", axum::http::HeaderValue::from_static("http://evil.example"));
         assert_eq!(ask(node, bearer).await.0, 202);
     }
+
+    #[tokio::test]
+    async fn publish_takes_only_a_bearer_token_and_a_json_body() {
+        let (server, _listener) = built_with(&["--cors-origins", "https://app.example"]).await;
+        let (node, dev) = (server.node(), tokens(&server));
+        let body = r#"{"broadcast":true,"data":"x"}"#;
+        let post = |uri: String, headers: &[(&str, String)]| {
+            let mut request = axum::http::Request::post(uri);
+            for (name, value) in headers {
+                request = request.header(*name, value);
+            }
+            request.body(axum::body::Body::from(body)).expect("request")
+        };
+        let json = ("content-type", "application/json".to_owned());
+        let cookie = ("cookie", format!("sse_token={}", dev.publisher_token));
+        let same_site = ("origin", "https://app.example".to_owned());
+        let (status, answer) = ask(node, post("/api/publish".into(), &[json.clone(), cookie, same_site])).await;
+        assert_eq!((status, answer["error"].as_str()), (401, Some("bearer_required")), "a cookie never publishes");
+        let query = format!("/api/publish?access_token={}", dev.publisher_token);
+        let (status, answer) = ask(node, post(query, std::slice::from_ref(&json))).await;
+        assert_eq!((status, answer["error"].as_str()), (401, Some("bearer_required")), "nor a query token");
+        let bearer = ("authorization", format!("Bearer {}", dev.publisher_token));
+        let plain = ("content-type", "text/plain".to_owned());
+        let (status, answer) = ask(node, post("/api/publish".into(), &[bearer.clone(), plain])).await;
+        assert_eq!((status, answer["error"].as_str()), (415, Some("unsupported_media_type")));
+        let (status, answer) = ask(node, post("/api/publish".into(), std::slice::from_ref(&bearer))).await;
+        assert_eq!((status, answer["error"].as_str()), (415, Some("unsupported_media_type")), "no content type");
+        assert_eq!(ask(node, post("/api/publish".into(), &[bearer, json])).await.0, 202);
+    }
 }

@@ -18,6 +18,8 @@ pub enum ApiError {
     BadRequest { field: String, message: String },
     /// 413.
     TooLarge { limit: usize },
+    /// 415: a body in a format the route does not take; `expected` names the one it does.
+    UnsupportedMediaType { expected: &'static str },
     /// 429.
     TooManyRequests { code: &'static str, message: String },
     /// 503: draining, full, or the bus is down.
@@ -59,7 +61,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match self {
             ApiError::Unauthorized(e) => {
-                let code = if e == AuthError::Missing { "missing_token" } else { "invalid_token" };
+                let code = match e {
+                    AuthError::Missing => "missing_token",
+                    AuthError::BearerRequired => "bearer_required",
+                    _ => "invalid_token",
+                };
                 let mut response =
                     (StatusCode::UNAUTHORIZED, Json(json!({"error": code, "message": e.to_string()}))).into_response();
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -74,6 +80,10 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge { limit } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"error": "too_large", "message": format!("body is larger than {limit} bytes")}),
+            ),
+            ApiError::UnsupportedMediaType { expected } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                json!({"error": "unsupported_media_type", "message": format!("the body must be {expected}")}),
             ),
             ApiError::TooManyRequests { code, message } => {
                 (StatusCode::TOO_MANY_REQUESTS, json!({"error": code, "message": message}))

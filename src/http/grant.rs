@@ -15,13 +15,24 @@ use super::error::ApiError;
 use crate::auth::{AuthError, Grant, Role, TokenSource, token_from_request};
 use crate::node::Node;
 
-/// A verified token.
+/// A verified token and where the request carried it.
 #[derive(Debug)]
 pub struct Access {
     pub grant: Grant,
+    pub source: TokenSource,
 }
 
 impl Access {
+    /// Refuses a token the page did not set itself: a state-changing request must carry its
+    /// token in `Authorization: Bearer` (a cookie rides along from any site; a query string
+    /// ends up in proxy logs).
+    pub fn bearer_only(self) -> Result<Self, ApiError> {
+        match self.source {
+            TokenSource::Header => Ok(self),
+            TokenSource::Query | TokenSource::Cookie => Err(AuthError::BearerRequired.into()),
+        }
+    }
+
     /// The grant, when its role is at least `role`.
     pub fn require(self, role: Role) -> Result<Grant, ApiError> {
         if self.grant.role >= role {
@@ -43,7 +54,7 @@ pub fn grant(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Ac
         check_origin(node, headers)?;
     }
     let grant = node.auth.verify(token)?;
-    Ok(Access { grant })
+    Ok(Access { grant, source })
 }
 
 /// Refuses a browser request from an origin outside the configured allow-list.

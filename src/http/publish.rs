@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
@@ -121,13 +121,19 @@ fn names(fields: &mut Map<String, Value>, field: &'static str) -> Result<Vec<Str
     }
 }
 
-/// The token is checked (by the [`Access`] extractor) before the body is read.
+/// The token is checked (by the [`Access`] extractor) before the body is read. Only a Bearer
+/// token and a JSON body are taken: a form a page on another site could send without CORS
+/// asking first (`text/plain`, a cookie) never publishes.
 pub async fn publish(
     State(node): State<Arc<Node>>,
     access: Access,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    access.require(Role::Publisher)?;
+    access.bearer_only()?.require(Role::Publisher)?;
+    if !is_json(&headers) {
+        return Err(ApiError::UnsupportedMediaType { expected: "application/json" });
+    }
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit: node.config.max_publish_bytes as usize }
@@ -143,6 +149,12 @@ pub async fn publish(
     node.publish_requests.increment(1);
     let body = serde_json::to_value(&receipt).unwrap_or_else(|_| json!({"channels": receipt.channels}));
     Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+/// `Content-Type: application/json`, with or without parameters (`; charset=utf-8`).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    value.split(';').next().is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
 #[cfg(test)]
@@ -169,6 +181,18 @@ mod tests {
             channels,
             ["sse:broadcast", "sse:topic:rounds:roulette:7", "sse:user:42", "sse:user:43", "sse:user:44"]
         );
+    }
+
+    #[test]
+    fn only_json_bodies_are_taken() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static(value));
+            is_json(&headers)
+        };
+        assert!(with("application/json") && with("Application/JSON; charset=utf-8"));
+        assert!(!with("text/plain") && !with("application/x-www-form-urlencoded") && !with("application/jsonx"));
+        assert!(!is_json(&HeaderMap::new()));
     }
 
     #[test]
