@@ -21,6 +21,7 @@ use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed, Reb
 use crate::envelope;
 use crate::frame;
 use crate::history::StreamId;
+use crate::log_limit::LogLimiter;
 use crate::metrics::HubMetrics;
 
 /// Limits applied when a stream joins and while it lives.
@@ -486,27 +487,6 @@ impl Hub {
     /// Streams this user holds on this node.
     pub fn connections_of(&self, user: &UserId) -> usize {
         self.read().users.get(user).map_or(0, Vec::len)
-    }
-}
-
-/// Lets one log line through per second and says how many were held back.
-#[derive(Default)]
-struct LogLimiter {
-    last: AtomicU32,
-    suppressed: AtomicU64,
-}
-
-impl LogLimiter {
-    fn allow(&self, now: u32) -> Option<u64> {
-        let last = self.last.load(Ordering::Relaxed);
-        if last != now.wrapping_add(1)
-            && self.last.compare_exchange(last, now.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
     }
 }
 

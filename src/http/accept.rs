@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::raw_stream::{self, Prefixed};
+use crate::log_limit::LogLimiter;
 use crate::node::Node;
 
 /// A request head must arrive within this long; slowloris clients are dropped.
@@ -28,6 +29,8 @@ pub async fn serve(
     stop_accepting: CancellationToken,
     connections: TaskTracker,
 ) {
+    let started = std::time::Instant::now();
+    let accept_failures = LogLimiter::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -36,8 +39,11 @@ pub async fn serve(
         let stream = match accepted {
             Ok((stream, _peer)) => stream,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning; existing streams go on.
-                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning; existing streams go on. Out
+                // of files, this repeats ten times a second: one line a second says how often.
+                if let Some(suppressed) = accept_failures.allow(started.elapsed().as_secs() as u32) {
+                    tracing::warn!(error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
