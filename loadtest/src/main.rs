@@ -22,7 +22,6 @@ mod render;
 mod report;
 mod scenario;
 mod server_stats;
-mod sse_parse;
 mod target;
 mod tracking;
 mod worker;
