@@ -396,6 +396,30 @@ pub async fn publish_api(node: &Node, body: Value) -> (u16, Value) {
 // nginx in front of nodes, and an EventSource-like client (tests/cluster_nginx.rs)
 // ---------------------------------------------------------------------------------------------
 
+/// `nginx/cluster.conf.template` filled in by `scripts/lib/nginx-conf.sh`, the renderer
+/// `scripts/cluster` uses: nginx keeps its files under `state_dir`, listens on `listen` and
+/// balances over `upstreams` (`host:port` each).
+pub fn render_nginx_conf(
+    state_dir: &std::path::Path,
+    listen: &str,
+    nofile: u32,
+    worker_connections: u32,
+    upstreams: &[String],
+) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"source scripts/lib/nginx-conf.sh && render_nginx_conf "$@""#)
+        .arg("render_nginx_conf")
+        .arg(state_dir)
+        .args([listen, &nofile.to_string(), &worker_connections.to_string()])
+        .args(upstreams)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run bash");
+    assert!(out.status.success(), "scripts/lib/nginx-conf.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("the config is UTF-8")
+}
+
 /// nginx rendered from `nginx/cluster.conf.template` (the config `scripts/cluster` runs), on a
 /// free loopback port, in front of the given node ports. Stopped by PID on drop.
 pub struct Nginx {
@@ -414,24 +438,9 @@ impl Nginx {
         let port = free_port();
         let dir = scratch_dir("nginx");
         std::fs::create_dir_all(dir.join("tmp")).expect("nginx temp dir");
-        let template =
-            std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nginx/cluster.conf.template"))
-                .expect("read nginx/cluster.conf.template");
-        let servers: Vec<String> = upstream_ports
-            .iter()
-            .map(|p| format!("        server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;"))
-            .collect();
-        let conf = template
-            .replace("@STATE_DIR@", dir.to_str().expect("utf8 path"))
-            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
-            .replace("@UPSTREAM_SERVERS@", &servers.join("\n"))
-            // Far below the 20k per-process limit of the test machines, far above what a test opens.
-            .replace("@RLIMIT_NOFILE@", "8192")
-            .replace("@WORKER_CONNECTIONS@", "8000");
-        for placeholder in ["@STATE_DIR@", "@LISTEN@", "@UPSTREAM_SERVERS@", "@RLIMIT_NOFILE@", "@WORKER_CONNECTIONS@"]
-        {
-            assert!(!conf.contains(placeholder), "{placeholder} left in the rendered config");
-        }
+        let upstreams: Vec<String> = upstream_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        // Far below the 20k per-process limit of the test machines, far above what a test opens.
+        let conf = render_nginx_conf(&dir, &format!("127.0.0.1:{port}"), 8192, 8000, &upstreams);
         let conf = edit(conf);
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
