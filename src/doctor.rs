@@ -8,8 +8,8 @@
 //! and every wait has a deadline, since the peer may be any server. It speaks plain `http://`
 //! only; point it at the proxy's plain-HTTP side or a node.
 //!
-//! [`check`] runs the checks in order, one function each, over one [`Session`]: the stream's
-//! head, its first bytes, a published probe, a heartbeat, and optionally an idle wait.
+//! `check` runs the checks in order, one function each, over one `Session` (the stream's
+//! head, its first bytes, a published probe, a heartbeat, and optionally an idle wait).
 //! It does not own the node's behaviour: it only reads what `/events` and `/api/publish` answer.
 
 use std::collections::VecDeque;
