@@ -14,13 +14,27 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster")
 }
 
-/// Runs `scripts/cluster <args> --state-dir <dir>` with this build's binary.
+/// `sse-loadtest`, which mints the cluster's tokens: built next to this build's node binary by
+/// `cargo build --workspace --all-targets` (scripts/test runs it before the tests; a build from
+/// inside a test could wait on the lock of the build running it).
+fn loadtest_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_sse-fanout")).with_file_name("sse-loadtest");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --release --workspace --all-targets` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `scripts/cluster <args> --state-dir <dir>` with this build's binaries.
 fn cluster(dir: &Path, args: &[&str]) -> Output {
     Command::new(script())
         .args(args)
         .arg("--state-dir")
         .arg(dir)
         .env("SSE_FANOUT_BIN", env!("CARGO_BIN_EXE_sse-fanout"))
+        .env("SSE_LOADTEST_BIN", loadtest_binary())
         // Short drain so `down` (and a failed test's cleanup) is quick; also shows that SSE_*
         // settings in the caller's environment reach the nodes.
         .env("SSE_DRAIN_PERIOD", "2s")

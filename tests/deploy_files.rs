@@ -7,6 +7,8 @@
 //! the balancer and the scraper, a probe on the wrong endpoint, a grace period shorter than the
 //! drain, and an nginx config that buffers streams or does not even load (`nginx -t`).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -552,9 +554,14 @@ fn cluster_template_carries_the_same_proxy_settings() {
 
     let text = read("nginx/cluster.conf.template");
     for placeholder in ["@STATE_DIR@", "@LISTEN@", "@UPSTREAM_SERVERS@", "@RLIMIT_NOFILE@", "@WORKER_CONNECTIONS@"] {
-        assert!(text.contains(placeholder), "template lacks {placeholder}, which scripts/cluster fills");
-        assert!(read("scripts/cluster").contains(placeholder), "scripts/cluster does not fill {placeholder}");
+        assert!(text.contains(placeholder), "template lacks {placeholder}, which scripts/lib/nginx-conf.sh fills");
+        assert!(
+            read("scripts/lib/nginx-conf.sh").contains(placeholder),
+            "scripts/lib/nginx-conf.sh does not fill {placeholder}"
+        );
     }
+    // scripts/cluster and the tests' nginx render through that one function.
+    assert!(read("scripts/cluster").contains("render_nginx_conf "), "scripts/cluster renders nginx.conf itself");
     // Runs as a foreground child of scripts/cluster, which records its PID.
     assert!(
         template.iter().any(|d| d.context.is_empty() && d.words == ["daemon", "off"]),
@@ -639,22 +646,17 @@ fn nginx_accepts_both_configs() {
     nginx_test(&nginx, &dir, "cluster.conf", &render_cluster_template(&state));
 }
 
-/// The template filled in the way scripts/cluster fills it, for two nodes.
+/// The template filled in by scripts/lib/nginx-conf.sh, as scripts/cluster fills it, for two nodes.
 fn render_cluster_template(state_dir: &Path) -> String {
-    let rendered = read("nginx/cluster.conf.template")
-        .replace("@STATE_DIR@", &state_dir.to_string_lossy())
-        .replace("@LISTEN@", "127.0.0.1:18079")
-        .replace(
-            "@UPSTREAM_SERVERS@",
-            "        server 127.0.0.1:18081 max_fails=3 fail_timeout=10s;\n        \
-             server 127.0.0.1:18082 max_fails=3 fail_timeout=10s;",
-        )
-        .replace("@RLIMIT_NOFILE@", "4096")
-        .replace("@WORKER_CONNECTIONS@", "1024");
+    let upstreams = ["127.0.0.1:18081".to_owned(), "127.0.0.1:18082".to_owned()];
+    let rendered = common::render_nginx_conf(state_dir, "127.0.0.1:18079", 4096, 1024, &upstreams);
     // A placeholder is `@NAME@` in capitals; the comments mention `@ signs` in lower case.
     let leftover =
         rendered.match_indices('@').any(|(i, _)| rendered[i + 1..].starts_with(|c: char| c.is_ascii_uppercase()));
-    assert!(!leftover, "the template has a placeholder this test does not fill");
+    assert!(!leftover, "the template has a placeholder the renderer does not fill");
+    for upstream in &upstreams {
+        assert!(rendered.contains(&format!("server {upstream} ")), "no `server {upstream}` in the rendered config");
+    }
     rendered
 }
 

@@ -141,9 +141,9 @@ async fn the_connected_event_names_connection_node_user_and_topics() {
     assert_eq!(stream.headers["content-type"], "text/event-stream");
     assert!(stream.headers["cache-control"].to_str().expect("ascii").contains("no-cache"));
     assert_eq!(stream.headers["x-accel-buffering"], "no");
-    let first = stream.next_event(WAIT).await.expect("connected");
+    let (first, retries) = stream.next_event_with_retries(WAIT).await.expect("connected");
     assert_eq!(first.event, "connected");
-    assert_eq!(first.retry, Some(3000), "retry is sent once, before connected");
+    assert_eq!(retries, [3000], "retry is sent once, before connected");
     let data: serde_json::Value = serde_json::from_str(&first.data).expect("json");
     assert_eq!(data["node_id"], "edge-7");
     assert_eq!(data["user"], "dave");
@@ -424,9 +424,10 @@ async fn sigterm_drains_streams_with_a_retry_and_exits_zero() {
     node.signal("TERM");
     node.wait_readyz(503, WAIT).await;
     for stream in &mut streams {
-        let farewell = stream.next_event(WAIT).await.expect("disconnected");
+        // `subscribe` read the preamble's retry with `connected`: this one is the drain's.
+        let (farewell, retries) = stream.next_event_with_retries(WAIT).await.expect("disconnected");
         assert_eq!(farewell.data, r#"{"reason":"shutdown"}"#);
-        let retry = farewell.retry.expect("a retry before the farewell");
+        let &[retry] = retries.as_slice() else { panic!("one retry before the farewell, got {retries:?}") };
         assert!((1000..=3000).contains(&retry), "{retry}");
     }
     assert_eq!(node.wait_exit(Duration::from_secs(10)).await, Some(0));

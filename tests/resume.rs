@@ -147,7 +147,8 @@ async fn reconnecting_hundreds_of_times_while_publishing_loses_and_duplicates_no
                 panic!("unexpected reset after {reconnects} reconnects: {event:?}");
             }
             record(&event, &mut received);
-            last_id = event.id.clone();
+            // What a browser would send as `Last-Event-ID` on its next connection.
+            last_id = Some(event.last_event_id.clone());
         }
     }
     publisher.await.expect("publisher");

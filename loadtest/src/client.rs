@@ -20,12 +20,12 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout};
 
+use sse_wire::{BodyDecoder, HeadReader, ItemRef, SseParser};
+
 use crate::awake::Awake;
-use crate::http_stream::{ChunkedDecoder, Framing, parse_head};
 use crate::jwt::Minter;
 use crate::payload::{self, now_nanos};
 use crate::protocol::Counters;
-use crate::sse_parse::SseParser;
 use crate::target::SubscribeSpec;
 use crate::tracking::Track;
 
@@ -155,7 +155,7 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
     stream.write_all(&request).await.map_err(|e| classify(&e, "write_error"))?;
 
     // The head: accumulated in a small per-connection buffer, then dropped.
-    let mut head_buf = Vec::with_capacity(512);
+    let mut head_reader = HeadReader::new();
     let head = timeout(head_timeout, async {
         loop {
             stream.readable().await.map_err(|e| classify(&e, "read_error"))?;
@@ -163,8 +163,7 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
             match read_once(&stream, &mut buf[..]) {
                 Ok(0) => return Err("closed_before_head"),
                 Ok(n) => {
-                    head_buf.extend_from_slice(&buf[..n]);
-                    if let Some(h) = parse_head(&head_buf).map_err(|_| "bad_response")? {
+                    if let Some(h) = head_reader.feed(&buf[..n]).map_err(|_| "bad_response")? {
                         return Ok(h);
                     }
                 }
@@ -204,9 +203,11 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
     let _open = OpenGuard(shared);
 
     let mut body =
-        Body { framing: head.framing, chunked: ChunkedDecoder::new(), parser: SseParser::with_last_id(&last_id) };
-    body.process(shared, held.then_some(local), &head_buf[head.len..])?;
-    drop(head_buf);
+        Body { decoder: BodyDecoder::new(head.framing()), parser: SseParser::new().with_last_event_id(&last_id) };
+    if body.process(shared, held.then_some(local), head_reader.body())? {
+        return if held { Err("closed_by_server") } else { Ok(()) };
+    }
+    drop(head_reader);
 
     let deadline = match role {
         Role::Churn { lifetime } => Some(Instant::now() + lifetime),
@@ -238,8 +239,7 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
 
 /// The body side of an open stream.
 struct Body {
-    framing: Framing,
-    chunked: ChunkedDecoder,
+    decoder: BodyDecoder,
     parser: SseParser,
 }
 
@@ -253,9 +253,10 @@ impl Body {
         let mut counters = shared.counters.borrow_mut();
         let mut tracks = shared.tracks.borrow_mut();
         let mut track = held.and_then(|i| tracks.get_mut(i));
-        let parser = &mut self.parser;
-        let mut on_event = |ev: crate::sse_parse::Event<'_>| {
-            if let Some(stamp) = payload::decode(ev.data) {
+        let mut on_item = |item: ItemRef<'_>| {
+            if let ItemRef::Event(ev) = item
+                && let Some(stamp) = payload::decode(ev.data)
+            {
                 counters.received += 1;
                 counters.latency.record_span(stamp.sent_nanos, now);
                 if let Some(t) = track.as_deref_mut() {
@@ -263,23 +264,25 @@ impl Body {
                 }
             }
         };
-        let ended = match self.framing {
-            Framing::Chunked => {
-                self.chunked.decode(input, |s| parser.feed(s, &mut on_event)).map_err(|_| "bad_chunking")?;
-                self.chunked.is_done()
-            }
-            Framing::UntilClose | Framing::Length(_) => {
-                parser.feed(input, &mut on_event);
-                false
-            }
-        };
+        // Body bytes go straight from the socket buffer to the parser, chunk by chunk; the
+        // first parse error stops both (the decoder cannot return it from inside its callback).
+        let parser = &mut self.parser;
+        let mut parsed = Ok(());
+        self.decoder
+            .decode(input, |body| {
+                if parsed.is_ok() {
+                    parsed = parser.feed(body, &mut on_item);
+                }
+            })
+            .map_err(|_| "bad_chunking")?;
+        parsed.map_err(|_| "bad_sse")?;
         if let Some(t) = track
-            && t.last_id != parser.last_id()
+            && t.last_id != parser.last_event_id()
         {
             t.last_id.clear();
-            t.last_id.extend_from_slice(parser.last_id());
+            t.last_id.extend_from_slice(parser.last_event_id());
         }
-        Ok(ended)
+        Ok(self.decoder.is_done())
     }
 }
 

@@ -22,7 +22,6 @@ mod render;
 mod report;
 mod scenario;
 mod server_stats;
-mod sse_parse;
 mod target;
 mod tracking;
 mod worker;
@@ -71,6 +70,8 @@ enum Scenario {
         #[arg(long, default_value = "sse:broadcast")]
         channel: String,
     },
+    /// Print an HS256 token for sse-fanout (scripts/cluster mints its demo tokens so).
+    Token(jwt::TokenArgs),
     /// Render JSON result lines into the tables of docs/benchmarks.md.
     Render {
         #[arg(long)]
@@ -88,6 +89,7 @@ fn main() -> Result<()> {
     match &cli.scenario {
         Scenario::Worker => return worker::main(),
         Scenario::Render { results, docs } => return render::run(results, docs),
+        Scenario::Token(args) => return jwt::print_token(args),
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -100,7 +102,7 @@ fn main() -> Result<()> {
             Scenario::Churn(a) => scenario::churn::run(a).await,
             Scenario::Origin { listen } => origin::serve(listen).await,
             Scenario::Floor { listen, redis_url, channel } => floor::serve(listen, &redis_url, &channel).await,
-            Scenario::Worker | Scenario::Render { .. } => unreachable!("handled above"),
+            Scenario::Worker | Scenario::Render { .. } | Scenario::Token(_) => unreachable!("handled above"),
         }
     })
 }

@@ -14,12 +14,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use rand::Rng;
 use serde::Serialize;
+use sse_wire::{BodyDecoder, HeadReader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use tokio::time::Instant;
 
-use crate::http_stream::{ChunkedDecoder, Framing, parse_head};
 use crate::jwt::Minter;
 use crate::payload::{self, Stamp, now_nanos};
 use crate::target::split_url;
@@ -338,7 +338,8 @@ fn build_request(spec: &PublishSpec, token: Option<&str>, m: &Msg) -> Result<(st
 #[derive(Default)]
 struct HttpConn {
     stream: Option<TcpStream>,
-    buf: Vec<u8>,
+    /// Reused for every response, so its buffer is allocated once.
+    head: HeadReader,
 }
 
 impl HttpConn {
@@ -360,47 +361,33 @@ impl HttpConn {
     async fn exchange(&mut self, req: &[u8]) -> Result<(u16, bool)> {
         let stream = self.stream.as_mut().context("no connection")?;
         stream.write_all(req).await?;
-        self.buf.clear();
+        self.head.reset();
         let mut chunk = [0u8; 4096];
         let head = loop {
             let n = stream.read(&mut chunk).await?;
             if n == 0 {
                 bail!("connection closed before response");
             }
-            self.buf.extend_from_slice(&chunk[..n]);
-            if let Some(h) = parse_head(&self.buf)? {
+            if let Some(h) = self.head.feed(&chunk[..n])? {
                 break h;
             }
         };
-        let mut body_seen = (self.buf.len() - head.len) as u64;
-        match head.framing {
-            Framing::Length(n) => {
-                while body_seen < n {
-                    let k = stream.read(&mut chunk).await?;
-                    if k == 0 {
-                        bail!("connection closed in response body");
-                    }
-                    body_seen += k as u64;
-                }
-                Ok((head.status, !head.closes))
+        // The body is read to its end and dropped: only the status matters here.
+        let mut body = BodyDecoder::new(head.framing());
+        let mut used = body.decode(self.head.body(), |_| {})?;
+        let mut unread = self.head.body().len() - used;
+        while !body.is_done() {
+            let k = stream.read(&mut chunk).await?;
+            if k == 0 {
+                body.at_close().context("connection closed in response body")?;
+                return Ok((head.status, false));
             }
-            Framing::Chunked => {
-                let mut dec = ChunkedDecoder::new();
-                dec.decode(&self.buf[head.len..], |_| {})?;
-                while !dec.is_done() {
-                    let k = stream.read(&mut chunk).await?;
-                    if k == 0 {
-                        bail!("connection closed in response body");
-                    }
-                    dec.decode(&chunk[..k], |_| {})?;
-                }
-                Ok((head.status, !head.closes))
-            }
-            Framing::UntilClose => {
-                while stream.read(&mut chunk).await? > 0 {}
-                Ok((head.status, false))
-            }
+            used = body.decode(&chunk[..k], |_| {})?;
+            unread = k - used;
         }
+        // Bytes after the response would be a second response nobody asked for.
+        let reusable = !head.closes() && unread == 0;
+        Ok((head.status, reusable))
     }
 }
 

@@ -249,21 +249,39 @@ pub fn token_with(claims: Value) -> String {
         .expect("sign")
 }
 
-/// One thing read from a stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SseEvent {
-    pub event: String,
-    pub data: String,
-    pub id: Option<String>,
-    pub retry: Option<u64>,
-}
+/// One event read from a stream: what its own block carried (`id`, `retry`: `None` when the
+/// block had no such line) and the stream's last event id at that point (what a browser
+/// would send as `Last-Event-ID`). Parsed by `sse_wire`, the tools' one SSE parser.
+pub use sse_wire::Event as SseEvent;
 
+/// One thing read from a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
     Event(SseEvent),
     Comment(String),
+    /// A `retry:` line, in milliseconds (the node sends it in a block of its own).
+    Retry(u64),
     /// The server ended the stream.
     End,
+}
+
+impl From<sse_wire::Item> for Received {
+    fn from(item: sse_wire::Item) -> Self {
+        match item {
+            sse_wire::Item::Event(event) => Received::Event(event),
+            sse_wire::Item::Comment(comment) => Received::Comment(comment),
+            sse_wire::Item::Retry(ms) => Received::Retry(ms),
+        }
+    }
+}
+
+/// Parses `chunk` into owned items; a stream the parser refuses fails the test.
+fn parse(parser: &mut sse_wire::SseParser, chunk: &[u8]) -> Vec<sse_wire::Item> {
+    let mut items = Vec::new();
+    if let Err(e) = parser.feed_into(chunk, &mut items) {
+        panic!("the stream is not valid SSE: {e}");
+    }
+    items
 }
 
 /// A parsed event stream, following the WHATWG EventSource rules.
@@ -291,10 +309,10 @@ impl SseClient {
         }
         tokio::spawn(async move {
             let mut bytes = response.bytes_stream();
-            let mut parser = Parser::default();
+            let mut parser = sse_wire::SseParser::new();
             while let Some(Ok(chunk)) = bytes.next().await {
-                for item in parser.feed(&chunk) {
-                    if tx.send(item).is_err() {
+                for item in parse(&mut parser, &chunk) {
+                    if tx.send(item.into()).is_err() {
                         return;
                     }
                 }
@@ -304,12 +322,20 @@ impl SseClient {
         Self { status, headers: response_headers, body: None, rx }
     }
 
-    /// The next event (comments skipped), or None on timeout or end of stream.
+    /// The next event (comments and retries skipped), or None on timeout or end of stream.
     pub async fn next_event(&mut self, within: Duration) -> Option<SseEvent> {
+        self.next_event_with_retries(within).await.map(|(event, _)| event)
+    }
+
+    /// The next event and the `retry:` values that arrived since the previous call (comments
+    /// skipped), or None on timeout or end of stream.
+    pub async fn next_event_with_retries(&mut self, within: Duration) -> Option<(SseEvent, Vec<u64>)> {
         let deadline = tokio::time::Instant::now() + within;
+        let mut retries = Vec::new();
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(Received::Event(e))) => return Some(e),
+                Ok(Some(Received::Event(e))) => return Some((e, retries)),
+                Ok(Some(Received::Retry(ms))) => retries.push(ms),
                 Ok(Some(Received::Comment(_))) => continue,
                 _ => return None,
             }
@@ -328,7 +354,7 @@ impl SseClient {
         serde_json::from_str(&event.data).expect("connected data is JSON")
     }
 
-    /// Asserts nothing but comments arrives within `within`.
+    /// Asserts nothing but comments and retries arrives within `within`.
     pub async fn assert_silent(&mut self, within: Duration) {
         if let Some(e) = self.next_event(within).await {
             panic!("expected no event, got {e:?}");
@@ -338,60 +364,6 @@ impl SseClient {
 
 fn http_streaming() -> reqwest::Client {
     reqwest::Client::builder().build().expect("client")
-}
-
-#[derive(Default)]
-struct Parser {
-    buffer: Vec<u8>,
-    event: String,
-    data: String,
-    has_data: bool,
-    id: Option<String>,
-    retry: Option<u64>,
-}
-
-impl Parser {
-    fn feed(&mut self, chunk: &[u8]) -> Vec<Received> {
-        self.buffer.extend_from_slice(chunk);
-        let mut out = Vec::new();
-        while let Some(pos) = self.buffer.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buffer.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line[..line.len() - 1]).trim_end_matches('\r').to_owned();
-            if line.is_empty() {
-                if self.has_data {
-                    let event =
-                        if self.event.is_empty() { "message".to_owned() } else { std::mem::take(&mut self.event) };
-                    let mut data = std::mem::take(&mut self.data);
-                    data.pop();
-                    out.push(Received::Event(SseEvent { event, data, id: self.id.clone(), retry: self.retry }));
-                }
-                self.event.clear();
-                self.data.clear();
-                self.has_data = false;
-                continue;
-            }
-            if let Some(comment) = line.strip_prefix(':') {
-                out.push(Received::Comment(comment.trim().to_owned()));
-                continue;
-            }
-            let (field, value) = match line.split_once(':') {
-                Some((f, v)) => (f.to_owned(), v.strip_prefix(' ').unwrap_or(v).to_owned()),
-                None => (line.clone(), String::new()),
-            };
-            match field.as_str() {
-                "event" => self.event = value,
-                "data" => {
-                    self.data.push_str(&value);
-                    self.data.push('\n');
-                    self.has_data = true;
-                }
-                "id" => self.id = Some(value),
-                "retry" => self.retry = value.parse().ok(),
-                _ => {}
-            }
-        }
-        out
-    }
 }
 
 /// Opens a stream for `user` on `node` with the given topics and checks `connected`.
@@ -424,6 +396,30 @@ pub async fn publish_api(node: &Node, body: Value) -> (u16, Value) {
 // nginx in front of nodes, and an EventSource-like client (tests/cluster_nginx.rs)
 // ---------------------------------------------------------------------------------------------
 
+/// `nginx/cluster.conf.template` filled in by `scripts/lib/nginx-conf.sh`, the renderer
+/// `scripts/cluster` uses: nginx keeps its files under `state_dir`, listens on `listen` and
+/// balances over `upstreams` (`host:port` each).
+pub fn render_nginx_conf(
+    state_dir: &std::path::Path,
+    listen: &str,
+    nofile: u32,
+    worker_connections: u32,
+    upstreams: &[String],
+) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(r#"source scripts/lib/nginx-conf.sh && render_nginx_conf "$@""#)
+        .arg("render_nginx_conf")
+        .arg(state_dir)
+        .args([listen, &nofile.to_string(), &worker_connections.to_string()])
+        .args(upstreams)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run bash");
+    assert!(out.status.success(), "scripts/lib/nginx-conf.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("the config is UTF-8")
+}
+
 /// nginx rendered from `nginx/cluster.conf.template` (the config `scripts/cluster` runs), on a
 /// free loopback port, in front of the given node ports. Stopped by PID on drop.
 pub struct Nginx {
@@ -442,24 +438,9 @@ impl Nginx {
         let port = free_port();
         let dir = scratch_dir("nginx");
         std::fs::create_dir_all(dir.join("tmp")).expect("nginx temp dir");
-        let template =
-            std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("nginx/cluster.conf.template"))
-                .expect("read nginx/cluster.conf.template");
-        let servers: Vec<String> = upstream_ports
-            .iter()
-            .map(|p| format!("        server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;"))
-            .collect();
-        let conf = template
-            .replace("@STATE_DIR@", dir.to_str().expect("utf8 path"))
-            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
-            .replace("@UPSTREAM_SERVERS@", &servers.join("\n"))
-            // Far below the 20k per-process limit of the test machines, far above what a test opens.
-            .replace("@RLIMIT_NOFILE@", "8192")
-            .replace("@WORKER_CONNECTIONS@", "8000");
-        for placeholder in ["@STATE_DIR@", "@LISTEN@", "@UPSTREAM_SERVERS@", "@RLIMIT_NOFILE@", "@WORKER_CONNECTIONS@"]
-        {
-            assert!(!conf.contains(placeholder), "{placeholder} left in the rendered config");
-        }
+        let upstreams: Vec<String> = upstream_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        // Far below the 20k per-process limit of the test machines, far above what a test opens.
+        let conf = render_nginx_conf(&dir, &format!("127.0.0.1:{port}"), 8192, 8000, &upstreams);
         let conf = edit(conf);
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
@@ -544,8 +525,8 @@ impl Seen {
 }
 
 /// A client that behaves like a browser's EventSource: it reconnects after every end of stream
-/// (waiting the last `retry:` it was sent) with `Last-Event-ID` set to the last `id:` it saw,
-/// and records everything. One task per client; aborted on drop.
+/// (waiting the last `retry:` it was sent) with `Last-Event-ID` set to the stream's last event
+/// id (when it has one), and records everything. One task per client; aborted on drop.
 pub struct EventSource {
     seen: std::sync::Arc<std::sync::Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
@@ -563,27 +544,26 @@ impl EventSource {
         let task = tokio::spawn(async move {
             // The EventSource default until the server sends `retry:`.
             let mut retry = Duration::from_secs(3);
-            let mut last_id: Option<String> = None;
+            // The EventSource's last event id string: it outlives each connection.
+            let mut last_id = Vec::new();
             loop {
                 let mut request = client.get(&url).header("accept", "text/event-stream");
-                if let Some(id) = &last_id {
-                    request = request.header("last-event-id", id);
+                if !last_id.is_empty() {
+                    request = request.header("last-event-id", last_id.as_slice());
                 }
                 match request.send().await {
                     Ok(response) if response.status() == 200 => {
                         let mut bytes = response.bytes_stream();
-                        let mut parser = Parser::default();
+                        let mut parser = sse_wire::SseParser::new().with_last_event_id(&last_id);
                         while let Some(Ok(chunk)) = bytes.next().await {
-                            let items = parser.feed(&chunk);
+                            let items = parse(&mut parser, &chunk);
+                            last_id = parser.last_event_id().to_vec();
+                            if let Some(ms) = parser.reconnection_time() {
+                                retry = Duration::from_millis(ms);
+                            }
                             let mut seen = shared.lock().expect("lock");
                             for item in items {
-                                let Received::Event(event) = item else { continue };
-                                if let Some(id) = &event.id {
-                                    last_id = Some(id.clone());
-                                }
-                                if let Some(ms) = event.retry {
-                                    retry = Duration::from_millis(ms);
-                                }
+                                let sse_wire::Item::Event(event) = item else { continue };
                                 if event.event == "connected" {
                                     let node_id = serde_json::from_str::<Value>(&event.data)
                                         .ok()
