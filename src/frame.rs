@@ -76,37 +76,18 @@ mod tests {
         String::from_utf8(b.to_vec()).expect("frames are UTF-8")
     }
 
-    /// A minimal reader following the WHATWG EventSource parsing rules, to check frames round-trip.
+    /// What a browser's EventSource dispatches from `stream`: (type, data, id of the block),
+    /// read by the tools' spec-conformant parser.
     fn read_events(stream: &str) -> Vec<(String, String, Option<String>)> {
-        let mut events = Vec::new();
-        let (mut event, mut data, mut id, mut has_data) = (String::new(), String::new(), None, false);
-        for line in stream.split('\n') {
-            if line.is_empty() {
-                if has_data {
-                    let name = if event.is_empty() { "message".to_owned() } else { event.clone() };
-                    events.push((name, data.strip_suffix('\n').unwrap_or(&data).to_owned(), id.clone()));
-                }
-                event.clear();
-                data.clear();
-                has_data = false;
-                continue;
-            }
-            let (field, value) = match line.split_once(':') {
-                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                None => (line, ""),
-            };
-            match field {
-                "event" => event = value.to_owned(),
-                "data" => {
-                    data.push_str(value);
-                    data.push('\n');
-                    has_data = true;
-                }
-                "id" => id = Some(value.to_owned()),
-                _ => {}
-            }
-        }
-        events
+        let mut items = Vec::new();
+        sse_wire::SseParser::new().feed_into(stream.as_bytes(), &mut items).expect("a well-formed stream");
+        items
+            .into_iter()
+            .filter_map(|item| match item {
+                sse_wire::Item::Event(e) => Some((e.event, e.data, e.id)),
+                _ => None,
+            })
+            .collect()
     }
 
     #[test]
