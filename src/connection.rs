@@ -11,12 +11,10 @@
 //! queued in one go. The queue starts empty and grows only while the client is slower than the
 //! publishers; at `capacity` frames the stream is cut off as a slow consumer rather than
 //! buffering without bound. Streams served by hyper (no socket to attach) always go through
-//! the queue and [`EventStream`].
+//! the queue and [`EventStream`]. How the bytes are framed and sent is [`crate::http::wire`]'s.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -30,6 +28,7 @@ use tokio::net::TcpStream;
 use crate::auth::{UserId, unix_now};
 use crate::channel::ChannelName;
 use crate::history::{Cursor, StreamId, channel_hash};
+use crate::http::wire::{self, Framing, MAX_BATCH, Sent};
 use crate::hub::Membership;
 
 /// Node-local connection number; `connected` events show it as `<node>:<n>`.
@@ -117,19 +116,6 @@ pub enum Pushed {
     Closed,
 }
 
-/// Frames up to this size are copied next to their framing and sent with one `send`; larger
-/// ones go out with a vectored write that does not copy them.
-const COPY_MAX: usize = 2048;
-/// Items one write of the stream's task takes from the queue at most.
-pub const MAX_BATCH: usize = 64;
-/// Room left in front of a direct write for its chunk-size line (16 hex digits and CRLF).
-const HEADROOM: usize = 18;
-
-thread_local! {
-    /// Where a direct write assembles its bytes; one per thread, reused for every delivery.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(HEADROOM + COPY_MAX + 256));
-}
-
 pub struct Connection {
     pub id: ConnectionId,
     pub user: UserId,
@@ -167,8 +153,8 @@ struct State {
     waker: Option<Waker>,
     /// Events may be written straight into `socket` (raw path, head written, stream not ended).
     attached: bool,
-    /// HTTP/1.1 chunked transfer encoding (HTTP/1.0 bodies are written as they are).
-    chunked: bool,
+    /// How direct writes are framed (set with `attached`).
+    framing: Framing,
     /// The stream's task holds bytes it has not finished writing: nobody else may write now.
     writer_busy: bool,
     /// The unwritten rest of a direct write that the socket did not take; the task writes it first.
@@ -196,7 +182,7 @@ impl Connection {
                 last_event_at: now,
                 waker: None,
                 attached: false,
-                chunked: false,
+                framing: Framing::Identity,
                 writer_busy: false,
                 backlog: None,
             }),
@@ -211,11 +197,11 @@ impl Connection {
     /// From now on events may be written straight into `socket`. Called by the raw path once
     /// the response head and preamble are written; the stream's task then reaches the socket
     /// through [`Connection::socket`].
-    pub fn attach(&self, socket: TcpStream, chunked: bool) {
+    pub fn attach(&self, socket: TcpStream, framing: Framing) {
         let mut state = self.state();
         if self.socket.set(socket).is_ok() && !state.closed {
             state.attached = true;
-            state.chunked = chunked;
+            state.framing = framing;
         }
     }
 
@@ -277,42 +263,25 @@ impl Connection {
     /// Writes one item into the socket under the lock (so nothing can overtake it). What the
     /// socket does not take becomes the backlog the stream's task writes when it can.
     fn write_direct(&self, state: &mut State, item: &Item) -> Pushed {
-        let outcome = SCRATCH.with(|scratch| {
-            // In use further up this thread's stack (nothing does that today): queue instead.
-            let Ok(mut out) = scratch.try_borrow_mut() else { return Direct::Busy };
-            let Some(socket) = self.socket.get() else { return Direct::Busy };
-            let Some(with_cursor) = self.admit(state, item) else { return Direct::Written };
-            let frame = item.frame();
-            out.clear();
-            out.resize(HEADROOM, 0);
-            if with_cursor {
-                Cursor::put_id_line(&mut out, state.epoch, unix_now(), self.positions(state));
-            }
-            let size = out.len() - HEADROOM + frame.len();
-            let start = if state.chunked { put_chunk_size(&mut out, size) } else { HEADROOM };
-            let tail: &[u8] = if state.chunked { b"\r\n" } else { b"" };
-            let wire = if frame.len() <= COPY_MAX {
-                out.extend_from_slice(frame);
-                out.extend_from_slice(tail);
-                Wire { head: &out[start..], frame: &[], tail: &[] }
-            } else {
-                Wire { head: &out[start..], frame, tail }
-            };
-            match wire.send(socket) {
-                Ok(written) if written == wire.len() => Direct::Written,
-                Ok(written) => Direct::Partly(wire.rest(written)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Direct::Partly(wire.rest(0)),
-                Err(_) => Direct::Failed,
-            }
+        let framing = state.framing;
+        let sent = self.socket.get().and_then(|socket| {
+            wire::direct(|mut send| {
+                let Some(with_cursor) = self.admit(state, item) else { return Sent::All };
+                if with_cursor {
+                    Cursor::put_id_line(send.prefix(), state.epoch, unix_now(), self.positions(state));
+                }
+                send.send(socket, framing, item.frame())
+            })
         });
-        match outcome {
-            Direct::Written => return Pushed::Accepted,
-            Direct::Partly(rest) => {
+        match sent {
+            Some(Sent::All) => return Pushed::Accepted,
+            Some(Sent::Rest(rest)) => {
                 state.backlog = Some(rest);
                 state.writer_busy = true;
             }
-            Direct::Busy => state.queue.push_back(item.clone()),
-            Direct::Failed => {
+            // The scratch buffer is in use: the task writes the item, untouched (not admitted).
+            None => state.queue.push_back(item.clone()),
+            Some(Sent::Failed) => {
                 // The peer is gone: end the stream; its task notices and leaves the hub.
                 state.queue.clear();
                 state.closed = true;
@@ -459,20 +428,23 @@ impl Connection {
     /// For the raw path's task: moves what it must write next (the backlog of a direct write,
     /// then up to [`MAX_BATCH`] queued events as one chunk) into `pieces`. While the task holds
     /// those bytes nobody else writes; once it finds nothing left, direct writes resume.
-    pub(crate) fn poll_batch(&self, cx: &mut Context<'_>, chunked: bool, pieces: &mut VecDeque<Bytes>) -> Poll<Batch> {
+    pub(crate) fn poll_batch(
+        &self,
+        cx: &mut Context<'_>,
+        framing: Framing,
+        pieces: &mut VecDeque<Bytes>,
+    ) -> Poll<Batch> {
         let mut state = self.state();
         if let Some(backlog) = state.backlog.take() {
             pieces.push_back(backlog);
         }
-        let mut frames = Vec::new();
-        while frames.len() < MAX_BATCH * 2 {
+        let events = pieces.len();
+        while pieces.len() - events < MAX_BATCH * 2 {
             let Some(Outgoing { id_line, frame }) = self.next_outgoing(&mut state) else { break };
-            frames.extend(id_line);
-            frames.push(frame);
+            pieces.extend(id_line);
+            pieces.push_back(frame);
         }
-        if !frames.is_empty() {
-            pieces.extend(chunk(chunked, frames));
-        }
+        framing.frame_batch(pieces, events);
         if !pieces.is_empty() {
             state.writer_busy = true;
             return Poll::Ready(Batch::Write);
@@ -484,18 +456,6 @@ impl Connection {
         register(&mut state, cx);
         Poll::Pending
     }
-}
-
-/// How a direct write went.
-enum Direct {
-    /// On the wire (or skipped as already delivered).
-    Written,
-    /// The socket took only part of it, or nothing: the rest waits for the stream's task.
-    Partly(Bytes),
-    /// Could not write now; the item goes to the queue untouched.
-    Busy,
-    /// The socket failed: the client is gone.
-    Failed,
 }
 
 /// What the raw path's task does next.
@@ -511,72 +471,6 @@ pub(crate) enum Batch {
 fn register(state: &mut State, cx: &Context<'_>) {
     if !state.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
         state.waker = Some(cx.waker().clone());
-    }
-}
-
-/// Writes the chunk-size line for `size` bytes right before `out[HEADROOM..]`; returns where
-/// the chunk starts.
-fn put_chunk_size(out: &mut [u8], size: usize) -> usize {
-    let digits = if size == 0 { 1 } else { (usize::BITS - size.leading_zeros()).div_ceil(4) as usize };
-    let start = HEADROOM - digits - 2;
-    for (i, slot) in out[start..start + digits].iter_mut().enumerate() {
-        let nibble = (size >> (4 * (digits - 1 - i))) & 0xf;
-        *slot = b"0123456789abcdef"[nibble];
-    }
-    out[HEADROOM - 2..HEADROOM].copy_from_slice(b"\r\n");
-    start
-}
-
-/// Wraps frames into one HTTP/1.1 chunk (one size line for the whole batch).
-pub fn chunk(chunked: bool, frames: Vec<Bytes>) -> Vec<Bytes> {
-    if !chunked {
-        return frames;
-    }
-    let size: usize = frames.iter().map(Bytes::len).sum();
-    let mut out = Vec::with_capacity(frames.len() + 2);
-    out.push(Bytes::from(format!("{size:x}\r\n")));
-    out.extend(frames);
-    out.push(Bytes::from_static(b"\r\n"));
-    out
-}
-
-/// One direct write: the assembled head (chunk size, `id:` line and, for small frames, the
-/// frame and chunk end), and for large frames the frame and chunk end uncopied.
-struct Wire<'a> {
-    head: &'a [u8],
-    frame: &'a [u8],
-    tail: &'a [u8],
-}
-
-impl Wire<'_> {
-    fn len(&self) -> usize {
-        self.head.len() + self.frame.len() + self.tail.len()
-    }
-
-    /// Calls the kernel directly rather than through tokio's `try_write`, which first reads the
-    /// socket's readiness from a separate allocation: one cache miss per stream per event, 6 %
-    /// of a broadcast's CPU in a profile. A `WouldBlock` here leaves tokio's readiness stale;
-    /// the stream's task then finds the socket full on its own first try and waits properly.
-    fn send(&self, socket: &TcpStream) -> io::Result<usize> {
-        let socket = socket2::SockRef::from(socket);
-        if self.frame.is_empty() {
-            // `send(2)`: cheaper in the kernel than `writev(2)` with one segment.
-            socket.send(self.head)
-        } else {
-            socket.send_vectored(&[IoSlice::new(self.head), IoSlice::new(self.frame), IoSlice::new(self.tail)])
-        }
-    }
-
-    /// What is left after the first `written` bytes.
-    fn rest(&self, written: usize) -> Bytes {
-        let mut rest = Vec::with_capacity(self.len() - written);
-        let mut skip = written;
-        for part in [self.head, self.frame, self.tail] {
-            let from = skip.min(part.len());
-            rest.extend_from_slice(&part[from..]);
-            skip -= from;
-        }
-        Bytes::from(rest)
     }
 }
 
@@ -772,36 +666,21 @@ mod tests {
     }
 
     /// Does what the raw path's task does: writes whatever the connection hands it, until the end.
-    async fn run_writer(conn: Arc<Connection>, chunked: bool) {
+    async fn run_writer(conn: Arc<Connection>, framing: Framing) {
         let socket = conn.socket().expect("attached");
         let mut pieces = VecDeque::new();
         loop {
-            let batch = std::future::poll_fn(|cx| conn.poll_batch(cx, chunked, &mut pieces)).await;
+            let batch = std::future::poll_fn(|cx| conn.poll_batch(cx, framing, &mut pieces)).await;
             if batch == Batch::Ended {
                 break;
             }
-            while let Some(piece) = pieces.pop_front() {
-                write_fully(socket, &piece).await;
-            }
+            wire::write_all(socket, &mut pieces).await.expect("written");
         }
         conn.release();
         assert_eq!(conn.push(&raw(b"data: late\n\n"), 8, None), Pushed::Closed);
-        if chunked {
-            write_fully(socket, b"0\r\n\r\n").await;
-        }
+        pieces.extend(framing.end_of_body());
+        wire::write_all(socket, &mut pieces).await.expect("written");
         socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write).expect("shutdown");
-    }
-
-    async fn write_fully(socket: &TcpStream, bytes: &[u8]) {
-        let mut written = 0;
-        while written < bytes.len() {
-            socket.writable().await.expect("writable");
-            match socket.try_write(&bytes[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("write failed: {e}"),
-            }
-        }
     }
 
     /// Everything the client reads until the server closes, chunk framing removed.
@@ -822,6 +701,7 @@ mod tests {
             let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).expect("ascii"), 16).expect("hex");
             rest = &rest[line_end + 2..];
             if size == 0 {
+                assert!(rest == b"\r\n", "the last chunk ends the body: {} bytes after it", rest.len());
                 return body;
             }
             body.extend_from_slice(&rest[..size]);
@@ -830,33 +710,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_batch_is_one_chunk() {
-        let pieces = chunk(true, vec![Bytes::from_static(b"id: 1\n"), Bytes::from_static(b"data: x\n\n")]);
-        let wire: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
-        assert_eq!(wire, b"f\r\nid: 1\ndata: x\n\n\r\n");
-    }
-
-    #[test]
-    fn chunk_size_lines_are_lowercase_hex_right_before_the_data() {
-        for (size, line) in [(0, "0"), (9, "9"), (15, "f"), (16, "10"), (300, "12c"), (65536, "10000")] {
-            let mut out = vec![0u8; HEADROOM];
-            let start = put_chunk_size(&mut out, size);
-            assert_eq!(&out[start..], format!("{line}\r\n").as_bytes());
-        }
-    }
-
     #[tokio::test]
     async fn an_attached_stream_is_written_at_once_without_its_task() {
         let (server, mut client) = socket_pair().await;
         let conn = connection();
-        conn.attach(server, true);
+        conn.attach(server, Framing::Chunked);
         assert_eq!(conn.push(&raw(b"data: a\n\n"), 4, Some(1)), Pushed::Accepted);
-        let big = Bytes::from(format!("data: {}\n\n", "b".repeat(COPY_MAX)));
+        let big = Bytes::from(format!("data: {}\n\n", "b".repeat(wire::COPY_MAX)));
         assert_eq!(conn.push(&Item::Raw(big.clone()), 4, None), Pushed::Accepted);
         // Nothing waits for a task: the queue is empty and the bytes are on the wire.
         let mut pieces = VecDeque::new();
-        assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), true, &mut pieces), Poll::Pending);
+        assert_eq!(
+            conn.poll_batch(&mut Context::from_waker(Waker::noop()), Framing::Chunked, &mut pieces),
+            Poll::Pending
+        );
         let expected = [
             b"9\r\ndata: a\n\n\r\n".to_vec(),
             format!("{:x}\r\n", big.len()).into_bytes(),
@@ -873,8 +740,8 @@ mod tests {
     async fn a_client_that_stops_reading_gets_everything_in_order_once_it_reads_again() {
         let (server, client) = socket_pair().await;
         let conn = Arc::new(connection());
-        conn.attach(server, true);
-        let writer = tokio::spawn(run_writer(conn.clone(), true));
+        conn.attach(server, Framing::Chunked);
+        let writer = tokio::spawn(run_writer(conn.clone(), Framing::Chunked));
         // Far more than the socket buffers hold while nobody reads: the rest must queue behind
         // the backlog of the direct write the socket cut short, in order.
         let events = 3000;
@@ -905,8 +772,8 @@ mod tests {
         let channel = ChannelName::from_bus("sse:user:u");
         let event = |seq: u64| entry(&channel, 10, seq, format!("data: {seq}\n\n"));
         conn.start_history(3, vec![StreamId { ms: 10, seq: 1 }], Vec::new());
-        conn.attach(server, true);
-        let writer = tokio::spawn(run_writer(conn.clone(), true));
+        conn.attach(server, Framing::Chunked);
+        let writer = tokio::spawn(run_writer(conn.clone(), Framing::Chunked));
         for seq in [1, 2, 2, 3] {
             conn.push(&event(seq), 8, None);
         }
@@ -927,7 +794,7 @@ mod tests {
     async fn a_write_to_a_vanished_client_ends_the_stream() {
         let (server, client) = socket_pair().await;
         let conn = connection();
-        conn.attach(server, true);
+        conn.attach(server, Framing::Chunked);
         drop(client);
         // The first write may still be accepted by the kernel; the reset makes a later one fail.
         for _ in 0..50 {

@@ -10,6 +10,7 @@ pub mod history;
 pub mod publish;
 pub mod raw_stream;
 pub mod server;
+pub mod wire;
 
 use std::sync::Arc;
 
