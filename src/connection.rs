@@ -1,5 +1,6 @@
-//! One stream's life: its bounded queue of shared frames, how its bytes reach the socket, how it
-//! is closed and why.
+//! One stream's life: its bounded queue of shared frames, what it has delivered (the cursor
+//! positions that drop a replayed entry arriving live), who may write its socket, and how it is
+//! closed and why.
 //!
 //! A connection costs one small allocation and no timer or channel of its own: heartbeats and
 //! timeouts come from one node-wide ticker. A stream served on the raw path hands its socket
@@ -7,29 +8,29 @@
 //! fanning out a broadcast, the ticker sending a heartbeat — writes it straight into that
 //! socket when nothing is waiting before it: one `send` under the connection's mutex, no task
 //! wake-up, no allocation. Only when the socket is full, or the stream's task is still writing
-//! earlier bytes, does the event wait in the queue for that task, which then writes everything
-//! queued in one go. The queue starts empty and grows only while the client is slower than the
-//! publishers; at `capacity` frames the stream is cut off as a slow consumer rather than
-//! buffering without bound. Streams served by hyper (no socket to attach) always go through
-//! the queue and [`EventStream`]. How the bytes are framed and sent is [`crate::http::wire`]'s.
+//! earlier bytes, does the event wait in the queue for that task, which then takes everything
+//! queued in one batch ([`Connection::poll_batch`]). The queue starts empty and grows only
+//! while the client is slower than the publishers; at `capacity` frames the stream is cut off
+//! as a slow consumer rather than buffering without bound. Streams served by hyper (no socket
+//! to attach) always go through the queue and take it with the same `poll_batch`.
+//!
+//! How the bytes are framed and sent is not decided here but in [`crate::http::wire`]; neither
+//! is the HTTP body that hyper polls (`crate::http::event_stream`), nor where the stream is
+//! listed (the hub).
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body::Frame;
 use tokio::net::TcpStream;
 
 use crate::auth::{UserId, unix_now};
 use crate::channel::ChannelName;
 use crate::history::{Cursor, StreamId, channel_hash};
 use crate::http::wire::{self, Framing, MAX_BATCH, Sent};
-use crate::hub::Membership;
 
 /// Node-local connection number; `connected` events show it as `<node>:<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,13 +99,6 @@ pub struct Rebase {
     pub frame: Bytes,
 }
 
-/// What the body writes next: an optional `id:` line, then the shared frame.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Outgoing {
-    pub id_line: Option<Bytes>,
-    pub frame: Bytes,
-}
-
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -114,6 +108,17 @@ pub enum Pushed {
     Full,
     /// The stream is already closing; the frame was dropped.
     Closed,
+}
+
+/// What the stream's task does next, after [`Connection::poll_batch`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Write what was added to the pieces: first the rest of a direct send the socket cut short
+    /// (already framed for the wire, written as it is), then, from index `events` on, events
+    /// (`id:` lines and frames) that are not framed yet.
+    Write { events: usize },
+    /// The stream has ended and everything is handed out.
+    Ended,
 }
 
 pub struct Connection {
@@ -194,9 +199,9 @@ impl Connection {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// From now on events may be written straight into `socket`. Called by the raw path once
-    /// the response head and preamble are written; the stream's task then reaches the socket
-    /// through [`Connection::socket`].
+    /// From now on events may be written straight into `socket`, framed as `framing`. Called by
+    /// the raw path once the response head and preamble are written; the stream's task then
+    /// reaches the socket through [`Connection::socket`].
     pub fn attach(&self, socket: TcpStream, framing: Framing) {
         let mut state = self.state();
         if self.socket.set(socket).is_ok() && !state.closed {
@@ -349,8 +354,9 @@ impl Connection {
         Some(true)
     }
 
-    /// The next item to write, with its `id:` line; duplicates are skipped.
-    fn next_outgoing(&self, state: &mut State) -> Option<Outgoing> {
+    /// Moves the next queued item into `pieces`, behind its `id:` line if it gets one;
+    /// duplicates are skipped. False when nothing is left.
+    fn take_next(&self, state: &mut State, pieces: &mut VecDeque<Bytes>) -> bool {
         while let Some(item) = state.queue.pop_front() {
             state.allowance = state.allowance.saturating_sub(1);
             if state.queue.is_empty() && state.queue.capacity() > 64 {
@@ -358,32 +364,40 @@ impl Connection {
                 state.queue.shrink_to(8);
             }
             let Some(with_cursor) = self.admit(state, &item) else { continue };
-            let id_line = with_cursor.then(|| Cursor::id_line(state.epoch, unix_now(), self.positions(state)));
-            return Some(Outgoing { id_line, frame: item.into_frame() });
+            if with_cursor {
+                pieces.push_back(Cursor::id_line(state.epoch, unix_now(), self.positions(state)));
+            }
+            pieces.push_back(item.into_frame());
+            return true;
         }
-        None
+        false
     }
 
     /// Ends the stream after what is queued plus `farewell`. Returns false if already closed.
     pub fn close(&self, farewell: Bytes) -> bool {
-        self.end(|state| state.queue.push_back(Item::Raw(farewell)))
+        self.end(Some(farewell))
     }
 
     /// Ends the stream at once, dropping what is queued: the client is not reading.
     pub fn cut(&self) -> bool {
-        self.end(|state| {
-            state.queue.clear();
-            state.backlog = None;
-        })
+        self.end(None)
     }
 
-    fn end(&self, finish: impl FnOnce(&mut State)) -> bool {
+    /// Closes the stream to pushes; what was accepted before is still handed to its task after
+    /// a close (with the farewell last), and dropped after a cut (no farewell).
+    fn end(&self, farewell: Option<Bytes>) -> bool {
         let waker = {
             let mut state = self.state();
             if state.closed {
                 return false;
             }
-            finish(&mut state);
+            match farewell {
+                Some(farewell) => state.queue.push_back(Item::Raw(farewell)),
+                None => {
+                    state.queue.clear();
+                    state.backlog = None;
+                }
+            }
             state.closed = true;
             state.waker.take()
         };
@@ -394,7 +408,7 @@ impl Connection {
     }
 
     /// The stream's task is done with it: nothing more is written into the socket but what the
-    /// task itself writes last (the end of the chunked body).
+    /// task itself writes last (the end of the body).
     pub fn release(&self) {
         let mut state = self.state();
         state.closed = true;
@@ -412,59 +426,27 @@ impl Connection {
         self.state().last_event_at
     }
 
-    /// For the hyper path: the next frame to write, or `None` once the stream has ended.
-    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
+    /// For the stream's task, on either path: appends to `pieces` what it writes next — the rest
+    /// of a direct send the socket cut short, then up to [`MAX_BATCH`] queued events — or
+    /// registers to be woken. While the task holds those bytes nobody else writes the socket;
+    /// once it finds nothing left, direct writes resume.
+    pub(crate) fn poll_batch(&self, cx: &mut Context<'_>, pieces: &mut VecDeque<Bytes>) -> Poll<Next> {
         let mut state = self.state();
-        if let Some(outgoing) = self.next_outgoing(&mut state) {
-            return Poll::Ready(Some(outgoing));
-        }
-        if state.closed {
-            return Poll::Ready(None);
-        }
-        register(&mut state, cx);
-        Poll::Pending
-    }
-
-    /// For the raw path's task: moves what it must write next (the backlog of a direct write,
-    /// then up to [`MAX_BATCH`] queued events as one chunk) into `pieces`. While the task holds
-    /// those bytes nobody else writes; once it finds nothing left, direct writes resume.
-    pub(crate) fn poll_batch(
-        &self,
-        cx: &mut Context<'_>,
-        framing: Framing,
-        pieces: &mut VecDeque<Bytes>,
-    ) -> Poll<Batch> {
-        let mut state = self.state();
-        if let Some(backlog) = state.backlog.take() {
-            pieces.push_back(backlog);
-        }
+        let before = pieces.len();
+        pieces.extend(state.backlog.take());
         let events = pieces.len();
-        while pieces.len() - events < MAX_BATCH * 2 {
-            let Some(Outgoing { id_line, frame }) = self.next_outgoing(&mut state) else { break };
-            pieces.extend(id_line);
-            pieces.push_back(frame);
-        }
-        framing.frame_batch(pieces, events);
-        if !pieces.is_empty() {
+        while pieces.len() - events < MAX_BATCH * 2 && self.take_next(&mut state, pieces) {}
+        if pieces.len() > before {
             state.writer_busy = true;
-            return Poll::Ready(Batch::Write);
+            return Poll::Ready(Next::Write { events });
         }
         state.writer_busy = false;
         if state.closed {
-            return Poll::Ready(Batch::Ended);
+            return Poll::Ready(Next::Ended);
         }
         register(&mut state, cx);
         Poll::Pending
     }
-}
-
-/// What the raw path's task does next.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Batch {
-    /// Write the pieces it was given.
-    Write,
-    /// The stream has ended and everything is written.
-    Ended,
 }
 
 /// Registered under the lock: a push after we unlock sees this waker.
@@ -486,40 +468,6 @@ impl Item {
         match self {
             Item::Raw(frame) | Item::Event { frame, .. } => frame,
             Item::Rebase(rebase) => rebase.frame.clone(),
-        }
-    }
-}
-
-/// The response body of one stream: a preamble, then whatever the hub queues. Dropping it
-/// (the client went away, or the stream ended) leaves the hub.
-pub struct EventStream {
-    membership: Membership,
-    /// Written before anything else (the preamble), or after an `id:` line (the event it names).
-    next: Option<Bytes>,
-}
-
-impl EventStream {
-    pub fn new(membership: Membership, preamble: Bytes) -> Self {
-        Self { membership, next: Some(preamble) }
-    }
-}
-
-impl http_body::Body for EventStream {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(next) = self.next.take() {
-            return Poll::Ready(Some(Ok(Frame::data(next))));
-        }
-        match self.membership.connection().poll_next(cx) {
-            Poll::Ready(Some(Outgoing { id_line: Some(id_line), frame })) => {
-                self.next = Some(frame);
-                Poll::Ready(Some(Ok(Frame::data(id_line))))
-            }
-            Poll::Ready(Some(Outgoing { id_line: None, frame })) => Poll::Ready(Some(Ok(Frame::data(frame)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -546,13 +494,31 @@ mod tests {
         Item::Raw(Bytes::from_static(b))
     }
 
-    fn out(b: &'static [u8]) -> Poll<Option<Outgoing>> {
-        Poll::Ready(Some(Outgoing { id_line: None, frame: Bytes::from_static(b) }))
+    /// What the stream's task is handed next (unframed, as hyper's body takes it): `None` once
+    /// the stream has ended.
+    fn batch(conn: &Connection, cx: &mut Context<'_>) -> Poll<Option<Vec<Bytes>>> {
+        let mut pieces = VecDeque::new();
+        let next = conn.poll_batch(cx, &mut pieces);
+        next.map(|next| match next {
+            Next::Write { events } => {
+                assert_eq!(events, 0, "no backlog without a socket");
+                Some(pieces.into())
+            }
+            Next::Ended => None,
+        })
+    }
+
+    fn pieces(list: &[&'static [u8]]) -> Poll<Option<Vec<Bytes>>> {
+        Poll::Ready(Some(list.iter().map(|b| Bytes::from_static(b)).collect()))
     }
 
     /// A history entry of `channel` at `ms-seq`.
     fn entry(channel: &ChannelName, ms: u64, seq: u64, frame: impl Into<Bytes>) -> Item {
         Item::Event { channel: channel.clone(), id: StreamId { ms, seq }, frame: frame.into() }
+    }
+
+    fn is_id_line(piece: &[u8]) -> bool {
+        piece.starts_with(b"id: ")
     }
 
     /// The cursor of an `id: <cursor>` line.
@@ -567,13 +533,26 @@ mod tests {
         let flag = Arc::new(Flag(Default::default()));
         let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
-        assert_eq!(conn.poll_next(&mut cx), Poll::Pending);
+        assert_eq!(batch(&conn, &mut cx), Poll::Pending);
         assert_eq!(conn.push(&raw(b"a"), 4, Some(5)), Pushed::Accepted);
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst), "push must wake the body");
         conn.push(&raw(b"b"), 4, None);
-        assert_eq!(conn.poll_next(&mut cx), out(b"a"));
-        assert_eq!(conn.poll_next(&mut cx), out(b"b"));
+        assert_eq!(batch(&conn, &mut cx), pieces(&[b"a", b"b"]));
+        assert_eq!(batch(&conn, &mut cx), Poll::Pending);
         assert_eq!(conn.last_event_at(), 5, "heartbeats do not count as activity");
+    }
+
+    #[test]
+    fn a_batch_takes_a_bounded_number_of_events() {
+        let conn = connection();
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..MAX_BATCH * 3 {
+            assert_eq!(conn.push(&raw(b"x"), MAX_BATCH * 3, None), Pushed::Accepted);
+        }
+        let Poll::Ready(Some(first)) = batch(&conn, &mut cx) else { panic!("a batch") };
+        assert_eq!(first.len(), MAX_BATCH * 2, "raw frames: no id lines, so twice as many frames");
+        let Poll::Ready(Some(second)) = batch(&conn, &mut cx) else { panic!("the rest") };
+        assert_eq!(second.len(), MAX_BATCH);
     }
 
     #[test]
@@ -585,8 +564,7 @@ mod tests {
         assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Full);
         assert!(conn.cut());
         assert!(!conn.cut(), "closing twice is a no-op");
-        let waker = Waker::noop();
-        assert_eq!(conn.poll_next(&mut Context::from_waker(waker)), Poll::Ready(None));
+        assert_eq!(batch(&conn, &mut Context::from_waker(Waker::noop())), Poll::Ready(None));
         assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Closed);
     }
 
@@ -596,9 +574,11 @@ mod tests {
         conn.push(&raw(b"last"), 3, None);
         assert!(conn.close(CloseReason::Replaced.farewell()));
         let mut cx = Context::from_waker(Waker::noop());
-        assert_eq!(conn.poll_next(&mut cx), out(b"last"));
-        assert_eq!(conn.poll_next(&mut cx), out(b"event: disconnected\ndata: {\"reason\":\"replaced\"}\n\n"));
-        assert_eq!(conn.poll_next(&mut cx), Poll::Ready(None));
+        assert_eq!(
+            batch(&conn, &mut cx),
+            pieces(&[b"last", b"event: disconnected\ndata: {\"reason\":\"replaced\"}\n\n"])
+        );
+        assert_eq!(batch(&conn, &mut cx), Poll::Ready(None));
     }
 
     #[test]
@@ -610,15 +590,13 @@ mod tests {
         conn.push(&event(2, b"two"), 4, None);
         conn.push(&event(3, b"three"), 4, None);
         conn.start_history(7, vec![StreamId { ms: 10, seq: 0 }], vec![event(1, b"one"), event(2, b"two")]);
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut frames = Vec::new();
-        let mut last_cursor = None;
-        while let Poll::Ready(Some(outgoing)) = conn.poll_next(&mut cx) {
-            last_cursor = outgoing.id_line.clone();
-            frames.push(outgoing.frame);
-        }
+        let Poll::Ready(Some(written)) = batch(&conn, &mut Context::from_waker(Waker::noop())) else {
+            panic!("a batch")
+        };
+        let (ids, frames): (Vec<Bytes>, Vec<Bytes>) = written.into_iter().partition(|p| is_id_line(p));
         assert_eq!(frames, [Bytes::from_static(b"one"), Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
-        let cursor = cursor_in(&last_cursor.expect("an id line"));
+        assert_eq!(ids.len(), 3, "each event behind its id line");
+        let cursor = cursor_in(ids.last().expect("an id line"));
         assert_eq!(cursor.epoch, 7);
         assert_eq!(cursor.position(&channel), Some(StreamId { ms: 10, seq: 3 }));
     }
@@ -628,7 +606,10 @@ mod tests {
         let conn = connection();
         let channel = ChannelName::from_bus("sse:user:u");
         let event = |ms: u64, frame: &'static [u8]| entry(&channel, ms, 0, frame);
-        let cursor_of = |outgoing: &Outgoing| cursor_in(outgoing.id_line.as_deref().expect("an id line"));
+        let at = |id_line: &Bytes| {
+            let cursor = cursor_in(id_line);
+            (cursor.epoch, cursor.position(&channel))
+        };
         conn.start_history(7, vec![StreamId { ms: 50, seq: 0 }], Vec::new());
         // Queued before the loss: keeps the old history's cursor.
         conn.push(&event(60, b"old"), 8, None);
@@ -639,22 +620,18 @@ mod tests {
         // The new history's ids are below the old position (restored from an older snapshot).
         conn.push(&event(30, b"new"), 8, None);
         let mut cx = Context::from_waker(Waker::noop());
-        let Poll::Ready(Some(old)) = conn.poll_next(&mut cx) else { panic!("the old event") };
-        assert_eq!((cursor_of(&old).epoch, cursor_of(&old).position(&channel)), (7, Some(StreamId { ms: 60, seq: 0 })));
-        let Poll::Ready(Some(written)) = conn.poll_next(&mut cx) else { panic!("the reset") };
-        assert_eq!(written.frame, reset);
-        let at_reset = cursor_of(&written);
-        assert_eq!((at_reset.epoch, at_reset.position(&channel)), (9, Some(StreamId { ms: 20, seq: 0 })));
-        let Poll::Ready(Some(new)) = conn.poll_next(&mut cx) else {
-            panic!("an event after the reset is not a duplicate")
+        let Poll::Ready(Some(written)) = batch(&conn, &mut cx) else { panic!("a batch") };
+        let [old_id, old, reset_id, written_reset, new_id, new] = &written[..] else {
+            panic!("three events behind their id lines (an event after the reset is not a duplicate): {written:?}")
         };
-        assert_eq!(new.frame, Bytes::from_static(b"new"));
-        assert_eq!(cursor_of(&new).epoch, 9);
+        assert_eq!((old, at(old_id)), (&Bytes::from_static(b"old"), (7, Some(StreamId { ms: 60, seq: 0 }))));
+        assert_eq!((written_reset, at(reset_id)), (&reset, (9, Some(StreamId { ms: 20, seq: 0 }))));
+        assert_eq!((new, at(new_id).0), (&Bytes::from_static(b"new"), 9));
         // A rebase for a channel the stream does not have is written as it is.
         let other =
             Rebase { epoch: 9, channel: ChannelName::from_bus("sse:topic:x"), tail: StreamId::ZERO, frame: reset };
         conn.push(&Item::Rebase(Arc::new(other)), 8, None);
-        assert_eq!(conn.poll_next(&mut cx), out(b"event: reset\n\n"));
+        assert_eq!(batch(&conn, &mut cx), pieces(&[b"event: reset\n\n"]));
     }
 
     /// A connected loopback pair: (server side, client side).
@@ -670,10 +647,9 @@ mod tests {
         let socket = conn.socket().expect("attached");
         let mut pieces = VecDeque::new();
         loop {
-            let batch = std::future::poll_fn(|cx| conn.poll_batch(cx, framing, &mut pieces)).await;
-            if batch == Batch::Ended {
-                break;
-            }
+            let next = std::future::poll_fn(|cx| conn.poll_batch(cx, &mut pieces)).await;
+            let Next::Write { events } = next else { break };
+            framing.frame_batch(&mut pieces, events);
             wire::write_all(socket, &mut pieces).await.expect("written");
         }
         conn.release();
@@ -720,10 +696,7 @@ mod tests {
         assert_eq!(conn.push(&Item::Raw(big.clone()), 4, None), Pushed::Accepted);
         // Nothing waits for a task: the queue is empty and the bytes are on the wire.
         let mut pieces = VecDeque::new();
-        assert_eq!(
-            conn.poll_batch(&mut Context::from_waker(Waker::noop()), Framing::Chunked, &mut pieces),
-            Poll::Pending
-        );
+        assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), &mut pieces), Poll::Pending);
         let expected = [
             b"9\r\ndata: a\n\n\r\n".to_vec(),
             format!("{:x}\r\n", big.len()).into_bytes(),

@@ -22,10 +22,11 @@ use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
 use super::error::ApiError;
+use super::event_stream::EventStream;
 use crate::auth::{AuthError, Grant, token_from_request, unix_now};
 use crate::bus::BusError;
 use crate::channel::{ChannelName, check_name, topic_allowed};
-use crate::connection::{Connection, EventStream, Item};
+use crate::connection::{Connection, Item};
 use crate::frame;
 use crate::history::{Cursor, ResetReason, Since, StreamId, reset_frame};
 use crate::hub::JoinError;

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod demo;
 pub mod error;
+pub mod event_stream;
 pub mod events;
 pub mod health;
 pub mod history;

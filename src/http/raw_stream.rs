@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 
 use super::events::{self, STREAM_HEADERS};
 use super::wire::{Framing, write_all};
-use crate::connection::Batch;
+use crate::connection::Next;
 use crate::node::Node;
 
 /// Largest request head read before giving up on the fast path (hyper answers 431 then).
@@ -152,10 +152,9 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
     let Some(stream) = connection.socket() else { return };
     loop {
         tokio::select! {
-            batch = std::future::poll_fn(|cx| connection.poll_batch(cx, framing, &mut pieces)) => {
-                if batch == Batch::Ended {
-                    break;
-                }
+            next = std::future::poll_fn(|cx| connection.poll_batch(cx, &mut pieces)) => {
+                let Next::Write { events } = next else { break };
+                framing.frame_batch(&mut pieces, events);
                 if write_all(stream, &mut pieces).await.is_err() {
                     return;
                 }
