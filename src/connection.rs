@@ -9,14 +9,14 @@
 //! socket when nothing is waiting before it: one `send` under the connection's mutex, no task
 //! wake-up, no allocation. Only when the socket is full, or the stream's task is still writing
 //! earlier bytes, does the event wait in the queue for that task, which then takes everything
-//! queued in one batch ([`Connection::poll_batch`]). The queue starts empty and grows only
+//! queued in one batch (`Connection::poll_batch`). The queue starts empty and grows only
 //! while the client is slower than the publishers; at `capacity` frames the stream is cut off
 //! as a slow consumer rather than buffering without bound. Streams served by hyper (no socket
 //! to attach) always go through the queue and take it with the same `poll_batch`.
 //!
-//! How the bytes are framed and sent is not decided here but in [`crate::http::wire`]; neither
-//! is the HTTP body that hyper polls (`crate::http::event_stream`), nor where the stream is
-//! listed (the hub).
+//! Who may write the socket is one `Writer` state, changed only under the mutex. How the bytes
+//! are framed and sent is not decided here but in [`crate::http::wire`]; neither is the HTTP
+//! body that hyper polls (`crate::http::event_stream`), nor where the stream is listed (the hub).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -110,7 +110,7 @@ pub enum Pushed {
     Closed,
 }
 
-/// What the stream's task does next, after [`Connection::poll_batch`].
+/// What the stream's task does next, after `Connection::poll_batch`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
     /// Write what was added to the pieces: first the rest of a direct send the socket cut short
@@ -145,6 +145,8 @@ struct PerChannel {
     listed_at: AtomicU32,
 }
 
+/// Everything that changes while the stream lives, under one mutex (it sits in every stream:
+/// keep it small; `a_stream_state_is_no_larger_than_before` guards its size).
 struct State {
     queue: VecDeque<Item>,
     /// Room granted above `capacity` for a resume's replay, used up as the replay is written.
@@ -152,18 +154,62 @@ struct State {
     /// History position of each channel (same order as `channels`); empty when history is off.
     positions: Box<[StreamId]>,
     epoch: u32,
-    closed: bool,
     /// Hub clock second of the last event queued (heartbeats excluded), for the inactivity timeout.
     last_event_at: u32,
     waker: Option<Waker>,
-    /// Events may be written straight into `socket` (raw path, head written, stream not ended).
-    attached: bool,
-    /// How direct writes are framed (set with `attached`).
-    framing: Framing,
-    /// The stream's task holds bytes it has not finished writing: nobody else may write now.
-    writer_busy: bool,
-    /// The unwritten rest of a direct write that the socket did not take; the task writes it first.
-    backlog: Option<Bytes>,
+    writer: Writer,
+}
+
+/// Who may write the stream's socket, and what must be written before the queue. One value
+/// rather than separate flags, so that the combinations nothing handles cannot be built: a
+/// direct write needs an attached socket nobody is writing; a backlog exists only while the
+/// stream's task is writing (or draining a closed stream); nothing is accepted after the close.
+///
+/// ```text
+/// Queued ──attach──▶ Idle ──socket full / task takes a batch──▶ Busy
+///                     ▲                                          │
+///                     └────────── task finds nothing left ───────┘
+/// any ──close / cut / release / failed send──▶ Closed
+/// ```
+#[derive(Debug, PartialEq, Eq)]
+enum Writer {
+    /// No socket attached (hyper's body, or the raw path until its response head is out):
+    /// every frame waits in the queue for the stream's task.
+    Queued,
+    /// The socket is attached and nobody is writing it: a push that finds the queue empty
+    /// sends its event at once.
+    Idle(Framing),
+    /// The stream's task holds bytes it has not finished writing, so nobody else may write:
+    /// pushes queue behind them. `backlog` is the rest of a direct send the socket cut short,
+    /// which the task writes before anything queued.
+    Busy { framing: Framing, backlog: Option<Bytes> },
+    /// No more pushes. The task still writes `backlog` and what is queued (the farewell),
+    /// then ends; after a cut, a failed send or the task's release both are empty.
+    Closed { backlog: Option<Bytes> },
+}
+
+impl Writer {
+    /// Takes the rest of a direct send, which the task writes first.
+    fn take_backlog(&mut self) -> Option<Bytes> {
+        match self {
+            Writer::Busy { backlog, .. } | Writer::Closed { backlog } => backlog.take(),
+            Writer::Queued | Writer::Idle(_) => None,
+        }
+    }
+
+    /// The stream's task took bytes to write: direct writes wait until it is done.
+    fn task_writes(&mut self) {
+        if let Writer::Idle(framing) = *self {
+            *self = Writer::Busy { framing, backlog: None };
+        }
+    }
+
+    /// The stream's task wrote everything and found nothing left: direct writes resume.
+    fn task_done(&mut self) {
+        if let Writer::Busy { framing, backlog: None } = *self {
+            *self = Writer::Idle(framing);
+        }
+    }
 }
 
 impl Connection {
@@ -183,13 +229,9 @@ impl Connection {
                 allowance: 0,
                 positions: Box::new([]),
                 epoch: 0,
-                closed: false,
                 last_event_at: now,
                 waker: None,
-                attached: false,
-                framing: Framing::Identity,
-                writer_busy: false,
-                backlog: None,
+                writer: Writer::Queued,
             }),
         }
     }
@@ -201,12 +243,12 @@ impl Connection {
 
     /// From now on events may be written straight into `socket`, framed as `framing`. Called by
     /// the raw path once the response head and preamble are written; the stream's task then
-    /// reaches the socket through [`Connection::socket`].
+    /// reaches the socket through [`Connection::socket`] (also when the stream closed meanwhile:
+    /// it still writes the farewell).
     pub fn attach(&self, socket: TcpStream, framing: Framing) {
         let mut state = self.state();
-        if self.socket.set(socket).is_ok() && !state.closed {
-            state.attached = true;
-            state.framing = framing;
+        if self.socket.set(socket).is_ok() && state.writer == Writer::Queued {
+            state.writer = Writer::Idle(framing);
         }
     }
 
@@ -244,14 +286,16 @@ impl Connection {
     pub fn push(&self, item: &Item, capacity: usize, now: Option<u32>) -> Pushed {
         let waker = {
             let mut state = self.state();
-            if state.closed {
+            if let Writer::Closed { .. } = state.writer {
                 return Pushed::Closed;
             }
             if let Some(now) = now {
                 state.last_event_at = now;
             }
-            if state.attached && !state.writer_busy && state.queue.is_empty() {
-                return self.write_direct(&mut state, item);
+            if let Writer::Idle(framing) = state.writer
+                && state.queue.is_empty()
+            {
+                return self.write_direct(&mut state, framing, item);
             }
             if state.queue.len() >= capacity + state.allowance {
                 return Pushed::Full;
@@ -267,8 +311,7 @@ impl Connection {
 
     /// Writes one item into the socket under the lock (so nothing can overtake it). What the
     /// socket does not take becomes the backlog the stream's task writes when it can.
-    fn write_direct(&self, state: &mut State, item: &Item) -> Pushed {
-        let framing = state.framing;
+    fn write_direct(&self, state: &mut State, framing: Framing, item: &Item) -> Pushed {
         let sent = self.socket.get().and_then(|socket| {
             wire::direct(|mut send| {
                 let Some(with_cursor) = self.admit(state, item) else { return Sent::All };
@@ -280,17 +323,13 @@ impl Connection {
         });
         match sent {
             Some(Sent::All) => return Pushed::Accepted,
-            Some(Sent::Rest(rest)) => {
-                state.backlog = Some(rest);
-                state.writer_busy = true;
-            }
+            Some(Sent::Rest(rest)) => state.writer = Writer::Busy { framing, backlog: Some(rest) },
             // The scratch buffer is in use: the task writes the item, untouched (not admitted).
             None => state.queue.push_back(item.clone()),
             Some(Sent::Failed) => {
                 // The peer is gone: end the stream; its task notices and leaves the hub.
                 state.queue.clear();
-                state.closed = true;
-                state.attached = false;
+                state.writer = Writer::Closed { backlog: None };
             }
         }
         if let Some(waker) = state.waker.take() {
@@ -388,17 +427,20 @@ impl Connection {
     fn end(&self, farewell: Option<Bytes>) -> bool {
         let waker = {
             let mut state = self.state();
-            if state.closed {
+            if let Writer::Closed { .. } = state.writer {
                 return false;
             }
             match farewell {
-                Some(farewell) => state.queue.push_back(Item::Raw(farewell)),
+                Some(farewell) => {
+                    state.queue.push_back(Item::Raw(farewell));
+                    let backlog = state.writer.take_backlog();
+                    state.writer = Writer::Closed { backlog };
+                }
                 None => {
                     state.queue.clear();
-                    state.backlog = None;
+                    state.writer = Writer::Closed { backlog: None };
                 }
             }
-            state.closed = true;
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -411,14 +453,12 @@ impl Connection {
     /// task itself writes last (the end of the body).
     pub fn release(&self) {
         let mut state = self.state();
-        state.closed = true;
-        state.attached = false;
+        state.writer = Writer::Closed { backlog: None };
         state.queue.clear();
-        state.backlog = None;
     }
 
     pub fn is_closed(&self) -> bool {
-        self.state().closed
+        matches!(self.state().writer, Writer::Closed { .. })
     }
 
     /// Hub clock second of the last event queued.
@@ -433,15 +473,15 @@ impl Connection {
     pub(crate) fn poll_batch(&self, cx: &mut Context<'_>, pieces: &mut VecDeque<Bytes>) -> Poll<Next> {
         let mut state = self.state();
         let before = pieces.len();
-        pieces.extend(state.backlog.take());
+        pieces.extend(state.writer.take_backlog());
         let events = pieces.len();
         while pieces.len() - events < MAX_BATCH * 2 && self.take_next(&mut state, pieces) {}
         if pieces.len() > before {
-            state.writer_busy = true;
+            state.writer.task_writes();
             return Poll::Ready(Next::Write { events });
         }
-        state.writer_busy = false;
-        if state.closed {
+        state.writer.task_done();
+        if let Writer::Closed { .. } = state.writer {
             return Poll::Ready(Next::Ended);
         }
         register(&mut state, cx);
@@ -729,7 +769,10 @@ mod tests {
         }
         {
             let state = conn.state();
-            assert!(state.writer_busy && !state.queue.is_empty(), "the socket filled up and events queued");
+            assert!(
+                matches!(state.writer, Writer::Busy { .. }) && !state.queue.is_empty(),
+                "the socket filled up and events queued"
+            );
         }
         assert!(conn.close(Bytes::from_static(b"data: end\n\n")));
         expected.extend_from_slice(b"data: end\n\n");
@@ -773,10 +816,105 @@ mod tests {
         for _ in 0..50 {
             conn.push(&raw(b"data: x\n\n"), 4, None);
             if conn.is_closed() {
+                assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
+                assert!(conn.state().queue.is_empty());
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("writing to a closed peer never ended the stream");
+    }
+
+    #[tokio::test]
+    async fn the_writer_state_says_who_may_write_the_socket() {
+        let (server, _client) = socket_pair().await;
+        // A small send buffer, so that a few frames fill the socket while the client does not read.
+        socket2::SockRef::from(&server).set_send_buffer_size(4096).expect("SO_SNDBUF");
+        let conn = connection();
+        let writer = |conn: &Connection| format!("{:?}", conn.state().writer);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut pieces = VecDeque::new();
+
+        // Until the head is out there is no socket: events queue for the task.
+        assert_eq!(conn.push(&raw(b"data: early\n\n"), 8, None), Pushed::Accepted);
+        assert_eq!(writer(&conn), "Queued");
+        conn.attach(server, Framing::Chunked);
+        assert_eq!(writer(&conn), "Idle(Chunked)");
+        // Attached, but something waits: a push queues behind it rather than overtaking it.
+        conn.push(&raw(b"data: behind\n\n"), 8, None);
+        assert_eq!(conn.state().queue.len(), 2);
+        // The task takes both; while it writes them, pushes queue.
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Write { events: 0 }));
+        assert_eq!(pieces, [Bytes::from_static(b"data: early\n\n"), Bytes::from_static(b"data: behind\n\n")]);
+        assert_eq!(writer(&conn), "Busy { framing: Chunked, backlog: None }");
+        conn.push(&raw(b"data: meanwhile\n\n"), 8, None);
+        assert_eq!(conn.state().queue.len(), 1);
+        pieces.clear(); // (written)
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Write { events: 0 }));
+        pieces.clear();
+        // Nothing left: direct writes resume.
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Pending);
+        assert_eq!(writer(&conn), "Idle(Chunked)");
+        conn.push(&raw(b"data: direct\n\n"), 8, None);
+        assert!(conn.state().queue.is_empty(), "written into the socket");
+
+        // The socket fills up: the rest of the send it cut short makes the task the writer.
+        let big = Item::Raw(Bytes::from(vec![b'x'; 64 * 1024]));
+        for _ in 0..1000 {
+            conn.push(&big, 8, None);
+            if matches!(conn.state().writer, Writer::Busy { .. }) {
+                break;
+            }
+        }
+        assert!(matches!(conn.state().writer, Writer::Busy { backlog: Some(_), .. }), "{}", writer(&conn));
+        assert!(conn.state().queue.is_empty(), "the event is in the backlog, not the queue");
+        conn.push(&raw(b"data: queued\n\n"), 8, None);
+        assert_eq!(conn.state().queue.len(), 1);
+
+        // Closing keeps the backlog and the queue for the task, and refuses pushes and attaching.
+        assert!(conn.close(Bytes::from_static(b"data: bye\n\n")));
+        assert!(matches!(conn.state().writer, Writer::Closed { backlog: Some(_) }), "{}", writer(&conn));
+        assert_eq!(conn.push(&raw(b"data: late\n\n"), 8, None), Pushed::Closed);
+        let Poll::Ready(Next::Write { events: 1 }) = conn.poll_batch(&mut cx, &mut pieces) else {
+            panic!("the backlog, then the events")
+        };
+        assert_eq!(pieces.len(), 3, "backlog, queued, farewell");
+        assert_eq!(pieces[2], Bytes::from_static(b"data: bye\n\n"));
+        pieces.clear();
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Ended));
+        conn.release();
+        assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
+    }
+
+    #[tokio::test]
+    async fn a_cut_drops_the_backlog_too() {
+        let (server, _client) = socket_pair().await;
+        socket2::SockRef::from(&server).set_send_buffer_size(4096).expect("SO_SNDBUF");
+        let conn = connection();
+        conn.attach(server, Framing::Identity);
+        let big = Item::Raw(Bytes::from(vec![b'x'; 64 * 1024]));
+        for _ in 0..1000 {
+            conn.push(&big, 8, None);
+            if matches!(conn.state().writer, Writer::Busy { .. }) {
+                break;
+            }
+        }
+        assert!(matches!(conn.state().writer, Writer::Busy { framing: Framing::Identity, backlog: Some(_) }));
+        assert!(conn.cut());
+        assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
+        let mut pieces = VecDeque::new();
+        assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), &mut pieces), Poll::Ready(Next::Ended));
+        assert!(pieces.is_empty());
+    }
+
+    /// Every stream carries a `Connection`, and the fan-out reads its `State` per delivery:
+    /// the writer enum must not make either larger than the loose flags it replaced.
+    #[test]
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    fn a_stream_state_is_no_larger_than_before() {
+        // Measured with the five flags (`closed`, `attached`, `chunked`, `writer_busy`, `backlog`).
+        let (state_before, connection_before) = (120, 248);
+        assert!(size_of::<State>() <= state_before, "State is {} bytes", size_of::<State>());
+        assert!(size_of::<Connection>() <= connection_before, "Connection is {} bytes", size_of::<Connection>());
     }
 }
