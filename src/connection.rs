@@ -1,5 +1,6 @@
-//! One stream's life: its bounded queue of shared frames, how its bytes reach the socket, how it
-//! is closed and why.
+//! One stream's life: its bounded queue of shared frames, what it has delivered (the cursor
+//! positions that drop a replayed entry arriving live), who may write its socket, and how it is
+//! closed and why.
 //!
 //! A connection costs one small allocation and no timer or channel of its own: heartbeats and
 //! timeouts come from one node-wide ticker. A stream served on the raw path hands its socket
@@ -7,30 +8,29 @@
 //! fanning out a broadcast, the ticker sending a heartbeat — writes it straight into that
 //! socket when nothing is waiting before it: one `send` under the connection's mutex, no task
 //! wake-up, no allocation. Only when the socket is full, or the stream's task is still writing
-//! earlier bytes, does the event wait in the queue for that task, which then writes everything
-//! queued in one go. The queue starts empty and grows only while the client is slower than the
-//! publishers; at `capacity` frames the stream is cut off as a slow consumer rather than
-//! buffering without bound. Streams served by hyper (no socket to attach) always go through
-//! the queue and [`EventStream`].
+//! earlier bytes, does the event wait in the queue for that task, which then takes everything
+//! queued in one batch (`Connection::poll_batch`). The queue starts empty and grows only
+//! while the client is slower than the publishers; at `capacity` frames the stream is cut off
+//! as a slow consumer rather than buffering without bound. Streams served by hyper (no socket
+//! to attach) always go through the queue and take it with the same `poll_batch`.
+//!
+//! Who may write the socket is one `Writer` state, changed only under the mutex. How the bytes
+//! are framed and sent is not decided here but in [`crate::wire`]; neither is the HTTP
+//! body that hyper polls (`crate::http::event_stream`), nor where the stream is listed (the hub).
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::io::{self, IoSlice};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body::Frame;
 use tokio::net::TcpStream;
 
 use crate::auth::{UserId, unix_now};
 use crate::channel::ChannelName;
 use crate::history::{Cursor, StreamId, channel_hash};
-use crate::hub::Membership;
+use crate::wire::{self, Framing, MAX_BATCH, Sent};
 
 /// Node-local connection number; `connected` events show it as `<node>:<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,13 +99,6 @@ pub struct Rebase {
     pub frame: Bytes,
 }
 
-/// What the body writes next: an optional `id:` line, then the shared frame.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Outgoing {
-    pub id_line: Option<Bytes>,
-    pub frame: Bytes,
-}
-
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -117,17 +110,15 @@ pub enum Pushed {
     Closed,
 }
 
-/// Frames up to this size are copied next to their framing and sent with one `send`; larger
-/// ones go out with a vectored write that does not copy them.
-const COPY_MAX: usize = 2048;
-/// Items one write of the stream's task takes from the queue at most.
-pub const MAX_BATCH: usize = 64;
-/// Room left in front of a direct write for its chunk-size line (16 hex digits and CRLF).
-const HEADROOM: usize = 18;
-
-thread_local! {
-    /// Where a direct write assembles its bytes; one per thread, reused for every delivery.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(HEADROOM + COPY_MAX + 256));
+/// What the stream's task does next, after `Connection::poll_batch`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Write what was added to the pieces: first the rest of a direct send the socket cut short
+    /// (already framed for the wire, written as it is), then, from index `events` on, events
+    /// (`id:` lines and frames) that are not framed yet.
+    Write { events: usize },
+    /// The stream has ended and everything is handed out.
+    Ended,
 }
 
 pub struct Connection {
@@ -154,6 +145,8 @@ struct PerChannel {
     listed_at: AtomicU32,
 }
 
+/// Everything that changes while the stream lives, under one mutex (it sits in every stream:
+/// keep it small; `a_stream_state_is_no_larger_than_before` guards its size).
 struct State {
     queue: VecDeque<Item>,
     /// Room granted above `capacity` for a resume's replay, used up as the replay is written.
@@ -161,18 +154,62 @@ struct State {
     /// History position of each channel (same order as `channels`); empty when history is off.
     positions: Box<[StreamId]>,
     epoch: u32,
-    closed: bool,
     /// Hub clock second of the last event queued (heartbeats excluded), for the inactivity timeout.
     last_event_at: u32,
     waker: Option<Waker>,
-    /// Events may be written straight into `socket` (raw path, head written, stream not ended).
-    attached: bool,
-    /// HTTP/1.1 chunked transfer encoding (HTTP/1.0 bodies are written as they are).
-    chunked: bool,
-    /// The stream's task holds bytes it has not finished writing: nobody else may write now.
-    writer_busy: bool,
-    /// The unwritten rest of a direct write that the socket did not take; the task writes it first.
-    backlog: Option<Bytes>,
+    writer: Writer,
+}
+
+/// Who may write the stream's socket, and what must be written before the queue. One value
+/// rather than separate flags, so that the combinations nothing handles cannot be built: a
+/// direct write needs an attached socket nobody is writing; a backlog exists only while the
+/// stream's task is writing (or draining a closed stream); nothing is accepted after the close.
+///
+/// ```text
+/// Queued ──attach──▶ Idle ──socket full / task takes a batch──▶ Busy
+///                     ▲                                          │
+///                     └────────── task finds nothing left ───────┘
+/// any ──close / cut / release / failed send──▶ Closed
+/// ```
+#[derive(Debug, PartialEq, Eq)]
+enum Writer {
+    /// No socket attached (hyper's body, or the raw path until its response head is out):
+    /// every frame waits in the queue for the stream's task.
+    Queued,
+    /// The socket is attached and nobody is writing it: a push that finds the queue empty
+    /// sends its event at once.
+    Idle(Framing),
+    /// The stream's task holds bytes it has not finished writing, so nobody else may write:
+    /// pushes queue behind them. `backlog` is the rest of a direct send the socket cut short,
+    /// which the task writes before anything queued.
+    Busy { framing: Framing, backlog: Option<Bytes> },
+    /// No more pushes. The task still writes `backlog` and what is queued (the farewell),
+    /// then ends; after a cut, a failed send or the task's release both are empty.
+    Closed { backlog: Option<Bytes> },
+}
+
+impl Writer {
+    /// Takes the rest of a direct send, which the task writes first.
+    fn take_backlog(&mut self) -> Option<Bytes> {
+        match self {
+            Writer::Busy { backlog, .. } | Writer::Closed { backlog } => backlog.take(),
+            Writer::Queued | Writer::Idle(_) => None,
+        }
+    }
+
+    /// The stream's task took bytes to write: direct writes wait until it is done.
+    fn task_writes(&mut self) {
+        if let Writer::Idle(framing) = *self {
+            *self = Writer::Busy { framing, backlog: None };
+        }
+    }
+
+    /// The stream's task wrote everything and found nothing left: direct writes resume.
+    fn task_done(&mut self) {
+        if let Writer::Busy { framing, backlog: None } = *self {
+            *self = Writer::Idle(framing);
+        }
+    }
 }
 
 impl Connection {
@@ -192,13 +229,9 @@ impl Connection {
                 allowance: 0,
                 positions: Box::new([]),
                 epoch: 0,
-                closed: false,
                 last_event_at: now,
                 waker: None,
-                attached: false,
-                chunked: false,
-                writer_busy: false,
-                backlog: None,
+                writer: Writer::Queued,
             }),
         }
     }
@@ -208,14 +241,14 @@ impl Connection {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// From now on events may be written straight into `socket`. Called by the raw path once
-    /// the response head and preamble are written; the stream's task then reaches the socket
-    /// through [`Connection::socket`].
-    pub fn attach(&self, socket: TcpStream, chunked: bool) {
+    /// From now on events may be written straight into `socket`, framed as `framing`. Called by
+    /// the raw path once the response head and preamble are written; the stream's task then
+    /// reaches the socket through [`Connection::socket`] (also when the stream closed meanwhile:
+    /// it still writes the farewell).
+    pub fn attach(&self, socket: TcpStream, framing: Framing) {
         let mut state = self.state();
-        if self.socket.set(socket).is_ok() && !state.closed {
-            state.attached = true;
-            state.chunked = chunked;
+        if self.socket.set(socket).is_ok() && state.writer == Writer::Queued {
+            state.writer = Writer::Idle(framing);
         }
     }
 
@@ -253,14 +286,16 @@ impl Connection {
     pub fn push(&self, item: &Item, capacity: usize, now: Option<u32>) -> Pushed {
         let waker = {
             let mut state = self.state();
-            if state.closed {
+            if let Writer::Closed { .. } = state.writer {
                 return Pushed::Closed;
             }
             if let Some(now) = now {
                 state.last_event_at = now;
             }
-            if state.attached && !state.writer_busy && state.queue.is_empty() {
-                return self.write_direct(&mut state, item);
+            if let Writer::Idle(framing) = state.writer
+                && state.queue.is_empty()
+            {
+                return self.write_direct(&mut state, framing, item);
             }
             if state.queue.len() >= capacity + state.allowance {
                 return Pushed::Full;
@@ -276,47 +311,25 @@ impl Connection {
 
     /// Writes one item into the socket under the lock (so nothing can overtake it). What the
     /// socket does not take becomes the backlog the stream's task writes when it can.
-    fn write_direct(&self, state: &mut State, item: &Item) -> Pushed {
-        let outcome = SCRATCH.with(|scratch| {
-            // In use further up this thread's stack (nothing does that today): queue instead.
-            let Ok(mut out) = scratch.try_borrow_mut() else { return Direct::Busy };
-            let Some(socket) = self.socket.get() else { return Direct::Busy };
-            let Some(with_cursor) = self.admit(state, item) else { return Direct::Written };
-            let frame = item.frame();
-            out.clear();
-            out.resize(HEADROOM, 0);
-            if with_cursor {
-                Cursor::put_id_line(&mut out, state.epoch, unix_now(), self.positions(state));
-            }
-            let size = out.len() - HEADROOM + frame.len();
-            let start = if state.chunked { put_chunk_size(&mut out, size) } else { HEADROOM };
-            let tail: &[u8] = if state.chunked { b"\r\n" } else { b"" };
-            let wire = if frame.len() <= COPY_MAX {
-                out.extend_from_slice(frame);
-                out.extend_from_slice(tail);
-                Wire { head: &out[start..], frame: &[], tail: &[] }
-            } else {
-                Wire { head: &out[start..], frame, tail }
-            };
-            match wire.send(socket) {
-                Ok(written) if written == wire.len() => Direct::Written,
-                Ok(written) => Direct::Partly(wire.rest(written)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Direct::Partly(wire.rest(0)),
-                Err(_) => Direct::Failed,
-            }
+    fn write_direct(&self, state: &mut State, framing: Framing, item: &Item) -> Pushed {
+        let sent = self.socket.get().and_then(|socket| {
+            wire::direct(|mut send| {
+                let Some(with_cursor) = self.admit(state, item) else { return Sent::All };
+                if with_cursor {
+                    Cursor::put_id_line(send.prefix(), state.epoch, unix_now(), self.positions(state));
+                }
+                send.send(socket, framing, item.frame())
+            })
         });
-        match outcome {
-            Direct::Written => return Pushed::Accepted,
-            Direct::Partly(rest) => {
-                state.backlog = Some(rest);
-                state.writer_busy = true;
-            }
-            Direct::Busy => state.queue.push_back(item.clone()),
-            Direct::Failed => {
+        match sent {
+            Some(Sent::All) => return Pushed::Accepted,
+            Some(Sent::Rest(rest)) => state.writer = Writer::Busy { framing, backlog: Some(rest) },
+            // The scratch buffer is in use: the task writes the item, untouched (not admitted).
+            None => state.queue.push_back(item.clone()),
+            Some(Sent::Failed) => {
                 // The peer is gone: end the stream; its task notices and leaves the hub.
                 state.queue.clear();
-                state.closed = true;
-                state.attached = false;
+                state.writer = Writer::Closed { backlog: None };
             }
         }
         if let Some(waker) = state.waker.take() {
@@ -380,8 +393,9 @@ impl Connection {
         Some(true)
     }
 
-    /// The next item to write, with its `id:` line; duplicates are skipped.
-    fn next_outgoing(&self, state: &mut State) -> Option<Outgoing> {
+    /// Moves the next queued item into `pieces`, behind its `id:` line if it gets one;
+    /// duplicates are skipped. False when nothing is left.
+    fn take_next(&self, state: &mut State, pieces: &mut VecDeque<Bytes>) -> bool {
         while let Some(item) = state.queue.pop_front() {
             state.allowance = state.allowance.saturating_sub(1);
             if state.queue.is_empty() && state.queue.capacity() > 64 {
@@ -389,33 +403,44 @@ impl Connection {
                 state.queue.shrink_to(8);
             }
             let Some(with_cursor) = self.admit(state, &item) else { continue };
-            let id_line = with_cursor.then(|| Cursor::id_line(state.epoch, unix_now(), self.positions(state)));
-            return Some(Outgoing { id_line, frame: item.into_frame() });
+            if with_cursor {
+                pieces.push_back(Cursor::id_line(state.epoch, unix_now(), self.positions(state)));
+            }
+            pieces.push_back(item.into_frame());
+            return true;
         }
-        None
+        false
     }
 
     /// Ends the stream after what is queued plus `farewell`. Returns false if already closed.
     pub fn close(&self, farewell: Bytes) -> bool {
-        self.end(|state| state.queue.push_back(Item::Raw(farewell)))
+        self.end(Some(farewell))
     }
 
     /// Ends the stream at once, dropping what is queued: the client is not reading.
     pub fn cut(&self) -> bool {
-        self.end(|state| {
-            state.queue.clear();
-            state.backlog = None;
-        })
+        self.end(None)
     }
 
-    fn end(&self, finish: impl FnOnce(&mut State)) -> bool {
+    /// Closes the stream to pushes; what was accepted before is still handed to its task after
+    /// a close (with the farewell last), and dropped after a cut (no farewell).
+    fn end(&self, farewell: Option<Bytes>) -> bool {
         let waker = {
             let mut state = self.state();
-            if state.closed {
+            if let Writer::Closed { .. } = state.writer {
                 return false;
             }
-            finish(&mut state);
-            state.closed = true;
+            match farewell {
+                Some(farewell) => {
+                    state.queue.push_back(Item::Raw(farewell));
+                    let backlog = state.writer.take_backlog();
+                    state.writer = Writer::Closed { backlog };
+                }
+                None => {
+                    state.queue.clear();
+                    state.writer = Writer::Closed { backlog: None };
+                }
+            }
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -425,17 +450,15 @@ impl Connection {
     }
 
     /// The stream's task is done with it: nothing more is written into the socket but what the
-    /// task itself writes last (the end of the chunked body).
+    /// task itself writes last (the end of the body).
     pub fn release(&self) {
         let mut state = self.state();
-        state.closed = true;
-        state.attached = false;
+        state.writer = Writer::Closed { backlog: None };
         state.queue.clear();
-        state.backlog = None;
     }
 
     pub fn is_closed(&self) -> bool {
-        self.state().closed
+        matches!(self.state().writer, Writer::Closed { .. })
     }
 
     /// Hub clock second of the last event queued.
@@ -443,140 +466,33 @@ impl Connection {
         self.state().last_event_at
     }
 
-    /// For the hyper path: the next frame to write, or `None` once the stream has ended.
-    pub(crate) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
+    /// For the stream's task, on either path: appends to `pieces` what it writes next — the rest
+    /// of a direct send the socket cut short, then up to [`MAX_BATCH`] queued events — or
+    /// registers to be woken. While the task holds those bytes nobody else writes the socket;
+    /// once it finds nothing left, direct writes resume.
+    pub(crate) fn poll_batch(&self, cx: &mut Context<'_>, pieces: &mut VecDeque<Bytes>) -> Poll<Next> {
         let mut state = self.state();
-        if let Some(outgoing) = self.next_outgoing(&mut state) {
-            return Poll::Ready(Some(outgoing));
+        let before = pieces.len();
+        pieces.extend(state.writer.take_backlog());
+        let events = pieces.len();
+        while pieces.len() - events < MAX_BATCH * 2 && self.take_next(&mut state, pieces) {}
+        if pieces.len() > before {
+            state.writer.task_writes();
+            return Poll::Ready(Next::Write { events });
         }
-        if state.closed {
-            return Poll::Ready(None);
+        state.writer.task_done();
+        if let Writer::Closed { .. } = state.writer {
+            return Poll::Ready(Next::Ended);
         }
         register(&mut state, cx);
         Poll::Pending
     }
-
-    /// For the raw path's task: moves what it must write next (the backlog of a direct write,
-    /// then up to [`MAX_BATCH`] queued events as one chunk) into `pieces`. While the task holds
-    /// those bytes nobody else writes; once it finds nothing left, direct writes resume.
-    pub(crate) fn poll_batch(&self, cx: &mut Context<'_>, chunked: bool, pieces: &mut VecDeque<Bytes>) -> Poll<Batch> {
-        let mut state = self.state();
-        if let Some(backlog) = state.backlog.take() {
-            pieces.push_back(backlog);
-        }
-        let mut frames = Vec::new();
-        while frames.len() < MAX_BATCH * 2 {
-            let Some(Outgoing { id_line, frame }) = self.next_outgoing(&mut state) else { break };
-            frames.extend(id_line);
-            frames.push(frame);
-        }
-        if !frames.is_empty() {
-            pieces.extend(chunk(chunked, frames));
-        }
-        if !pieces.is_empty() {
-            state.writer_busy = true;
-            return Poll::Ready(Batch::Write);
-        }
-        state.writer_busy = false;
-        if state.closed {
-            return Poll::Ready(Batch::Ended);
-        }
-        register(&mut state, cx);
-        Poll::Pending
-    }
-}
-
-/// How a direct write went.
-enum Direct {
-    /// On the wire (or skipped as already delivered).
-    Written,
-    /// The socket took only part of it, or nothing: the rest waits for the stream's task.
-    Partly(Bytes),
-    /// Could not write now; the item goes to the queue untouched.
-    Busy,
-    /// The socket failed: the client is gone.
-    Failed,
-}
-
-/// What the raw path's task does next.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Batch {
-    /// Write the pieces it was given.
-    Write,
-    /// The stream has ended and everything is written.
-    Ended,
 }
 
 /// Registered under the lock: a push after we unlock sees this waker.
 fn register(state: &mut State, cx: &Context<'_>) {
     if !state.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
         state.waker = Some(cx.waker().clone());
-    }
-}
-
-/// Writes the chunk-size line for `size` bytes right before `out[HEADROOM..]`; returns where
-/// the chunk starts.
-fn put_chunk_size(out: &mut [u8], size: usize) -> usize {
-    let digits = if size == 0 { 1 } else { (usize::BITS - size.leading_zeros()).div_ceil(4) as usize };
-    let start = HEADROOM - digits - 2;
-    for (i, slot) in out[start..start + digits].iter_mut().enumerate() {
-        let nibble = (size >> (4 * (digits - 1 - i))) & 0xf;
-        *slot = b"0123456789abcdef"[nibble];
-    }
-    out[HEADROOM - 2..HEADROOM].copy_from_slice(b"\r\n");
-    start
-}
-
-/// Wraps frames into one HTTP/1.1 chunk (one size line for the whole batch).
-pub fn chunk(chunked: bool, frames: Vec<Bytes>) -> Vec<Bytes> {
-    if !chunked {
-        return frames;
-    }
-    let size: usize = frames.iter().map(Bytes::len).sum();
-    let mut out = Vec::with_capacity(frames.len() + 2);
-    out.push(Bytes::from(format!("{size:x}\r\n")));
-    out.extend(frames);
-    out.push(Bytes::from_static(b"\r\n"));
-    out
-}
-
-/// One direct write: the assembled head (chunk size, `id:` line and, for small frames, the
-/// frame and chunk end), and for large frames the frame and chunk end uncopied.
-struct Wire<'a> {
-    head: &'a [u8],
-    frame: &'a [u8],
-    tail: &'a [u8],
-}
-
-impl Wire<'_> {
-    fn len(&self) -> usize {
-        self.head.len() + self.frame.len() + self.tail.len()
-    }
-
-    /// Calls the kernel directly rather than through tokio's `try_write`, which first reads the
-    /// socket's readiness from a separate allocation: one cache miss per stream per event, 6 %
-    /// of a broadcast's CPU in a profile. A `WouldBlock` here leaves tokio's readiness stale;
-    /// the stream's task then finds the socket full on its own first try and waits properly.
-    fn send(&self, socket: &TcpStream) -> io::Result<usize> {
-        let socket = socket2::SockRef::from(socket);
-        if self.frame.is_empty() {
-            // `send(2)`: cheaper in the kernel than `writev(2)` with one segment.
-            socket.send(self.head)
-        } else {
-            socket.send_vectored(&[IoSlice::new(self.head), IoSlice::new(self.frame), IoSlice::new(self.tail)])
-        }
-    }
-
-    /// What is left after the first `written` bytes.
-    fn rest(&self, written: usize) -> Bytes {
-        let mut rest = Vec::with_capacity(self.len() - written);
-        let mut skip = written;
-        for part in [self.head, self.frame, self.tail] {
-            let from = skip.min(part.len());
-            rest.extend_from_slice(&part[from..]);
-            skip -= from;
-        }
-        Bytes::from(rest)
     }
 }
 
@@ -592,40 +508,6 @@ impl Item {
         match self {
             Item::Raw(frame) | Item::Event { frame, .. } => frame,
             Item::Rebase(rebase) => rebase.frame.clone(),
-        }
-    }
-}
-
-/// The response body of one stream: a preamble, then whatever the hub queues. Dropping it
-/// (the client went away, or the stream ended) leaves the hub.
-pub struct EventStream {
-    membership: Membership,
-    /// Written before anything else (the preamble), or after an `id:` line (the event it names).
-    next: Option<Bytes>,
-}
-
-impl EventStream {
-    pub fn new(membership: Membership, preamble: Bytes) -> Self {
-        Self { membership, next: Some(preamble) }
-    }
-}
-
-impl http_body::Body for EventStream {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(next) = self.next.take() {
-            return Poll::Ready(Some(Ok(Frame::data(next))));
-        }
-        match self.membership.connection().poll_next(cx) {
-            Poll::Ready(Some(Outgoing { id_line: Some(id_line), frame })) => {
-                self.next = Some(frame);
-                Poll::Ready(Some(Ok(Frame::data(id_line))))
-            }
-            Poll::Ready(Some(Outgoing { id_line: None, frame })) => Poll::Ready(Some(Ok(Frame::data(frame)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -652,13 +534,31 @@ mod tests {
         Item::Raw(Bytes::from_static(b))
     }
 
-    fn out(b: &'static [u8]) -> Poll<Option<Outgoing>> {
-        Poll::Ready(Some(Outgoing { id_line: None, frame: Bytes::from_static(b) }))
+    /// What the stream's task is handed next (unframed, as hyper's body takes it): `None` once
+    /// the stream has ended.
+    fn batch(conn: &Connection, cx: &mut Context<'_>) -> Poll<Option<Vec<Bytes>>> {
+        let mut pieces = VecDeque::new();
+        let next = conn.poll_batch(cx, &mut pieces);
+        next.map(|next| match next {
+            Next::Write { events } => {
+                assert_eq!(events, 0, "no backlog without a socket");
+                Some(pieces.into())
+            }
+            Next::Ended => None,
+        })
+    }
+
+    fn pieces(list: &[&'static [u8]]) -> Poll<Option<Vec<Bytes>>> {
+        Poll::Ready(Some(list.iter().map(|b| Bytes::from_static(b)).collect()))
     }
 
     /// A history entry of `channel` at `ms-seq`.
     fn entry(channel: &ChannelName, ms: u64, seq: u64, frame: impl Into<Bytes>) -> Item {
         Item::Event { channel: channel.clone(), id: StreamId { ms, seq }, frame: frame.into() }
+    }
+
+    fn is_id_line(piece: &[u8]) -> bool {
+        piece.starts_with(b"id: ")
     }
 
     /// The cursor of an `id: <cursor>` line.
@@ -673,13 +573,26 @@ mod tests {
         let flag = Arc::new(Flag(Default::default()));
         let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
-        assert_eq!(conn.poll_next(&mut cx), Poll::Pending);
+        assert_eq!(batch(&conn, &mut cx), Poll::Pending);
         assert_eq!(conn.push(&raw(b"a"), 4, Some(5)), Pushed::Accepted);
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst), "push must wake the body");
         conn.push(&raw(b"b"), 4, None);
-        assert_eq!(conn.poll_next(&mut cx), out(b"a"));
-        assert_eq!(conn.poll_next(&mut cx), out(b"b"));
+        assert_eq!(batch(&conn, &mut cx), pieces(&[b"a", b"b"]));
+        assert_eq!(batch(&conn, &mut cx), Poll::Pending);
         assert_eq!(conn.last_event_at(), 5, "heartbeats do not count as activity");
+    }
+
+    #[test]
+    fn a_batch_takes_a_bounded_number_of_events() {
+        let conn = connection();
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..MAX_BATCH * 3 {
+            assert_eq!(conn.push(&raw(b"x"), MAX_BATCH * 3, None), Pushed::Accepted);
+        }
+        let Poll::Ready(Some(first)) = batch(&conn, &mut cx) else { panic!("a batch") };
+        assert_eq!(first.len(), MAX_BATCH * 2, "raw frames: no id lines, so twice as many frames");
+        let Poll::Ready(Some(second)) = batch(&conn, &mut cx) else { panic!("the rest") };
+        assert_eq!(second.len(), MAX_BATCH);
     }
 
     #[test]
@@ -691,8 +604,7 @@ mod tests {
         assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Full);
         assert!(conn.cut());
         assert!(!conn.cut(), "closing twice is a no-op");
-        let waker = Waker::noop();
-        assert_eq!(conn.poll_next(&mut Context::from_waker(waker)), Poll::Ready(None));
+        assert_eq!(batch(&conn, &mut Context::from_waker(Waker::noop())), Poll::Ready(None));
         assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Closed);
     }
 
@@ -702,9 +614,11 @@ mod tests {
         conn.push(&raw(b"last"), 3, None);
         assert!(conn.close(CloseReason::Replaced.farewell()));
         let mut cx = Context::from_waker(Waker::noop());
-        assert_eq!(conn.poll_next(&mut cx), out(b"last"));
-        assert_eq!(conn.poll_next(&mut cx), out(b"event: disconnected\ndata: {\"reason\":\"replaced\"}\n\n"));
-        assert_eq!(conn.poll_next(&mut cx), Poll::Ready(None));
+        assert_eq!(
+            batch(&conn, &mut cx),
+            pieces(&[b"last", b"event: disconnected\ndata: {\"reason\":\"replaced\"}\n\n"])
+        );
+        assert_eq!(batch(&conn, &mut cx), Poll::Ready(None));
     }
 
     #[test]
@@ -716,15 +630,13 @@ mod tests {
         conn.push(&event(2, b"two"), 4, None);
         conn.push(&event(3, b"three"), 4, None);
         conn.start_history(7, vec![StreamId { ms: 10, seq: 0 }], vec![event(1, b"one"), event(2, b"two")]);
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut frames = Vec::new();
-        let mut last_cursor = None;
-        while let Poll::Ready(Some(outgoing)) = conn.poll_next(&mut cx) {
-            last_cursor = outgoing.id_line.clone();
-            frames.push(outgoing.frame);
-        }
+        let Poll::Ready(Some(written)) = batch(&conn, &mut Context::from_waker(Waker::noop())) else {
+            panic!("a batch")
+        };
+        let (ids, frames): (Vec<Bytes>, Vec<Bytes>) = written.into_iter().partition(|p| is_id_line(p));
         assert_eq!(frames, [Bytes::from_static(b"one"), Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
-        let cursor = cursor_in(&last_cursor.expect("an id line"));
+        assert_eq!(ids.len(), 3, "each event behind its id line");
+        let cursor = cursor_in(ids.last().expect("an id line"));
         assert_eq!(cursor.epoch, 7);
         assert_eq!(cursor.position(&channel), Some(StreamId { ms: 10, seq: 3 }));
     }
@@ -734,7 +646,10 @@ mod tests {
         let conn = connection();
         let channel = ChannelName::from_bus("sse:user:u");
         let event = |ms: u64, frame: &'static [u8]| entry(&channel, ms, 0, frame);
-        let cursor_of = |outgoing: &Outgoing| cursor_in(outgoing.id_line.as_deref().expect("an id line"));
+        let at = |id_line: &Bytes| {
+            let cursor = cursor_in(id_line);
+            (cursor.epoch, cursor.position(&channel))
+        };
         conn.start_history(7, vec![StreamId { ms: 50, seq: 0 }], Vec::new());
         // Queued before the loss: keeps the old history's cursor.
         conn.push(&event(60, b"old"), 8, None);
@@ -745,22 +660,18 @@ mod tests {
         // The new history's ids are below the old position (restored from an older snapshot).
         conn.push(&event(30, b"new"), 8, None);
         let mut cx = Context::from_waker(Waker::noop());
-        let Poll::Ready(Some(old)) = conn.poll_next(&mut cx) else { panic!("the old event") };
-        assert_eq!((cursor_of(&old).epoch, cursor_of(&old).position(&channel)), (7, Some(StreamId { ms: 60, seq: 0 })));
-        let Poll::Ready(Some(written)) = conn.poll_next(&mut cx) else { panic!("the reset") };
-        assert_eq!(written.frame, reset);
-        let at_reset = cursor_of(&written);
-        assert_eq!((at_reset.epoch, at_reset.position(&channel)), (9, Some(StreamId { ms: 20, seq: 0 })));
-        let Poll::Ready(Some(new)) = conn.poll_next(&mut cx) else {
-            panic!("an event after the reset is not a duplicate")
+        let Poll::Ready(Some(written)) = batch(&conn, &mut cx) else { panic!("a batch") };
+        let [old_id, old, reset_id, written_reset, new_id, new] = &written[..] else {
+            panic!("three events behind their id lines (an event after the reset is not a duplicate): {written:?}")
         };
-        assert_eq!(new.frame, Bytes::from_static(b"new"));
-        assert_eq!(cursor_of(&new).epoch, 9);
+        assert_eq!((old, at(old_id)), (&Bytes::from_static(b"old"), (7, Some(StreamId { ms: 60, seq: 0 }))));
+        assert_eq!((written_reset, at(reset_id)), (&reset, (9, Some(StreamId { ms: 20, seq: 0 }))));
+        assert_eq!((new, at(new_id).0), (&Bytes::from_static(b"new"), 9));
         // A rebase for a channel the stream does not have is written as it is.
         let other =
             Rebase { epoch: 9, channel: ChannelName::from_bus("sse:topic:x"), tail: StreamId::ZERO, frame: reset };
         conn.push(&Item::Rebase(Arc::new(other)), 8, None);
-        assert_eq!(conn.poll_next(&mut cx), out(b"event: reset\n\n"));
+        assert_eq!(batch(&conn, &mut cx), pieces(&[b"event: reset\n\n"]));
     }
 
     /// A connected loopback pair: (server side, client side).
@@ -772,36 +683,20 @@ mod tests {
     }
 
     /// Does what the raw path's task does: writes whatever the connection hands it, until the end.
-    async fn run_writer(conn: Arc<Connection>, chunked: bool) {
+    async fn run_writer(conn: Arc<Connection>, framing: Framing) {
         let socket = conn.socket().expect("attached");
         let mut pieces = VecDeque::new();
         loop {
-            let batch = std::future::poll_fn(|cx| conn.poll_batch(cx, chunked, &mut pieces)).await;
-            if batch == Batch::Ended {
-                break;
-            }
-            while let Some(piece) = pieces.pop_front() {
-                write_fully(socket, &piece).await;
-            }
+            let next = std::future::poll_fn(|cx| conn.poll_batch(cx, &mut pieces)).await;
+            let Next::Write { events } = next else { break };
+            framing.frame_batch(&mut pieces, events);
+            wire::write_all(socket, &mut pieces).await.expect("written");
         }
         conn.release();
         assert_eq!(conn.push(&raw(b"data: late\n\n"), 8, None), Pushed::Closed);
-        if chunked {
-            write_fully(socket, b"0\r\n\r\n").await;
-        }
+        pieces.extend(framing.end_of_body());
+        wire::write_all(socket, &mut pieces).await.expect("written");
         socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write).expect("shutdown");
-    }
-
-    async fn write_fully(socket: &TcpStream, bytes: &[u8]) {
-        let mut written = 0;
-        while written < bytes.len() {
-            socket.writable().await.expect("writable");
-            match socket.try_write(&bytes[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("write failed: {e}"),
-            }
-        }
     }
 
     /// Everything the client reads until the server closes, chunk framing removed.
@@ -822,6 +717,7 @@ mod tests {
             let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).expect("ascii"), 16).expect("hex");
             rest = &rest[line_end + 2..];
             if size == 0 {
+                assert!(rest == b"\r\n", "the last chunk ends the body: {} bytes after it", rest.len());
                 return body;
             }
             body.extend_from_slice(&rest[..size]);
@@ -830,33 +726,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_batch_is_one_chunk() {
-        let pieces = chunk(true, vec![Bytes::from_static(b"id: 1\n"), Bytes::from_static(b"data: x\n\n")]);
-        let wire: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
-        assert_eq!(wire, b"f\r\nid: 1\ndata: x\n\n\r\n");
-    }
-
-    #[test]
-    fn chunk_size_lines_are_lowercase_hex_right_before_the_data() {
-        for (size, line) in [(0, "0"), (9, "9"), (15, "f"), (16, "10"), (300, "12c"), (65536, "10000")] {
-            let mut out = vec![0u8; HEADROOM];
-            let start = put_chunk_size(&mut out, size);
-            assert_eq!(&out[start..], format!("{line}\r\n").as_bytes());
-        }
-    }
-
     #[tokio::test]
     async fn an_attached_stream_is_written_at_once_without_its_task() {
         let (server, mut client) = socket_pair().await;
         let conn = connection();
-        conn.attach(server, true);
+        conn.attach(server, Framing::Chunked);
         assert_eq!(conn.push(&raw(b"data: a\n\n"), 4, Some(1)), Pushed::Accepted);
-        let big = Bytes::from(format!("data: {}\n\n", "b".repeat(COPY_MAX)));
+        let big = Bytes::from(format!("data: {}\n\n", "b".repeat(wire::COPY_MAX)));
         assert_eq!(conn.push(&Item::Raw(big.clone()), 4, None), Pushed::Accepted);
         // Nothing waits for a task: the queue is empty and the bytes are on the wire.
         let mut pieces = VecDeque::new();
-        assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), true, &mut pieces), Poll::Pending);
+        assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), &mut pieces), Poll::Pending);
         let expected = [
             b"9\r\ndata: a\n\n\r\n".to_vec(),
             format!("{:x}\r\n", big.len()).into_bytes(),
@@ -873,8 +753,8 @@ mod tests {
     async fn a_client_that_stops_reading_gets_everything_in_order_once_it_reads_again() {
         let (server, client) = socket_pair().await;
         let conn = Arc::new(connection());
-        conn.attach(server, true);
-        let writer = tokio::spawn(run_writer(conn.clone(), true));
+        conn.attach(server, Framing::Chunked);
+        let writer = tokio::spawn(run_writer(conn.clone(), Framing::Chunked));
         // Far more than the socket buffers hold while nobody reads: the rest must queue behind
         // the backlog of the direct write the socket cut short, in order.
         let events = 3000;
@@ -889,7 +769,10 @@ mod tests {
         }
         {
             let state = conn.state();
-            assert!(state.writer_busy && !state.queue.is_empty(), "the socket filled up and events queued");
+            assert!(
+                matches!(state.writer, Writer::Busy { .. }) && !state.queue.is_empty(),
+                "the socket filled up and events queued"
+            );
         }
         assert!(conn.close(Bytes::from_static(b"data: end\n\n")));
         expected.extend_from_slice(b"data: end\n\n");
@@ -905,8 +788,8 @@ mod tests {
         let channel = ChannelName::from_bus("sse:user:u");
         let event = |seq: u64| entry(&channel, 10, seq, format!("data: {seq}\n\n"));
         conn.start_history(3, vec![StreamId { ms: 10, seq: 1 }], Vec::new());
-        conn.attach(server, true);
-        let writer = tokio::spawn(run_writer(conn.clone(), true));
+        conn.attach(server, Framing::Chunked);
+        let writer = tokio::spawn(run_writer(conn.clone(), Framing::Chunked));
         for seq in [1, 2, 2, 3] {
             conn.push(&event(seq), 8, None);
         }
@@ -927,16 +810,111 @@ mod tests {
     async fn a_write_to_a_vanished_client_ends_the_stream() {
         let (server, client) = socket_pair().await;
         let conn = connection();
-        conn.attach(server, true);
+        conn.attach(server, Framing::Chunked);
         drop(client);
         // The first write may still be accepted by the kernel; the reset makes a later one fail.
         for _ in 0..50 {
             conn.push(&raw(b"data: x\n\n"), 4, None);
             if conn.is_closed() {
+                assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
+                assert!(conn.state().queue.is_empty());
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("writing to a closed peer never ended the stream");
+    }
+
+    #[tokio::test]
+    async fn the_writer_state_says_who_may_write_the_socket() {
+        let (server, _client) = socket_pair().await;
+        // A small send buffer, so that a few frames fill the socket while the client does not read.
+        socket2::SockRef::from(&server).set_send_buffer_size(4096).expect("SO_SNDBUF");
+        let conn = connection();
+        let writer = |conn: &Connection| format!("{:?}", conn.state().writer);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut pieces = VecDeque::new();
+
+        // Until the head is out there is no socket: events queue for the task.
+        assert_eq!(conn.push(&raw(b"data: early\n\n"), 8, None), Pushed::Accepted);
+        assert_eq!(writer(&conn), "Queued");
+        conn.attach(server, Framing::Chunked);
+        assert_eq!(writer(&conn), "Idle(Chunked)");
+        // Attached, but something waits: a push queues behind it rather than overtaking it.
+        conn.push(&raw(b"data: behind\n\n"), 8, None);
+        assert_eq!(conn.state().queue.len(), 2);
+        // The task takes both; while it writes them, pushes queue.
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Write { events: 0 }));
+        assert_eq!(pieces, [Bytes::from_static(b"data: early\n\n"), Bytes::from_static(b"data: behind\n\n")]);
+        assert_eq!(writer(&conn), "Busy { framing: Chunked, backlog: None }");
+        conn.push(&raw(b"data: meanwhile\n\n"), 8, None);
+        assert_eq!(conn.state().queue.len(), 1);
+        pieces.clear(); // (written)
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Write { events: 0 }));
+        pieces.clear();
+        // Nothing left: direct writes resume.
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Pending);
+        assert_eq!(writer(&conn), "Idle(Chunked)");
+        conn.push(&raw(b"data: direct\n\n"), 8, None);
+        assert!(conn.state().queue.is_empty(), "written into the socket");
+
+        // The socket fills up: the rest of the send it cut short makes the task the writer.
+        let big = Item::Raw(Bytes::from(vec![b'x'; 64 * 1024]));
+        for _ in 0..1000 {
+            conn.push(&big, 8, None);
+            if matches!(conn.state().writer, Writer::Busy { .. }) {
+                break;
+            }
+        }
+        assert!(matches!(conn.state().writer, Writer::Busy { backlog: Some(_), .. }), "{}", writer(&conn));
+        assert!(conn.state().queue.is_empty(), "the event is in the backlog, not the queue");
+        conn.push(&raw(b"data: queued\n\n"), 8, None);
+        assert_eq!(conn.state().queue.len(), 1);
+
+        // Closing keeps the backlog and the queue for the task, and refuses pushes and attaching.
+        assert!(conn.close(Bytes::from_static(b"data: bye\n\n")));
+        assert!(matches!(conn.state().writer, Writer::Closed { backlog: Some(_) }), "{}", writer(&conn));
+        assert_eq!(conn.push(&raw(b"data: late\n\n"), 8, None), Pushed::Closed);
+        let Poll::Ready(Next::Write { events: 1 }) = conn.poll_batch(&mut cx, &mut pieces) else {
+            panic!("the backlog, then the events")
+        };
+        assert_eq!(pieces.len(), 3, "backlog, queued, farewell");
+        assert_eq!(pieces[2], Bytes::from_static(b"data: bye\n\n"));
+        pieces.clear();
+        assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Ended));
+        conn.release();
+        assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
+    }
+
+    #[tokio::test]
+    async fn a_cut_drops_the_backlog_too() {
+        let (server, _client) = socket_pair().await;
+        socket2::SockRef::from(&server).set_send_buffer_size(4096).expect("SO_SNDBUF");
+        let conn = connection();
+        conn.attach(server, Framing::Identity);
+        let big = Item::Raw(Bytes::from(vec![b'x'; 64 * 1024]));
+        for _ in 0..1000 {
+            conn.push(&big, 8, None);
+            if matches!(conn.state().writer, Writer::Busy { .. }) {
+                break;
+            }
+        }
+        assert!(matches!(conn.state().writer, Writer::Busy { framing: Framing::Identity, backlog: Some(_) }));
+        assert!(conn.cut());
+        assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
+        let mut pieces = VecDeque::new();
+        assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), &mut pieces), Poll::Ready(Next::Ended));
+        assert!(pieces.is_empty());
+    }
+
+    /// Every stream carries a `Connection`, and the fan-out reads its `State` per delivery:
+    /// the writer enum must not make either larger than the loose flags it replaced.
+    #[test]
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    fn a_stream_state_is_no_larger_than_before() {
+        // Measured with the five flags (`closed`, `attached`, `chunked`, `writer_busy`, `backlog`).
+        let (state_before, connection_before) = (120, 248);
+        assert!(size_of::<State>() <= state_before, "State is {} bytes", size_of::<State>());
+        assert!(size_of::<Connection>() <= connection_before, "Connection is {} bytes", size_of::<Connection>());
     }
 }

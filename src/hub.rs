@@ -495,6 +495,8 @@ mod tests {
     use super::*;
     use crate::bus::memory::MemoryBus;
     use crate::channel::ChannelNames;
+    use crate::connection::Next;
+    use std::collections::VecDeque;
     use std::task::{Context, Poll, Waker};
 
     fn hub(per_user: usize, policy: PerUserPolicy) -> Arc<Hub> {
@@ -524,13 +526,12 @@ mod tests {
         hub.join(UserId::new(user).expect("id"), channels(user), u64::MAX)
     }
 
+    /// Everything the stream's task would be handed now (no history here: frames only).
     fn drain(connection: &Connection) -> Vec<Bytes> {
         let mut cx = Context::from_waker(Waker::noop());
-        let mut out = Vec::new();
-        while let Poll::Ready(Some(outgoing)) = connection.poll_next(&mut cx) {
-            out.push(outgoing.frame);
-        }
-        out
+        let mut out = VecDeque::new();
+        while let Poll::Ready(Next::Write { .. }) = connection.poll_batch(&mut cx, &mut out) {}
+        out.into()
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! sse-fanout: a Server-Sent Events fan-out node over Redis pub/sub.
 //!
 //! The hot path reads top to bottom: [`bus`] → [`dispatch`] → [`hub`] (framed once by
-//! [`frame`]) → [`connection`] → the socket. [`server`] builds a node and runs it;
+//! [`frame`]) → [`connection`] → [`wire`] → the socket. [`server`] builds a node and runs it;
 //! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol.
 
 mod auth;
@@ -24,3 +24,4 @@ mod node;
 mod resume;
 pub mod server;
 pub mod shutdown;
+mod wire;

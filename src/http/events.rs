@@ -22,10 +22,10 @@ use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
 use super::error::{ApiError, history_unavailable};
+use super::event_stream::EventStream;
 use super::grant::{check_origin, grant};
 use crate::auth::Grant;
 use crate::channel::{ChannelName, check_name, topic_allowed};
-use crate::connection::EventStream;
 use crate::frame;
 use crate::hub::JoinError;
 use crate::node::Node;

@@ -7,6 +7,7 @@ mod admin;
 pub mod cors;
 mod demo;
 mod error;
+mod event_stream;
 mod events;
 mod grant;
 mod health;

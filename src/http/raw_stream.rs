@@ -6,8 +6,10 @@
 //! is read once into a small buffer and dropped; the stream then costs its socket, one small
 //! task and its hub entry. Once the head is out the socket moves into the stream's connection,
 //! and the fan-out writes events into it directly (see [`crate::connection`]). This task
-//! writes only what the socket could not take at once — HTTP/1.1 chunks with vectored writes,
-//! sharing the hub's `Bytes` without copying — and notices the client leaving.
+//! writes only what the socket could not take at once, in batches framed and written by
+//! [`crate::wire`] (HTTP/1.1 chunks with vectored writes, sharing the hub's `Bytes` without
+//! copying), and notices the client leaving. This file owns the request and the response head;
+//! how body bytes are framed and sent is [`crate::wire`]'s.
 //!
 //! Only a connection whose *first* request is `GET /events` comes here; anything else (and
 //! any later request on a kept-alive connection) is handed to hyper with the bytes already
@@ -19,7 +21,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::IntoResponse;
@@ -29,15 +31,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::events::{self, STREAM_HEADERS};
-use crate::connection::{Batch, MAX_BATCH, chunk};
+use crate::connection::Next;
 use crate::node::Node;
+use crate::wire::{Framing, write_all};
 
 /// Largest request head read before giving up on the fast path (hyper answers 431 then).
 const MAX_HEAD: usize = 16 * 1024;
 /// Headers parsed from one request.
 const MAX_HEADERS: usize = 64;
-/// A stream whose socket accepts no byte for this long is dropped (a peer that stopped reading).
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The parts of a `GET /events` request the stream needs.
 pub struct EventsRequest {
@@ -123,7 +124,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
             return;
         }
     };
-    let chunked = !request.http10;
+    let framing = Framing::for_request(request.http10);
     drop(request);
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -135,26 +136,25 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
     }
     put_header(&mut head, b"date", httpdate::fmt_http_date(SystemTime::now()).as_bytes());
     put_header(&mut head, b"connection", b"close");
-    if chunked {
+    if framing == Framing::Chunked {
         put_header(&mut head, b"transfer-encoding", b"chunked");
     }
     head.extend_from_slice(b"\r\n");
-    let mut pieces = VecDeque::from([Bytes::from(head)]);
-    pieces.extend(chunk(chunked, vec![opened.preamble]));
+    let mut pieces = VecDeque::from([Bytes::from(head), opened.preamble]);
+    framing.frame_batch(&mut pieces, 1);
     if write_all(&stream, &mut pieces).await.is_err() {
         return;
     }
     // From here on the dispatcher and the ticker write events straight into the socket; this
     // task writes only what they could not (a full socket) and watches for the client leaving.
     let connection = opened.membership.connection();
-    connection.attach(stream, chunked);
+    connection.attach(stream, framing);
     let Some(stream) = connection.socket() else { return };
     loop {
         tokio::select! {
-            batch = std::future::poll_fn(|cx| connection.poll_batch(cx, chunked, &mut pieces)) => {
-                if batch == Batch::Ended {
-                    break;
-                }
+            next = std::future::poll_fn(|cx| connection.poll_batch(cx, &mut pieces)) => {
+                let Next::Write { events } = next else { break };
+                framing.frame_batch(&mut pieces, events);
                 if write_all(stream, &mut pieces).await.is_err() {
                     return;
                 }
@@ -167,8 +167,8 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
         }
     }
     connection.release();
-    if chunked {
-        pieces.push_back(Bytes::from_static(b"0\r\n\r\n"));
+    if let Some(end) = framing.end_of_body() {
+        pieces.push_back(end);
         let _ = write_all(stream, &mut pieces).await;
     }
     // The socket itself closes when the connection is dropped, once the hub has let go of it.
@@ -184,38 +184,6 @@ fn client_left(stream: &TcpStream) -> bool {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
         Err(_) => true,
     }
-}
-
-/// Writes every piece with vectored writes, dropping a peer that stops reading. The write is
-/// tried first: the stall timer (and its clock read) is armed only when the socket is full,
-/// which keeps the common case at one system call per wake-up.
-async fn write_all(stream: &TcpStream, pieces: &mut VecDeque<Bytes>) -> io::Result<()> {
-    while !pieces.is_empty() {
-        let slices: Vec<IoSlice<'_>> = pieces.iter().take(MAX_BATCH * 2 + 2).map(|b| IoSlice::new(b)).collect();
-        match stream.try_write_vectored(&slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(mut written) => {
-                while written > 0 {
-                    let Some(front) = pieces.front_mut() else { break };
-                    if written >= front.len() {
-                        written -= front.len();
-                        pieces.pop_front();
-                    } else {
-                        front.advance(written);
-                        written = 0;
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match tokio::time::timeout(WRITE_STALL_TIMEOUT, stream.writable()).await {
-                    Ok(ready) => ready?,
-                    Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 async fn write_response(

@@ -1,0 +1,125 @@
+//! The response body of `GET /events` when hyper serves the stream (a connection whose first
+//! request was something else; see [`super::raw_stream`] for the usual path).
+//!
+//! It takes events the same way the raw path's task does, a batch at a time from
+//! `Connection::poll_batch`, and hands hyper each piece (an `id:` line, a frame) as one data
+//! frame, so the bytes are those the raw path writes; hyper does the chunked framing itself.
+//! It owns the stream's [`Membership`]: dropping the body (the client went away, or the stream
+//! ended) leaves the hub. It does not decide what is written, nor when a stream ends.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::Frame;
+
+use crate::connection::Next;
+use crate::hub::Membership;
+
+/// A burst can leave the body holding room for a full batch (128 pieces, 4 KiB); once that is
+/// handed to hyper, only this much is kept, as the stream's queue does after a burst.
+const KEPT_CAPACITY: usize = 8;
+
+/// The response body of one stream: a preamble, then whatever the hub queues.
+pub struct EventStream {
+    membership: Membership,
+    /// Taken from the stream but not yet handed to hyper: the preamble first, then a batch.
+    pieces: VecDeque<Bytes>,
+}
+
+impl EventStream {
+    pub fn new(membership: Membership, preamble: Bytes) -> Self {
+        Self { membership, pieces: VecDeque::from([preamble]) }
+    }
+}
+
+impl http_body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(piece) = this.pieces.pop_front() {
+                if this.pieces.is_empty() && this.pieces.capacity() > 64 {
+                    this.pieces.shrink_to(KEPT_CAPACITY);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
+            // Without a socket the stream has no backlog: every piece is an unframed event.
+            match ready!(this.membership.connection().poll_batch(cx, &mut this.pieces)) {
+                Next::Write { .. } => continue,
+                Next::Ended => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::task::Waker;
+    use std::time::Duration;
+
+    use http_body::Body;
+
+    use super::*;
+    use crate::auth::UserId;
+    use crate::bus::memory::MemoryBus;
+    use crate::channel::ChannelNames;
+    use crate::config::PerUserPolicy;
+    use crate::connection::CloseReason;
+    use crate::history::StreamId;
+    use crate::hub::{Hub, Limits};
+    use crate::metrics::HubMetrics;
+
+    fn hub() -> Arc<Hub> {
+        let (bus, _inbound) = MemoryBus::new(ChannelNames::new("sse"), None);
+        let limits = Limits {
+            per_user: 0,
+            per_user_policy: PerUserPolicy::Reject,
+            per_node: 0,
+            queue_capacity: 8,
+            inactivity_timeout: Duration::ZERO,
+            max_lifetime: Duration::ZERO,
+            history: true,
+        };
+        Hub::new(bus, limits, HubMetrics::new())
+    }
+
+    /// The next data frame hyper would get, `Ready(None)` at the end of the body.
+    fn next(body: &mut EventStream) -> Poll<Option<Bytes>> {
+        match Pin::new(body).poll_frame(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(frame.into_data().expect("only data frames"))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_body_is_the_preamble_then_each_id_line_and_frame_then_the_farewell() {
+        let hub = hub();
+        let channel = ChannelNames::new("sse").user("u");
+        let joined = hub.join(UserId::new("u").expect("id"), vec![channel.clone()], u64::MAX).expect("joined");
+        joined.membership.connection().start_history(1, vec![StreamId::ZERO], Vec::new());
+        let mut body = EventStream::new(joined.membership, Bytes::from_static(b"retry: 1000\n\n"));
+        assert_eq!(next(&mut body), Poll::Ready(Some(Bytes::from_static(b"retry: 1000\n\n"))));
+        assert_eq!(next(&mut body), Poll::Pending);
+
+        hub.deliver(channel.as_str(), Some(StreamId { ms: 5, seq: 0 }), br#"{"data":"one"}"#).await;
+        hub.deliver(channel.as_str(), None, br#"{"data":"two"}"#).await;
+        let Poll::Ready(Some(id_line)) = next(&mut body) else { panic!("the id line") };
+        assert!(id_line.starts_with(b"id: ") && id_line.ends_with(b"\n"), "{id_line:?}");
+        assert_eq!(next(&mut body), Poll::Ready(Some(Bytes::from_static(b"data: one\n\n"))));
+        assert_eq!(next(&mut body), Poll::Ready(Some(Bytes::from_static(b"data: two\n\n"))));
+        assert_eq!(next(&mut body), Poll::Pending);
+
+        assert!(body.membership.connection().close(CloseReason::Shutdown.farewell()));
+        assert_eq!(next(&mut body), Poll::Ready(Some(CloseReason::Shutdown.farewell())));
+        assert_eq!(next(&mut body), Poll::Ready(None));
+        drop(body);
+        assert_eq!(hub.stats().connections, 0, "dropping the body leaves the hub");
+    }
+}
