@@ -337,6 +337,16 @@ mod tests {
     }
 
     #[test]
+    fn a_sub_with_invisible_characters_is_refused() {
+        let a = auth("s3cret");
+        let exp = unix_now() + 60;
+        for sub in ["ad\u{200B}min", "\u{FEFF}42", "42\u{202E}", "a\u{2066}b\u{2069}"] {
+            let token = sign("s3cret", serde_json::json!({"sub": sub, "exp": exp}));
+            assert_eq!(a.verify(&token).unwrap_err(), AuthError::BadClaim("sub"), "{sub:?}");
+        }
+    }
+
+    #[test]
     fn alg_none_is_refused() {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -52,6 +52,8 @@ pub enum NameError {
     TooLong,
     #[error("contains whitespace or a control character")]
     BadCharacter,
+    #[error("contains the invisible format character U+{:04X}", u32::from(*.0))]
+    Invisible(char),
     #[error("contains '*', which only token patterns may use")]
     Wildcard,
 }
@@ -67,10 +69,47 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(NameError::BadCharacter);
     }
+    if let Some(c) = name.chars().find(|&c| is_format_character(c)) {
+        return Err(NameError::Invisible(c));
+    }
     if name.contains('*') {
         return Err(NameError::Wildcard);
     }
     Ok(())
+}
+
+/// Unicode's format characters (General_Category `Cf`, Unicode 16.0): zero-width spaces and
+/// joiners, bidi marks, embeddings, overrides and isolates, the BOM, tags. They render as
+/// nothing, so `ad\u{200B}min` reads as `admin` in a log or a dashboard while naming another
+/// user, and a bidi override makes a name display as a different one. A name has no use for
+/// them. Checked against `regex-syntax`'s Unicode tables in the tests.
+const FORMAT_CHARACTERS: &[(char, char)] = &[
+    ('\u{ad}', '\u{ad}'),
+    ('\u{600}', '\u{605}'),
+    ('\u{61c}', '\u{61c}'),
+    ('\u{6dd}', '\u{6dd}'),
+    ('\u{70f}', '\u{70f}'),
+    ('\u{890}', '\u{891}'),
+    ('\u{8e2}', '\u{8e2}'),
+    ('\u{180e}', '\u{180e}'),
+    ('\u{200b}', '\u{200f}'),
+    ('\u{202a}', '\u{202e}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206f}'),
+    ('\u{feff}', '\u{feff}'),
+    ('\u{fff9}', '\u{fffb}'),
+    ('\u{110bd}', '\u{110bd}'),
+    ('\u{110cd}', '\u{110cd}'),
+    ('\u{13430}', '\u{1343f}'),
+    ('\u{1bca0}', '\u{1bca3}'),
+    ('\u{1d173}', '\u{1d17a}'),
+    ('\u{e0001}', '\u{e0001}'),
+    ('\u{e0020}', '\u{e007f}'),
+];
+
+fn is_format_character(c: char) -> bool {
+    // Every range lies above U+00AC: the ASCII names of the common case skip the search.
+    c > '\u{ac}' && FORMAT_CHARACTERS.iter().any(|&(first, last)| (first..=last).contains(&c))
 }
 
 /// Builds channel names under the configured prefix.
@@ -194,5 +233,45 @@ mod tests {
         assert_eq!(check_name("a\u{0}"), Err(NameError::BadCharacter));
         assert_eq!(check_name("news:*"), Err(NameError::Wildcard));
         assert_eq!(check_name(&"x".repeat(MAX_NAME_LEN + 1)), Err(NameError::TooLong));
+    }
+
+    #[test]
+    fn invisible_format_characters_are_refused() {
+        for (name, c) in [
+            ("ad\u{200B}min", '\u{200B}'),
+            ("a\u{200C}b", '\u{200C}'),
+            ("a\u{200D}b", '\u{200D}'),
+            ("\u{200E}a", '\u{200E}'),
+            ("a\u{200F}", '\u{200F}'),
+            ("a\u{202A}b", '\u{202A}'),
+            ("user\u{202E}gpj.exe", '\u{202E}'),
+            ("a\u{2060}b", '\u{2060}'),
+            ("a\u{2066}b\u{2069}", '\u{2066}'),
+            ("\u{FEFF}news", '\u{FEFF}'),
+            ("soft\u{AD}hyphen", '\u{AD}'),
+            ("tag\u{E0041}", '\u{E0041}'),
+        ] {
+            assert_eq!(check_name(name), Err(NameError::Invisible(c)), "{name:?}");
+        }
+        assert_eq!(NameError::Invisible('\u{202E}').to_string(), "contains the invisible format character U+202E");
+        // Visible neighbours of those ranges stay valid.
+        for name in ["a\u{AC}b", "a\u{2010}b", "a\u{2070}b", "caf\u{E9}", "\u{1F680}"] {
+            assert_eq!(check_name(name), Ok(()), "{name:?}");
+        }
+    }
+
+    /// The table is Unicode's `Cf`, exactly: every character of `\p{Cf}` in regex-syntax's
+    /// tables (generated from the UCD) is refused, and no other character is.
+    #[test]
+    fn the_format_table_is_unicodes_cf() {
+        use regex_syntax::hir::{Class, HirKind};
+        let hir = regex_syntax::parse(r"\p{Cf}").expect("a Unicode class");
+        let HirKind::Class(Class::Unicode(class)) = hir.kind() else { panic!("{hir:?}") };
+        let cf: Vec<(char, char)> = class.ranges().iter().map(|r| (r.start(), r.end())).collect();
+        assert_eq!(cf, FORMAT_CHARACTERS);
+        for c in (0..=0x10FFFF).filter_map(char::from_u32) {
+            let in_cf = cf.iter().any(|&(first, last)| (first..=last).contains(&c));
+            assert_eq!(is_format_character(c), in_cf, "U+{:04X}", u32::from(c));
+        }
     }
 }

@@ -211,4 +211,12 @@ mod tests {
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"id":"a\rb"}"#), "id");
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"colour":"red"}"#), "colour");
     }
+
+    #[test]
+    fn invisible_characters_in_targets_are_refused() {
+        assert_eq!(field_of(r#"{"users":["42","ad\u200bmin"],"data":1}"#), "users[1]");
+        assert_eq!(field_of("{\"users\":[\"42\u{202E}\"],\"data\":1}"), "users[0]");
+        assert_eq!(field_of(r#"{"topics":["\ufeffnews"],"data":1}"#), "topics[0]");
+        assert_eq!(field_of(r#"{"topics":["a\u2066b\u2069"],"data":1}"#), "topics[0]");
+    }
 }
