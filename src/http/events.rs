@@ -24,6 +24,7 @@ use serde_json::json;
 use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
 use super::grant::{check_origin, grant};
+use super::query;
 use crate::auth::Grant;
 use crate::channel::{ChannelName, check_name, topic_allowed};
 use crate::frame;
@@ -46,9 +47,12 @@ pub struct StreamQuery {
 }
 
 impl StreamQuery {
-    pub fn parse(query: Option<&str>) -> Self {
+    /// A query that is not validly percent-encoded UTF-8 is a 400 naming the parameter, never
+    /// guessed at: two different raw topic names must not become one ([`query`]).
+    pub fn parse(query: Option<&str>) -> Result<Self, ApiError> {
         let mut parsed = StreamQuery::default();
-        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        for pair in query::pairs(query.unwrap_or_default()) {
+            let (key, value) = pair?;
             match &*key {
                 "topic" => parsed.topics.push(value.into_owned()),
                 "lastEventId" => parsed.last_event_id = Some(value.into_owned()),
@@ -56,7 +60,7 @@ impl StreamQuery {
                 _ => {}
             }
         }
-        parsed
+        Ok(parsed)
     }
 }
 
@@ -95,7 +99,7 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
     let (grant, topics, channels) = authorize(node, headers, query)?;
-    let query = StreamQuery::parse(query);
+    let query = StreamQuery::parse(query)?;
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
@@ -165,7 +169,7 @@ pub fn authorize(
     query: Option<&str>,
 ) -> Result<(Grant, Vec<String>, Vec<ChannelName>), ApiError> {
     let grant = grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?.grant;
-    let topics = granted_topics(&grant, StreamQuery::parse(query).topics)?;
+    let topics = granted_topics(&grant, StreamQuery::parse(query)?.topics)?;
     let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
     channels.push(node.channels.user(grant.user.as_str()));
     channels.push(node.channels.broadcast());
@@ -206,12 +210,42 @@ mod tests {
         }
     }
 
+    fn bad_field(query: &str) -> String {
+        match StreamQuery::parse(Some(query)) {
+            Err(ApiError::BadRequest { field, .. }) => field,
+            other => panic!("expected a 400 for {query}, got {other:?}"),
+        }
+    }
+
     #[test]
     fn query_parameters_are_decoded_and_topics_repeat() {
-        let q = StreamQuery::parse(Some("topic=a&topic=b%3A1&access_token=t.k.n&lastEventId=x%20y&other=1"));
+        let q = StreamQuery::parse(Some("topic=a&topic=b%3A1&access_token=t.k.n&lastEventId=x%20y&other=1"))
+            .expect("valid");
         assert_eq!(q.topics, ["a", "b:1"]);
         assert_eq!(q.last_event_id.as_deref(), Some("x y"));
-        assert_eq!(StreamQuery::parse(None), StreamQuery::default());
+        assert_eq!(StreamQuery::parse(None).expect("valid"), StreamQuery::default());
+        assert_eq!(StreamQuery::parse(Some("topic=a%25ZZ")).expect("valid").topics, ["a%ZZ"]);
+    }
+
+    #[test]
+    fn an_invalid_escape_is_a_400_not_another_topic() {
+        assert_eq!(bad_field("topic=a%ZZ"), "topic");
+        assert_eq!(bad_field("topic=ok&topic=a%"), "topic");
+        assert_eq!(bad_field("topic=a%FF"), "topic");
+        assert_eq!(bad_field("topic=a%C3%28"), "topic");
+        assert_eq!(bad_field("lastEventId=%E2%82"), "lastEventId");
+        assert_eq!(bad_field("after=%G0"), "after");
+        assert_eq!(bad_field("to%pic=a"), "query");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_query_parses_or_is_a_400(query in proptest::prelude::any::<String>()) {
+            match StreamQuery::parse(Some(&query)) {
+                Ok(_) | Err(ApiError::BadRequest { .. }) => {}
+                Err(other) => proptest::prop_assert!(false, "{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub async fn history(
     let Some(resume) = &node.resume else {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
     };
-    let query = StreamQuery::parse(query.as_deref());
+    let query = StreamQuery::parse(query.as_deref())?;
     let after = query.after.as_deref().filter(|a| !a.is_empty());
     let start = resume.position(&channels, after).await.map_err(history_unavailable)?;
     let missed = resume.missed(start).await.map_err(history_unavailable)?;

@@ -1,6 +1,7 @@
 //! HTTP routes, one file per concern, composed into one router here. The router is served by
 //! [`accept`]'s accept loop, not `axum::serve`, which measured twice the memory per connection.
-//! Who may call what is [`grant`]'s; which origins, [`cors`]'s; every error body, [`error`]'s.
+//! Who may call what is [`grant`]'s; which origins, [`cors`]'s; every error body, [`error`]'s;
+//! how a query string is decoded, [`query`]'s.
 
 pub mod accept;
 mod admin;
@@ -13,6 +14,7 @@ mod grant;
 mod health;
 mod history;
 mod publish;
+mod query;
 mod raw_stream;
 
 use std::sync::Arc;
