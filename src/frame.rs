@@ -67,27 +67,52 @@ fn put_data_line(out: &mut BytesMut, line: &[u8]) {
     out.put_u8(b'\n');
 }
 
+/// What a browser's EventSource makes of a stream, read by the tools' spec-conformant parser
+/// (`sse-wire`), for tests of what this module writes.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn text(b: Bytes) -> String {
-        String::from_utf8(b.to_vec()).expect("frames are UTF-8")
+pub(crate) mod spec {
+    /// One dispatched event; `id` is what its own block set.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Event {
+        pub event: String,
+        pub data: String,
+        pub id: Option<String>,
     }
 
-    /// What a browser's EventSource dispatches from `stream`: (type, data, id of the block),
-    /// read by the tools' spec-conformant parser.
-    fn read_events(stream: &str) -> Vec<(String, String, Option<String>)> {
+    impl Event {
+        pub fn new(event: &str, data: &str, id: Option<&str>) -> Self {
+            Self { event: event.to_owned(), data: data.to_owned(), id: id.map(str::to_owned) }
+        }
+    }
+
+    /// The events a whole stream dispatches, in order.
+    pub fn read(stream: &str) -> Vec<Event> {
         let mut items = Vec::new();
         sse_wire::SseParser::new().feed_into(stream.as_bytes(), &mut items).expect("a well-formed stream");
         items
             .into_iter()
             .filter_map(|item| match item {
-                sse_wire::Item::Event(e) => Some((e.event, e.data, e.id)),
+                sse_wire::Item::Event(e) => Some(Event { event: e.event, data: e.data, id: e.id }),
                 _ => None,
             })
             .collect()
+    }
+
+    /// What a string sent as data reads back as: SSE has no way to carry a CR, every line
+    /// break arrives as LF.
+    pub fn normalised(data: &str) -> String {
+        data.replace("\r\n", "\n").replace('\r', "\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spec::{Event, normalised, read};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text(b: Bytes) -> String {
+        String::from_utf8(b.to_vec()).expect("frames are UTF-8")
     }
 
     #[test]
@@ -99,7 +124,7 @@ mod tests {
     #[test]
     fn empty_data_still_dispatches_an_event() {
         assert_eq!(text(event(None, None, "")), "data: \n\n");
-        assert_eq!(read_events(&text(event(None, None, ""))), [("message".into(), "".into(), None)]);
+        assert_eq!(read(&text(event(None, None, ""))), [Event::new("message", "", None)]);
     }
 
     #[test]
@@ -111,33 +136,49 @@ mod tests {
     #[test]
     fn an_injection_in_data_stays_data() {
         let frame = text(event(Some("safe"), None, "x\n\nevent: evil\ndata: owned\r\rid: 9"));
-        let events = read_events(&frame);
-        assert_eq!(events.len(), 1, "{frame}");
-        assert_eq!(events[0].0, "safe");
-        assert_eq!(events[0].2, None);
+        let events = read(&frame);
+        assert_eq!(events, [Event::new("safe", "x\n\nevent: evil\ndata: owned\n\nid: 9", None)], "{frame}");
     }
 
     #[test]
     fn unicode_and_leading_spaces_survive() {
         let frame = text(event(None, None, " ünïcode ✓ 🚀"));
-        assert_eq!(read_events(&frame)[0].1, " ünïcode ✓ 🚀");
+        assert_eq!(read(&frame)[0].data, " ünïcode ✓ 🚀");
     }
 
     #[test]
     fn control_frames() {
         assert_eq!(text(comment("ping")), ": ping\n\n");
         assert_eq!(text(retry(std::time::Duration::from_millis(2500))), "retry: 2500\n\n");
+        assert_eq!(read(&format!("{}{}", text(comment("ping")), text(retry(std::time::Duration::ZERO)))), []);
+    }
+
+    /// Names and ids as [`crate::envelope`] lets them through: no CR, LF or NUL.
+    fn line_value() -> impl Strategy<Value = String> {
+        "[^\r\n\u{0}]{0,24}"
     }
 
     proptest! {
+        /// For any data, what a browser reads back is exactly the data, with its line breaks
+        /// as SSE carries them (LF).
         #[test]
-        fn any_data_round_trips_with_line_breaks_normalised(data in any::<String>(), name in "[a-z]{1,8}") {
-            let frame = text(event(Some(&name), None, &data));
-            let events = read_events(&frame);
-            prop_assert_eq!(events.len(), 1);
-            let expected = data.replace("\r\n", "\n").replace('\r', "\n");
-            prop_assert_eq!(&events[0].1, &expected);
-            prop_assert_eq!(&events[0].0, &name);
+        fn any_data_reads_back_exactly(
+            data in any::<String>(),
+            name in proptest::option::of(line_value()),
+            id in proptest::option::of(line_value()),
+        ) {
+            let frame = text(event(name.as_deref(), id.as_deref(), &data));
+            let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| "message".to_owned());
+            prop_assert_eq!(read(&frame), [Event { event: name, data: normalised(&data), id }]);
+        }
+
+        /// Frames are self-contained: a stream of them reads back as the same sequence, whatever
+        /// one frame's data ends with.
+        #[test]
+        fn a_stream_of_frames_reads_back_in_order(datas in proptest::collection::vec(any::<String>(), 1..8)) {
+            let stream: String = datas.iter().map(|d| text(event(Some("e"), None, d))).collect();
+            let expected: Vec<Event> = datas.iter().map(|d| Event::new("e", &normalised(d), None)).collect();
+            prop_assert_eq!(read(&stream), expected);
         }
     }
 }
