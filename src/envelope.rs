@@ -4,10 +4,19 @@
 //! Parsing happens once per message on the node, never per connection. Anything that could
 //! break the SSE framing (a line break in an event name or id) is refused here with a reason
 //! the caller counts; refused messages are never written to a stream.
+//!
+//! `data` is passed through as the producer wrote it: a string is sent as its text, any other
+//! value as its JSON text, byte for byte (key order, number spelling, escapes and whitespace
+//! kept; `123456789012345678901234567890` stays that, not `1.2345678901234568e+29`). The
+//! object is scanned, not built: the fields are borrowed slices of the payload
+//! ([`RawValue`]), so a message costs no allocation unless a string field holds an escape.
 
 use std::borrow::Cow;
+use std::fmt;
 
-use serde_json::Value;
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// Longest event name accepted; browsers accept more, but a name this long is a producer bug.
 pub const MAX_EVENT_NAME_LEN: usize = 256;
@@ -56,29 +65,32 @@ pub fn parse(payload: &[u8]) -> Result<Message<'_>, Refusal> {
     if !text.trim_start().starts_with('{') {
         return Ok(verbatim(text));
     }
-    let Ok(Value::Object(mut object)) = serde_json::from_str::<Value>(text) else {
+    let Ok(Fields { event, data: Some(data), id }) = serde_json::from_str::<Fields<'_>>(text) else {
         return Ok(verbatim(text));
     };
-    let Some(data) = object.remove("data") else {
-        return Ok(verbatim(text));
+    // A string field whose escapes do not decode (a lone surrogate, `"\ud800"`) makes the payload
+    // no envelope, as it would for any strict JSON parser.
+    let event = match event.map(Json::of) {
+        None | Some(Json::Null) => None,
+        Some(Json::String(None)) => return Ok(verbatim(text)),
+        Some(Json::String(Some(name))) if name.is_empty() => None,
+        Some(Json::String(Some(name))) => Some(checked_event_name(name)?),
+        Some(Json::Other(_)) => return Err(Refusal::EventNotString),
     };
-    let event = match object.remove("event") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(name)) if name.is_empty() => None,
-        Some(Value::String(name)) => Some(Cow::Owned(checked_event_name(name)?)),
-        Some(_) => return Err(Refusal::EventNotString),
+    let id = match id.map(Json::of) {
+        None | Some(Json::Null) => None,
+        Some(Json::String(None)) => return Ok(verbatim(text)),
+        Some(Json::String(Some(id))) => Some(checked_id(id)?),
+        // JSON has one spelling per integer (no `+`, no leading zero), so the text is the id.
+        Some(Json::Other(n)) if is_integer(n) => Some(Cow::Borrowed(n)),
+        Some(Json::Other(_)) => return Err(Refusal::IdNotString),
     };
-    let id = match object.remove("id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(id)) => Some(Cow::Owned(checked_id(id)?)),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(Cow::Owned(n.to_string())),
-        Some(_) => return Err(Refusal::IdNotString),
+    let data = match Json::of(data) {
+        Json::String(Some(text)) => text,
+        Json::String(None) => return Ok(verbatim(text)),
+        Json::Null | Json::Other(_) => Cow::Borrowed(data.get()),
     };
-    let data = match data {
-        Value::String(s) => s,
-        other => other.to_string(),
-    };
-    Ok(Message { event, data: Cow::Owned(data), id })
+    Ok(Message { event, data, id })
 }
 
 fn verbatim(text: &str) -> Message<'_> {
@@ -86,16 +98,18 @@ fn verbatim(text: &str) -> Message<'_> {
 }
 
 /// An event name that is safe to write after `event: `.
-pub fn checked_event_name(name: String) -> Result<String, Refusal> {
-    if name.len() > MAX_EVENT_NAME_LEN || has_line_break_or_nul(&name) {
+pub fn checked_event_name<S: AsRef<str>>(name: S) -> Result<S, Refusal> {
+    let text = name.as_ref();
+    if text.len() > MAX_EVENT_NAME_LEN || has_line_break_or_nul(text) {
         return Err(Refusal::BadEventName);
     }
     Ok(name)
 }
 
 /// An id that is safe to write after `id: ` (the SSE spec ignores ids containing NUL).
-pub fn checked_id(id: String) -> Result<String, Refusal> {
-    if id.len() > MAX_ID_LEN || has_line_break_or_nul(&id) {
+pub fn checked_id<S: AsRef<str>>(id: S) -> Result<S, Refusal> {
+    let text = id.as_ref();
+    if text.len() > MAX_ID_LEN || has_line_break_or_nul(text) {
         return Err(Refusal::BadId);
     }
     Ok(id)
@@ -105,38 +119,193 @@ fn has_line_break_or_nul(s: &str) -> bool {
     s.bytes().any(|b| matches!(b, b'\n' | b'\r' | 0))
 }
 
+/// An integer as serde_json reads one into an `i64` or a `u64` (not `1.0`, `1e3` or `-0`,
+/// which it reads as floats).
+fn is_integer(json: &str) -> bool {
+    serde_json::from_str::<u64>(json).is_ok() || serde_json::from_str::<i64>(json).is_ok()
+}
+
+/// The envelope's fields as the producer wrote them; any other field is skipped unread. A
+/// repeated field keeps its last value, as a JSON object read into a map does.
+#[derive(Default)]
+struct Fields<'a> {
+    event: Option<&'a RawValue>,
+    data: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+}
+
+/// A field name, matched without allocating.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum Key {
+    Event,
+    Data,
+    Id,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::Event => &mut fields.event,
+                        Key::Data => &mut fields.data,
+                        Key::Id => &mut fields.id,
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// One field's JSON value, classified by its text.
+enum Json<'a> {
+    Null,
+    /// A string's decoded text: borrowed when it holds no escape; `None` when its escapes do not
+    /// decode to UTF-8 (a lone surrogate).
+    String(Option<Cow<'a, str>>),
+    /// Any other value's JSON text.
+    Other(&'a str),
+}
+
+impl<'a> Json<'a> {
+    fn of(raw: &'a RawValue) -> Self {
+        let json = raw.get();
+        if json == "null" {
+            return Json::Null;
+        }
+        // A raw value is valid JSON with no surrounding whitespace: a string is `"..."`.
+        let Some(inner) = json.strip_prefix('"').and_then(|s| s.strip_suffix('"')) else {
+            return Json::Other(json);
+        };
+        if !inner.contains('\\') {
+            return Json::String(Some(Cow::Borrowed(inner)));
+        }
+        Json::String(serde_json::from_str::<String>(json).ok().map(Cow::Owned))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::{self, spec};
+    use proptest::prelude::*;
+    use serde_json::Value;
 
     fn owned(m: Message<'_>) -> (Option<String>, String, Option<String>) {
         (m.event.map(Cow::into_owned), m.data.into_owned(), m.id.map(Cow::into_owned))
     }
 
-    #[test]
-    fn envelope_fields_are_read() {
-        let m = parse(br#"{"event":"notification","data":{"a":1, "b": [1, 2]},"id":"7"}"#).expect("valid");
-        assert_eq!(owned(m), (Some("notification".into()), r#"{"a":1,"b":[1,2]}"#.into(), Some("7".into())));
+    fn data_of(payload: &str) -> String {
+        parse(payload.as_bytes()).expect("valid").data.into_owned()
     }
 
     #[test]
-    fn string_data_is_sent_as_it_is() {
-        let m = parse(br#"{"data":"hello \"world\"\nline two"}"#).expect("valid");
-        assert_eq!(owned(m), (None, "hello \"world\"\nline two".into(), None));
+    fn envelope_fields_are_read() {
+        let m = parse(br#"{"event":"notification","data":{"a":1, "b": [1, 2]},"id":"7"}"#).expect("valid");
+        assert_eq!(owned(m), (Some("notification".into()), r#"{"a":1, "b": [1, 2]}"#.into(), Some("7".into())));
+    }
+
+    #[test]
+    fn json_data_is_passed_through_as_written() {
+        for data in [
+            r#"{"id":42,"text":"hi","list":[3,1,2]}"#,
+            r#"{"z":1,"a":{"y":2,"b":3}}"#,
+            "123456789012345678901234567890",
+            "1.0",
+            "1e3",
+            "-0",
+            "1e400",
+            r#"["caf\u00e9","\/","\ud83d\ude80"]"#,
+            "{\n  \"pretty\": [\n    1,\n    2\n  ]\n}",
+            "{ }",
+            "true",
+            "null",
+        ] {
+            assert_eq!(data_of(&format!(r#"{{"event":"e","data":{data},"id":"1"}}"#)), data, "{data}");
+            assert_eq!(data_of(&format!("{{ \"data\" :\t{data}\n}}")), data, "{data}");
+        }
+    }
+
+    #[test]
+    fn string_data_is_sent_as_its_text() {
+        let m = parse(br#"{"data":"hello \"world\"\nline two \u00e9"}"#).expect("valid");
+        assert_eq!(owned(m), (None, "hello \"world\"\nline two é".into(), None));
+    }
+
+    #[test]
+    fn fields_are_borrowed_from_the_payload_unless_escaped() {
+        let m = parse(br#"{"event":"e","data":{"k":"\n"},"id":"7"}"#).expect("valid");
+        assert!(matches!(
+            (&m.event, &m.data, &m.id),
+            (Some(Cow::Borrowed(_)), Cow::Borrowed(_), Some(Cow::Borrowed(_)))
+        ));
+        let m = parse(br#"{"data":"plain"}"#).expect("valid");
+        assert!(matches!(m.data, Cow::Borrowed("plain")));
+        let m = parse(br#"{"event":"\u0065","data":"a\tb"}"#).expect("valid");
+        assert_eq!(owned(m), (Some("e".into()), "a\tb".into(), None));
     }
 
     #[test]
     fn numeric_ids_and_null_fields_are_accepted() {
         let m = parse(br#"{"event":null,"data":null,"id":12}"#).expect("valid");
         assert_eq!(owned(m), (None, "null".into(), Some("12".into())));
+        let m = parse(br#"{"data":1,"id":-18446744073709551615}"#);
+        assert_eq!(m, Err(Refusal::IdNotString), "below i64: a float to JSON readers");
+        let m = parse(br#"{"data":1,"id":18446744073709551615}"#).expect("valid");
+        assert_eq!(m.id.as_deref(), Some("18446744073709551615"));
+    }
+
+    #[test]
+    fn a_repeated_field_keeps_its_last_value_and_other_fields_are_skipped() {
+        let m = parse(br#"{"event":"a","data":1,"event":"b","data":{"x":[2]},"extra":{"data":3}}"#).expect("valid");
+        assert_eq!(owned(m), (Some("b".into()), r#"{"x":[2]}"#.into(), None));
+        let m = parse(br#"{"d\u0061ta":"escaped key"}"#).expect("valid");
+        assert_eq!(owned(m), (None, "escaped key".into(), None));
     }
 
     #[test]
     fn anything_else_is_delivered_verbatim() {
-        for payload in ["plain text", "[1,2]", "42", r#"{"no_data":1}"#, "{not json", "  {\"event\":\"x\"}"] {
+        for payload in [
+            "plain text",
+            "[1,2]",
+            "42",
+            r#"{"no_data":1}"#,
+            "{not json",
+            "  {\"event\":\"x\"}",
+            r#"{"data":1} trailing"#,
+            r#"{"data":"\ud800"}"#,
+            r#"{"event":"\udc00","data":1}"#,
+            r#"{"data":1,"id":"\ud800"}"#,
+            r#"{"data":"a","x":"\q"}"#,
+        ] {
             let m = parse(payload.as_bytes()).expect("verbatim");
             assert_eq!(owned(m), (None, payload.to_owned(), None), "{payload}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_data_like_any_other() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(data_of(&format!(r#"{{"data":{deep}}}"#)).len(), deep.len());
     }
 
     #[test]
@@ -147,8 +316,126 @@ mod tests {
         assert_eq!(parse(br#"{"data":1,"id":"1\n\nevent: evil"}"#), Err(Refusal::BadId));
         assert_eq!(parse(br#"{"event":5,"data":1}"#), Err(Refusal::EventNotString));
         assert_eq!(parse(br#"{"data":1,"id":1.5}"#), Err(Refusal::IdNotString));
+        assert_eq!(parse(br#"{"data":1,"id":1e3}"#), Err(Refusal::IdNotString));
+        assert_eq!(parse(br#"{"data":1,"id":[1]}"#), Err(Refusal::IdNotString));
         assert_eq!(parse(b"\xff\xfe"), Err(Refusal::NotUtf8));
         let long = format!(r#"{{"event":"{}","data":1}}"#, "e".repeat(MAX_EVENT_NAME_LEN + 1));
         assert_eq!(parse(long.as_bytes()), Err(Refusal::BadEventName));
+        let long = format!(r#"{{"id":"{}","data":1}}"#, "1".repeat(MAX_ID_LEN + 1));
+        assert_eq!(parse(long.as_bytes()), Err(Refusal::BadId));
+    }
+
+    /// Any JSON value, numbers of every kind included.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter("JSON has no NaN or infinity", |f| f.is_finite()).prop_map(Value::from),
+            any::<String>().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((any::<String>(), inner), 0..6)
+                    .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// An `event` or `id` field: a likely name, anything at all, or another kind of value.
+    fn line_field() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => "[a-z0-9:._-]{0,12}".prop_map(Value::from),
+            2 => any::<String>().prop_map(Value::from),
+            1 => Just(Value::Null),
+            1 => any::<i64>().prop_map(Value::from),
+            1 => any::<u64>().prop_map(Value::from),
+            1 => json_value(),
+        ]
+    }
+
+    /// JSON text of `value`, compact or pretty (line breaks and indentation inside).
+    fn written(value: &Value, pretty: bool) -> String {
+        if pretty { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) }.expect("serialisable")
+    }
+
+    /// What the rules say a message with these fields becomes: (event, data, id) or a refusal.
+    fn expected(
+        event: Option<&Value>,
+        data: (&Value, &str),
+        id: Option<&Value>,
+    ) -> Result<(Option<String>, String, Option<String>), Refusal> {
+        let line_ok = |s: &str, max: usize| s.len() <= max && !s.contains(['\n', '\r', '\0']);
+        let event = match event {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) if line_ok(s, MAX_EVENT_NAME_LEN) => Some(s.clone()),
+            Some(Value::String(_)) => return Err(Refusal::BadEventName),
+            Some(_) => return Err(Refusal::EventNotString),
+        };
+        let id = match id {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if line_ok(s, MAX_ID_LEN) => Some(s.clone()),
+            Some(Value::String(_)) => return Err(Refusal::BadId),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+            Some(_) => return Err(Refusal::IdNotString),
+        };
+        let data = match data {
+            (Value::String(s), _) => s.clone(),
+            (_, text) => text.to_owned(),
+        };
+        Ok((event, data, id))
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_delivered_or_refused_without_panicking(payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse(&payload);
+        }
+
+        #[test]
+        fn anything_shaped_like_an_envelope_parses_without_panicking(
+            payload in r#"\{(\s*"(event|data|id|x|d\\u0061ta)"\s*:\s*("([^"\\]|\\.)*"|-?[0-9.eE+-]+|null|true|\[|\{|\]|\})\s*,?)*\}?"#,
+        ) {
+            if let Ok(message) = parse(payload.as_bytes()) {
+                let _ = frame::event(message.event.as_deref(), message.id.as_deref(), &message.data);
+            }
+        }
+
+        /// A valid envelope, written in any field order, compact or pretty, with or without other
+        /// fields, becomes the message the rules say, and a browser reads back its data exactly:
+        /// a string's text, any other value's JSON as the producer wrote it.
+        #[test]
+        fn envelopes_round_trip_to_the_frames_expected(
+            event in proptest::option::of(line_field()),
+            data in json_value(),
+            id in proptest::option::of(line_field()),
+            extra in proptest::option::of(json_value()),
+            pretty in any::<bool>(),
+            order in Just([0usize, 1, 2, 3]).prop_shuffle(),
+        ) {
+            let data_text = written(&data, pretty);
+            let mut fields = Vec::new();
+            for field in order {
+                match field {
+                    0 => fields.extend(event.as_ref().map(|e| format!(r#""event":{}"#, written(e, pretty)))),
+                    1 => fields.push(format!(r#""data":{data_text}"#)),
+                    2 => fields.extend(id.as_ref().map(|i| format!(r#""id":{}"#, written(i, pretty)))),
+                    _ => fields.extend(extra.as_ref().map(|x| format!(r#""extra":{}"#, written(x, pretty)))),
+                }
+            }
+            let payload = format!("{{{}}}", fields.join(if pretty { ",\n  " } else { "," }));
+            let rules = expected(event.as_ref(), (&data, &data_text), id.as_ref());
+            let parsed = parse(payload.as_bytes()).map(owned);
+            prop_assert_eq!(&parsed, &rules, "{}", payload);
+            if let Ok((event, data, id)) = parsed {
+                let framed = frame::event(event.as_deref(), id.as_deref(), &data);
+                let read = spec::read(std::str::from_utf8(&framed).expect("UTF-8"));
+                let name = event.unwrap_or_else(|| "message".to_owned());
+                prop_assert_eq!(read, [spec::Event { event: name, data: spec::normalised(&data), id }]);
+            }
+        }
     }
 }

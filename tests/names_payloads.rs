@@ -95,3 +95,88 @@ async fn an_invalid_percent_escape_is_a_400_and_never_another_spelling_of_a_topi
     assert_eq!(status, 202, "{reply}");
     assert_eq!(literal.next_event(WAIT).await.expect("event").data, "literal");
 }
+
+/// `POST /api/publish` with `body` sent as written: the test's JSON must not be re-serialised
+/// on the way, since key order and number spelling are what is checked.
+async fn publish_text(node: &Node, body: &str) -> (u16, Value) {
+    let response = http()
+        .post(node.url("/api/publish"))
+        .bearer_auth(token("producer", &[], Some("publisher")))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("publish request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// JSON whose text a parse-and-serialise round trip would change.
+const FAITHFUL: [&str; 6] = [
+    r#"{"id":42,"text":"hi","list":[3,1,2]}"#,
+    "123456789012345678901234567890",
+    r#"{"price":1.10,"qty":1e3,"big":-98765432109876543210}"#,
+    r#"["caf\u00e9","a\/b","\ud83d\ude80"]"#,
+    r#"{ "spaced" : [ 1 , 2 ] }"#,
+    "{\n  \"pretty\": true,\n  \"lines\": [\n    1,\n    2\n  ]\n}",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_data_arrives_as_the_producer_wrote_it_live_durable_resumed_and_polled() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    node.wait_readyz(200, WAIT).await;
+    let token = token("max", &["*"], None);
+    let url = node.url(&format!("/events?access_token={token}&topic=prices"));
+    let mut stream = SseClient::open(&url, &[]).await;
+    assert_eq!(stream.status, 200, "{:?}", stream.body);
+    let connected = stream.next_event(WAIT).await.expect("connected");
+    let cursor = connected.id.expect("a resume cursor");
+
+    for data in FAITHFUL {
+        // A producer's plain PUBLISH, its durable FCALL, and the HTTP API, in that order.
+        let envelope = format!(r#"{{"event":"tick","data":{data}}}"#);
+        assert_eq!(redis.publish("sse:topic:prices", &envelope).await, 1);
+        let reply = redis.command(&["FCALL", "sse_publish", "1", "sse:topic:prices", &envelope]).await;
+        assert!(reply.is_some_and(|r| r.contains('-')), "FCALL answers a history id");
+        let (status, reply) =
+            publish_text(&node, &format!(r#"{{"topics":["prices"],"event":"tick","data":{data}}}"#)).await;
+        assert_eq!(status, 202, "{reply}");
+        for path in ["PUBLISH", "FCALL", "API"] {
+            let e = stream.next_event(WAIT).await.unwrap_or_else(|| panic!("{path}: an event for {data}"));
+            assert_eq!((e.event.as_str(), e.data.as_str()), ("tick", data), "{path}");
+        }
+    }
+
+    // The durable copies replay as written, on a resume and through the polling fallback.
+    let mut resumed = SseClient::open(&url, &[("last-event-id", &cursor)]).await;
+    assert_eq!(resumed.status, 200, "{:?}", resumed.body);
+    assert_eq!(resumed.next_event(WAIT).await.expect("connected").event, "connected");
+    for data in FAITHFUL.iter().flat_map(|d| [d, d]) {
+        let e = resumed.next_event(WAIT).await.unwrap_or_else(|| panic!("a replayed event for {data}"));
+        assert_eq!((e.event.as_str(), e.data.as_str()), ("tick", *data));
+    }
+    let polled = http()
+        .get(node.url(&format!("/api/history?access_token={token}&topic=prices&after={cursor}")))
+        .send()
+        .await
+        .expect("history");
+    assert_eq!(polled.status(), 200);
+    let polled: Value = polled.json().await.expect("JSON");
+    let datas: Vec<&str> =
+        polled["events"].as_array().expect("events").iter().filter_map(|e| e["data"].as_str()).collect();
+    let expected: Vec<&str> = FAITHFUL.iter().flat_map(|d| [*d, *d]).collect();
+    assert_eq!(datas, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn string_data_keeps_its_text_and_line_breaks_become_data_lines() {
+    let node = Node::start(&[]).await;
+    let mut stream = subscribe(&node, "nia", &[]).await;
+    let (status, reply) =
+        publish_text(&node, r#"{"users":["nia"],"data":"say \"hi\"\nthen\r\nbye \u00e9\n\nevent: forged"}"#).await;
+    assert_eq!(status, 202, "{reply}");
+    let e = stream.next_event(WAIT).await.expect("event");
+    assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "say \"hi\"\nthen\nbye é\n\nevent: forged"));
+    stream.assert_silent(Duration::from_millis(300)).await;
+}

@@ -1,7 +1,9 @@
 //! `POST /api/publish`: one message to any mix of users, topics and broadcast, from a
 //! publisher token. The request is checked field by field so a 400 names what is wrong; the
-//! envelope is serialised once and published to every channel in one batch.
+//! envelope is written once, with the request's `data` as it came (byte for byte, like a
+//! producer's own `PUBLISH`), and published to every channel in one batch.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -9,7 +11,10 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::error::Category;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 use super::error::{ApiError, publish_failed};
 use super::grant::Access;
@@ -29,17 +34,29 @@ pub struct PublishRequest {
     pub broadcast: bool,
     /// Record in history (default when history is on).
     pub durable: bool,
-    /// The envelope producers would publish to Redis themselves.
-    pub envelope: Value,
+    /// The envelope producers would publish to Redis themselves, as JSON text.
+    pub envelope: String,
+}
+
+/// The request's fields as written; only `data` stays so, the others are read as values.
+type Fields<'a> = BTreeMap<String, &'a RawValue>;
+
+/// What is published: `data` is the request's JSON text, untouched.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<String>,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
 }
 
 impl PublishRequest {
     pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| ApiError::bad_request("body", format!("not JSON: {e}")))?;
-        let Value::Object(mut fields) = value else {
-            return Err(ApiError::bad_request("body", "expected a JSON object"));
-        };
+        let mut fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+            Category::Data => ApiError::bad_request("body", "expected a JSON object"),
+            _ => ApiError::bad_request("body", format!("not JSON: {e}")),
+        })?;
         let users = names(&mut fields, "users")?;
         let topics = names(&mut fields, "topics")?;
         let broadcast = flag(&mut fields, "broadcast", false)?;
@@ -51,18 +68,19 @@ impl PublishRequest {
             return Err(ApiError::bad_request("users", format!("at most {MAX_TARGETS} users and topics per request")));
         }
         let data = fields.remove("data").ok_or_else(|| ApiError::bad_request("data", "missing (any JSON value)"))?;
-        let mut envelope = Map::new();
-        if let Some(event) = line_field(&mut fields, "event", checked_event_name)? {
-            envelope.insert("event".into(), Value::String(event));
+        // A string is delivered as its text, so it must have one: JSON's grammar lets an
+        // escape name half a UTF-16 pair (`"\ud800"`), which no UTF-8 text holds.
+        if data.get().starts_with('"') && serde_json::from_str::<String>(data.get()).is_err() {
+            return Err(ApiError::bad_request("data", "a string must be valid Unicode (no lone surrogate escape)"));
         }
-        envelope.insert("data".into(), data);
-        if let Some(id) = line_field(&mut fields, "id", checked_id)? {
-            envelope.insert("id".into(), Value::String(id));
-        }
+        let event = line_field(&mut fields, "event", checked_event_name)?;
+        let id = line_field(&mut fields, "id", checked_id)?;
         if let Some(unknown) = fields.keys().next() {
             return Err(ApiError::bad_request(unknown.clone(), "unknown field"));
         }
-        Ok(Self { users, topics, broadcast, durable, envelope: Value::Object(envelope) })
+        let envelope = serde_json::to_string(&Envelope { event, data, id })
+            .map_err(|e| ApiError::bad_request("data", format!("cannot be published: {e}")))?;
+        Ok(Self { users, topics, broadcast, durable, envelope })
     }
 
     pub fn channels(&self, names: &ChannelNames) -> Vec<ChannelName> {
@@ -77,9 +95,17 @@ impl PublishRequest {
     }
 }
 
+/// Takes `field` out of the request, read as a JSON value.
+fn take(fields: &mut Fields<'_>, field: &'static str) -> Result<Option<Value>, ApiError> {
+    let Some(raw) = fields.remove(field) else { return Ok(None) };
+    serde_json::from_str(raw.get())
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(field, format!("not a valid JSON value: {e}")))
+}
+
 /// An optional boolean field.
-fn flag(fields: &mut Map<String, Value>, field: &'static str, default: bool) -> Result<bool, ApiError> {
-    match fields.remove(field) {
+fn flag(fields: &mut Fields<'_>, field: &'static str, default: bool) -> Result<bool, ApiError> {
+    match take(fields, field)? {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(b),
         Some(_) => Err(ApiError::bad_request(field, "expected true or false")),
@@ -88,11 +114,11 @@ fn flag(fields: &mut Map<String, Value>, field: &'static str, default: bool) -> 
 
 /// An optional string field that will be written on an SSE line (`event:`, `id:`).
 fn line_field(
-    fields: &mut Map<String, Value>,
+    fields: &mut Fields<'_>,
     field: &'static str,
     check: fn(String) -> Result<String, Refusal>,
 ) -> Result<Option<String>, ApiError> {
-    match fields.remove(field) {
+    match take(fields, field)? {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(value)) => check(value)
             .map(Some)
@@ -101,8 +127,8 @@ fn line_field(
     }
 }
 
-fn names(fields: &mut Map<String, Value>, field: &'static str) -> Result<Vec<String>, ApiError> {
-    match fields.remove(field) {
+fn names(fields: &mut Fields<'_>, field: &'static str) -> Result<Vec<String>, ApiError> {
+    match take(fields, field)? {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .into_iter()
@@ -143,7 +169,7 @@ pub async fn publish(
     })?;
     let request = PublishRequest::parse(&body)?;
     let channels = request.channels(&node.channels);
-    let payload = Bytes::from(request.envelope.to_string());
+    let payload = Bytes::from(request.envelope);
     let durable = request.durable && node.resume.is_some();
     let receipt = node.hub.bus().publish(&channels, payload, durable).await.map_err(publish_failed)?;
     node.publish_requests.increment(1);
@@ -174,7 +200,7 @@ mod tests {
             br#"{"users":["42","43",44,"42"],"topics":["rounds:roulette:7"],"broadcast":true,"event":"notification","data":{"x":1},"id":"9"}"#,
         )
         .expect("valid");
-        assert_eq!(request.envelope, json!({"event":"notification","data":{"x":1},"id":"9"}));
+        assert_eq!(request.envelope, r#"{"event":"notification","data":{"x":1},"id":"9"}"#);
         let channels: Vec<String> =
             request.channels(&ChannelNames::new("sse")).iter().map(|c| c.as_str().to_owned()).collect();
         assert_eq!(
@@ -210,6 +236,36 @@ mod tests {
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"event":3}"#), "event");
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"id":"a\rb"}"#), "id");
         assert_eq!(field_of(r#"{"broadcast":true,"data":1,"colour":"red"}"#), "colour");
+        assert_eq!(field_of(r#"{"broadcast":true,"data":"\ud800"}"#), "data");
+        assert_eq!(field_of(r#"{"broadcast":true,"data":1,"event":"\udc00"}"#), "event");
+    }
+
+    #[test]
+    fn data_is_published_as_written() {
+        for (body, envelope, delivered) in [
+            (
+                r#"{"broadcast":true,"data":{"id":42,"text":"x","list":[1]},"event":"e"}"#,
+                r#"{"event":"e","data":{"id":42,"text":"x","list":[1]}}"#,
+                r#"{"id":42,"text":"x","list":[1]}"#,
+            ),
+            (
+                r#"{"data": 123456789012345678901234567890 ,"topics":["t"]}"#,
+                r#"{"data":123456789012345678901234567890}"#,
+                "123456789012345678901234567890",
+            ),
+            ("{\"data\":{\n  \"a\": 1.0\n},\"users\":[\"u\"]}", "{\"data\":{\n  \"a\": 1.0\n}}", "{\n  \"a\": 1.0\n}"),
+            (
+                r#"{"data":"caf\u00e9 \"q\"","users":["u"],"id":"7"}"#,
+                r#"{"data":"caf\u00e9 \"q\"","id":"7"}"#,
+                "café \"q\"",
+            ),
+            (r#"{"data":{"n":"\ud800"},"users":["u"]}"#, r#"{"data":{"n":"\ud800"}}"#, r#"{"n":"\ud800"}"#),
+        ] {
+            let request = PublishRequest::parse(body.as_bytes()).expect("valid");
+            assert_eq!(request.envelope, envelope);
+            let message = crate::envelope::parse(request.envelope.as_bytes()).expect("deliverable");
+            assert_eq!(message.data, delivered);
+        }
     }
 
     #[test]
