@@ -152,8 +152,10 @@ pub struct Config {
     #[arg(long, env = "SSE_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
-    /// Largest accepted body of `POST /api/publish`, in bytes.
-    #[arg(long, env = "SSE_MAX_PUBLISH_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..))]
+    /// Largest accepted body of `POST /api/publish`, in bytes. The default takes a 64 KiB `data`
+    /// string even when every character needs a JSON escape (`\"`, `\\`: twice the bytes), plus
+    /// the envelope and targets.
+    #[arg(long, env = "SSE_MAX_PUBLISH_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(64..))]
     pub max_publish_bytes: u32,
 
     /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
@@ -388,6 +390,16 @@ mod tests {
         assert!(config.redis_url.is_none());
         assert_eq!(config.heartbeat_interval, Duration::from_secs(30));
         assert_eq!(config.max_connections_per_user, 5);
+    }
+
+    #[test]
+    fn the_default_publish_limit_takes_a_64_kib_string_of_escapes_and_many_targets() {
+        let limit = parse(&[]).expect("defaults are valid").max_publish_bytes as usize;
+        let users: Vec<String> = (0..100).map(|i| format!("{i:0>256}")).collect();
+        let data = "\"\\".repeat(32 * 1024);
+        let body = serde_json::json!({"users": users, "event": "e".repeat(256), "id": "i".repeat(256), "data": data});
+        let len = body.to_string().len();
+        assert!(len <= limit, "{len} > {limit}");
     }
 
     #[test]

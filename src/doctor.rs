@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::DoctorArgs;
 
-/// Largest SSE line and largest event data; the node caps publishes at 64 KiB by default.
+/// Largest SSE line and largest event data; the node caps publishes at 256 KiB by default.
 const MAX_SSE_LINE: usize = 256 * 1024;
 const MAX_SSE_DATA: usize = 1024 * 1024;
 /// Largest publish answer kept (only shown in a FAIL line).

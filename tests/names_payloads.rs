@@ -180,3 +180,17 @@ async fn string_data_keeps_its_text_and_line_breaks_become_data_lines() {
     assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "say \"hi\"\nthen\nbye é\n\nevent: forged"));
     stream.assert_silent(Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_64_kib_data_string_is_publishable_with_the_default_limit() {
+    let node = Node::start(&[]).await;
+    let mut stream = subscribe(&node, "ola", &[]).await;
+    // 64 KiB of text, and 64 KiB of the characters JSON must escape (a body twice as large).
+    for data in ["x".repeat(64 * 1024), "\"\\".repeat(32 * 1024)] {
+        let (status, reply) = publish_api(&node, json!({"users": ["ola"], "event": "big", "data": data})).await;
+        assert_eq!(status, 202, "{reply}");
+        let e = stream.next_event(WAIT).await.expect("the 64 KiB event");
+        assert_eq!((e.event.as_str(), e.data.len()), ("big", data.len()));
+        assert!(e.data == data);
+    }
+}

@@ -35,7 +35,7 @@
 
 use memchr::{memchr, memchr2};
 
-/// The longest line accepted by default. The node caps a publish at 64 KiB unless configured
+/// The longest line accepted by default. The node caps a publish at 256 KiB unless configured
 /// otherwise; 1 MiB leaves room for a generous setting and still bounds a broken peer.
 pub const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 /// The most data one event may gather by default (over all its `data` lines).
