@@ -382,6 +382,56 @@ mod tests {
         assert!(auth("s3cret").mint_dev_token("x", &[], None, Duration::from_secs(1)).is_none());
     }
 
+    /// A header value: mostly shaped like what clients send, sometimes any bytes at all.
+    fn header_bytes(shaped: &'static str) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => shaped.prop_map(String::into_bytes),
+            1 => proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever a request carries, the token found (if any) is a non-empty piece of the
+        /// place it is said to come from, and finding it never panics.
+        #[test]
+        fn any_request_yields_a_token_from_where_it_says_or_none(
+            authorization in proptest::option::of(header_bytes("(?i:bearer|basic|)[ \t]{0,2}[ -~]{0,40}")),
+            cookies in proptest::collection::vec(header_bytes("([ -~]{0,6}(sse_token)?=[ -~]{0,12};? ?){0,3}"), 0..3),
+            param in proptest::option::of(proptest::prelude::any::<String>()),
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = authorization.and_then(|b| HeaderValue::from_bytes(&b).ok()) {
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            for value in cookies.iter().filter_map(|b| HeaderValue::from_bytes(b).ok()) {
+                headers.append(header::COOKIE, value);
+            }
+            if let Some((token, source)) = token_from_request(&headers, param.as_deref()) {
+                proptest::prop_assert!(!token.is_empty());
+                let from = match source {
+                    TokenSource::Header => headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned),
+                    TokenSource::Query => param.clone(),
+                    TokenSource::Cookie => headers
+                        .get_all(header::COOKIE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .find(|v| v.contains(&format!("sse_token={token}")))
+                        .map(str::to_owned),
+                };
+                proptest::prop_assert!(from.is_some_and(|f| f.contains(token)), "{token:?} from {source:?}");
+            }
+        }
+
+        /// Any string offered as a token is refused with a reason, or verified, without a panic.
+        #[test]
+        fn any_token_text_is_verified_or_refused_without_panicking(
+            token in "[A-Za-z0-9_=.-]{0,80}|[ -~]{0,80}|([A-Za-z0-9_-]{0,40}\\.){2}[A-Za-z0-9_-]{0,40}",
+        ) {
+            let _ = auth("s3cret").verify(&token);
+        }
+    }
+
     #[test]
     fn a_file_that_is_not_a_key_is_a_startup_error() {
         assert!(matches!(public_key(b"-----BEGIN NOTHING-----", JwtAlgorithm::Auto), Err(KeyError::NotAKey)));

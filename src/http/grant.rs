@@ -90,4 +90,12 @@ mod tests {
         assert_eq!(query_param(Some("topic=a"), "access_token"), None);
         assert_eq!(query_param(None, "access_token"), None);
     }
+
+    proptest::proptest! {
+        /// Any query string gives an `access_token` or none, without a panic.
+        #[test]
+        fn any_query_is_read_without_panicking(query in "([a-z_]{0,12}=?([ -~]|%[0-9A-Fa-f]{2}|%){0,16}&?){0,4}|.*") {
+            let _ = query_param(Some(&query), "access_token");
+        }
+    }
 }
