@@ -9,7 +9,10 @@
 //! value as its JSON text, byte for byte (key order, number spelling, escapes and whitespace
 //! kept; `123456789012345678901234567890` stays that, not `1.2345678901234568e+29`). The
 //! object is scanned, not built: the fields are borrowed slices of the payload
-//! ([`RawValue`]), so a message costs no allocation unless a string field holds an escape.
+//! ([`RawValue`]), so a message costs no allocation unless a string field holds an escape, and
+//! a string `data` is decoded as it is read, never scanned twice. Measured per message with
+//! its framing, in instructions against the `Value` parse and re-serialisation this replaced:
+//! 0.2-0.45x for object data, 0.8-0.95x for unescaped strings, 1.0x for escaped ones.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -65,19 +68,33 @@ pub fn parse(payload: &[u8]) -> Result<Message<'_>, Refusal> {
     if !text.trim_start().starts_with('{') {
         return Ok(verbatim(text));
     }
-    let Ok(Fields { event, data: Some(data), id }) = serde_json::from_str::<Fields<'_>>(text) else {
+    read(text, data_looks_like_a_string(text))
+}
+
+/// Reads an envelope. A string `data` is decoded as the object is read when `string_data` is
+/// guessed: taking it raw and decoding it after would scan it twice. A wrong guess costs a
+/// second read (of the object up to `data`), never a different answer.
+fn read(text: &str, string_data: bool) -> Result<Message<'_>, Refusal> {
+    let fields = match string_data.then(|| fields(text, DataAs::Text)) {
+        Some(Ok(fields)) => fields,
+        _ => match fields(text, DataAs::Raw) {
+            Ok(fields) => fields,
+            Err(_) => return Ok(verbatim(text)),
+        },
+    };
+    let Some(data) = fields.data else {
         return Ok(verbatim(text));
     };
     // A string field whose escapes do not decode (a lone surrogate, `"\ud800"`) makes the payload
     // no envelope, as it would for any strict JSON parser.
-    let event = match event.map(Json::of) {
+    let event = match fields.event.map(Json::of) {
         None | Some(Json::Null) => None,
         Some(Json::String(None)) => return Ok(verbatim(text)),
         Some(Json::String(Some(name))) if name.is_empty() => None,
         Some(Json::String(Some(name))) => Some(checked_event_name(name)?),
         Some(Json::Other(_)) => return Err(Refusal::EventNotString),
     };
-    let id = match id.map(Json::of) {
+    let id = match fields.id.map(Json::of) {
         None | Some(Json::Null) => None,
         Some(Json::String(None)) => return Ok(verbatim(text)),
         Some(Json::String(Some(id))) => Some(checked_id(id)?),
@@ -85,12 +102,24 @@ pub fn parse(payload: &[u8]) -> Result<Message<'_>, Refusal> {
         Some(Json::Other(n)) if is_integer(n) => Some(Cow::Borrowed(n)),
         Some(Json::Other(_)) => return Err(Refusal::IdNotString),
     };
-    let data = match Json::of(data) {
-        Json::String(Some(text)) => text,
-        Json::String(None) => return Ok(verbatim(text)),
-        Json::Null | Json::Other(_) => Cow::Borrowed(data.get()),
+    let data = match data {
+        Data::Text(text) => text,
+        Data::Raw(raw) => match Json::of(raw) {
+            Json::String(Some(text)) => text,
+            Json::String(None) => return Ok(verbatim(text)),
+            Json::Null | Json::Other(_) => Cow::Borrowed(raw.get()),
+        },
     };
     Ok(Message { event, data, id })
+}
+
+/// Whether the first `"data"` in the text is followed by `:` and a string: only a guess (it
+/// could be inside another value), which decides how [`read`] starts, not what it answers.
+fn data_looks_like_a_string(text: &str) -> bool {
+    let json_space: &[char] = &[' ', '\t', '\n', '\r'];
+    let Some(at) = text.find(r#""data""#) else { return false };
+    let rest = text[at + 6..].trim_start_matches(json_space);
+    rest.strip_prefix(':').is_some_and(|rest| rest.trim_start_matches(json_space).starts_with('"'))
 }
 
 fn verbatim(text: &str) -> Message<'_> {
@@ -130,9 +159,28 @@ fn is_integer(json: &str) -> bool {
 #[derive(Default)]
 struct Fields<'a> {
     event: Option<&'a RawValue>,
-    data: Option<&'a RawValue>,
+    data: Option<Data<'a>>,
     id: Option<&'a RawValue>,
 }
+
+enum Data<'a> {
+    /// The value's JSON text.
+    Raw(&'a RawValue),
+    /// A string's text, decoded as it was read.
+    Text(Cow<'a, str>),
+}
+
+/// How [`fields`] takes `data`: as its JSON text, or as a string (any other value is then an
+/// error, and the read stops there).
+#[derive(Clone, Copy)]
+enum DataAs {
+    Raw,
+    Text,
+}
+
+/// A string borrowed from the payload when it holds no escape.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// A field name, matched without allocating.
 #[derive(Deserialize)]
@@ -145,34 +193,41 @@ enum Key {
     Other,
 }
 
-impl<'de> Deserialize<'de> for Fields<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FieldsVisitor;
-        impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields<'de>;
+/// Reads the envelope's fields from a whole text (anything after the object is an error).
+fn fields(text: &str, data_as: DataAs) -> Result<Fields<'_>, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let fields = deserializer.deserialize_map(FieldsVisitor(data_as))?;
+    deserializer.end()?;
+    Ok(fields)
+}
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
+struct FieldsVisitor(DataAs);
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
-                let mut fields = Fields::default();
-                while let Some(key) = map.next_key::<Key>()? {
-                    let slot = match key {
-                        Key::Event => &mut fields.event,
-                        Key::Data => &mut fields.data,
-                        Key::Id => &mut fields.id,
-                        Key::Other => {
-                            map.next_value::<IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    *slot = Some(map.next_value()?);
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Event => fields.event = Some(map.next_value()?),
+                Key::Id => fields.id = Some(map.next_value()?),
+                Key::Data => {
+                    fields.data = Some(match self.0 {
+                        DataAs::Raw => Data::Raw(map.next_value()?),
+                        DataAs::Text => Data::Text(map.next_value::<Text<'de>>()?.0),
+                    })
                 }
-                Ok(fields)
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        deserializer.deserialize_map(FieldsVisitor)
+        Ok(fields)
     }
 }
 
@@ -214,8 +269,11 @@ mod tests {
         (m.event.map(Cow::into_owned), m.data.into_owned(), m.id.map(Cow::into_owned))
     }
 
+    /// The data of `payload`, after checking that both ways [`read`] can start agree.
     fn data_of(payload: &str) -> String {
-        parse(payload.as_bytes()).expect("valid").data.into_owned()
+        let message = parse(payload.as_bytes()).expect("valid");
+        assert_eq!(read(payload, true), read(payload, false), "{payload}");
+        message.data.into_owned()
     }
 
     #[test]
@@ -242,6 +300,23 @@ mod tests {
         ] {
             assert_eq!(data_of(&format!(r#"{{"event":"e","data":{data},"id":"1"}}"#)), data, "{data}");
             assert_eq!(data_of(&format!("{{ \"data\" :\t{data}\n}}")), data, "{data}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_guess_at_the_kind_of_data_changes_nothing() {
+        for (payload, guess, data) in [
+            (r#"{"data":"text"}"#, true, "text"),
+            (r#"{ "data" :  "spaced"}"#, true, "spaced"),
+            (r#"{"data":{"a":1}}"#, false, r#"{"a":1}"#),
+            (r#"{"event":"data","data":{"a":1}}"#, false, r#"{"a":1}"#),
+            (r#"{"x":{"data":"inner"},"data":{"a":1}}"#, true, r#"{"a":1}"#),
+            (r#"{"data":{"a":1},"data":"last"}"#, false, "last"),
+            (r#"{"data":"first","data":[2]}"#, true, "[2]"),
+            (r#"{"d\u0061ta":"escaped key"}"#, false, "escaped key"),
+        ] {
+            assert_eq!(data_looks_like_a_string(payload), guess, "{payload}");
+            assert_eq!(data_of(payload), data, "{payload}");
         }
     }
 
@@ -390,6 +465,26 @@ mod tests {
     }
 
     proptest! {
+        /// Against serde_json's own decoding of every string JSON's grammar allows, escapes of
+        /// half a UTF-16 pair included.
+        #[test]
+        fn any_json_string_decodes_as_serde_json_decodes_it(
+            inner in r#"([^"\\\u{0}-\u{1f}]|\\["\\/bfnrt]|\\u(d[89ab]|D[89AB]|d[c-f]|D[C-F]|[0-9a-fA-F]{2})[0-9a-fA-F]{2}){0,24}"#,
+        ) {
+            let json = format!("\"{inner}\"");
+            let payload = format!(r#"{{"data":{json}}}"#);
+            let expected = serde_json::from_str::<String>(&json).unwrap_or_else(|_| payload.clone());
+            for string_data in [true, false] {
+                let message = read(&payload, string_data).expect("an envelope or verbatim");
+                prop_assert_eq!(&*message.data, expected.as_str(), "a string that does not decode leaves the payload verbatim");
+            }
+            for field in ["event", "id"] {
+                let payload = format!(r#"{{"{field}":{json},"data":1}}"#);
+                let verbatim = serde_json::from_str::<String>(&json).is_err();
+                prop_assert_eq!(parse(payload.as_bytes()).is_ok_and(|m| m.data == payload), verbatim, "{}", payload);
+            }
+        }
+
         #[test]
         fn any_bytes_are_delivered_or_refused_without_panicking(payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = parse(&payload);
@@ -402,6 +497,7 @@ mod tests {
             if let Ok(message) = parse(payload.as_bytes()) {
                 let _ = frame::event(message.event.as_deref(), message.id.as_deref(), &message.data);
             }
+            prop_assert_eq!(read(&payload, true).map(owned), read(&payload, false).map(owned));
         }
 
         /// A valid envelope, written in any field order, compact or pretty, with or without other
@@ -430,6 +526,7 @@ mod tests {
             let rules = expected(event.as_ref(), (&data, &data_text), id.as_ref());
             let parsed = parse(payload.as_bytes()).map(owned);
             prop_assert_eq!(&parsed, &rules, "{}", payload);
+            prop_assert_eq!(&read(&payload, !data.is_string()).map(owned), &rules, "the other read: {}", payload);
             if let Ok((event, data, id)) = parsed {
                 let framed = frame::event(event.as_deref(), id.as_deref(), &data);
                 let read = spec::read(std::str::from_utf8(&framed).expect("UTF-8"));
