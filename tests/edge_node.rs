@@ -467,7 +467,15 @@ async fn every_fan_out_is_timed() {
     for stream in [&mut a, &mut b] {
         assert!(stream.next_event(Duration::from_secs(5)).await.is_some(), "delivered");
     }
-    // One message to two streams is one fan-out.
+    // One message to two streams is one fan-out. The histogram is recorded once the fan-out
+    // returns, which can be just after a client read its event: wait for it, then make sure
+    // no second record follows.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while node.metric("sse_fanout_duration_seconds_count", "").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the fan-out was never timed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(node.metric("sse_fanout_duration_seconds_count", "").await, 1.0);
     assert!(node.metric("sse_fanout_duration_seconds_bucket", r#"le="1""#).await >= 1.0);
 }
