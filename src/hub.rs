@@ -842,4 +842,42 @@ mod tests {
         assert_eq!(limiter.allow(0), None);
         assert_eq!(limiter.allow(1), Some(2));
     }
+
+    #[tokio::test]
+    async fn a_held_stream_gets_what_arrived_for_it_behind_its_replay_in_bus_order() {
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 8);
+        let joined = hub.join_held(UserId::new("h").expect("id"), channels("h"), u64::MAX).expect("joins");
+        let hold = joined.hold.clone().expect("held");
+        let other = join(&hub, "other").expect("joins");
+        hub.deliver("sse:broadcast", None, b"live 1").await;
+        hub.deliver("sse:user:h", None, b"live 2").await;
+        let held = joined.membership.connection();
+        assert!(drain(held).is_empty(), "nothing reaches a held stream");
+        assert_eq!(drain(other.membership.connection()), [frame::event(None, None, "live 1")], "others get it at once");
+        let replay = frame::event(None, None, "replayed");
+        held.start_history(1, vec![StreamId::ZERO; 2], vec![Item::Raw(replay.clone())]);
+        assert!(hub.release(&hold));
+        hub.deliver("sse:user:h", None, b"live 3").await;
+        let expected = ["live 1", "live 2", "live 3"].map(|d| frame::event(None, None, d));
+        assert_eq!(drain(held), [&[replay][..], &expected[..]].concat());
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_that_falls_behind_is_cut_and_one_that_leaves_unsubscribes() {
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 2);
+        let joined = hub.join_held(UserId::new("h").expect("id"), channels("h"), u64::MAX).expect("joins");
+        let hold = joined.hold.clone().expect("held");
+        for _ in 0..3 {
+            hub.deliver("sse:user:h", None, b"x").await;
+        }
+        assert!(hold.overflowed());
+        assert!(!hub.release(&hold), "cut off as a slow consumer");
+        assert!(joined.membership.connection().is_closed());
+        assert_eq!(hub.stats().connections, 0);
+
+        let joined = hub.join_held(UserId::new("g").expect("id"), channels("g"), u64::MAX).expect("joins");
+        assert_eq!(hub.stats().channels, 2);
+        drop(joined);
+        assert_eq!(hub.stats().channels, 0, "a held stream's channels are released when it leaves");
+    }
 }
