@@ -46,6 +46,14 @@ impl Producer {
     }
 }
 
+/// A node that is ready: on Redis, readiness waits for the node to read the cluster's history
+/// key, a few round trips after `/healthz` answers.
+async fn start(env: &[(&str, &str)]) -> Node {
+    let node = Node::start(env).await;
+    node.wait_readyz(200, WAIT).await;
+    node
+}
+
 fn envelope(data: &str) -> String {
     json!({"event": "m", "data": data}).to_string()
 }
@@ -128,8 +136,8 @@ async fn capture(redis: &RedisServer, channel: &str, publish: impl std::future::
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plain_publish_never_moves_a_position_live_or_after_resume() {
     let redis = RedisServer::start().await;
-    let a = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
-    let b = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let a = start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let b = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let (mut stream, _) = open(&stream_url(&a, "u6", &["t6"]), None).await;
     let mut n = 0;
@@ -241,7 +249,7 @@ async fn expect_reset(stream: &mut SseClient, reason: &str) -> SseEvent {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cursor_cannot_be_invented_or_altered() {
     let redis = RedisServer::start().await;
-    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let node = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let url = stream_url(&node, "alice", &["x"]);
     let (stream, before) = open(&url, None).await;
@@ -290,7 +298,7 @@ async fn a_cursor_cannot_be_invented_or_altered() {
 async fn the_history_key_outlives_node_restarts_and_a_redis_restart() {
     let mut redis = RedisServer::start().await;
     let port = redis.port;
-    let a = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let a = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let (mut stream, _) = open(&stream_url(&a, "k", &[]), None).await;
     producer.durable("sse:user:k", &envelope("one")).await;
@@ -301,7 +309,7 @@ async fn the_history_key_outlives_node_restarts_and_a_redis_restart() {
     drop(a);
 
     // Another node, started later, reads the same key from the library: the cursor still works.
-    let b = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let b = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     b.wait_readyz(200, WAIT).await;
     producer.durable("sse:user:k", &envelope("two")).await;
     let (mut again, _) = open(&stream_url(&b, "k", &[]), Some(&cursor)).await;
@@ -360,9 +368,9 @@ async fn long_replay_then_live_in_order(node: &Node) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_replay_comes_in_pages_with_live_messages_after_it() {
     let redis = RedisServer::start().await;
-    let node = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_PAGE_ENTRIES", "7")]).await;
+    let node = start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_PAGE_ENTRIES", "7")]).await;
     long_replay_then_live_in_order(&node).await;
-    let embedded = Node::start(&[("SSE_HISTORY_PAGE_ENTRIES", "7")]).await;
+    let embedded = start(&[("SSE_HISTORY_PAGE_ENTRIES", "7")]).await;
     long_replay_then_live_in_order(&embedded).await;
 }
 
@@ -370,7 +378,7 @@ async fn a_long_replay_comes_in_pages_with_live_messages_after_it() {
 async fn past_the_maximum_replay_the_channels_behind_are_reset() {
     let redis = RedisServer::start().await;
     let settings = [("SSE_HISTORY_PAGE_ENTRIES", "8"), ("SSE_HISTORY_MAX_REPLAY", "30")];
-    let node = Node::start(&[settings[0], settings[1], ("SSE_REDIS_URL", &redis.url())]).await;
+    let node = start(&[settings[0], settings[1], ("SSE_REDIS_URL", &redis.url())]).await;
     let url = stream_url(&node, "capped", &["cap"]);
     let (stream, cursor) = open(&url, None).await;
     drop(stream);
@@ -394,7 +402,7 @@ async fn past_the_maximum_replay_the_channels_behind_are_reset() {
 #[tokio::test(flavor = "multi_thread")]
 async fn polling_answers_one_bounded_page_and_a_cursor_to_continue() {
     let redis = RedisServer::start().await;
-    let node = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_PAGE_ENTRIES", "10")]).await;
+    let node = start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_PAGE_ENTRIES", "10")]).await;
     let token = token("poller", &["*"], None);
     let get = |after: Option<String>| {
         let mut url = node.url(&format!("/api/history?topic=news&access_token={token}"));
@@ -487,7 +495,7 @@ async fn a_resume_storm_over_a_large_history_keeps_redis_and_the_node_responsive
     const ENTRY_BYTES: usize = 60_000;
     const PEAK_RSS_KIB: u64 = 96 * 1024;
     let redis = RedisServer::start().await;
-    let node = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_MAX_CONNECTIONS_PER_USER", "0")]).await;
+    let node = start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_MAX_CONNECTIONS_PER_USER", "0")]).await;
     let url = stream_url(&node, "storm", &["big"]);
     let (stream, cursor) = open(&url, None).await;
     drop(stream);

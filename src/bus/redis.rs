@@ -515,10 +515,14 @@ impl SubscriptionOwner {
     /// Asks the library for its key's fingerprint; loads the library again when Redis lost it
     /// (a restart forgets functions) and re-reads the key when it is not the one this node holds.
     async fn check_library(&mut self, library: &Library) -> bool {
+        let Some(held) = self.key.fingerprint() else {
+            // No key yet (starting): nothing to compare, read it at once.
+            return self.ensure(library).await;
+        };
         let mut ask = redis::cmd("FCALL");
         ask.arg("sse_key_id").arg(0);
         match tokio::time::timeout(COMMAND_TIMEOUT, ask.query_async::<String>(&mut self.manager)).await {
-            Ok(Ok(id)) if Some(&id) == self.key.fingerprint().as_ref() => return true,
+            Ok(Ok(id)) if id == held => return true,
             Ok(Ok(_)) => {}
             Ok(Err(e)) if is_function_missing(&e) => {}
             Ok(Err(e)) => {
@@ -527,6 +531,10 @@ impl SubscriptionOwner {
             }
             Err(_) => return false,
         }
+        self.ensure(library).await
+    }
+
+    async fn ensure(&mut self, library: &Library) -> bool {
         let ensured =
             tokio::time::timeout(COMMAND_TIMEOUT, ensure_library(&mut self.manager, library, &self.key)).await;
         match ensured {

@@ -27,6 +27,11 @@ pub async fn history(
     let Some(resume) = &node.resume else {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
     };
+    // As for `/events`: a node that cannot reach its bus (or, on Redis, has not read the
+    // cluster's key yet) cannot check a cursor.
+    if !node.hub.bus().is_ready() {
+        return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
+    }
     let query = StreamQuery::parse(query.as_deref());
     let after = query.after.as_deref().filter(|a| !a.is_empty());
     let start = resume.position(&channels, after).await.map_err(history_unavailable)?;
