@@ -220,6 +220,7 @@ impl Resumer {
         let missed = self.missed_page(start, self.page(self.limits.max_replay)).await?;
         let replayed = missed.entries.len() as u32;
         let replay = items(&channels, missed.entries.into_iter().map(|m| (m.channel, m.entry)));
+        let queued = written_after(&channels, (missed.epoch, missed.from.clone()), &replay);
         // Positions stay where the client was: each replayed entry is newer, and the connection
         // advances as it writes them.
         hold.connection().start_history(missed.epoch, missed.from, replay);
@@ -238,6 +239,7 @@ impl Resumer {
                 epoch: missed.epoch,
                 next: missed.next,
                 more: missed.more,
+                queued,
                 replayed,
                 finished: false,
             };
@@ -311,6 +313,26 @@ impl Resumer {
     }
 }
 
+/// Where a stream's cursor is (epoch, per-channel positions) once it has written `items`,
+/// starting from `from`. An entry skipped as unreadable leaves no item, so it moves nothing.
+fn written_after(channels: &[ChannelName], from: (u32, Vec<StreamId>), items: &[Item]) -> (u32, Vec<StreamId>) {
+    let (mut epoch, mut positions) = from;
+    for item in items {
+        let (channel, position) = match item {
+            Item::Event { channel, id, .. } => (channel, *id),
+            Item::Rebase(rebase) => {
+                epoch = rebase.epoch;
+                (&rebase.channel, rebase.tail)
+            }
+            Item::Raw(_) => continue,
+        };
+        if let Some(slot) = channels.iter().position(|c| c == channel) {
+            positions[slot] = position;
+        }
+    }
+    (epoch, positions)
+}
+
 /// Queue items of history entries (`(channel index, entry)`), framed for one stream. An entry
 /// whose payload the envelope refuses is skipped: it was counted when it was published live.
 fn items(channels: &[ChannelName], entries: impl Iterator<Item = (usize, Entry)>) -> Vec<Item> {
@@ -332,12 +354,14 @@ struct CatchUp {
     hub: Arc<Hub>,
     hold: Arc<Hold>,
     channels: Vec<ChannelName>,
-    /// The epoch the stream's positions are in once everything queued is written.
+    /// The epoch history is read in (a reset under the replay moves it).
     epoch: u32,
-    /// Each channel's position once everything queued is written.
+    /// Where each channel's next page starts.
     next: Vec<StreamId>,
     /// Channels that may have more history after `next`.
     more: Vec<usize>,
+    /// The stream's cursor (epoch, positions) once it has written everything queued so far.
+    queued: (u32, Vec<StreamId>),
     replayed: u32,
     finished: bool,
 }
@@ -358,12 +382,13 @@ impl CatchUp {
     async fn pages(&mut self) -> Result<(), BusError> {
         let connection = self.hold.connection().clone();
         while !self.more.is_empty() {
-            let (queued_epoch, queued_next) = (self.epoch, self.next.clone());
             let page = self.read_page().await?;
-            if !self.written(&connection, queued_epoch, &queued_next).await {
+            let (epoch, positions) = self.queued.clone();
+            if !self.written(&connection, epoch, &positions).await {
                 return Ok(()); // The stream ended (or was cut off) meanwhile.
             }
-            connection.start_history(queued_epoch, queued_next, page);
+            self.queued = written_after(&self.channels, (epoch, positions.clone()), &page);
+            connection.start_history(epoch, positions, page);
             // Queuing history does not wake a stream that is waiting for events; a comment
             // behind the page does (and readers ignore it).
             connection.push(&Item::Raw(frame::comment("history")), usize::MAX / 2, None);

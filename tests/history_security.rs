@@ -571,3 +571,35 @@ async fn a_resume_storm_over_a_large_history_keeps_redis_and_the_node_responsive
     assert_eq!(not_ready, 0, "/readyz did not answer 200 {not_ready} times");
     assert!(peak < PEAK_RSS_KIB, "the node's RSS peaked at {} MiB", peak / 1024);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn entries_the_envelope_refuses_do_not_stall_a_paged_replay() {
+    let redis = RedisServer::start().await;
+    let node = start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_PAGE_ENTRIES", "4")]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let url = stream_url(&node, "odd", &["odd"]);
+    let (stream, cursor) = open(&url, None).await;
+    drop(stream);
+    // Not UTF-8, so never written to a stream: here the last entry of the first two pages.
+    let unreadable: &[u8] = b"\xff\xfe";
+    let mut expected = Vec::new();
+    for i in 0..12 {
+        if i % 4 == 3 && i < 8 {
+            let _: String = redis::cmd("FCALL")
+                .arg("sse_publish")
+                .arg(1)
+                .arg("sse:topic:odd")
+                .arg(unreadable)
+                .query_async(&mut producer.0)
+                .await
+                .expect("FCALL");
+        } else {
+            producer.durable("sse:topic:odd", &envelope(&format!("r{i}"))).await;
+            expected.push(format!("r{i}"));
+        }
+    }
+    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    assert_eq!(read(&mut stream, expected.len()).await.0, expected);
+    producer.durable("sse:topic:odd", &envelope("live")).await;
+    assert_eq!(read(&mut stream, 1).await.0, ["live"]);
+}

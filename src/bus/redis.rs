@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, PublishReceipt, Running, SubscriptionReady};
 use crate::channel::ChannelName;
 use crate::history::{
-    Entry, Library, Live, LiveKey, Page, Since, StreamId, install_cursor_key, parse_epoch, read_live,
+    Entry, LIVE_ID_MARK, Library, Live, LiveKey, Page, Since, StreamId, install_cursor_key, parse_epoch, read_live,
 };
 use crate::metrics::BusMetrics;
 
@@ -63,6 +63,9 @@ impl SharedKey {
     /// Reads a live message under the key (on the push path: a read lock, nobody writes it but
     /// when the key changes).
     fn read(&self, channel: &[u8], message: &Bytes) -> Live {
+        if message.first() != Some(&LIVE_ID_MARK) {
+            return Live::Plain(message.clone()); // Most messages: no lock.
+        }
         read_live(channel, message, self.0.read().unwrap_or_else(PoisonError::into_inner).as_ref())
     }
 
