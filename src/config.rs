@@ -30,7 +30,10 @@ impl Cli {
 /// Inserts `serve` when the first argument is not a subcommand.
 pub fn with_default_command(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
     let mut args: Vec<OsString> = args.into_iter().collect();
-    let named = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| matches!(a, "serve" | "doctor" | "help"));
+    // The subcommands clap knows (its generated `help` included), not a list kept by hand.
+    let command = <Cli as clap::CommandFactory>::command();
+    let named =
+        args.get(1).and_then(|a| a.to_str()).is_some_and(|a| a == "help" || command.find_subcommand(a).is_some());
     if !named {
         args.insert(1.min(args.len()), OsString::from("serve"));
     }

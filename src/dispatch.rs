@@ -21,22 +21,18 @@ const BATCH: usize = 256;
 pub async fn dispatch(mut inbound: InboundReceiver, hub: Arc<Hub>, resumer: Option<Arc<Resumer>>) {
     let mut batch = Vec::with_capacity(BATCH);
     while inbound.recv_many(&mut batch, BATCH).await > 0 {
-        let mut index = 0;
         // Set once the rest of the batch's confirmations were looked at: the later ones have
         // nothing left to backfill (a storm of streams brings a confirmation each).
         let mut rest_backfilled = false;
-        while index < batch.len() {
-            match &batch[index] {
+        for (index, message) in batch.iter().enumerate() {
+            match message {
                 Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), *id, payload).await,
                 Inbound::Disconnected => {
                     hub.mark_gaps();
                     rest_backfilled = false;
                 }
                 Inbound::Subscribed(_) => {
-                    let Some(resumer) = resumer.as_ref().filter(|_| !rest_backfilled) else {
-                        index += 1;
-                        continue;
-                    };
+                    let Some(resumer) = resumer.as_ref().filter(|_| !rest_backfilled) else { continue };
                     rest_backfilled = true;
                     // After a reconnect the confirmations arrive together: backfill every gapped
                     // channel confirmed from here to the end of the batch in one round trip. No
@@ -55,7 +51,6 @@ pub async fn dispatch(mut inbound: InboundReceiver, hub: Arc<Hub>, resumer: Opti
                     }
                 }
             }
-            index += 1;
         }
         batch.clear();
         if hub.bus().take_overflow() {

@@ -98,8 +98,7 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
-    let (grant, topics, channels) = authorize(node, headers, query)?;
-    let query = StreamQuery::parse(query)?;
+    let Authorized { grant, topics, channels, query } = authorize(node, headers, query)?;
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
@@ -161,20 +160,27 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     Ok(Opened { membership: joined.membership, preamble: preamble.freeze() })
 }
 
-/// Checks the token and the asked topics; returns the grant, the topics and every channel of
-/// the stream (user, broadcast, then topics).
-pub fn authorize(
-    node: &Node,
-    headers: &HeaderMap,
-    query: Option<&str>,
-) -> Result<(Grant, Vec<String>, Vec<ChannelName>), ApiError> {
+/// A stream request whose token and topics were checked.
+pub struct Authorized {
+    pub grant: Grant,
+    /// The granted topics, without duplicates.
+    pub topics: Vec<String>,
+    /// Every channel of the stream: user, broadcast, then topics.
+    pub channels: Vec<ChannelName>,
+    /// The rest of the query (`lastEventId`, `after`), decoded once.
+    pub query: StreamQuery,
+}
+
+/// Checks the token, then the query and the asked topics.
+pub fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Authorized, ApiError> {
     let grant = grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?.grant;
-    let topics = granted_topics(&grant, StreamQuery::parse(query)?.topics)?;
+    let mut query = StreamQuery::parse(query)?;
+    let topics = granted_topics(&grant, std::mem::take(&mut query.topics))?;
     let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
     channels.push(node.channels.user(grant.user.as_str()));
     channels.push(node.channels.broadcast());
     channels.extend(topics.iter().map(|t| node.channels.topic(t)));
-    Ok((grant, topics, channels))
+    Ok(Authorized { grant, topics, channels, query })
 }
 
 /// Checks each asked topic and that the token grants it; removes duplicates.

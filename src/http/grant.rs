@@ -5,6 +5,7 @@
 //! The hyper path takes an [`Access`] as an axum extractor, which runs before the body is read;
 //! the raw `/events` path, which has no axum request, calls [`grant`].
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
@@ -12,6 +13,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 
 use super::error::ApiError;
+use super::query;
 use crate::auth::{AuthError, Grant, Role, TokenSource, token_from_request};
 use crate::node::Node;
 
@@ -67,9 +69,15 @@ pub fn check_origin(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     Err(ApiError::forbidden("origin_not_allowed", format!("origin {shown} is not allowed")))
 }
 
-/// The last value of `name` in a query string, decoded (a repeated parameter overrides).
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    form_urlencoded::parse(query?.as_bytes()).filter(|(key, _)| key == name).last().map(|(_, value)| value.into_owned())
+/// The last value of `name` in a query string (a repeated parameter overrides), decoded by the
+/// routes' one decoder. A value that does not decode is kept as written: a token holds no `%`,
+/// so it then fails verification (401) rather than the query being refused (400).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<Cow<'a, str>> {
+    let (_, value) = query?
+        .rsplit('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| query::decode(key).is_ok_and(|key| key == name))?;
+    Some(query::decode(value).unwrap_or(Cow::Borrowed(value)))
 }
 
 impl FromRequestParts<Arc<Node>> for Access {

@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, history_unavailable};
-use super::events::{StreamQuery, authorize};
+use super::events::{Authorized, authorize};
 use crate::auth::unix_now;
 use crate::history::{Cursor, channel_hash};
 use crate::node::Node;
@@ -21,11 +21,10 @@ pub async fn history(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let (_grant, _topics, channels) = authorize(&node, &headers, query.as_deref())?;
+    let Authorized { channels, query, .. } = authorize(&node, &headers, query.as_deref())?;
     let Some(resume) = &node.resume else {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
     };
-    let query = StreamQuery::parse(query.as_deref())?;
     let after = query.after.as_deref().filter(|a| !a.is_empty());
     let start = resume.position(&channels, after).await.map_err(history_unavailable)?;
     let missed = resume.missed(start).await.map_err(history_unavailable)?;
