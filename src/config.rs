@@ -198,6 +198,19 @@ pub struct Config {
     #[arg(long, env = "SSE_HISTORY_BROADCAST_AGE", default_value = "1h", value_parser = parse_duration)]
     pub history_broadcast_age: Duration,
 
+    /// Time a client has to send a whole request, head and body, from the moment its connection
+    /// is accepted (on a kept-alive connection: each further head, idle time included, and then
+    /// its body). An event stream's request head is timed too; the stream itself is not.
+    #[arg(long, env = "SSE_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Connections that have not yet sent a complete, authenticated request. When they are this
+    /// many, the oldest that has waited over a second with nothing unread makes room for a new
+    /// one; until then new connections wait to be accepted. Unset: a quarter of the open-file
+    /// limit. 0: no bound.
+    #[arg(long, env = "SSE_MAX_PENDING_CONNECTIONS")]
+    pub max_pending_connections: Option<usize>,
+
     /// Log format.
     #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -247,6 +260,8 @@ pub enum ConfigError {
     HeartbeatTooShort,
     #[error("SSE_HISTORY_*_LENGTH must be at least 1")]
     HistoryLength,
+    #[error("SSE_REQUEST_TIMEOUT must be at least 100ms")]
+    RequestTimeoutTooShort,
 }
 
 impl Config {
@@ -288,6 +303,9 @@ impl Config {
         }
         if [self.history_user_length, self.history_topic_length, self.history_broadcast_length].contains(&0) {
             return Err(ConfigError::HistoryLength);
+        }
+        if self.request_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::RequestTimeoutTooShort);
         }
         Ok(())
     }
@@ -448,6 +466,17 @@ mod tests {
         assert_eq!(args.heartbeat_wait, Duration::from_secs(2));
         assert_eq!(args.idle, Some(Duration::from_secs(60)));
         assert!(args.publisher_token.is_none() && args.publish_url.is_none());
+    }
+
+    #[test]
+    fn accept_limits_have_generous_defaults_and_zero_turns_them_off() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert_eq!(config.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_pending_connections, None);
+        let off = parse(&["--max-pending-connections", "0"]).expect("0 turns the bound off");
+        assert_eq!(off.max_pending_connections, Some(0));
+        assert!(parse(&["--request-timeout", "50ms"]).unwrap_err().contains("SSE_REQUEST_TIMEOUT"));
+        assert_eq!(parse(&["--request-timeout", "1500"]).expect("ms").request_timeout, Duration::from_millis(1500));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Every HTTP error the node answers with: one status and one short JSON body, decided here.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +22,8 @@ pub enum ApiError {
     TooLarge { limit: usize },
     /// 415: a body in a format the route does not take; `expected` names the one it does.
     UnsupportedMediaType { expected: &'static str },
+    /// 408: the request's head or body did not arrive within `SSE_REQUEST_TIMEOUT`.
+    RequestTimeout { after: Duration },
     /// 429.
     TooManyRequests { code: &'static str, message: String },
     /// 503: draining, full, or the bus is down.
@@ -85,6 +89,14 @@ impl IntoResponse for ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 json!({"error": "unsupported_media_type", "message": format!("the body must be {expected}")}),
             ),
+            ApiError::RequestTimeout { after } => {
+                let message = format!("the request did not arrive within {} ms", after.as_millis());
+                let mut response =
+                    (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": "request_timeout", "message": message})))
+                        .into_response();
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
             ApiError::TooManyRequests { code, message } => {
                 (StatusCode::TOO_MANY_REQUESTS, json!({"error": code, "message": message}))
             }

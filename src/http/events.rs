@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -24,6 +25,7 @@ use serde_json::json;
 use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
 use super::grant::{check_origin, grant};
+use super::pending::PendingMark;
 use super::query;
 use crate::auth::Grant;
 use crate::channel::{ChannelName, check_name, topic_allowed};
@@ -67,10 +69,12 @@ impl StreamQuery {
 /// `GET /events` served by hyper (used when a connection's first request was something else).
 pub async fn subscribe(
     State(node): State<Arc<Node>>,
+    pending: Option<Extension<PendingMark>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let opened = open(&node, &headers, query.as_deref()).await?;
+    let pending = pending.as_ref().map(|Extension(pending)| pending);
+    let opened = open(&node, &headers, query.as_deref(), pending).await?;
     let body = EventStream::new(opened.membership, opened.preamble);
     let mut response = Response::new(Body::new(body));
     *response.status_mut() = StatusCode::OK;
@@ -93,12 +97,23 @@ pub struct Opened {
 }
 
 /// Everything `/events` decides before the first byte: origin, token, topics, readiness,
-/// limits, subscriptions, and (with history) the resume. Shared by both serving paths.
-pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Opened, ApiError> {
+/// limits, subscriptions, and (with history) the resume. Shared by both serving paths;
+/// `pending` is the connection's place among the
+/// connections not yet authenticated, when it still has one (hyper's path), left as soon as the
+/// token verifies: waiting for the bus is no reason to be dropped as a slow client.
+pub async fn open(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    pending: Option<&PendingMark>,
+) -> Result<Opened, ApiError> {
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
     let Authorized { grant, topics, channels, query } = authorize(node, headers, query)?;
+    if let Some(pending) = pending {
+        pending.authenticated();
+    }
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));

@@ -1,11 +1,13 @@
 //! HTTP routes, one file per concern, composed into one router here. The router is served by
 //! [`accept`]'s accept loop, not `axum::serve`, which measured twice the memory per connection.
 //! Who may call what is [`grant`]'s; which origins, [`cors`]'s; every error body, [`error`]'s;
-//! how a query string is decoded, [`query`]'s.
+//! how a query string is decoded, [`query`]'s. What a client may hold before it is authenticated
+//! is [`accept`]'s and [`pending`]'s.
 
 pub mod accept;
 mod admin;
 pub mod cors;
+mod deadline;
 mod demo;
 mod error;
 mod event_stream;
@@ -13,6 +15,7 @@ mod events;
 mod grant;
 mod health;
 mod history;
+mod pending;
 mod publish;
 mod query;
 mod raw_stream;

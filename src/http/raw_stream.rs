@@ -117,7 +117,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
     let cors = node.origins.stream_headers(request.headers.get("origin"));
     // Boxed: a future is as large as its largest state, and opening (auth, history round trips)
     // is far larger than writing; the box is freed once the stream is open.
-    let opened = match Box::pin(events::open(&node, &request.headers, request.query.as_deref())).await {
+    let opened = match Box::pin(events::open(&node, &request.headers, request.query.as_deref(), None)).await {
         Ok(opened) => opened,
         Err(error) => {
             let _ = write_response(&stream, error.into_response(), &cors).await;
