@@ -16,6 +16,7 @@
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::client_ip::Peer;
 use super::deadline::DeadlineBody;
 use super::error::ApiError;
 use super::pending::{self, Pending, PendingConnections, PendingMark};
@@ -69,8 +71,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             _ = stop_accepting.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of files: the oldest pending connection makes room for the next client.
                 let evicted = is_out_of_files(&e) && pending.as_ref().is_some_and(|set| set.evict_oldest());
@@ -85,6 +87,7 @@ pub async fn serve(
         let deadline = Instant::now() + node.config.request_timeout;
         let _ = stream.set_nodelay(true);
         let accepted = Accepted {
+            peer: peer.ip().to_canonical(),
             deadline,
             router: router.clone(),
             node: node.clone(),
@@ -106,6 +109,7 @@ struct Accepted {
     /// First, so that it leaves the set before the socket closes (fields drop in order).
     pending: Option<Pending>,
     stream: TcpStream,
+    peer: IpAddr,
     /// When the first request must have arrived, head and body.
     deadline: Instant,
     router: Router,
@@ -119,6 +123,7 @@ enum Next {
         node: Arc<Node>,
         stream: TcpStream,
         request: EventsRequest,
+        peer: IpAddr,
     },
     /// Boxed so that the long-lived event stream tasks are not sized for hyper's state.
     Hyper(Pin<Box<dyn Future<Output = ()> + Send>>),
@@ -126,7 +131,7 @@ enum Next {
 
 async fn connection(accepted: Box<Accepted>) {
     match Box::pin(first_request(accepted)).await {
-        Some(Next::Stream { node, stream, request }) => raw_stream::serve(node, stream, request).await,
+        Some(Next::Stream { node, stream, request, peer }) => raw_stream::serve(node, stream, request, peer).await,
         Some(Next::Hyper(connection)) => connection.await,
         None => {}
     }
@@ -134,7 +139,7 @@ async fn connection(accepted: Box<Accepted>) {
 
 async fn first_request(accepted: Box<Accepted>) -> Option<Next> {
     // Bindings drop in reverse: `pending` leaves the set before the socket closes.
-    let Accepted { mut stream, deadline, router, node, stop, mut pending } = *accepted;
+    let Accepted { mut stream, peer, deadline, router, node, stop, mut pending } = *accepted;
     let first = tokio::select! {
         first = tokio::time::timeout_at(deadline, raw_stream::read_first_request(&mut stream)) => first,
         () = evicted(&mut pending) => return None,
@@ -155,13 +160,14 @@ async fn first_request(accepted: Box<Accepted>) -> Option<Next> {
         // for from the client: the connection is no longer pending.
         Some(request) => {
             drop(pending);
-            Some(Next::Stream { node, stream, request })
+            Some(Next::Stream { node, stream, request, peer })
         }
         None => {
             let requests = Requests {
                 router,
                 timeout: node.config.request_timeout,
                 node,
+                peer,
                 mark: pending.as_ref().map(Pending::mark),
                 first_deadline: Cell::new(Some(deadline)),
             };
@@ -196,12 +202,13 @@ async fn serve_with_hyper(io: Prefixed, requests: Requests, stop: CancellationTo
     drop(pending);
 }
 
-/// The router as hyper calls it for each request of one connection: with the connection's
-/// pending mark in the request's extensions, and the body due by the request's deadline.
+/// The router as hyper calls it for each request of one connection: with the connection's peer
+/// and pending mark in the request's extensions, and the body due by the request's deadline.
 struct Requests {
     router: Router,
     node: Arc<Node>,
     timeout: Duration,
+    peer: IpAddr,
     mark: Option<PendingMark>,
     /// The first request's deadline counts from the accept; later ones from their head.
     first_deadline: Cell<Option<Instant>>,
@@ -215,6 +222,7 @@ impl hyper::service::Service<Request<Incoming>> for Requests {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let deadline = self.first_deadline.take().unwrap_or_else(|| Instant::now() + self.timeout);
         let (mut parts, body) = request.into_parts();
+        parts.extensions.insert(Peer(self.peer));
         if let Some(mark) = &self.mark {
             parts.extensions.insert(mark.clone());
         }

@@ -7,6 +7,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::ip_limits::IpRefusal;
 use crate::auth::AuthError;
 use crate::bus::BusError;
 
@@ -24,8 +25,8 @@ pub enum ApiError {
     UnsupportedMediaType { expected: &'static str },
     /// 408: the request's head or body did not arrive within `SSE_REQUEST_TIMEOUT`.
     RequestTimeout { after: Duration },
-    /// 429.
-    TooManyRequests { code: &'static str, message: String },
+    /// 429; `retry_after` (seconds) becomes a `Retry-After` header when a retry time is known.
+    TooManyRequests { code: &'static str, message: String, retry_after: Option<u64> },
     /// 503: draining, full, or the bus is down.
     Unavailable { code: &'static str, message: String },
 }
@@ -58,6 +59,25 @@ pub fn publish_failed(e: BusError) -> ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         ApiError::Unauthorized(e)
+    }
+}
+
+impl From<IpRefusal> for ApiError {
+    fn from(refusal: IpRefusal) -> Self {
+        let code = refusal.label();
+        match refusal {
+            IpRefusal::RateLimited { retry_after } => ApiError::TooManyRequests {
+                code,
+                message: "this address opens streams too fast; retry later".into(),
+                // Whole seconds, rounded up: a client retrying at once would be refused again.
+                retry_after: Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)),
+            },
+            IpRefusal::TooManyStreams => ApiError::TooManyRequests {
+                code,
+                message: "this address holds the maximum number of streams on this node".into(),
+                retry_after: None,
+            },
+        }
     }
 }
 
@@ -97,8 +117,13 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return response;
             }
-            ApiError::TooManyRequests { code, message } => {
-                (StatusCode::TOO_MANY_REQUESTS, json!({"error": code, "message": message}))
+            ApiError::TooManyRequests { code, message, retry_after } => {
+                let mut response =
+                    (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": code, "message": message}))).into_response();
+                if let Some(seconds) = retry_after {
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                }
+                return response;
             }
             ApiError::Unavailable { code, message } => {
                 (StatusCode::SERVICE_UNAVAILABLE, json!({"error": code, "message": message}))

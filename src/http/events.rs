@@ -11,6 +11,7 @@
 //! message published at any moment of a (re)connect arrives exactly once. The history side of
 //! that is [`crate::resume`]'s.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +23,11 @@ use axum::response::Response;
 use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
+use super::client_ip::{Peer, client_address};
 use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
 use super::grant::{check_origin, grant};
+use super::ip_limits::StreamSlot;
 use super::pending::PendingMark;
 use super::query;
 use crate::auth::Grant;
@@ -69,13 +72,16 @@ impl StreamQuery {
 /// `GET /events` served by hyper (used when a connection's first request was something else).
 pub async fn subscribe(
     State(node): State<Arc<Node>>,
+    peer: Option<Extension<Peer>>,
     pending: Option<Extension<PendingMark>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    // Only a router driven without a socket (in-process tests) has no peer.
+    let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |Extension(Peer(address))| address);
     let pending = pending.as_ref().map(|Extension(pending)| pending);
-    let opened = open(&node, &headers, query.as_deref(), pending).await?;
-    let body = EventStream::new(opened.membership, opened.preamble);
+    let opened = open(&node, &headers, query.as_deref(), peer, pending).await?;
+    let body = EventStream::new(opened.membership, opened.preamble, opened.ip_slot);
     let mut response = Response::new(Body::new(body));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
@@ -94,19 +100,29 @@ pub const STREAM_HEADERS: &[(&str, &str)] =
 pub struct Opened {
     pub membership: crate::hub::Membership,
     pub preamble: bytes::Bytes,
+    /// The stream's place among its client address's (`SSE_IP_MAX_STREAMS`); held as long as
+    /// the stream.
+    pub ip_slot: Option<StreamSlot>,
 }
 
-/// Everything `/events` decides before the first byte: origin, token, topics, readiness,
-/// limits, subscriptions, and (with history) the resume. Shared by both serving paths;
-/// `pending` is the connection's place among the
+/// Everything `/events` decides before the first byte: per-address limits, origin, token,
+/// topics, readiness, limits, subscriptions, and (with history) the resume. Shared by both
+/// serving paths; `peer` is the connection's TCP peer, and `pending` its place among the
 /// connections not yet authenticated, when it still has one (hyper's path), left as soon as the
 /// token verifies: waiting for the bus is no reason to be dropped as a slow client.
 pub async fn open(
     node: &Node,
     headers: &HeaderMap,
     query: Option<&str>,
+    peer: IpAddr,
     pending: Option<&PendingMark>,
 ) -> Result<Opened, ApiError> {
+    // First and cheapest: an address over its rate is refused before its token costs a verify.
+    let client = client_address(peer, headers, &node.config.trusted_proxies);
+    let ip_slot = node.ip_limits.admit(client).map_err(|refusal| {
+        node.hub_metrics.rejected(refusal.label());
+        ApiError::from(refusal)
+    })?;
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
@@ -138,6 +154,7 @@ pub async fn open(
             JoinError::UserLimit => ApiError::TooManyRequests {
                 code: "user_limit",
                 message: format!("user {} holds the maximum number of streams on this node", grant.user),
+                retry_after: None,
             },
             JoinError::NodeFull => ApiError::unavailable("node_full", "this node holds its maximum number of streams"),
             JoinError::Draining => ApiError::unavailable("draining", "this node is shutting down; reconnect elsewhere"),
@@ -172,7 +189,7 @@ pub async fn open(
     if let Some(reset) = resets {
         preamble.put(reset);
     }
-    Ok(Opened { membership: joined.membership, preamble: preamble.freeze() })
+    Ok(Opened { membership: joined.membership, preamble: preamble.freeze(), ip_slot })
 }
 
 /// A stream request whose token and topics were checked.

@@ -2,10 +2,12 @@
 //! [`accept`]'s accept loop, not `axum::serve`, which measured twice the memory per connection.
 //! Who may call what is [`grant`]'s; which origins, [`cors`]'s; every error body, [`error`]'s;
 //! how a query string is decoded, [`query`]'s. What a client may hold before it is authenticated
-//! is [`accept`]'s and [`pending`]'s.
+//! is [`accept`]'s and [`pending`]'s; where a request comes from, [`client_ip`]'s; how many
+//! streams an address may open, [`ip_limits`]'s.
 
 pub mod accept;
 mod admin;
+mod client_ip;
 pub mod cors;
 mod deadline;
 mod demo;
@@ -15,6 +17,7 @@ mod events;
 mod grant;
 mod health;
 mod history;
+pub mod ip_limits;
 mod pending;
 mod publish;
 mod query;
