@@ -164,21 +164,38 @@ async fn a_request_in_time_is_answered_and_its_keep_alive_connection_serves_the_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bad_token_on_publish_is_refused_without_waiting_for_the_body() {
+async fn a_publish_that_will_be_refused_is_answered_without_waiting_for_the_body() {
     // A minute: an answer within seconds can only be the early refusal.
     let node = Node::start(&[("SSE_REQUEST_TIMEOUT", "60s")]).await;
-    for authorization in ["Bearer not-a-token", "Bearer ", ""] {
+    let publisher = token("producer", &[], Some("publisher"));
+    let subscriber = token("u1", &[], None);
+    let json = "Content-Type: application/json\r\n";
+    let cases = [
+        (String::new(), json, 401, "missing_token"),
+        ("Authorization: Bearer not-a-token\r\n".to_owned(), json, 401, "invalid_token"),
+        ("Authorization: Bearer \r\n".to_owned(), json, 401, "missing_token"),
+        // A valid token is not enough: it must be a publisher's, in the Authorization header,
+        // with a JSON body. Each refusal comes before the body, not after a minute of it.
+        (format!("Authorization: Bearer {subscriber}\r\n"), json, 403, "not_a_publisher"),
+        (format!("Cookie: sse_token={publisher}\r\n"), json, 401, "bearer_required"),
+        (
+            format!("Authorization: Bearer {publisher}\r\n"),
+            "Content-Type: text/plain\r\n",
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (authorization, content_type, status, code) in cases {
         let mut client = connect(&node).await;
         let head = format!(
-            "POST /api/publish HTTP/1.1\r\nHost: x\r\n{}Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{\"users\":",
-            if authorization.is_empty() { String::new() } else { format!("Authorization: {authorization}\r\n") }
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\n{authorization}{content_type}Content-Length: 100000\r\n\r\n{{\"users\":"
         );
         client.write_all(head.as_bytes()).await.expect("head and the start of the body");
-        let answer = read_answer(&mut client, WAIT).await.expect("refused before the body arrived");
-        assert_eq!(answer.status, 401, "{answer:?}");
-        assert!(matches!(answer.json()["error"].as_str(), Some("invalid_token" | "missing_token")), "{answer:?}");
+        let answer =
+            read_answer(&mut client, WAIT).await.unwrap_or_else(|| panic!("{code}: no answer before the body"));
+        assert_eq!((answer.status, answer.json()["error"].as_str()), (status, Some(code)), "{answer:?}");
         // The unread body is not waited for either: the connection is closed.
-        assert!(closed_within(&mut client, WAIT).await, "the connection waits for a body it will never read");
+        assert!(closed_within(&mut client, WAIT).await, "{code}: the connection waits for a body it will never read");
     }
 }
 
