@@ -156,3 +156,63 @@ async fn out_of_files_the_oldest_pending_connection_makes_room() {
     assert!(node.rejected("pending_evicted").await >= 1.0);
     assert!(node.stop().contains("accept failed"), "the files were never exhausted");
 }
+
+/// The scenario: a node limited to 1,024 files, and more clients than that, each with a
+/// publisher's token, sending a publish body a byte at a time, against a request timeout (a
+/// minute) that will not come to the rescue. A valid token does not take a connection out of the
+/// pending bound (default: a quarter of the files) until its request is complete, so the slow
+/// bodies never hold more than the bound: a new client opens its stream and publishes, and an
+/// established stream keeps receiving.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_bodies_beyond_the_pending_bound_do_not_keep_a_new_client_out() {
+    let node = LimitedNode::start(1024, &[("SSE_REQUEST_TIMEOUT", "60s")]).await;
+    let stream_url = |user: &str| node.url(&format!("/events?access_token={}", token(user, &[], None)));
+    let mut before = SseClient::open(&stream_url("before"), &[]).await;
+    assert_eq!(before.status, 200, "{:?}", before.body);
+    before.connected().await;
+
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
+        token("slow", &[], Some("publisher"))
+    );
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..1100 {
+        let Ok(mut socket) = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await else { continue };
+        if socket.write_all(head.as_bytes()).await.is_err() {
+            continue;
+        }
+        // A byte every two seconds: the body is never done and the client never idle for long.
+        slow.spawn(async move {
+            while socket.write_all(b" ").await.is_ok() {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
+    assert!(slow.len() > 1024, "only {} slow clients connected", slow.len());
+
+    let within = Duration::from_secs(30);
+    let mut after = tokio::time::timeout(within, SseClient::open(&stream_url("after"), &[]))
+        .await
+        .unwrap_or_else(|_| panic!("a new client could not open a stream in {within:?}:\n{}", node.log_text()));
+    assert_eq!(after.status, 200, "{:?}", after.body);
+    after.connected().await;
+    let publish = tokio::time::timeout(
+        within,
+        common::http()
+            .post(node.url("/api/publish"))
+            .bearer_auth(token("producer", &[], Some("publisher")))
+            .json(&json!({"broadcast": true, "data": "still here"}))
+            .send(),
+    )
+    .await
+    .expect("a publisher gets in too")
+    .expect("publish");
+    assert_eq!(publish.status(), 202);
+    for stream in [&mut before, &mut after] {
+        let event = stream.next_event(Duration::from_secs(10)).await.expect("the broadcast");
+        assert_eq!(event.data, "still here");
+    }
+    assert!(node.rejected("pending_evicted").await >= 1.0);
+    slow.abort_all();
+    assert!(!node.stop().contains("accept failed"), "the files ran out all the same");
+}

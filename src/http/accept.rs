@@ -26,7 +26,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response};
 use axum::response::IntoResponse;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use super::client_ip::Peer;
 use super::deadline::DeadlineBody;
 use super::error::ApiError;
-use super::pending::{self, Pending, PendingConnections, PendingMark};
+use super::pending::{self, MarkedBody, Pending, PendingConnections, PendingMark};
 use super::raw_stream::{self, EventsRequest, Prefixed};
 use crate::log_limit::LogLimiter;
 use crate::node::Node;
@@ -223,9 +223,12 @@ impl hyper::service::Service<Request<Incoming>> for Requests {
         let deadline = self.first_deadline.take().unwrap_or_else(|| Instant::now() + self.timeout);
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(Peer(self.peer));
-        if let Some(mark) = &self.mark {
+        // Pending, the connection leaves the set by a request that is authenticated and read.
+        let request_mark = self.mark.as_ref().map(|mark| mark.request(body.is_end_stream()));
+        if let Some(mark) = &request_mark {
             parts.extensions.insert(mark.clone());
         }
+        let body = MarkedBody::new(body, request_mark);
         let (body, expired) = DeadlineBody::new(body, deadline);
         let request = Request::from_parts(parts, Body::new(body));
         let (router, node, timeout) = (self.router.clone(), self.node.clone(), self.timeout);

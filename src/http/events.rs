@@ -28,7 +28,7 @@ use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
 use super::grant::{check_origin, grant};
 use super::ip_limits::StreamSlot;
-use super::pending::PendingMark;
+use super::pending::RequestMark;
 use super::query;
 use crate::auth::Grant;
 use crate::channel::{ChannelName, check_name, topic_allowed};
@@ -73,7 +73,7 @@ impl StreamQuery {
 pub async fn subscribe(
     State(node): State<Arc<Node>>,
     peer: Option<Extension<Peer>>,
-    pending: Option<Extension<PendingMark>>,
+    pending: Option<Extension<RequestMark>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -107,15 +107,16 @@ pub struct Opened {
 
 /// Everything `/events` decides before the first byte: per-address limits, origin, token,
 /// topics, readiness, limits, subscriptions, and (with history) the resume. Shared by both
-/// serving paths; `peer` is the connection's TCP peer, and `pending` its place among the
-/// connections not yet authenticated, when it still has one (hyper's path), left as soon as the
-/// token verifies: waiting for the bus is no reason to be dropped as a slow client.
+/// serving paths; `peer` is the connection's TCP peer, and `pending` the request's mark when its
+/// connection is still pending (hyper's path). A stream request has no body to wait for, so the
+/// connection leaves the pending set as soon as the token verifies: waiting for the bus is no
+/// reason to be dropped as a slow client.
 pub async fn open(
     node: &Node,
     headers: &HeaderMap,
     query: Option<&str>,
     peer: IpAddr,
-    pending: Option<&PendingMark>,
+    pending: Option<&RequestMark>,
 ) -> Result<Opened, ApiError> {
     // First and cheapest: an address over its rate is refused before its token costs a verify.
     let client = client_address(peer, headers, &node.config.trusted_proxies);

@@ -3,9 +3,9 @@
 //! check the role a route needs. Every refusal is an [`ApiError`], answered by `error.rs`.
 //!
 //! The hyper path takes an [`Access`] as an axum extractor, which runs before the body is read
-//! (so a bad token is refused without waiting for a body) and takes an authenticated connection
-//! out of the accept layer's pending set ([`super::pending`]); the raw `/events` path, which has
-//! no axum request, calls [`grant`].
+//! (so a bad token is refused without waiting for a body) and records a valid one in the
+//! request's mark for the accept layer's pending set ([`super::pending`]); the raw `/events`
+//! path, which has no axum request, calls [`grant`].
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 
 use super::error::ApiError;
-use super::pending::PendingMark;
+use super::pending::RequestMark;
 use super::query;
 use crate::auth::{AuthError, Grant, Role, TokenSource, token_from_request};
 use crate::node::Node;
@@ -88,9 +88,9 @@ impl FromRequestParts<Arc<Node>> for Access {
 
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
         let access = grant(node, &parts.headers, parts.uri.query())?;
-        // A valid token: the connection is no longer one of the anonymous ones the accept layer
-        // bounds (before any body is read, which SSE_REQUEST_TIMEOUT bounds).
-        if let Some(pending) = parts.extensions.get::<PendingMark>() {
+        // A valid token: once its body is read too, the connection is no longer one of those
+        // the accept layer bounds.
+        if let Some(pending) = parts.extensions.get::<RequestMark>() {
             pending.authenticated();
         }
         Ok(access)

@@ -4,10 +4,14 @@
 //! A connection is pending from its accept until it has shown it is wanted: an event stream once
 //! its request head is complete (its token is checked right after, with nothing more to wait for
 //! from the client: it is then either authenticated or answered and closed), any other
-//! connection once one of its requests carries a valid token ([`PendingMark::authenticated`],
-//! called where tokens are checked). A kept-alive connection that only ever asks for `/healthz`
-//! stays pending, so a chain of cheap requests cannot keep a file outside the bound. Each pending
-//! connection is also bounded in time by `SSE_REQUEST_TIMEOUT`.
+//! connection once one of its requests is complete and authenticated: its token verified
+//! ([`RequestMark::authenticated`], called where tokens are checked) and its body read to the end
+//! ([`MarkedBody`]), in either order. A valid token alone is not enough: whoever holds one (and
+//! a subscriber's is easy to come by) could otherwise send bodies as slowly as
+//! `SSE_REQUEST_TIMEOUT` allows on as many connections as there are files. A kept-alive
+//! connection that only ever asks for `/healthz` stays pending, so a chain of cheap requests
+//! cannot keep a file outside the bound. Each pending connection is also bounded in time by
+//! `SSE_REQUEST_TIMEOUT`.
 //!
 //! When the set is full, the accept loop waits ([`PendingConnections::room`]) and new
 //! connections wait in the kernel's accept queue, until a pending connection leaves or one can
@@ -27,9 +31,13 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use http_body::{Body, Frame, SizeHint};
 use metrics::{Counter, Gauge, counter, gauge};
 use tokio::sync::{Notify, oneshot};
 
@@ -237,7 +245,7 @@ impl Pending {
         std::future::pending().await
     }
 
-    /// A handle the connection's requests carry, to leave the set once authenticated.
+    /// A handle the connection keeps for its requests, to leave the set by one of them.
     pub fn mark(&self) -> PendingMark {
         PendingMark { set: self.set.clone(), id: self.id }
     }
@@ -249,7 +257,7 @@ impl Drop for Pending {
     }
 }
 
-/// Carried in the extensions of every request of a pending hyper connection.
+/// A pending hyper connection's place in the set, kept for its requests.
 #[derive(Clone)]
 pub struct PendingMark {
     set: Arc<PendingConnections>,
@@ -257,9 +265,83 @@ pub struct PendingMark {
 }
 
 impl PendingMark {
-    /// The connection sent a valid token: it leaves the pending set (idempotent).
+    /// The mark of one request of this connection; `body_read` when it has no body to wait for.
+    pub fn request(&self, body_read: bool) -> RequestMark {
+        let progress = if body_read { BODY_READ } else { 0 };
+        RequestMark { connection: self.clone(), progress: Arc::new(AtomicU8::new(progress)) }
+    }
+}
+
+const AUTHENTICATED: u8 = 1;
+const BODY_READ: u8 = 2;
+
+/// Carried in the extensions of each request of a pending hyper connection: the connection
+/// leaves the set once this request is both authenticated and read to its end.
+#[derive(Clone)]
+pub struct RequestMark {
+    connection: PendingMark,
+    progress: Arc<AtomicU8>,
+}
+
+impl RequestMark {
+    /// The request carries a valid token.
     pub fn authenticated(&self) {
-        self.set.leave(self.id);
+        self.record(AUTHENTICATED);
+    }
+
+    /// The request's body was read to its end.
+    fn body_read(&self) {
+        self.record(BODY_READ);
+    }
+
+    fn record(&self, step: u8) {
+        // Whichever of the two comes second takes the connection out (leaving is idempotent).
+        if self.progress.fetch_or(step, Ordering::AcqRel) | step == AUTHENTICATED | BODY_READ {
+            self.connection.set.leave(self.connection.id);
+        }
+    }
+}
+
+/// A request body that tells its [`RequestMark`] when it has been read to its end. An error
+/// (a late or broken body) is not an end.
+pub struct MarkedBody<B> {
+    inner: B,
+    /// Taken when the end is reported; `None` from the start when nothing is to be reported.
+    mark: Option<RequestMark>,
+}
+
+impl<B> MarkedBody<B> {
+    pub fn new(inner: B, mark: Option<RequestMark>) -> Self {
+        Self { inner, mark }
+    }
+}
+
+impl<B: Body + Unpin> Body for MarkedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        // After the last data frame a sized body already says it has ended; a reader that
+        // stops there (as `collect` may not) still counts as having read it all.
+        let ended = match &frame {
+            None => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if ended && let Some(mark) = this.mark.take() {
+            mark.body_read();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -267,7 +349,9 @@ impl PendingMark {
 mod tests {
     use std::future::Future;
     use std::os::fd::AsRawFd;
-    use std::task::{Context, Waker};
+    use std::task::Waker;
+
+    use bytes::Bytes;
 
     use super::*;
 
@@ -346,13 +430,41 @@ mod tests {
         let sockets = [socket(), socket()];
         let mut authenticated = set.admit(sockets[0].node.as_raw_fd());
         let closed = set.admit(sockets[1].node.as_raw_fd());
-        authenticated.mark().authenticated();
-        authenticated.mark().authenticated();
+        let request = authenticated.mark().request(true);
+        request.authenticated();
+        request.authenticated();
         drop(closed);
         assert_eq!(set.len(), 0);
         age(&set);
         assert!(!set.evict_oldest(), "nothing is pending");
         assert!(!is_evicted(&mut authenticated));
+    }
+
+    #[tokio::test]
+    async fn a_request_takes_its_connection_out_once_authenticated_and_read_in_either_order() {
+        use http_body_util::{BodyExt, Full};
+        let set = PendingConnections::new(8);
+        let sockets = [socket(), socket(), socket()];
+        let token_first = set.admit(sockets[0].node.as_raw_fd());
+        let body_first = set.admit(sockets[1].node.as_raw_fd());
+        let never_authenticated = set.admit(sockets[2].node.as_raw_fd());
+
+        let request = token_first.mark().request(false);
+        request.authenticated();
+        assert_eq!(set.len(), 3, "a valid token with its body still to come is still pending");
+        let body = MarkedBody::new(Full::new(Bytes::from_static(b"{}")), Some(request));
+        assert_eq!(body.collect().await.expect("body").to_bytes(), "{}");
+        assert_eq!(set.len(), 2);
+
+        let request = body_first.mark().request(false);
+        let _ = MarkedBody::new(Full::new(Bytes::from_static(b"{}")), Some(request.clone())).collect().await;
+        assert_eq!(set.len(), 2, "a whole body without a token is still pending");
+        request.authenticated();
+        assert_eq!(set.len(), 1);
+
+        // A request without a body (`/healthz`), never authenticated.
+        let _ = never_authenticated.mark().request(true);
+        assert_eq!(set.len(), 1);
     }
 
     #[test]
