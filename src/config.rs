@@ -155,6 +155,18 @@ pub struct Config {
     #[arg(long, env = "SSE_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
+    /// Bytes of events a stream may have waiting (its queue, and the rest of an event its socket
+    /// took only part of) before it is cut off as a slow consumer. Plain bytes, or with a `KiB`
+    /// or `MiB` suffix. An event is never refused by an empty queue, and a resume's replay does
+    /// not count against it.
+    #[arg(long, env = "SSE_QUEUE_MAX_BYTES", default_value = "1MiB", value_parser = parse_queue_bytes)]
+    pub queue_max_bytes: u32,
+
+    /// A stream whose socket takes no byte for this long is dropped: its client stopped reading
+    /// with something left to write. At least 1s.
+    #[arg(long, env = "SSE_WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_stall_timeout: Duration,
+
     /// Largest accepted body of `POST /api/publish`, in bytes. The default takes a 64 KiB `data`
     /// string even when every character needs a JSON escape (`\"`, `\\`: twice the bytes), plus
     /// the envelope and targets.
@@ -247,6 +259,8 @@ pub enum ConfigError {
     HeartbeatTooShort,
     #[error("SSE_HISTORY_*_LENGTH must be at least 1")]
     HistoryLength,
+    #[error("SSE_WRITE_STALL_TIMEOUT must be at least 1s")]
+    WriteStallTooShort,
 }
 
 impl Config {
@@ -288,6 +302,9 @@ impl Config {
         }
         if [self.history_user_length, self.history_topic_length, self.history_broadcast_length].contains(&0) {
             return Err(ConfigError::HistoryLength);
+        }
+        if self.write_stall_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::WriteStallTooShort);
         }
         Ok(())
     }
@@ -345,6 +362,35 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
 }
 
+/// Parses a byte size: a bare number of bytes, or a number with a `KiB` (1024) or `MiB`
+/// (1024 * 1024) suffix, with or without a space between. `KB`, `MB`, `k` and the like are
+/// refused rather than guessed at: whether they mean 1000 or 1024 differs from tool to tool.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("{s:?} is not a size (examples: 262144, 256KiB, 1MiB)"))?;
+    let unit_bytes = match unit.trim_start() {
+        "" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use bytes, KiB or MiB)")),
+    };
+    value.checked_mul(unit_bytes).ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+/// `SSE_QUEUE_MAX_BYTES`: a byte size from 1 KiB to 1 GiB. The ceiling keeps a stream's byte
+/// count, a `u32` in every stream's state, far from overflowing by the one event that may
+/// cross the bound.
+fn parse_queue_bytes(s: &str) -> Result<u32, String> {
+    const RANGE: std::ops::RangeInclusive<u64> = 1024..=1024 * 1024 * 1024;
+    let bytes = parse_byte_size(s)?;
+    if !RANGE.contains(&bytes) {
+        return Err(format!("{s:?} is outside 1KiB..=1024MiB"));
+    }
+    u32::try_from(bytes).map_err(|_| format!("{s:?} is out of range"))
+}
+
 /// The node's settings from `args` (after the program name), without validating them.
 #[cfg(test)]
 pub fn config_from(args: &[&str]) -> Config {
@@ -383,6 +429,40 @@ mod tests {
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("1e400s").is_err());
+    }
+
+    #[test]
+    fn sizes_are_bytes_kib_or_mib() {
+        assert_eq!(parse_byte_size("262144"), Ok(262_144));
+        assert_eq!(parse_byte_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_byte_size("1MiB"), Ok(1_048_576));
+        assert_eq!(parse_byte_size(" 2 MiB "), Ok(2 * 1_048_576));
+        assert_eq!(parse_byte_size("0"), Ok(0));
+        for junk in ["", "MiB", "1.5MiB", "-1", "1KB", "1MB", "1k", "1M", "1mib", "1GiB", "1 MiB x", "ten"] {
+            assert!(parse_byte_size(junk).is_err(), "{junk:?} was accepted");
+        }
+        assert!(parse_byte_size("99999999999999999999").is_err());
+        assert!(parse_byte_size("18446744073709551615MiB").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn the_queue_byte_bound_defaults_to_1_mib_and_takes_suffixes() {
+        assert_eq!(parse(&[]).expect("defaults are valid").queue_max_bytes, 1024 * 1024);
+        assert_eq!(parse(&["--queue-max-bytes", "256KiB"]).expect("valid").queue_max_bytes, 256 * 1024);
+        assert_eq!(parse(&["--queue-max-bytes", "4096"]).expect("valid").queue_max_bytes, 4096);
+        assert_eq!(parse(&["--queue-max-bytes", "1024MiB"]).expect("valid").queue_max_bytes, 1 << 30);
+        for refused in ["1MB", "1.5MiB", "lots", "1023", "1025MiB", "0"] {
+            let error = parse(&["--queue-max-bytes", refused]).expect_err(refused);
+            assert!(error.contains("--queue-max-bytes"), "the error names the setting: {error}");
+        }
+    }
+
+    #[test]
+    fn the_write_stall_timeout_is_at_least_a_second() {
+        assert_eq!(parse(&[]).expect("defaults are valid").write_stall_timeout, Duration::from_secs(30));
+        assert_eq!(parse(&["--write-stall-timeout", "2s"]).expect("valid").write_stall_timeout, Duration::from_secs(2));
+        assert!(parse(&["--write-stall-timeout", "500ms"]).unwrap_err().contains("SSE_WRITE_STALL_TIMEOUT"));
+        assert!(parse(&["--write-stall-timeout", "0"]).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::auth::{UserId, unix_now};
 use crate::bus::{Bus, SubscriptionReady};
 use crate::channel::ChannelName;
 use crate::config::PerUserPolicy;
-use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed, Rebase};
+use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed, QueueLimit, Rebase};
 use crate::envelope;
 use crate::frame;
 use crate::history::StreamId;
@@ -33,12 +33,20 @@ pub struct Limits {
     /// 0: no limit.
     pub per_node: usize,
     pub queue_capacity: usize,
+    /// Bytes a stream may have waiting before it is cut off as a slow consumer.
+    pub queue_max_bytes: u32,
     /// Zero: off.
     pub inactivity_timeout: Duration,
     /// Zero: off.
     pub max_lifetime: Duration,
     /// History is on: `id:` lines are resume cursors, so a producer's own envelope `id` is not written.
     pub history: bool,
+}
+
+impl Limits {
+    fn queue(&self) -> QueueLimit {
+        QueueLimit { frames: self.queue_capacity, bytes: self.queue_max_bytes }
+    }
 }
 
 /// Why a stream may not join.
@@ -128,11 +136,28 @@ impl Membership {
     pub fn connection(&self) -> &Connection {
         &self.connection
     }
+
+    /// The stream's own side ends it for `reason` (the client left, its socket stalled).
+    /// Counted only when the stream was still open: a stream the node closed first was
+    /// counted then, for the node's reason.
+    pub fn end(&self, reason: CloseReason) {
+        if self.connection.release() {
+            self.hub.metrics.closed(reason);
+        }
+    }
+
+    /// Leaves without counting a close: the stream was refused before it opened (its request
+    /// is answered with an error status instead of the stream).
+    pub fn refuse(self) {
+        let _ = self.connection.release();
+    }
 }
 
 impl Drop for Membership {
+    /// Whatever ends a stream without closing it first is its client going away: on the hyper
+    /// path, hyper dropping the body of a connection that closed.
     fn drop(&mut self) {
-        self.connection.release();
+        self.end(CloseReason::ClientClosed);
         self.hub.detach(&self.connection);
     }
 }
@@ -238,9 +263,10 @@ impl Hub {
         }
         self.metrics.active.increment(1.0);
         self.metrics.total.increment(1);
-        if let Some(oldest) = evicted {
+        if let Some(oldest) = evicted
+            && oldest.close(CloseReason::Replaced.farewell())
+        {
             self.metrics.closed(CloseReason::Replaced);
-            oldest.close(CloseReason::Replaced.farewell());
         }
         Ok(Joined { membership: Membership { hub: self.clone(), connection }, pending })
     }
@@ -354,37 +380,47 @@ impl Hub {
                 hub.push_to(&listeners[part * share..end], &item)
             }));
         }
-        let mut slow = self.push_to(&listeners[..share.min(listeners.len())], &item);
+        let (mut slow, mut gone) = self.push_to(&listeners[..share.min(listeners.len())], &item);
         // A share that panicked reached an unknown part of its listeners: none of it is counted
         // as sent. (The streams themselves are intact: a connection's lock survives a panic.)
         let mut lost = 0;
         for (part, other) in (1..parts).zip(others) {
             match other.await {
-                Ok(cut) => slow += cut,
+                Ok((cut, failed)) => {
+                    slow += cut;
+                    gone += failed;
+                }
                 Err(e) => {
                     lost += listeners.len().min((part + 1) * share).saturating_sub(part * share);
                     tracing::error!(channel, error = %e, "a fan-out share failed");
                 }
             }
         }
-        self.metrics.sent.increment(listeners.len().saturating_sub(slow + lost) as u64);
+        self.metrics.sent.increment(listeners.len().saturating_sub(slow + gone + lost) as u64);
         self.metrics.fan_out.record(started.elapsed());
         if slow > 0 {
             self.metrics.closed_many(CloseReason::SlowConsumer, slow as u64);
             tracing::debug!(channel, slow, "cut off slow consumers");
         }
+        if gone > 0 {
+            self.metrics.closed_many(CloseReason::ClientClosed, gone as u64);
+        }
     }
 
-    /// Pushes to each of `listeners`; returns how many were cut off as slow consumers.
-    fn push_to(&self, listeners: &[Arc<Connection>], item: &Item) -> usize {
+    /// Pushes to each of `listeners`; returns how many streams this ended: cut off as slow
+    /// consumers, and found gone by a failed write.
+    fn push_to(&self, listeners: &[Arc<Connection>], item: &Item) -> (usize, usize) {
         let now = Some(self.now());
-        let mut slow = 0;
+        let limit = self.limits.queue();
+        let (mut slow, mut gone) = (0, 0);
         for listener in listeners {
-            if listener.push(item, self.limits.queue_capacity, now) == Pushed::Full && listener.cut() {
-                slow += 1;
+            match listener.push(item, limit, now) {
+                Pushed::Accepted | Pushed::Closed => {}
+                Pushed::Full => slow += usize::from(listener.cut()),
+                Pushed::Gone => gone += 1,
             }
         }
-        slow
+        (slow, gone)
     }
 
     /// The bus lost its connection: every channel has a gap until it is resubscribed.
@@ -436,8 +472,10 @@ impl Hub {
         if let Some(heartbeat) = heartbeat {
             let ping = Item::Raw(heartbeat.frame.clone());
             for connection in due {
-                if connection.push(&ping, self.limits.queue_capacity, None) == Pushed::Full {
-                    expired.push((connection, CloseReason::SlowConsumer));
+                match connection.push(&ping, self.limits.queue(), None) {
+                    Pushed::Accepted | Pushed::Closed => {}
+                    Pushed::Full => expired.push((connection, CloseReason::SlowConsumer)),
+                    Pushed::Gone => self.metrics.closed(CloseReason::ClientClosed),
                 }
             }
         }
@@ -510,6 +548,7 @@ mod tests {
             per_user_policy: policy,
             per_node,
             queue_capacity,
+            queue_max_bytes: u32::MAX,
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
@@ -646,6 +685,81 @@ mod tests {
         for stream in &joined {
             assert_eq!(drain(stream.membership.connection()), expected);
         }
+    }
+
+    /// A hub whose metrics go to a recorder of the test's own, read back with `closed`.
+    fn counted_hub(queue_max_bytes: u32) -> (Arc<Hub>, metrics_exporter_prometheus::PrometheusHandle) {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let metrics = metrics::with_local_recorder(&recorder, HubMetrics::new);
+        let (bus, _inbound) = MemoryBus::new(ChannelNames::new("sse"), None);
+        let limits = Limits {
+            per_user: 1,
+            per_user_policy: PerUserPolicy::EvictOldest,
+            per_node: 0,
+            queue_capacity: 1024,
+            queue_max_bytes,
+            inactivity_timeout: Duration::ZERO,
+            max_lifetime: Duration::ZERO,
+            history: false,
+        };
+        (Hub::new(bus, limits, metrics), handle)
+    }
+
+    /// `sse_connections_closed_total` by reason, as the node would expose it.
+    fn closed(handle: &metrics_exporter_prometheus::PrometheusHandle) -> Vec<(String, u64)> {
+        let mut counts: Vec<(String, u64)> = handle
+            .render()
+            .lines()
+            .filter_map(|line| line.strip_prefix("sse_connections_closed_total{reason=\""))
+            .filter_map(|rest| {
+                let (reason, value) = rest.split_once("\"} ")?;
+                Some((reason.to_owned(), value.parse().ok()?))
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect();
+        counts.sort();
+        counts
+    }
+
+    #[tokio::test]
+    async fn every_way_a_stream_ends_is_counted_once_with_its_reason() {
+        let (hub, metrics) = counted_hub(1000);
+        let count = |expected: &[(&str, u64)]| {
+            let expected: Vec<(String, u64)> = expected.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
+            assert_eq!(closed(&metrics), expected);
+        };
+        // Replaced by a newer stream of the same user; the old one's body is dropped later.
+        let old = join(&hub, "a").expect("joins");
+        let _new = join(&hub, "a").expect("replaces");
+        drop(old);
+        count(&[("replaced", 1)]);
+        // Past the byte bound: cut off, once, however many events follow.
+        let slow = join(&hub, "b").expect("joins");
+        for _ in 0..3 {
+            hub.deliver("sse:user:b", None, "x".repeat(600).as_bytes()).await;
+        }
+        assert!(slow.membership.connection().is_closed());
+        drop(slow);
+        count(&[("replaced", 1), ("slow_consumer", 1)]);
+        // The client went away (hyper dropped the body): nothing closed it before.
+        drop(join(&hub, "c").expect("joins"));
+        count(&[("client_closed", 1), ("replaced", 1), ("slow_consumer", 1)]);
+        // The stream's task saw its socket stall, then the body went too.
+        let stalled = join(&hub, "d").expect("joins");
+        stalled.membership.end(CloseReason::WriteStalled);
+        stalled.membership.end(CloseReason::ClientClosed);
+        drop(stalled);
+        count(&[("client_closed", 1), ("replaced", 1), ("slow_consumer", 1), ("write_stalled", 1)]);
+        // Closed by the node (here: a drain), then its client leaves: one close, the node's.
+        let drained = join(&hub, "e").expect("joins");
+        hub.close(&drained.membership.connection, CloseReason::Shutdown, CloseReason::Shutdown.farewell());
+        drained.membership.end(CloseReason::ClientClosed);
+        drop(drained);
+        // Refused before it opened: a rejection, not a close.
+        join(&hub, "f").expect("joins").membership.refuse();
+        count(&[("client_closed", 1), ("replaced", 1), ("shutdown", 1), ("slow_consumer", 1), ("write_stalled", 1)]);
+        assert_eq!(hub.stats().connections, 1, "only the newer stream of a is left");
     }
 
     #[test]

@@ -66,7 +66,7 @@ fn describe() {
         "Time to hand one message to every local stream of its channel (written or queued)"
     );
     describe_counter!(CONNECTIONS_REJECTED, "Stream requests refused, by reason");
-    describe_counter!(CONNECTIONS_CLOSED, "Streams closed by the node, by reason");
+    describe_counter!(CONNECTIONS_CLOSED, "Streams ended, by reason (each stream once, by the node or its client)");
     describe_counter!(MESSAGES_REFUSED, "Published payloads not delivered because they could break framing, by reason");
     describe_counter!(BUS_MESSAGES, "Payloads received from the bus");
     describe_counter!(BUS_INBOUND_DROPPED, "Payloads dropped because the dispatcher queue was full");
@@ -93,7 +93,7 @@ pub struct HubMetrics {
 
 /// Every reason a stream is closed for, in declaration order: `HubMetrics::closed` is indexed
 /// by `reason as usize`.
-const CLOSE_REASONS: [CloseReason; 7] = [
+const CLOSE_REASONS: [CloseReason; 9] = [
     CloseReason::Replaced,
     CloseReason::SlowConsumer,
     CloseReason::Inactive,
@@ -101,6 +101,8 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::TokenExpired,
     CloseReason::Shutdown,
     CloseReason::Overflow,
+    CloseReason::ClientClosed,
+    CloseReason::WriteStalled,
 ];
 
 impl HubMetrics {

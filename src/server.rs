@@ -86,6 +86,7 @@ impl Server {
             per_user_policy: config.per_user_policy,
             per_node: config.max_connections,
             queue_capacity: config.queue_capacity as usize,
+            queue_max_bytes: config.queue_max_bytes,
             inactivity_timeout: config.connection_timeout,
             max_lifetime: config.max_connection_lifetime,
             history: history.is_some(),

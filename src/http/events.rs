@@ -136,11 +136,18 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     .await;
     if waited.is_err() {
         node.hub_metrics.rejected("subscribe_timeout");
+        joined.membership.refuse();
         return Err(ApiError::unavailable("not_ready", "subscribing took too long; retry shortly"));
     }
     let connection = joined.membership.connection();
     let resets = match (&node.resume, start) {
-        (Some(resume), Some(start)) => resume.replay(connection, start).await.map_err(history_unavailable)?,
+        (Some(resume), Some(start)) => match resume.replay(connection, start).await {
+            Ok(resets) => resets,
+            Err(error) => {
+                joined.membership.refuse();
+                return Err(history_unavailable(error));
+            }
+        },
         _ => None,
     };
 
