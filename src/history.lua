@@ -8,6 +8,9 @@ local EPOCH_KEY = PREFIX .. ':epoch'
 local KEY = '%KEY%'
 -- Entries one XRANGE of a page reads at most.
 local READ_BATCH = 16
+-- The first XRANGE of a page: most reads find a few entries (one call for them), and at most a
+-- few large ones are copied into Lua in vain.
+local FIRST_BATCH = 4
 
 -- HMAC-SHA1 with the 64-byte KEY (one block: no key hashing). The pads are computed on first
 -- use: the standard libraries are not reachable while a library loads.
@@ -105,7 +108,7 @@ end
 local function read_after(key, pos, budget)
   local entries = {}
   local from = '(' .. pos
-  local want = 1
+  local want = FIRST_BATCH
   while budget.entries > 0 do
     local count = math.min(budget.entries, want)
     local batch = redis.call('XRANGE', key, from, '+', 'COUNT', count)
