@@ -395,8 +395,9 @@ struct CatchUp {
     finished: bool,
 }
 
-/// How often a catch-up looks whether the stream wrote its page (the connection has no signal
-/// for it; a page takes far longer than this to write when it matters).
+/// How often a catch-up looks whether the stream took its page (the connection has no signal
+/// for it, which would cost every stream memory; a look is one lock and a comparison, and a page
+/// takes far longer than this to write when it matters).
 const WRITTEN_POLL: Duration = Duration::from_millis(5);
 
 impl CatchUp {
@@ -495,11 +496,7 @@ impl CatchUp {
                 self.hub.release(&self.hold); // Cuts it off as a slow consumer.
                 return false;
             }
-            let cursor = connection.cursor().and_then(|text| Cursor::decode(&text).ok());
-            if let Some(cursor) = cursor
-                && cursor.epoch == epoch
-                && self.channels.iter().zip(next).all(|(channel, at)| cursor.position(channel) == Some(*at))
-            {
+            if connection.is_at(epoch, next) {
                 return true;
             }
             tokio::time::sleep(WRITTEN_POLL).await;
