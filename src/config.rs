@@ -210,6 +210,21 @@ pub struct Config {
     #[arg(long, env = "SSE_HISTORY_BROADCAST_AGE", default_value = "1h", value_parser = parse_duration)]
     pub history_broadcast_age: Duration,
 
+    /// Most history entries one read from Redis returns (a resume or backfill reads page by page;
+    /// `/api/history` answers one page).
+    #[arg(long, env = "SSE_HISTORY_PAGE_ENTRIES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub history_page_entries: u32,
+
+    /// Most payload bytes one read from Redis returns (a larger entry comes alone). A node keeps
+    /// about 2 MiB of history reads in flight, so this also sets how many run at once.
+    #[arg(long, env = "SSE_HISTORY_PAGE_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub history_page_bytes: u32,
+
+    /// Most history entries one (re)connecting stream is replayed; channels still behind past it
+    /// get `reset` `window_lost` and continue from their current end.
+    #[arg(long, env = "SSE_HISTORY_MAX_REPLAY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_max_replay: u32,
+
     /// Log format.
     #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -322,6 +337,15 @@ impl Config {
             topic: Retention { length: self.history_topic_length, age: self.history_topic_age },
             broadcast: Retention { length: self.history_broadcast_length, age: self.history_broadcast_age },
         })
+    }
+
+    /// How resumes read history: page bounds and the most one stream is replayed.
+    pub fn replay_limits(&self) -> crate::history::ReplayLimits {
+        use crate::history::{Page, ReplayLimits};
+        ReplayLimits {
+            page: Page { entries: self.history_page_entries, bytes: self.history_page_bytes },
+            max_replay: self.history_max_replay,
+        }
     }
 
     /// Development mode: no key configured, so the node makes up a secret and prints tokens.
@@ -501,6 +525,12 @@ mod tests {
         assert!(parse(&["--history-user-length", "0"]).is_err());
         assert!(parse(&["--history", "maybe"]).is_err());
         assert!(parse(&["--history", "false"]).expect("valid").history().is_none());
+        assert!(parse(&["--history-page-entries", "0"]).is_err());
+        assert!(parse(&["--history-page-bytes", "1000"]).is_err());
+        assert!(parse(&["--history-max-replay", "0"]).is_err());
+        let limits =
+            parse(&["--history-page-entries", "10", "--history-max-replay", "50"]).expect("valid").replay_limits();
+        assert_eq!((limits.page.entries, limits.page.bytes, limits.max_replay), (10, 262_144, 50));
     }
 
     #[test]

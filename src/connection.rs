@@ -397,6 +397,13 @@ impl Connection {
         Some(Cursor::encode(state.epoch, unix_now(), self.positions(&state)))
     }
 
+    /// Whether the stream's cursor stands at `epoch` and `positions` (in the order of its
+    /// channels): a long replay queues its next page once the stream has taken the previous one.
+    pub fn is_at(&self, epoch: u32, positions: &[StreamId]) -> bool {
+        let state = self.state();
+        state.epoch == epoch && *state.positions == *positions
+    }
+
     /// (channel hash, position) pairs, the content of a cursor.
     fn positions<'a>(&'a self, state: &'a State) -> impl Iterator<Item = (u32, StreamId)> + 'a {
         self.per_channel.iter().map(|c| c.hash).zip(state.positions.iter().copied())
@@ -596,7 +603,7 @@ fn register(state: &mut State, cx: &Context<'_>) {
 }
 
 impl Item {
-    fn frame(&self) -> &Bytes {
+    pub(crate) fn frame(&self) -> &Bytes {
         match self {
             Item::Raw(frame) | Item::Event { frame, .. } => frame,
             Item::Rebase(rebase) => &rebase.frame,

@@ -5,6 +5,11 @@
 //! takes it for reading and, per message, frames once and pushes the same `Bytes` into every
 //! listener's queue. A channel's first listener asks the bus to subscribe and its last one to
 //! unsubscribe, both under the lock so the bus sees them in the registry's order.
+//!
+//! A stream that is being replayed history joins *held* ([`Hub::join_held`]): it is subscribed
+//! like any other, but what arrives live for it waits in its [`Hold`] (bounded like a queue)
+//! instead of its queue, so a replay of many pages is written before anything newer; the
+//! resume releases it ([`Hub::release`]) once the last page is queued.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -114,6 +119,9 @@ struct Registry {
 }
 
 struct ChannelEntry {
+    /// Streams listening on this channel whose replay is not written yet (rare, and touched only
+    /// under the registry lock).
+    held: Vec<Arc<Hold>>,
     /// Shared with fan-outs in progress, which write outside the registry lock; a join or leave
     /// during one copies the list (`Arc::make_mut`) instead of waiting for it. Unordered: a
     /// leave swaps the last listener into the gap, and every listener knows its index
@@ -124,6 +132,48 @@ struct ChannelEntry {
     last_id: Mutex<StreamId>,
     /// Set when the bus disconnected; cleared when the channel is resubscribed and backfilled.
     gap: AtomicBool,
+}
+
+/// What arrived live for a held stream, in bus order, until its replay is written.
+pub struct Hold {
+    connection: Arc<Connection>,
+    items: Mutex<Vec<Item>>,
+    /// The frames' bytes in `items` (changed under its lock).
+    bytes: AtomicU64,
+    /// More arrived than a queue may hold: the stream is cut off as a slow consumer.
+    overflowed: AtomicBool,
+}
+
+impl Hold {
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// The id of the first history entry of `channel` held so far: from it on, the channel's
+    /// history arrives live, so a replay stops before it.
+    pub fn first_held(&self, channel: &ChannelName) -> Option<StreamId> {
+        let items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        items.iter().find_map(|item| match item {
+            Item::Event { channel: held, id, .. } if held == channel => Some(*id),
+            _ => None,
+        })
+    }
+
+    /// Keeps `item` for the stream until its replay is queued, within the bounds of its queue.
+    fn keep(&self, item: &Item, limit: QueueLimit) {
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        let bytes = self.bytes.load(Ordering::Relaxed) + item.frame().len() as u64;
+        if items.len() >= limit.frames || (!items.is_empty() && bytes > u64::from(limit.bytes)) {
+            self.overflowed.store(true, Ordering::Release);
+        } else {
+            items.push(item.clone());
+            self.bytes.store(bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A stream's place in the hub. Dropping it leaves (idempotent with the hub closing it).
@@ -167,6 +217,8 @@ impl Drop for Membership {
 pub struct Joined {
     pub membership: Membership,
     pub pending: Vec<Arc<SubscriptionReady>>,
+    /// Set when the stream joined held ([`Hub::join_held`]).
+    pub hold: Option<Arc<Hold>>,
 }
 
 impl Hub {
@@ -207,10 +259,32 @@ impl Hub {
         channels: Vec<ChannelName>,
         token_expires_at: u64,
     ) -> Result<Joined, JoinError> {
+        self.join_as(user, channels, token_expires_at, false)
+    }
+
+    /// Like [`Hub::join`], but what arrives live for the stream is held until [`Hub::release`]
+    /// (for a stream whose history is replayed first).
+    pub fn join_held(
+        self: &Arc<Self>,
+        user: UserId,
+        channels: Vec<ChannelName>,
+        token_expires_at: u64,
+    ) -> Result<Joined, JoinError> {
+        self.join_as(user, channels, token_expires_at, true)
+    }
+
+    fn join_as(
+        self: &Arc<Self>,
+        user: UserId,
+        channels: Vec<ChannelName>,
+        token_expires_at: u64,
+        held: bool,
+    ) -> Result<Joined, JoinError> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let mut evicted = None;
         let mut pending = Vec::new();
         let connection;
+        let hold;
         {
             let mut registry = self.write();
             // Share the registry's name of each channel that already has listeners: events carry
@@ -220,6 +294,14 @@ impl Hub {
                 .map(|c| registry.channels.get_key_value(&c).map_or(c, |(known, _)| known.clone()))
                 .collect();
             connection = Arc::new(Connection::new(id, user.clone(), channels, token_expires_at, self.now()));
+            hold = held.then(|| {
+                Arc::new(Hold {
+                    connection: connection.clone(),
+                    items: Mutex::new(Vec::new()),
+                    bytes: AtomicU64::new(0),
+                    overflowed: AtomicBool::new(false),
+                })
+            });
             if registry.draining {
                 return Err(JoinError::Draining);
             }
@@ -246,15 +328,20 @@ impl Hub {
                     let ready = Arc::new(SubscriptionReady::default());
                     self.bus.subscribe(channel.clone(), ready.clone());
                     ChannelEntry {
+                        held: Vec::new(),
                         listeners: Arc::default(),
                         ready,
                         last_id: Mutex::new(StreamId::ZERO),
                         gap: AtomicBool::new(false),
                     }
                 });
-                let listeners = Arc::make_mut(&mut entry.listeners);
-                connection.set_listed_at(slot, listeners.len());
-                listeners.push(connection.clone());
+                if let Some(hold) = &hold {
+                    entry.held.push(hold.clone());
+                } else {
+                    let listeners = Arc::make_mut(&mut entry.listeners);
+                    connection.set_listed_at(slot, listeners.len());
+                    listeners.push(connection.clone());
+                }
                 if !entry.ready.is_set() {
                     pending.push(entry.ready.clone());
                 }
@@ -268,7 +355,62 @@ impl Hub {
         {
             self.metrics.closed(CloseReason::Replaced);
         }
-        Ok(Joined { membership: Membership { hub: self.clone(), connection }, pending })
+        Ok(Joined { membership: Membership { hub: self.clone(), connection }, pending, hold })
+    }
+
+    /// Makes a held stream an ordinary listener and queues what was held for it, behind its
+    /// replay. Under the registry lock, so nothing delivered later overtakes what was held.
+    /// Returns false when the stream is gone or was cut off (its hold overflowed).
+    pub fn release(&self, hold: &Arc<Hold>) -> bool {
+        let connection = &hold.connection;
+        let (mut released, mut slow, mut gone) = (false, false, false);
+        {
+            let mut registry = self.write();
+            for (slot, channel) in connection.channels.iter().enumerate() {
+                let Some(entry) = registry.channels.get_mut(channel) else { continue };
+                let Some(at) = entry.held.iter().position(|h| Arc::ptr_eq(h, hold)) else { continue };
+                entry.held.swap_remove(at);
+                let listeners = Arc::make_mut(&mut entry.listeners);
+                connection.set_listed_at(slot, listeners.len());
+                listeners.push(connection.clone());
+                released = true;
+            }
+            let items = std::mem::take(&mut *hold.items.lock().unwrap_or_else(PoisonError::into_inner));
+            if released && !hold.overflowed() {
+                let (now, limit) = (Some(self.now()), self.limits.queue());
+                for item in &items {
+                    match connection.push(item, limit, now) {
+                        Pushed::Accepted | Pushed::Closed => {}
+                        Pushed::Full => slow = true,
+                        Pushed::Gone => gone = true,
+                    }
+                    if slow || gone {
+                        break;
+                    }
+                }
+                self.metrics.sent.increment(items.len() as u64);
+            }
+        }
+        if released && gone {
+            self.detach(connection);
+            self.metrics.closed(CloseReason::ClientClosed);
+            return false;
+        }
+        if released && (slow || hold.overflowed()) {
+            self.detach(connection);
+            if connection.cut() {
+                self.metrics.closed(CloseReason::SlowConsumer);
+            }
+            return false;
+        }
+        released
+    }
+
+    /// A push from outside the hub (a long replay's catch-up) found the client gone, which ended
+    /// the stream: counts the close and lets the stream go.
+    pub fn client_gone(&self, connection: &Arc<Connection>) {
+        self.detach(connection);
+        self.metrics.closed(CloseReason::ClientClosed);
     }
 
     /// Removes a stream whose body was dropped. A no-op if the hub already removed it.
@@ -287,6 +429,14 @@ impl Hub {
         registry.connections -= 1;
         for (slot, channel) in connection.channels.iter().enumerate() {
             let Some(entry) = registry.channels.get_mut(channel) else { continue };
+            if let Some(at) = entry.held.iter().position(|h| Arc::ptr_eq(&h.connection, connection)) {
+                entry.held.swap_remove(at);
+                if entry.listeners.is_empty() && entry.held.is_empty() {
+                    registry.channels.remove(channel);
+                    self.bus.unsubscribe(channel.clone());
+                }
+                continue;
+            }
             let at = connection.listed_at(slot);
             let kept = entry.listeners.get(at).is_some_and(|listed| Arc::ptr_eq(listed, connection));
             debug_assert!(kept, "{channel}: a listener's index was not kept");
@@ -299,7 +449,7 @@ impl Hub {
                     moved.relist(channel, listeners.len(), at);
                 }
             }
-            if entry.listeners.is_empty() {
+            if entry.listeners.is_empty() && entry.held.is_empty() {
                 registry.channels.remove(channel);
                 self.bus.unsubscribe(channel.clone());
             }
@@ -346,6 +496,9 @@ impl Hub {
                 Some(id) => Item::Event { channel: name.clone(), id, frame: framed },
                 None => Item::Raw(framed),
             };
+            for hold in &entry.held {
+                hold.keep(&item, self.limits.queue());
+            }
             (entry.listeners.clone(), item)
         };
         self.fan_out(channel, listeners, item).await;
@@ -358,8 +511,11 @@ impl Hub {
             let registry = self.read();
             let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
             *entry.last_id.lock().unwrap_or_else(PoisonError::into_inner) = tail;
-            let rebase = Rebase { epoch, channel: name.clone(), tail, frame };
-            (entry.listeners.clone(), Item::Rebase(Arc::new(rebase)))
+            let item = Item::Rebase(Arc::new(Rebase { epoch, channel: name.clone(), tail, frame }));
+            for hold in &entry.held {
+                hold.keep(&item, self.limits.queue());
+            }
+            (entry.listeners.clone(), item)
         };
         self.fan_out(channel, listeners, item).await;
     }
@@ -801,5 +957,43 @@ mod tests {
         assert_eq!(limiter.allow(0), None);
         assert_eq!(limiter.allow(0), None);
         assert_eq!(limiter.allow(1), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_gets_what_arrived_for_it_behind_its_replay_in_bus_order() {
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 8);
+        let joined = hub.join_held(UserId::new("h").expect("id"), channels("h"), u64::MAX).expect("joins");
+        let hold = joined.hold.clone().expect("held");
+        let other = join(&hub, "other").expect("joins");
+        hub.deliver("sse:broadcast", None, b"live 1").await;
+        hub.deliver("sse:user:h", None, b"live 2").await;
+        let held = joined.membership.connection();
+        assert!(drain(held).is_empty(), "nothing reaches a held stream");
+        assert_eq!(drain(other.membership.connection()), [frame::event(None, None, "live 1")], "others get it at once");
+        let replay = frame::event(None, None, "replayed");
+        held.start_history(1, vec![StreamId::ZERO; 2], vec![Item::Raw(replay.clone())]);
+        assert!(hub.release(&hold));
+        hub.deliver("sse:user:h", None, b"live 3").await;
+        let expected = ["live 1", "live 2", "live 3"].map(|d| frame::event(None, None, d));
+        assert_eq!(drain(held), [&[replay][..], &expected[..]].concat());
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_that_falls_behind_is_cut_and_one_that_leaves_unsubscribes() {
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 2);
+        let joined = hub.join_held(UserId::new("h").expect("id"), channels("h"), u64::MAX).expect("joins");
+        let hold = joined.hold.clone().expect("held");
+        for _ in 0..3 {
+            hub.deliver("sse:user:h", None, b"x").await;
+        }
+        assert!(hold.overflowed());
+        assert!(!hub.release(&hold), "cut off as a slow consumer");
+        assert!(joined.membership.connection().is_closed());
+        assert_eq!(hub.stats().connections, 0);
+
+        let joined = hub.join_held(UserId::new("g").expect("id"), channels("g"), u64::MAX).expect("joins");
+        assert_eq!(hub.stats().channels, 2);
+        drop(joined);
+        assert_eq!(hub.stats().channels, 0, "a held stream's channels are released when it leaves");
     }
 }

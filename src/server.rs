@@ -79,7 +79,8 @@ impl Server {
         let channels = ChannelNames::new(&config.channel_prefix);
         let Running { bus, inbound, owner } =
             bus::start(config.redis_url.as_deref(), &channels, history, background.clone())?;
-        let resume = history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone())));
+        let resume =
+            history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone(), config.replay_limits())));
         let hub_metrics = HubMetrics::new();
         let limits = Limits {
             per_user: config.max_connections_per_user,
