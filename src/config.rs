@@ -131,8 +131,9 @@ pub struct Config {
     #[arg(long, env = "SSE_RETRY_INTERVAL", default_value = "3s", value_parser = parse_duration)]
     pub retry_interval: Duration,
 
-    /// Open streams one user may hold on this node. 0: no limit.
-    #[arg(long, env = "SSE_MAX_CONNECTIONS_PER_USER", default_value_t = 5)]
+    /// Open streams one user may hold on this node. 0: no limit. Generous by default: a browser
+    /// never retries a refused stream, so a user's extra tab would silently receive nothing.
+    #[arg(long, env = "SSE_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,
 
     /// What a connection beyond the per-user limit does: be refused (429), or evict the user's oldest stream.
@@ -160,6 +161,14 @@ pub struct Config {
     /// the envelope and targets.
     #[arg(long, env = "SSE_MAX_PUBLISH_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(64..))]
     pub max_publish_bytes: u32,
+
+    /// Query parameters a token is read from, in this order (comma-separated; empty: none).
+    #[arg(long, env = "SSE_TOKEN_QUERY_PARAMS", value_delimiter = ',', default_value = "access_token,token")]
+    pub token_query_params: Vec<String>,
+
+    /// Cookies a token is read from, in this order (comma-separated; empty: none).
+    #[arg(long, env = "SSE_TOKEN_COOKIES", value_delimiter = ',', default_value = "sse_token,access_token")]
+    pub token_cookies: Vec<String>,
 
     /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
     /// Empty: no CORS headers; same-origin only.
@@ -247,6 +256,8 @@ pub enum ConfigError {
     HeartbeatTooShort,
     #[error("SSE_HISTORY_*_LENGTH must be at least 1")]
     HistoryLength,
+    #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
+    TokenName(&'static str, String),
 }
 
 impl Config {
@@ -257,7 +268,7 @@ impl Config {
             return Err(ConfigError::ChannelPrefix);
         }
         if let Some(id) = &self.node_id
-            && !is_valid_node_id(id)
+            && !is_plain_name(id)
         {
             return Err(ConfigError::NodeId);
         }
@@ -278,6 +289,13 @@ impl Config {
         {
             return Err(ConfigError::RedisUrl);
         }
+        for (setting, names) in
+            [("SSE_TOKEN_QUERY_PARAMS", self.token_query_params()), ("SSE_TOKEN_COOKIES", self.token_cookies())]
+        {
+            if let Some(bad) = names.iter().find(|name| !is_plain_name(name)) {
+                return Err(ConfigError::TokenName(setting, (*bad).to_owned()));
+            }
+        }
         for origin in self.cors_origins() {
             if origin != "*" && !is_origin(origin) {
                 return Err(ConfigError::CorsOrigin(origin.to_owned()));
@@ -290,6 +308,16 @@ impl Config {
             return Err(ConfigError::HistoryLength);
         }
         Ok(())
+    }
+
+    /// The query parameters a token is read from, without empty entries.
+    pub fn token_query_params(&self) -> Vec<&str> {
+        self.token_query_params.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect()
+    }
+
+    /// The cookies a token is read from, without empty entries.
+    pub fn token_cookies(&self) -> Vec<&str> {
+        self.token_cookies.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect()
     }
 
     /// Configured origins without the empty entries a trailing comma or an empty variable leaves.
@@ -313,7 +341,8 @@ impl Config {
     }
 }
 
-fn is_valid_node_id(id: &str) -> bool {
+/// 1-64 letters, digits, `-`, `_` or `.`: a node id, a token parameter or cookie name.
+fn is_plain_name(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
