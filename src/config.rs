@@ -421,7 +421,7 @@ mod tests {
         assert!(config.is_development());
         assert!(config.redis_url.is_none());
         assert_eq!(config.heartbeat_interval, Duration::from_secs(30));
-        assert_eq!(config.max_connections_per_user, 5);
+        assert_eq!(config.max_connections_per_user, 100);
     }
 
     #[test]
