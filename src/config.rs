@@ -131,8 +131,9 @@ pub struct Config {
     #[arg(long, env = "SSE_RETRY_INTERVAL", default_value = "3s", value_parser = parse_duration)]
     pub retry_interval: Duration,
 
-    /// Open streams one user may hold on this node. 0: no limit.
-    #[arg(long, env = "SSE_MAX_CONNECTIONS_PER_USER", default_value_t = 5)]
+    /// Open streams one user may hold on this node. 0: no limit. Generous by default: a browser
+    /// never retries a refused stream, so a user's extra tab would silently receive nothing.
+    #[arg(long, env = "SSE_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,
 
     /// What a connection beyond the per-user limit does: be refused (429), or evict the user's oldest stream.
@@ -172,6 +173,14 @@ pub struct Config {
     /// the envelope and targets.
     #[arg(long, env = "SSE_MAX_PUBLISH_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(64..))]
     pub max_publish_bytes: u32,
+
+    /// Query parameters a token is read from, in this order (comma-separated; empty: none).
+    #[arg(long, env = "SSE_TOKEN_QUERY_PARAMS", value_delimiter = ',', default_value = "access_token,token")]
+    pub token_query_params: Vec<String>,
+
+    /// Cookies a token is read from, in this order (comma-separated; empty: none).
+    #[arg(long, env = "SSE_TOKEN_COOKIES", value_delimiter = ',', default_value = "sse_token,access_token")]
+    pub token_cookies: Vec<String>,
 
     /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
     /// Empty: no CORS headers; same-origin only.
@@ -276,6 +285,8 @@ pub enum ConfigError {
     HistoryLength,
     #[error("SSE_WRITE_STALL_TIMEOUT must be at least 1s")]
     WriteStallTooShort,
+    #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
+    TokenName(&'static str, String),
 }
 
 impl Config {
@@ -286,7 +297,7 @@ impl Config {
             return Err(ConfigError::ChannelPrefix);
         }
         if let Some(id) = &self.node_id
-            && !is_valid_node_id(id)
+            && !is_plain_name(id)
         {
             return Err(ConfigError::NodeId);
         }
@@ -307,6 +318,13 @@ impl Config {
         {
             return Err(ConfigError::RedisUrl);
         }
+        for (setting, names) in
+            [("SSE_TOKEN_QUERY_PARAMS", self.token_query_params()), ("SSE_TOKEN_COOKIES", self.token_cookies())]
+        {
+            if let Some(bad) = names.iter().find(|name| !is_plain_name(name)) {
+                return Err(ConfigError::TokenName(setting, (*bad).to_owned()));
+            }
+        }
         for origin in self.cors_origins() {
             if origin != "*" && !is_origin(origin) {
                 return Err(ConfigError::CorsOrigin(origin.to_owned()));
@@ -322,6 +340,16 @@ impl Config {
             return Err(ConfigError::WriteStallTooShort);
         }
         Ok(())
+    }
+
+    /// The query parameters a token is read from, without empty entries.
+    pub fn token_query_params(&self) -> Vec<&str> {
+        self.token_query_params.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect()
+    }
+
+    /// The cookies a token is read from, without empty entries.
+    pub fn token_cookies(&self) -> Vec<&str> {
+        self.token_cookies.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect()
     }
 
     /// Configured origins without the empty entries a trailing comma or an empty variable leaves.
@@ -354,7 +382,8 @@ impl Config {
     }
 }
 
-fn is_valid_node_id(id: &str) -> bool {
+/// 1-64 letters, digits, `-`, `_` or `.`: a node id, a token parameter or cookie name.
+fn is_plain_name(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
@@ -496,7 +525,7 @@ mod tests {
         assert!(config.is_development());
         assert!(config.redis_url.is_none());
         assert_eq!(config.heartbeat_interval, Duration::from_secs(30));
-        assert_eq!(config.max_connections_per_user, 5);
+        assert_eq!(config.max_connections_per_user, 100);
     }
 
     #[test]
