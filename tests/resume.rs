@@ -302,7 +302,7 @@ async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     node.wait_readyz(200, WAIT).await;
     let version = redis.command(&["FCALL", "sse_version", "0"]).await.expect("reply");
-    assert_eq!(version.trim(), ":1", "loaded at startup on a fresh redis");
+    assert_eq!(version.trim(), ":2", "loaded at startup on a fresh redis");
 
     redis.kill();
     node.wait_readyz(503, WAIT).await;
@@ -312,12 +312,12 @@ async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
     let mut reloaded = String::new();
     for _ in 0..50 {
         reloaded = redis.command(&["FCALL", "sse_version", "0"]).await.expect("reply");
-        if reloaded.trim() == ":1" {
+        if reloaded.trim() == ":2" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(reloaded.trim(), ":1", "the node reloads the library when redis comes back");
+    assert_eq!(reloaded.trim(), ":2", "the node reloads the library when redis comes back");
     let mut producer = Producer::connect(&redis).await;
     assert!(producer.durable("sse:broadcast", &envelope("x")).await.contains('-'));
 }

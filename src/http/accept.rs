@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 use super::client_ip::Peer;
 use super::deadline::DeadlineBody;
 use super::error::ApiError;
+use super::event_stream;
 use super::pending::{self, MarkedBody, Pending, PendingConnections, PendingMark};
 use super::raw_stream::{self, EventsRequest, Prefixed};
 use crate::log_limit::LogLimiter;
@@ -163,6 +164,7 @@ async fn first_request(accepted: Box<Accepted>) -> Option<Next> {
             Some(Next::Stream { node, stream, request, peer })
         }
         None => {
+            let io = Prefixed::new(buffered, stream, node.config.write_stall_timeout);
             let requests = Requests {
                 router,
                 timeout: node.config.request_timeout,
@@ -171,7 +173,8 @@ async fn first_request(accepted: Box<Accepted>) -> Option<Next> {
                 mark: pending.as_ref().map(Pending::mark),
                 first_deadline: Cell::new(Some(deadline)),
             };
-            Some(Next::Hyper(Box::pin(serve_with_hyper(Prefixed::new(buffered, stream), requests, stop, pending))))
+            let connection = serve_with_hyper(io, requests, stop, pending);
+            Some(Next::Hyper(Box::pin(event_stream::watching_stalls(connection))))
         }
     }
 }

@@ -26,7 +26,7 @@ use serde_json::json;
 use super::client_ip::{Peer, client_address};
 use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
-use super::grant::{check_origin, grant};
+use super::grant::{Access, check_origin, grant};
 use super::ip_limits::StreamSlot;
 use super::pending::RequestMark;
 use super::query;
@@ -127,7 +127,7 @@ pub async fn open(
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
-    let Authorized { grant, topics, channels, query } = authorize(node, headers, query)?;
+    let Authorized { grant, topics, channels, query } = authorize(node, headers, query).await?;
     if let Some(pending) = pending {
         pending.authenticated();
     }
@@ -149,7 +149,13 @@ pub async fn open(
     // The token was accepted with the leeway, so it ends with it: closing a stream at once
     // with `token_expired` after accepting its token would be a contradiction.
     let closes_at = grant.expires_at.saturating_add(node.config.jwt_leeway.as_secs());
-    let joined = node.hub.join(grant.user.clone(), channels.clone(), closes_at).map_err(|e| {
+    // With history, the stream joins held: what arrives live waits until its replay is queued.
+    let joined = if node.resume.is_some() {
+        node.hub.join_held(grant.user.clone(), channels.clone(), closes_at)
+    } else {
+        node.hub.join(grant.user.clone(), channels.clone(), closes_at)
+    };
+    let joined = joined.map_err(|e| {
         node.hub_metrics.rejected(e.label());
         match e {
             JoinError::UserLimit => ApiError::TooManyRequests {
@@ -169,11 +175,18 @@ pub async fn open(
     .await;
     if waited.is_err() {
         node.hub_metrics.rejected("subscribe_timeout");
+        joined.membership.refuse();
         return Err(ApiError::unavailable("not_ready", "subscribing took too long; retry shortly"));
     }
     let connection = joined.membership.connection();
-    let resets = match (&node.resume, start) {
-        (Some(resume), Some(start)) => resume.replay(connection, start).await.map_err(history_unavailable)?,
+    let resets = match (&node.resume, start, &joined.hold) {
+        (Some(resume), Some(start), Some(hold)) => match resume.replay(&node.hub, hold, start).await {
+            Ok(resets) => resets,
+            Err(error) => {
+                joined.membership.refuse();
+                return Err(history_unavailable(error));
+            }
+        },
         _ => None,
     };
 
@@ -205,14 +218,17 @@ pub struct Authorized {
 }
 
 /// Checks the token, then the query and the asked topics.
-pub fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Authorized, ApiError> {
-    let grant = grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?.grant;
+pub async fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Authorized, ApiError> {
+    let Access { grant, source } =
+        grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
     let mut query = StreamQuery::parse(query)?;
     let topics = granted_topics(&grant, std::mem::take(&mut query.topics))?;
     let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
     channels.push(node.channels.user(grant.user.as_str()));
     channels.push(node.channels.broadcast());
     channels.extend(topics.iter().map(|t| node.channels.topic(t)));
+    // Last: a single-use token is spent only by a request that would otherwise be served.
+    super::ticket::spend(node, &grant, source).await?;
     Ok(Authorized { grant, topics, channels, query })
 }
 
@@ -246,6 +262,7 @@ mod tests {
             topics: patterns.iter().map(|p| TopicPattern::new(*p)).collect(),
             role: Role::Subscriber,
             expires_at: u64::MAX,
+            jti: None,
         }
     }
 
