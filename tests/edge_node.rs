@@ -225,8 +225,8 @@ async fn refused_requests_get_their_status_and_a_short_json_error() {
     let second = SseClient::open(&node.url(&format!("/events?access_token={}", token("y", &[], None))), &[]).await;
     assert_eq!(second.status, 429, "{:?}", second.body);
     assert!(second.body.as_deref().unwrap_or("").contains("user_limit"));
-    assert_eq!(node.metric("sse_connections_rejected_total", r#"reason="user_limit""#).await, 1.0);
-    assert_eq!(node.metric("sse_connections_rejected_total", r#"reason="unauthorized""#).await, 3.0);
+    node.wait_metric("sse_connections_rejected_total", r#"reason="user_limit""#, 1.0).await;
+    node.wait_metric("sse_connections_rejected_total", r#"reason="unauthorized""#, 3.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -265,17 +265,15 @@ async fn a_malformed_payload_is_counted_and_the_stream_keeps_delivering() {
     assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "\u{fffd}not json at all {"));
     let e = stream.next_event(WAIT).await.expect("next");
     assert_eq!((e.event.as_str(), e.data.as_str()), ("ok", "next"));
-    assert_eq!(node.metric("sse_messages_refused_total", r#"reason="bad_event_name""#).await, 1.0);
-    assert_eq!(node.metric("sse_messages_refused_total", r#"reason="bad_id""#).await, 1.0);
+    node.wait_metric("sse_messages_refused_total", r#"reason="bad_event_name""#, 1.0).await;
+    node.wait_metric("sse_messages_refused_total", r#"reason="bad_id""#, 1.0).await;
     assert!(node.log_text().contains("refused a published payload"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restart_turns_readyz_503_then_200_and_delivery_resumes() {
     let mut redis = RedisServer::start().await;
-    let port = redis.port;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
-    node.wait_readyz(200, WAIT).await;
     let mut stream = subscribe(&node, "ivy", &["news"]).await;
 
     redis.kill();
@@ -283,18 +281,14 @@ async fn redis_restart_turns_readyz_503_then_200_and_delivery_resumes() {
     let refused = SseClient::open(&node.url(&format!("/events?access_token={}", token("ivy2", &[], None))), &[]).await;
     assert_eq!(refused.status, 503, "no new streams while the bus is down");
 
-    let redis = RedisServer::start_on(port).await;
-    node.wait_readyz(200, Duration::from_secs(10)).await;
+    redis.restart().await;
+    node.wait_readyz(200, Duration::from_secs(20)).await;
     // The node re-subscribed by itself: the old stream gets a new message without reconnecting.
-    let mut delivered = 0;
-    for _ in 0..50 {
-        delivered = redis.publish("sse:topic:news", r#"{"data":"after restart"}"#).await;
-        if delivered == 1 {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis.publish("sse:topic:news", r#"{"data":"after restart"}"#).await != 1 {
+        assert!(std::time::Instant::now() < deadline, "the node never re-subscribed after the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(delivered, 1, "node re-subscribed after the restart");
     assert_eq!(stream.next_event(WAIT).await.expect("event").data, "after restart");
     let mut fresh = subscribe(&node, "ivy3", &[]).await;
     redis.publish("sse:user:ivy3", r#"{"data":"fresh"}"#).await;
@@ -368,50 +362,98 @@ async fn the_publish_api_validates_credentials_and_input() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeats_arrive_at_the_configured_interval() {
-    let node = Node::start(&[("SSE_HEARTBEAT_INTERVAL", "1000")]).await;
+    // 3 s: a ping every tick (1 s) or every other tick (2 s) is told apart from the setting even
+    // when a loaded machine delays a tick by most of a second.
+    let node = Node::start(&[("SSE_HEARTBEAT_INTERVAL", "3s")]).await;
     let mut stream = subscribe(&node, "liam", &[]).await;
-    let mut pings = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
-    while tokio::time::Instant::now() < deadline {
-        if let Some(Received::Comment(c)) = stream.next(Duration::from_millis(500)).await {
-            assert_eq!(c, "ping");
-            pings += 1;
+    let mut pings = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while pings.len() < 3 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match stream.next(left).await {
+            Some(Received::Comment(c)) => {
+                assert_eq!(c, "ping");
+                pings.push(std::time::Instant::now());
+            }
+            Some(other) => panic!("expected only pings, got {other:?}"),
+            None => panic!("{} pings in 15 s at a 3 s interval", pings.len()),
         }
     }
-    assert!(pings >= 2, "expected a ping per second, got {pings}");
+    for pair in pings.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            (Duration::from_millis(2200)..=Duration::from_millis(4500)).contains(&gap),
+            "a ping {gap:?} after the previous one, with a 3 s interval"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_is_closed_when_its_token_expires() {
     let node = Node::start(&[("SSE_JWT_LEEWAY", "0")]).await;
-    let token = token_with(json!({"sub": "mia", "exp": unix_now() + 2}));
+    let exp = unix_now() + 3;
+    let token = token_with(json!({"sub": "mia", "exp": exp}));
     let mut stream = SseClient::open(&node.url(&format!("/events?access_token={token}")), &[]).await;
     assert_eq!(stream.status, 200);
     stream.connected().await;
-    let farewell = stream.next_event(Duration::from_secs(6)).await.expect("disconnected");
+    let farewell = stream.next_event(Duration::from_secs(10)).await.expect("disconnected");
     assert_eq!(farewell.data, r#"{"reason":"token_expired"}"#);
+    // Not before `exp` (same clock as the node's): a stream closed at once would fail here.
+    assert!(unix_now() >= exp, "closed at {} before exp {exp}", unix_now());
     assert_eq!(stream.next(WAIT).await, Some(Received::End));
 }
 
+/// How far a timeout may run late: the node checks timeouts on a one-second tick, and a
+/// loaded two-core machine delays the tick and the client.
+const TICK_MARGIN: Duration = Duration::from_secs(3);
+
 #[tokio::test(flavor = "multi_thread")]
-async fn lifetime_and_inactivity_timeouts_close_streams_with_their_reason() {
-    let lifetime = Node::start(&[("SSE_MAX_CONNECTION_LIFETIME", "2s")]).await;
-    let inactive = Node::start(&[("SSE_CONNECTION_TIMEOUT", "2s"), ("SSE_HEARTBEAT_INTERVAL", "1s")]).await;
-    let mut by_lifetime = subscribe(&lifetime, "p1", &[]).await;
-    let mut by_inactivity = subscribe(&inactive, "p2", &[]).await;
-    let mut active = subscribe(&inactive, "p3", &[]).await;
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        assert_eq!(publish_api(&inactive, json!({"users": ["p3"], "data": "keep"})).await.0, 202);
-    }
-    let farewell = by_lifetime.next_event(WAIT).await.expect("lifetime farewell");
+async fn a_stream_is_closed_after_its_lifetime_and_not_before() {
+    let node = Node::start(&[("SSE_MAX_CONNECTION_LIFETIME", "3s")]).await;
+    let asked = std::time::Instant::now();
+    let mut stream = subscribe(&node, "p1", &[]).await;
+    let farewell = stream.next_event(Duration::from_secs(3) + TICK_MARGIN).await.expect("lifetime farewell");
     assert_eq!(farewell.data, r#"{"reason":"lifetime"}"#);
-    let farewell = by_inactivity.next_event(WAIT).await.expect("inactivity farewell");
+    // The lifetime is measured on the node from after the request arrived: exact lower bound.
+    let lived = asked.elapsed();
+    assert!(lived >= Duration::from_secs(3), "closed after {lived:?}, before its 3 s lifetime");
+    node.wait_metric("sse_connections_closed_total", r#"reason="lifetime""#, 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inactive_stream_is_closed_and_events_keep_one_open() {
+    // 4 s on a whole-second clock: a stream is closed after 3-4 s without an event. Events every
+    // 500 ms keep the active one 2.5 s away from its timeout however the machine is loaded.
+    let node = Node::start(&[("SSE_CONNECTION_TIMEOUT", "4s"), ("SSE_HEARTBEAT_INTERVAL", "1s")]).await;
+    let asked = std::time::Instant::now();
+    let mut inactive = subscribe(&node, "p2", &[]).await;
+    let mut active = subscribe(&node, "p3", &[]).await;
+    let keep_alive = {
+        let url = node.url("/api/publish");
+        tokio::spawn(async move {
+            for _ in 0..14 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let response = http()
+                    .post(&url)
+                    .bearer_auth(token("producer", &[], Some("publisher")))
+                    .json(&json!({"users": ["p3"], "data": "keep"}))
+                    .send()
+                    .await
+                    .expect("publish");
+                assert_eq!(response.status(), 202);
+            }
+        })
+    };
+    let farewell = inactive.next_event(Duration::from_secs(4) + TICK_MARGIN).await.expect("inactivity farewell");
     assert_eq!(farewell.data, r#"{"reason":"inactive"}"#, "heartbeats do not count as activity");
-    for _ in 0..4 {
+    let idle = asked.elapsed();
+    assert!(idle >= Duration::from_secs(2), "closed after {idle:?} of a 4 s inactivity timeout");
+    keep_alive.await.expect("publisher");
+    // 7 s of events, well past the timeout: every one arrived on the same open stream.
+    for _ in 0..14 {
         assert_eq!(active.next_event(WAIT).await.expect("still open").data, "keep", "events keep a stream active");
     }
-    assert_eq!(inactive.metric("sse_connections_closed_total", r#"reason="inactive""#).await, 1.0);
+    node.wait_metric("sse_connections_closed_total", r#"reason="inactive""#, 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -454,7 +496,7 @@ async fn stats_need_an_admin_token() {
     assert_eq!(stats["users"], 1);
     assert_eq!(stats["channels"], 3);
     assert!(stats["memory"]["rss_bytes"].as_u64().expect("rss") > 0);
-    assert_eq!(node.metric("sse_active_connections", "").await, 1.0);
+    node.wait_metric("sse_active_connections", "", 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -515,8 +557,7 @@ async fn development_mode_prints_working_tokens_and_serves_the_demo() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn es256_public_keys_are_accepted_and_hs256_tokens_then_refused() {
-    let dir = std::env::temp_dir().join(format!("sse-fanout-tests/es256-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = scratch_dir("es256");
     let private = dir.join("private.pem");
     let public = dir.join("public.pem");
     let openssl = |args: &[&str]| {
@@ -615,7 +656,7 @@ async fn a_client_that_pauses_reading_gets_everything_in_order_and_one_that_neve
     for seq in 0..1600 {
         publish_api(&node, json!({"users": ["sleeper"], "data": format!("s{seq}-{padding}")})).await;
     }
-    assert_eq!(node.metric("sse_connections_closed_total", r#"reason="slow_consumer""#).await, 1.0);
+    node.wait_metric("sse_connections_closed_total", r#"reason="slow_consumer""#, 1.0).await;
     let mut rest = Vec::new();
     assert!(!read_raw_until(&mut sleeper, &mut rest, |_| false).await, "the server closes the connection");
 }
