@@ -446,6 +446,20 @@ pub enum Received {
     Retry(u64),
     /// The server ended the stream.
     End,
+    /// The stream broke (the connection reset, the body's framing was cut short).
+    Error(String),
+}
+
+/// Why [`SseClient::next_event`] has no event: a test that expects an open stream must be
+/// able to tell a quiet stream from one the server closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoEvent {
+    /// Nothing arrived in time; the stream is still open.
+    Timeout,
+    /// The server ended the stream.
+    End,
+    /// The stream broke.
+    Error(String),
 }
 
 impl From<sse_wire::Item> for Received {
@@ -493,7 +507,14 @@ impl SseClient {
         tokio::spawn(async move {
             let mut bytes = response.bytes_stream();
             let mut parser = sse_wire::SseParser::new();
-            while let Some(Ok(chunk)) = bytes.next().await {
+            while let Some(chunk) = bytes.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        let _ = tx.send(Received::Error(format!("{e:?}")));
+                        return;
+                    }
+                };
                 for item in parse(&mut parser, &chunk) {
                     if tx.send(item.into()).is_err() {
                         return;
@@ -505,29 +526,36 @@ impl SseClient {
         Self { status, headers: response_headers, body: None, rx }
     }
 
-    /// The next event (comments and retries skipped), or None on timeout or end of stream.
-    pub async fn next_event(&mut self, within: Duration) -> Option<SseEvent> {
+    /// The next event (comments and retries skipped), or why there is none.
+    pub async fn next_event(&mut self, within: Duration) -> Result<SseEvent, NoEvent> {
         self.next_event_with_retries(within).await.map(|(event, _)| event)
     }
 
     /// The next event and the `retry:` values that arrived since the previous call (comments
-    /// skipped), or None on timeout or end of stream.
-    pub async fn next_event_with_retries(&mut self, within: Duration) -> Option<(SseEvent, Vec<u64>)> {
+    /// skipped), or why there is none.
+    pub async fn next_event_with_retries(&mut self, within: Duration) -> Result<(SseEvent, Vec<u64>), NoEvent> {
         let deadline = tokio::time::Instant::now() + within;
         let mut retries = Vec::new();
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(Received::Event(e))) => return Some((e, retries)),
+                Ok(Some(Received::Event(e))) => return Ok((e, retries)),
                 Ok(Some(Received::Retry(ms))) => retries.push(ms),
                 Ok(Some(Received::Comment(_))) => continue,
-                _ => return None,
+                // The reader stops after the end or an error: reading on finds the end again.
+                Ok(Some(Received::End) | None) => return Err(NoEvent::End),
+                Ok(Some(Received::Error(e))) => return Err(NoEvent::Error(e)),
+                Err(_) => return Err(NoEvent::Timeout),
             }
         }
     }
 
     /// The next item of any kind, or None on timeout.
     pub async fn next(&mut self, within: Duration) -> Option<Received> {
-        tokio::time::timeout(within, self.rx.recv()).await.ok().flatten()
+        match tokio::time::timeout(within, self.rx.recv()).await {
+            Ok(Some(item)) => Some(item),
+            Ok(None) => Some(Received::End),
+            Err(_) => None,
+        }
     }
 
     /// Expects the `connected` event first and returns its JSON.
@@ -537,10 +565,13 @@ impl SseClient {
         serde_json::from_str(&event.data).expect("connected data is JSON")
     }
 
-    /// Asserts nothing but comments and retries arrives within `within`.
+    /// Asserts nothing but comments and retries arrives within `within`, and that the stream is
+    /// still open then.
     pub async fn assert_silent(&mut self, within: Duration) {
-        if let Some(e) = self.next_event(within).await {
-            panic!("expected no event, got {e:?}");
+        match self.next_event(within).await {
+            Err(NoEvent::Timeout) => {}
+            Ok(e) => panic!("expected no event, got {e:?}"),
+            Err(gap) => panic!("expected an open, quiet stream; it ended: {gap:?}"),
         }
     }
 }
