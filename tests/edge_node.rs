@@ -233,17 +233,29 @@ async fn refused_requests_get_their_status_and_a_short_json_error() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_new_stream_replaces_the_old_one_with_evict_oldest() {
-    let node = Node::start(&[("SSE_MAX_CONNECTIONS_PER_USER", "1"), ("SSE_PER_USER_POLICY", "evict-oldest")]).await;
-    let mut old = subscribe(&node, "frank", &[]).await;
-    let mut new = subscribe(&node, "frank", &[]).await;
-    let farewell = old.next_event(WAIT).await.expect("disconnected");
+async fn a_new_stream_replaces_the_oldest_one_with_evict_oldest() {
+    // A limit of 2, so the oldest stream is told apart from any other one.
+    let node = Node::start(&[("SSE_MAX_CONNECTIONS_PER_USER", "2"), ("SSE_PER_USER_POLICY", "evict-oldest")]).await;
+    let mut oldest = subscribe(&node, "frank", &[]).await;
+    let mut middle = subscribe(&node, "frank", &[]).await;
+    let mut newest = subscribe(&node, "frank", &[]).await;
+    let farewell = oldest.next_event(WAIT).await.expect("disconnected");
     assert_eq!(farewell.event, "disconnected");
     assert_eq!(farewell.data, r#"{"reason":"replaced"}"#);
-    assert_eq!(old.next(WAIT).await, Some(Received::End));
-    let (status, _) = publish_api(&node, json!({"users": ["frank"], "data": "to the new one"})).await;
+    assert_eq!(oldest.next(WAIT).await, Some(Received::End));
+    let (status, _) = publish_api(&node, json!({"users": ["frank"], "data": "to the two left"})).await;
     assert_eq!(status, 202);
-    assert_eq!(new.next_event(WAIT).await.expect("event").data, "to the new one");
+    for stream in [&mut middle, &mut newest] {
+        assert_eq!(stream.next_event(WAIT).await.expect("event").data, "to the two left");
+    }
+    // A fourth replaces the one that is now the oldest.
+    let mut fourth = subscribe(&node, "frank", &[]).await;
+    assert_eq!(middle.next_event(WAIT).await.expect("disconnected").data, r#"{"reason":"replaced"}"#);
+    assert_eq!(publish_api(&node, json!({"users": ["frank"], "data": "again"})).await.0, 202);
+    for stream in [&mut newest, &mut fourth] {
+        assert_eq!(stream.next_event(WAIT).await.expect("event").data, "again");
+    }
+    node.wait_metric("sse_connections_closed_total", r#"reason="replaced""#, 2.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -263,6 +275,9 @@ async fn a_malformed_payload_is_counted_and_the_stream_keeps_delivering() {
     redis.publish("sse:user:henry", r#"{"event":"x\ndata: injected","data":1}"#).await;
     redis.publish("sse:user:henry", r#"{"data":1,"id":"1\n\nevent: evil"}"#).await;
     redis.publish("sse:user:henry", "\u{fffd}not json at all {").await;
+    // Bytes that are not UTF-8, in an envelope and bare: refused, not replaced by U+FFFD.
+    redis.publish_bytes("sse:user:henry", b"{\"data\":\"caf\xe9\"}").await;
+    redis.publish_bytes("sse:user:henry", b"\xff\xfe plain").await;
     redis.publish("sse:user:henry", r#"{"event":"ok","data":"next"}"#).await;
     let e = stream.next_event(WAIT).await.expect("verbatim");
     assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "\u{fffd}not json at all {"));
@@ -270,6 +285,7 @@ async fn a_malformed_payload_is_counted_and_the_stream_keeps_delivering() {
     assert_eq!((e.event.as_str(), e.data.as_str()), ("ok", "next"));
     node.wait_metric("sse_messages_refused_total", r#"reason="bad_event_name""#, 1.0).await;
     node.wait_metric("sse_messages_refused_total", r#"reason="bad_id""#, 1.0).await;
+    node.wait_metric("sse_messages_refused_total", r#"reason="not_utf8""#, 2.0).await;
     assert!(node.log_text().contains("refused a published payload"));
 }
 
@@ -462,22 +478,87 @@ async fn an_inactive_stream_is_closed_and_events_keep_one_open() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_drains_streams_with_a_retry_and_exits_zero() {
-    let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "1s"), ("SSE_RETRY_INTERVAL", "2s")]).await;
+async fn sigterm_drains_streams_in_paced_batches_with_a_jittered_retry_and_exits_zero() {
+    let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "2s"), ("SSE_RETRY_INTERVAL", "2s")]).await;
+    // 20 streams over 2 s: one every 100 ms step.
     let mut streams = Vec::new();
-    for i in 0..5 {
+    for i in 0..20 {
         streams.push(subscribe(&node, &format!("n{i}"), &[]).await);
     }
+    let sigterm = std::time::Instant::now();
     node.signal("TERM");
     node.wait_readyz(503, WAIT).await;
-    for stream in &mut streams {
+    let ready = http().get(node.url("/readyz")).send().await.expect("readyz");
+    let body: serde_json::Value = ready.json().await.expect("JSON");
+    assert_eq!((body["status"].as_str(), body["reason"].as_str()), (Some("not_ready"), Some("draining")));
+    let refused = SseClient::open(&node.url(&format!("/events?access_token={}", token("late", &[], None))), &[]).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert!(refused.body.as_deref().unwrap_or("").contains(r#""error":"draining""#), "{:?}", refused.body);
+
+    // Each stream waits for its own farewell, so the arrival times are the node's pacing.
+    let farewells = futures_util::future::join_all(streams.iter_mut().map(|stream| async {
+        let got = stream.next_event_with_retries(Duration::from_secs(15)).await;
+        (got, sigterm.elapsed())
+    }))
+    .await;
+    let mut retries = std::collections::BTreeSet::new();
+    let mut arrivals = Vec::new();
+    for (got, at) in farewells {
         // `subscribe` read the preamble's retry with `connected`: this one is the drain's.
-        let (farewell, retries) = stream.next_event_with_retries(WAIT).await.expect("disconnected");
+        let (farewell, seen) = got.expect("disconnected");
         assert_eq!(farewell.data, r#"{"reason":"shutdown"}"#);
-        let &[retry] = retries.as_slice() else { panic!("one retry before the farewell, got {retries:?}") };
+        let &[retry] = seen.as_slice() else { panic!("one retry before the farewell, got {seen:?}") };
         assert!((1000..=3000).contains(&retry), "{retry}");
+        retries.insert(retry);
+        arrivals.push(at);
+    }
+    // Jittered: 20 draws from 2001 values are all different but for a rare pair.
+    assert!(retries.len() >= 15, "retries not jittered: {retries:?}");
+    // Paced: the 20 farewells went out over about 1.9 s, not at once. The margins allow for a
+    // loaded machine delaying any step (late, not early: a shorter spread is the failure).
+    let (first, last) = (arrivals.iter().min().copied(), arrivals.iter().max().copied());
+    let spread = last.zip(first).map(|(l, f)| l - f).unwrap_or_default();
+    assert!(spread >= Duration::from_millis(1200), "farewells spread over {spread:?} of a 2 s drain: {arrivals:?}");
+    assert!(last.unwrap_or_default() <= Duration::from_secs(7), "the last farewell came {last:?} after SIGTERM");
+    for stream in &mut streams {
+        assert_eq!(stream.next(WAIT).await, Some(Received::End));
     }
     assert_eq!(node.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_drains_too_and_a_second_signal_skips_the_rest_of_the_drain() {
+    // 60 streams at one per 100 ms step: a full drain would take 6 s.
+    let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "60s")]).await;
+    let mut streams = Vec::new();
+    for i in 0..60 {
+        streams.push(subscribe(&node, &format!("q{i}"), &[]).await);
+    }
+    node.signal("INT");
+    node.wait_readyz(503, WAIT).await;
+    // The drain has begun: some stream got its farewell.
+    let first = futures_util::future::select_all(
+        streams.iter_mut().map(|stream| Box::pin(async { stream.next_event(Duration::from_secs(10)).await })),
+    )
+    .await
+    .0
+    .expect("a first farewell");
+    assert_eq!(first.data, r#"{"reason":"shutdown"}"#);
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(Duration::from_secs(15)).await, Some(0));
+    // The rest was skipped: most streams ended without a farewell.
+    let mut farewells = 0;
+    for stream in &mut streams {
+        loop {
+            match stream.next_event(WAIT).await {
+                Ok(e) if e.event == "disconnected" => farewells += 1,
+                Ok(e) => panic!("unexpected {e:?}"),
+                Err(NoEvent::Timeout) => panic!("a stream outlived its node"),
+                Err(_) => break,
+            }
+        }
+    }
+    assert!(farewells < 40, "{farewells} of 60 streams got a farewell: the drain was not cut short");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -335,6 +335,33 @@ async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails: after a Redis restart the backfill runs before the node reloads the function \
+            library, fails with `Function not found`, and the gap is dropped without a reset"]
+async fn a_redis_restart_tells_open_streams_their_history_is_lost() {
+    let mut redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let (mut stream, _) = open(&stream_url(&node, "rr", &["t"]), None).await;
+    let mut producer = Producer::connect(&redis).await;
+    producer.durable("sse:user:rr", &envelope("before")).await;
+    assert_eq!(read(&mut stream, 1).await[0].data, "before");
+
+    redis.kill();
+    node.wait_readyz(503, WAIT).await;
+    redis.restart().await;
+    node.wait_readyz(200, Duration::from_secs(20)).await;
+    // The history the stream followed (its user channel) is gone: it is told so once, with a
+    // cursor in the new history, before anything new, on the same connection.
+    let reset = stream.next_event(Duration::from_secs(10)).await.expect("reset");
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    let data: Value = serde_json::from_str(&reset.data).expect("json");
+    assert_eq!(data, json!({"channels": ["user:rr"], "reason": "history_lost"}));
+    assert!(reset.id.is_some(), "the reset carries a cursor in the new history");
+    let mut producer = Producer::connect(&redis).await;
+    producer.durable("sse:user:rr", &envelope("after")).await;
+    assert_eq!(read(&mut stream, 1).await[0].data, "after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_killed_subscriber_connection_is_backfilled_from_history() {
     let redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
@@ -342,16 +369,45 @@ async fn a_killed_subscriber_connection_is_backfilled_from_history() {
     let (mut stream, _) = open(&stream_url(&node, "bf", &[]), None).await;
     producer.durable("sse:user:bf", &envelope("0")).await;
     assert_eq!(read(&mut stream, 1).await[0].data, "0");
-    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await.expect("reply");
-    assert!(killed.trim() != ":0", "the node's subscriber connection was killed: {killed}");
+    // Redis takes no new connection while the messages are published, so the node's
+    // subscriber cannot be back before they are all in history: every one of them must come
+    // from the backfill, none from live delivery.
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut producer.0).await.expect("CLIENT LIST");
+    // One fewer than now: the slot the killed subscriber frees is not free.
+    let connected = clients.lines().count() - 1;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(connected.to_string())
+        .query_async(&mut producer.0)
+        .await
+        .expect("CONFIG SET maxclients");
+    let killed: i64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut producer.0).await.expect("kill");
+    assert!(killed > 0, "the node's subscriber connection was killed");
     for i in 1..=20 {
         producer.durable("sse:user:bf", &envelope(&i.to_string())).await;
     }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg("10000")
+        .query_async(&mut producer.0)
+        .await
+        .expect("CONFIG SET maxclients");
     let data: Vec<String> = read(&mut stream, 20).await.into_iter().map(|e| e.data).collect();
     let expected: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
     assert_eq!(data, expected, "every message published while reconnecting, once, in order");
     producer.durable("sse:user:bf", &envelope("sentinel")).await;
     assert_eq!(read(&mut stream, 1).await[0].data, "sentinel", "no copy of a backfilled message follows");
+    // The node's own count: all 20 came from history.
+    let backfilled: u64 = node
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("backfilled after a bus reconnect"))
+        .filter_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("missed="))?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(backfilled, 20, "log:\n{}", node.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread")]
