@@ -1,8 +1,9 @@
 //! Tokens: where a request's JWT is read from, how it is checked, and what it grants.
 //!
-//! The order of sources is the wire contract: `Authorization: Bearer`, then the
-//! `access_token` query parameter (EventSource cannot set headers), then the `sse_token`
-//! cookie. Only the configured algorithm is accepted, so `alg: none` and HS/RS confusion
+//! The order of sources is the wire contract: `Authorization: Bearer`, then the query
+//! parameters of `SSE_TOKEN_QUERY_PARAMS` (EventSource cannot set headers; `access_token`,
+//! `token`), then the cookies of `SSE_TOKEN_COOKIES` (`sse_token`, `access_token`), each list in
+//! its order. Only the configured algorithm is accepted, so `alg: none` and HS/RS confusion
 //! fail in the decoder. Keys are built once at startup; verifying is the only per-request work.
 
 use std::sync::Arc;
@@ -106,8 +107,24 @@ struct Claims {
     role: Option<String>,
 }
 
+/// Where tokens are looked for besides `Authorization: Bearer`, in order of precedence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenNames {
+    pub query: Box<[String]>,
+    pub cookies: Box<[String]>,
+}
+
+impl TokenNames {
+    pub fn from_config(config: &Config) -> Self {
+        let owned = |names: Vec<&str>| names.into_iter().map(str::to_owned).collect();
+        Self { query: owned(config.token_query_params()), cookies: owned(config.token_cookies()) }
+    }
+}
+
 /// Checks tokens with the one configured key and algorithm.
 pub struct Authenticator {
+    /// Where requests carry their tokens.
+    pub names: TokenNames,
     key: DecodingKey,
     validation: Validation,
     /// Present in development mode only, to mint the tokens the node prints.
@@ -148,7 +165,7 @@ impl Authenticator {
         if let Some(iss) = &config.jwt_issuer {
             validation.set_issuer(&[iss]);
         }
-        Ok(Self { key, validation, dev_signer })
+        Ok(Self { names: TokenNames::from_config(config), key, validation, dev_signer })
     }
 
     /// Verifies a token and turns its claims into a grant.
@@ -233,10 +250,12 @@ pub enum TokenSource {
     Cookie,
 }
 
-/// Finds the token in the contract's order: header, query parameter, cookie.
+/// Finds the token in the contract's order: header, query parameter (`query_token`, already
+/// looked up by the configured names), then the configured cookies in their order.
 pub fn token_from_request<'a>(
     headers: &'a HeaderMap,
-    access_token_param: Option<&'a str>,
+    query_token: Option<&'a str>,
+    cookies: &[String],
 ) -> Option<(&'a str, TokenSource)> {
     if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let mut parts = value.splitn(2, ' ');
@@ -247,16 +266,21 @@ pub fn token_from_request<'a>(
             return Some((token.trim(), TokenSource::Header));
         }
     }
-    if let Some(token) = access_token_param.filter(|t| !t.is_empty()) {
+    if let Some(token) = query_token.filter(|t| !t.is_empty()) {
         return Some((token, TokenSource::Query));
     }
-    headers
-        .get_all(header::COOKIE)
+    let sent = || {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .filter(|(_, value)| !value.is_empty())
+    };
+    cookies
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, value)| *name == "sse_token" && !value.is_empty())
+        .find_map(|wanted| sent().find(|(name, _)| name == wanted))
         .map(|(_, value)| (value, TokenSource::Cookie))
 }
 
@@ -278,18 +302,42 @@ mod tests {
         Authenticator::from_config(&config(&["--jwt-secret", secret])).expect("valid secret")
     }
 
+    fn default_cookies() -> Box<[String]> {
+        TokenNames::from_config(&config(&[])).cookies
+    }
+
     #[test]
     fn the_header_wins_then_the_query_then_the_cookie() {
+        let cookies = default_cookies();
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, HeaderValue::from_static("a=1; sse_token=cookie"));
-        assert_eq!(token_from_request(&headers, None), Some(("cookie", TokenSource::Cookie)));
-        assert_eq!(token_from_request(&headers, Some("query")), Some(("query", TokenSource::Query)));
+        assert_eq!(token_from_request(&headers, None, &cookies), Some(("cookie", TokenSource::Cookie)));
+        assert_eq!(token_from_request(&headers, Some("query"), &cookies), Some(("query", TokenSource::Query)));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer header"));
-        assert_eq!(token_from_request(&headers, Some("query")), Some(("header", TokenSource::Header)));
-        assert_eq!(token_from_request(&HeaderMap::new(), Some("")), None);
+        assert_eq!(token_from_request(&headers, Some("query"), &cookies), Some(("header", TokenSource::Header)));
+        assert_eq!(token_from_request(&HeaderMap::new(), Some(""), &cookies), None);
         let mut basic = HeaderMap::new();
         basic.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        assert_eq!(token_from_request(&basic, None), None);
+        assert_eq!(token_from_request(&basic, None, &cookies), None);
+    }
+
+    #[test]
+    fn cookies_are_read_in_the_configured_order_whatever_order_they_are_sent_in() {
+        let cookies = default_cookies();
+        assert_eq!(&*cookies, ["sse_token", "access_token"]);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_static("access_token=seed; other=1"));
+        assert_eq!(token_from_request(&headers, None, &cookies), Some(("seed", TokenSource::Cookie)));
+        headers.append(header::COOKIE, HeaderValue::from_static("sse_token=ours"));
+        assert_eq!(token_from_request(&headers, None, &cookies), Some(("ours", TokenSource::Cookie)));
+        // A cookie left off the list is not a token; with an empty list no cookie is.
+        let only_ours = TokenNames::from_config(&config(&["--token-cookies", "sse_token"])).cookies;
+        headers.remove(header::COOKIE);
+        headers.insert(header::COOKIE, HeaderValue::from_static("access_token=seed"));
+        assert_eq!(token_from_request(&headers, None, &only_ours), None);
+        let none = TokenNames::from_config(&config(&["--token-cookies", ""])).cookies;
+        assert!(none.is_empty());
+        assert_eq!(token_from_request(&headers, None, &none), None);
     }
 
     #[test]
@@ -397,7 +445,7 @@ mod tests {
         #[test]
         fn any_request_yields_a_token_from_where_it_says_or_none(
             authorization in proptest::option::of(header_bytes("(?i:bearer|basic|)[ \t]{0,2}[ -~]{0,40}")),
-            cookies in proptest::collection::vec(header_bytes("([ -~]{0,6}(sse_token)?=[ -~]{0,12};? ?){0,3}"), 0..3),
+            cookies in proptest::collection::vec(header_bytes("([ -~]{0,6}(sse_token|access_token)?=[ -~]{0,12};? ?){0,3}"), 0..3),
             param in proptest::option::of(proptest::prelude::any::<String>()),
         ) {
             let mut headers = HeaderMap::new();
@@ -407,7 +455,7 @@ mod tests {
             for value in cookies.iter().filter_map(|b| HeaderValue::from_bytes(b).ok()) {
                 headers.append(header::COOKIE, value);
             }
-            if let Some((token, source)) = token_from_request(&headers, param.as_deref()) {
+            if let Some((token, source)) = token_from_request(&headers, param.as_deref(), &default_cookies()) {
                 proptest::prop_assert!(!token.is_empty());
                 let from = match source {
                     TokenSource::Header => headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned),
@@ -416,7 +464,7 @@ mod tests {
                         .get_all(header::COOKIE)
                         .iter()
                         .filter_map(|v| v.to_str().ok())
-                        .find(|v| v.contains(&format!("sse_token={token}")))
+                        .find(|v| v.contains(&format!("sse_token={token}")) || v.contains(&format!("access_token={token}")))
                         .map(str::to_owned),
                 };
                 proptest::prop_assert!(from.is_some_and(|f| f.contains(token)), "{token:?} from {source:?}");

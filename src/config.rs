@@ -131,8 +131,9 @@ pub struct Config {
     #[arg(long, env = "SSE_RETRY_INTERVAL", default_value = "3s", value_parser = parse_duration)]
     pub retry_interval: Duration,
 
-    /// Open streams one user may hold on this node. 0: no limit.
-    #[arg(long, env = "SSE_MAX_CONNECTIONS_PER_USER", default_value_t = 5)]
+    /// Open streams one user may hold on this node. 0: no limit. Generous by default: a browser
+    /// never retries a refused stream, so a user's extra tab would silently receive nothing.
+    #[arg(long, env = "SSE_MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
     pub max_connections_per_user: usize,
 
     /// What a connection beyond the per-user limit does: be refused (429), or evict the user's oldest stream.
@@ -155,11 +156,31 @@ pub struct Config {
     #[arg(long, env = "SSE_QUEUE_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
+    /// Bytes of events a stream may have waiting (its queue, and the rest of an event its socket
+    /// took only part of) before it is cut off as a slow consumer. Plain bytes, or with a `KiB`
+    /// or `MiB` suffix. An event is never refused by an empty queue, and a resume's replay does
+    /// not count against it.
+    #[arg(long, env = "SSE_QUEUE_MAX_BYTES", default_value = "1MiB", value_parser = parse_queue_bytes)]
+    pub queue_max_bytes: u32,
+
+    /// A stream whose socket takes no byte for this long is dropped: its client stopped reading
+    /// with something left to write. At least 1s.
+    #[arg(long, env = "SSE_WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_stall_timeout: Duration,
+
     /// Largest accepted body of `POST /api/publish`, in bytes. The default takes a 64 KiB `data`
     /// string even when every character needs a JSON escape (`\"`, `\\`: twice the bytes), plus
     /// the envelope and targets.
     #[arg(long, env = "SSE_MAX_PUBLISH_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(64..))]
     pub max_publish_bytes: u32,
+
+    /// Query parameters a token is read from, in this order (comma-separated; empty: none).
+    #[arg(long, env = "SSE_TOKEN_QUERY_PARAMS", value_delimiter = ',', default_value = "access_token,token")]
+    pub token_query_params: Vec<String>,
+
+    /// Cookies a token is read from, in this order (comma-separated; empty: none).
+    #[arg(long, env = "SSE_TOKEN_COOKIES", value_delimiter = ',', default_value = "sse_token,access_token")]
+    pub token_cookies: Vec<String>,
 
     /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
     /// Empty: no CORS headers; same-origin only.
@@ -197,6 +218,21 @@ pub struct Config {
     /// Age after which broadcast entries are dropped (0: no age limit).
     #[arg(long, env = "SSE_HISTORY_BROADCAST_AGE", default_value = "1h", value_parser = parse_duration)]
     pub history_broadcast_age: Duration,
+
+    /// Most history entries one read from Redis returns (a resume or backfill reads page by page;
+    /// `/api/history` answers one page).
+    #[arg(long, env = "SSE_HISTORY_PAGE_ENTRIES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub history_page_entries: u32,
+
+    /// Most payload bytes one read from Redis returns (a larger entry comes alone). A node keeps
+    /// about 2 MiB of history reads in flight, so this also sets how many run at once.
+    #[arg(long, env = "SSE_HISTORY_PAGE_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub history_page_bytes: u32,
+
+    /// Most history entries one (re)connecting stream is replayed; channels still behind past it
+    /// get `reset` `window_lost` and continue from their current end.
+    #[arg(long, env = "SSE_HISTORY_MAX_REPLAY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_max_replay: u32,
 
     /// Log format.
     #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value = "text")]
@@ -247,6 +283,10 @@ pub enum ConfigError {
     HeartbeatTooShort,
     #[error("SSE_HISTORY_*_LENGTH must be at least 1")]
     HistoryLength,
+    #[error("SSE_WRITE_STALL_TIMEOUT must be at least 1s")]
+    WriteStallTooShort,
+    #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
+    TokenName(&'static str, String),
 }
 
 impl Config {
@@ -257,7 +297,7 @@ impl Config {
             return Err(ConfigError::ChannelPrefix);
         }
         if let Some(id) = &self.node_id
-            && !is_valid_node_id(id)
+            && !is_plain_name(id)
         {
             return Err(ConfigError::NodeId);
         }
@@ -278,6 +318,13 @@ impl Config {
         {
             return Err(ConfigError::RedisUrl);
         }
+        for (setting, names) in
+            [("SSE_TOKEN_QUERY_PARAMS", self.token_query_params()), ("SSE_TOKEN_COOKIES", self.token_cookies())]
+        {
+            if let Some(bad) = names.iter().find(|name| !is_plain_name(name)) {
+                return Err(ConfigError::TokenName(setting, (*bad).to_owned()));
+            }
+        }
         for origin in self.cors_origins() {
             if origin != "*" && !is_origin(origin) {
                 return Err(ConfigError::CorsOrigin(origin.to_owned()));
@@ -289,7 +336,20 @@ impl Config {
         if [self.history_user_length, self.history_topic_length, self.history_broadcast_length].contains(&0) {
             return Err(ConfigError::HistoryLength);
         }
+        if self.write_stall_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::WriteStallTooShort);
+        }
         Ok(())
+    }
+
+    /// The query parameters a token is read from, without empty entries.
+    pub fn token_query_params(&self) -> Vec<&str> {
+        self.token_query_params.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect()
+    }
+
+    /// The cookies a token is read from, without empty entries.
+    pub fn token_cookies(&self) -> Vec<&str> {
+        self.token_cookies.iter().map(|n| n.trim()).filter(|n| !n.is_empty()).collect()
     }
 
     /// Configured origins without the empty entries a trailing comma or an empty variable leaves.
@@ -307,13 +367,23 @@ impl Config {
         })
     }
 
+    /// How resumes read history: page bounds and the most one stream is replayed.
+    pub fn replay_limits(&self) -> crate::history::ReplayLimits {
+        use crate::history::{Page, ReplayLimits};
+        ReplayLimits {
+            page: Page { entries: self.history_page_entries, bytes: self.history_page_bytes },
+            max_replay: self.history_max_replay,
+        }
+    }
+
     /// Development mode: no key configured, so the node makes up a secret and prints tokens.
     pub fn is_development(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key.is_none()
     }
 }
 
-fn is_valid_node_id(id: &str) -> bool {
+/// 1-64 letters, digits, `-`, `_` or `.`: a node id, a token parameter or cookie name.
+fn is_plain_name(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
@@ -343,6 +413,35 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         other => return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// Parses a byte size: a bare number of bytes, or a number with a `KiB` (1024) or `MiB`
+/// (1024 * 1024) suffix, with or without a space between. `KB`, `MB`, `k` and the like are
+/// refused rather than guessed at: whether they mean 1000 or 1024 differs from tool to tool.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("{s:?} is not a size (examples: 262144, 256KiB, 1MiB)"))?;
+    let unit_bytes = match unit.trim_start() {
+        "" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use bytes, KiB or MiB)")),
+    };
+    value.checked_mul(unit_bytes).ok_or_else(|| format!("{s:?} is out of range"))
+}
+
+/// `SSE_QUEUE_MAX_BYTES`: a byte size from 1 KiB to 1 GiB. The ceiling keeps a stream's byte
+/// count, a `u32` in every stream's state, far from overflowing by the one event that may
+/// cross the bound.
+fn parse_queue_bytes(s: &str) -> Result<u32, String> {
+    const RANGE: std::ops::RangeInclusive<u64> = 1024..=1024 * 1024 * 1024;
+    let bytes = parse_byte_size(s)?;
+    if !RANGE.contains(&bytes) {
+        return Err(format!("{s:?} is outside 1KiB..=1024MiB"));
+    }
+    u32::try_from(bytes).map_err(|_| format!("{s:?} is out of range"))
 }
 
 /// The node's settings from `args` (after the program name), without validating them.
@@ -386,13 +485,47 @@ mod tests {
     }
 
     #[test]
+    fn sizes_are_bytes_kib_or_mib() {
+        assert_eq!(parse_byte_size("262144"), Ok(262_144));
+        assert_eq!(parse_byte_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_byte_size("1MiB"), Ok(1_048_576));
+        assert_eq!(parse_byte_size(" 2 MiB "), Ok(2 * 1_048_576));
+        assert_eq!(parse_byte_size("0"), Ok(0));
+        for junk in ["", "MiB", "1.5MiB", "-1", "1KB", "1MB", "1k", "1M", "1mib", "1GiB", "1 MiB x", "ten"] {
+            assert!(parse_byte_size(junk).is_err(), "{junk:?} was accepted");
+        }
+        assert!(parse_byte_size("99999999999999999999").is_err());
+        assert!(parse_byte_size("18446744073709551615MiB").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn the_queue_byte_bound_defaults_to_1_mib_and_takes_suffixes() {
+        assert_eq!(parse(&[]).expect("defaults are valid").queue_max_bytes, 1024 * 1024);
+        assert_eq!(parse(&["--queue-max-bytes", "256KiB"]).expect("valid").queue_max_bytes, 256 * 1024);
+        assert_eq!(parse(&["--queue-max-bytes", "4096"]).expect("valid").queue_max_bytes, 4096);
+        assert_eq!(parse(&["--queue-max-bytes", "1024MiB"]).expect("valid").queue_max_bytes, 1 << 30);
+        for refused in ["1MB", "1.5MiB", "lots", "1023", "1025MiB", "0"] {
+            let error = parse(&["--queue-max-bytes", refused]).expect_err(refused);
+            assert!(error.contains("--queue-max-bytes"), "the error names the setting: {error}");
+        }
+    }
+
+    #[test]
+    fn the_write_stall_timeout_is_at_least_a_second() {
+        assert_eq!(parse(&[]).expect("defaults are valid").write_stall_timeout, Duration::from_secs(30));
+        assert_eq!(parse(&["--write-stall-timeout", "2s"]).expect("valid").write_stall_timeout, Duration::from_secs(2));
+        assert!(parse(&["--write-stall-timeout", "500ms"]).unwrap_err().contains("SSE_WRITE_STALL_TIMEOUT"));
+        assert!(parse(&["--write-stall-timeout", "0"]).is_err());
+    }
+
+    #[test]
     fn defaults_are_a_development_node_on_port_8080() {
         let config = parse(&[]).expect("defaults are valid");
         assert_eq!(config.listen.port(), 8080);
         assert!(config.is_development());
         assert!(config.redis_url.is_none());
         assert_eq!(config.heartbeat_interval, Duration::from_secs(30));
-        assert_eq!(config.max_connections_per_user, 5);
+        assert_eq!(config.max_connections_per_user, 100);
     }
 
     #[test]
@@ -421,6 +554,12 @@ mod tests {
         assert!(parse(&["--history-user-length", "0"]).is_err());
         assert!(parse(&["--history", "maybe"]).is_err());
         assert!(parse(&["--history", "false"]).expect("valid").history().is_none());
+        assert!(parse(&["--history-page-entries", "0"]).is_err());
+        assert!(parse(&["--history-page-bytes", "1000"]).is_err());
+        assert!(parse(&["--history-max-replay", "0"]).is_err());
+        let limits =
+            parse(&["--history-page-entries", "10", "--history-max-replay", "50"]).expect("valid").replay_limits();
+        assert_eq!((limits.page.entries, limits.page.bytes, limits.max_replay), (10, 262_144, 50));
     }
 
     #[test]

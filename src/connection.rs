@@ -10,9 +10,10 @@
 //! wake-up, no allocation. Only when the socket is full, or the stream's task is still writing
 //! earlier bytes, does the event wait in the queue for that task, which then takes everything
 //! queued in one batch (`Connection::poll_batch`). The queue starts empty and grows only
-//! while the client is slower than the publishers; at `capacity` frames the stream is cut off
-//! as a slow consumer rather than buffering without bound. Streams served by hyper (no socket
-//! to attach) always go through the queue and take it with the same `poll_batch`.
+//! while the client is slower than the publishers; at its [`QueueLimit`] in frames or in bytes
+//! the stream is cut off as a slow consumer rather than buffering without bound. Streams served
+//! by hyper (no socket to attach) always go through the queue and take it with the same
+//! `poll_batch`.
 //!
 //! Who may write the socket is one `Writer` state, changed only under the mutex. How the bytes
 //! are framed and sent is not decided here but in [`crate::wire`]; neither is the HTTP
@@ -30,7 +31,7 @@ use tokio::net::TcpStream;
 use crate::auth::{UserId, unix_now};
 use crate::channel::ChannelName;
 use crate::history::{Cursor, StreamId, channel_hash};
-use crate::wire::{self, Framing, MAX_BATCH, Sent};
+use crate::wire::{self, Framing, MAX_BATCH, MAX_BATCH_BYTES, Sent};
 
 /// Node-local connection number; `connected` events show it as `<node>:<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +54,11 @@ pub enum CloseReason {
     Shutdown,
     /// The node fell behind its bus and dropped live messages: the client resumes from history.
     Overflow,
+    /// The client went away (closed or reset its connection) while the stream was open.
+    ClientClosed,
+    /// The client's socket took no byte for the write stall timeout while the stream had
+    /// something to write: it stopped reading.
+    WriteStalled,
 }
 
 impl CloseReason {
@@ -65,6 +71,8 @@ impl CloseReason {
             CloseReason::TokenExpired => "token_expired",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Overflow => "overflow",
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::WriteStalled => "write_stalled",
         }
     }
 
@@ -99,6 +107,17 @@ pub struct Rebase {
     pub frame: Bytes,
 }
 
+/// How much a stream's queue may hold before the stream is cut off as a slow consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimit {
+    /// Frames queued (`SSE_QUEUE_CAPACITY`).
+    pub frames: usize,
+    /// Bytes waiting (`SSE_QUEUE_MAX_BYTES`): the frames queued and the rest of a direct send
+    /// the socket cut short. Frames are counted whole even when the hub shares them between
+    /// streams: each stream keeps them alive for as long as it holds them.
+    pub bytes: u32,
+}
+
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -108,6 +127,9 @@ pub enum Pushed {
     Full,
     /// The stream is already closing; the frame was dropped.
     Closed,
+    /// Writing into the socket failed: the client is gone, and this push ended the stream (the
+    /// caller counts the close, as for every call that ends a stream).
+    Gone,
 }
 
 /// What the stream's task does next, after `Connection::poll_batch`.
@@ -149,8 +171,13 @@ struct PerChannel {
 /// keep it small; `a_stream_state_is_no_larger_than_before` guards its size).
 struct State {
     queue: VecDeque<Item>,
-    /// Room granted above `capacity` for a resume's replay, used up as the replay is written.
-    allowance: usize,
+    /// Room granted above the frame limit for a resume's replay, used up as the replay is
+    /// written. The replay sits at the front of the queue, so it is the next `allowance` items.
+    allowance: u32,
+    /// Bytes waiting for the client, compared with [`QueueLimit::bytes`]: the frames in `queue`
+    /// except the replay (which, as for the frame limit, does not count against the bound), and
+    /// the writer's backlog. Zero whenever both are empty.
+    queued_bytes: u32,
     /// History position of each channel (same order as `channels`); empty when history is off.
     positions: Box<[StreamId]>,
     epoch: u32,
@@ -227,6 +254,7 @@ impl Connection {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 allowance: 0,
+                queued_bytes: 0,
                 positions: Box::new([]),
                 epoch: 0,
                 last_event_at: now,
@@ -283,7 +311,7 @@ impl Connection {
 
     /// Queues a frame, or writes it at once when the stream has a socket and nothing waits
     /// before it. `now` is the hub clock; `None` for frames that are not events (heartbeats).
-    pub fn push(&self, item: &Item, capacity: usize, now: Option<u32>) -> Pushed {
+    pub fn push(&self, item: &Item, limit: QueueLimit, now: Option<u32>) -> Pushed {
         let waker = {
             let mut state = self.state();
             if let Writer::Closed { .. } = state.writer {
@@ -297,10 +325,10 @@ impl Connection {
             {
                 return self.write_direct(&mut state, framing, item);
             }
-            if state.queue.len() >= capacity + state.allowance {
+            if state.queue.len() >= limit.frames + state.allowance as usize || state.over_bytes(item, limit.bytes) {
                 return Pushed::Full;
             }
-            state.queue.push_back(item.clone());
+            state.enqueue(item.clone());
             state.waker.take()
         };
         if let Some(waker) = waker {
@@ -321,21 +349,30 @@ impl Connection {
                 send.send(socket, framing, item.frame())
             })
         });
-        match sent {
+        let pushed = match sent {
             Some(Sent::All) => return Pushed::Accepted,
-            Some(Sent::Rest(rest)) => state.writer = Writer::Busy { framing, backlog: Some(rest) },
+            Some(Sent::Rest(rest)) => {
+                // A copy of the rest, held by this stream alone: it counts against the bound.
+                state.queued_bytes = byte_count(&rest);
+                state.writer = Writer::Busy { framing, backlog: Some(rest) };
+                Pushed::Accepted
+            }
             // The scratch buffer is in use: the task writes the item, untouched (not admitted).
-            None => state.queue.push_back(item.clone()),
+            None => {
+                state.enqueue(item.clone());
+                Pushed::Accepted
+            }
             Some(Sent::Failed) => {
                 // The peer is gone: end the stream; its task notices and leaves the hub.
-                state.queue.clear();
+                state.drop_all();
                 state.writer = Writer::Closed { backlog: None };
+                Pushed::Gone
             }
-        }
+        };
         if let Some(waker) = state.waker.take() {
             waker.wake();
         }
-        Pushed::Accepted
+        pushed
     }
 
     /// Starts history tracking: the epoch and per-channel positions the stream resumes from,
@@ -345,7 +382,7 @@ impl Connection {
         let mut state = self.state();
         state.epoch = epoch;
         state.positions = positions.into();
-        state.allowance += replay.len();
+        state.allowance = state.allowance.saturating_add(u32::try_from(replay.len()).unwrap_or(u32::MAX));
         for item in replay.into_iter().rev() {
             state.queue.push_front(item);
         }
@@ -358,6 +395,13 @@ impl Connection {
             return None;
         }
         Some(Cursor::encode(state.epoch, unix_now(), self.positions(&state)))
+    }
+
+    /// Whether the stream's cursor stands at `epoch` and `positions` (in the order of its
+    /// channels): a long replay queues its next page once the stream has taken the previous one.
+    pub fn is_at(&self, epoch: u32, positions: &[StreamId]) -> bool {
+        let state = self.state();
+        state.epoch == epoch && *state.positions == *positions
     }
 
     /// (channel hash, position) pairs, the content of a cursor.
@@ -394,32 +438,53 @@ impl Connection {
     }
 
     /// Moves the next queued item into `pieces`, behind its `id:` line if it gets one;
-    /// duplicates are skipped. False when nothing is left.
-    fn take_next(&self, state: &mut State, pieces: &mut VecDeque<Bytes>) -> bool {
+    /// duplicates are skipped. Returns the size of the frame taken, `None` when nothing is left.
+    fn take_next(&self, state: &mut State, pieces: &mut VecDeque<Bytes>) -> Option<usize> {
         while let Some(item) = state.queue.pop_front() {
-            state.allowance = state.allowance.saturating_sub(1);
-            if state.queue.is_empty() && state.queue.capacity() > 64 {
-                // A burst grew the queue; give the memory back once the client caught up.
-                state.queue.shrink_to(8);
+            let size = item.frame().len();
+            if state.allowance > 0 {
+                state.allowance -= 1; // A replayed item: never counted in bytes.
+            } else {
+                state.queued_bytes = state.queued_bytes.saturating_sub(byte_count(item.frame()));
+            }
+            if state.queue.is_empty() {
+                // The backlog went first (`poll_batch`): nothing waits, whatever rounding did.
+                state.queued_bytes = 0;
+                if state.queue.capacity() > 64 {
+                    // A burst grew the queue; give the memory back once the client caught up.
+                    state.queue.shrink_to(8);
+                }
             }
             let Some(with_cursor) = self.admit(state, &item) else { continue };
             if with_cursor {
                 pieces.push_back(Cursor::id_line(state.epoch, unix_now(), self.positions(state)));
             }
             pieces.push_back(item.into_frame());
-            return true;
+            return Some(size);
         }
-        false
+        None
     }
 
     /// Ends the stream after what is queued plus `farewell`. Returns false if already closed.
+    /// Every call that ends a stream (this, [`Connection::cut`], [`Connection::release`], a
+    /// push answered [`Pushed::Gone`]) says whether it was the one: its caller counts the
+    /// close, so each stream is counted once, for the reason that actually ended it.
+    #[must_use = "the caller that ends a stream counts its close"]
     pub fn close(&self, farewell: Bytes) -> bool {
         self.end(Some(farewell))
     }
 
     /// Ends the stream at once, dropping what is queued: the client is not reading.
+    #[must_use = "the caller that ends a stream counts its close"]
     pub fn cut(&self) -> bool {
-        self.end(None)
+        let cut = self.end(None);
+        if cut && let Some(socket) = self.socket.get() {
+            // The stream's task may be waiting for the client to read what it is writing.
+            // Shut down, the socket fails that write at once: the task, its batch and the socket
+            // go now rather than after the write stall timeout, and the client sees the end.
+            let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Both);
+        }
+        cut
     }
 
     /// Closes the stream to pushes; what was accepted before is still handed to its task after
@@ -432,12 +497,12 @@ impl Connection {
             }
             match farewell {
                 Some(farewell) => {
-                    state.queue.push_back(Item::Raw(farewell));
+                    state.enqueue(Item::Raw(farewell));
                     let backlog = state.writer.take_backlog();
                     state.writer = Writer::Closed { backlog };
                 }
                 None => {
-                    state.queue.clear();
+                    state.drop_all();
                     state.writer = Writer::Closed { backlog: None };
                 }
             }
@@ -450,11 +515,15 @@ impl Connection {
     }
 
     /// The stream's task is done with it: nothing more is written into the socket but what the
-    /// task itself writes last (the end of the body).
-    pub fn release(&self) {
+    /// task itself writes last (the end of the body). True when the stream was still open, so
+    /// that this ended it (the client left, or its socket stalled).
+    #[must_use = "the caller that ends a stream counts its close"]
+    pub fn release(&self) -> bool {
         let mut state = self.state();
+        let was_open = !matches!(state.writer, Writer::Closed { .. });
         state.writer = Writer::Closed { backlog: None };
-        state.queue.clear();
+        state.drop_all();
+        was_open
     }
 
     pub fn is_closed(&self) -> bool {
@@ -473,9 +542,21 @@ impl Connection {
     pub(crate) fn poll_batch(&self, cx: &mut Context<'_>, pieces: &mut VecDeque<Bytes>) -> Poll<Next> {
         let mut state = self.state();
         let before = pieces.len();
-        pieces.extend(state.writer.take_backlog());
+        let backlog = state.writer.take_backlog();
+        let mut taken = backlog.as_ref().map_or(0, Bytes::len);
+        if let Some(backlog) = backlog {
+            state.queued_bytes = state.queued_bytes.saturating_sub(byte_count(&backlog));
+            pieces.push_back(backlog);
+        }
         let events = pieces.len();
-        while pieces.len() - events < MAX_BATCH * 2 && self.take_next(&mut state, pieces) {}
+        // Bounded in bytes too: what the task holds while the socket is full stays small,
+        // and the rest keeps counting against the stream's bound where it waits.
+        while pieces.len() - events < MAX_BATCH * 2
+            && taken < MAX_BATCH_BYTES
+            && let Some(size) = self.take_next(&mut state, pieces)
+        {
+            taken += size;
+        }
         if pieces.len() > before {
             state.writer.task_writes();
             return Poll::Ready(Next::Write { events });
@@ -489,6 +570,31 @@ impl Connection {
     }
 }
 
+impl State {
+    /// Whether queuing `item` would take the bytes waiting past `bound`. An empty stream takes
+    /// any one event, however large: the bound is on a client falling behind, not on event size.
+    fn over_bytes(&self, item: &Item, bound: u32) -> bool {
+        self.queued_bytes > 0 && u64::from(self.queued_bytes) + item.frame().len() as u64 > u64::from(bound)
+    }
+
+    /// Queues `item` at the back, counting its bytes.
+    fn enqueue(&mut self, item: Item) {
+        self.queued_bytes = self.queued_bytes.saturating_add(byte_count(item.frame()));
+        self.queue.push_back(item);
+    }
+
+    /// Forgets everything waiting (the backlog is the caller's to drop with the writer state).
+    fn drop_all(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+    }
+}
+
+/// A frame's size as the stream's byte count holds it (saturating: a count never wraps).
+fn byte_count(frame: &Bytes) -> u32 {
+    u32::try_from(frame.len()).unwrap_or(u32::MAX)
+}
+
 /// Registered under the lock: a push after we unlock sees this waker.
 fn register(state: &mut State, cx: &Context<'_>) {
     if !state.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -497,7 +603,7 @@ fn register(state: &mut State, cx: &Context<'_>) {
 }
 
 impl Item {
-    fn frame(&self) -> &Bytes {
+    pub(crate) fn frame(&self) -> &Bytes {
         match self {
             Item::Raw(frame) | Item::Event { frame, .. } => frame,
             Item::Rebase(rebase) => &rebase.frame,
@@ -528,6 +634,13 @@ mod tests {
     fn connection() -> Connection {
         let user = UserId::new("u").expect("valid id");
         Connection::new(ConnectionId(1), user, Box::new([ChannelName::from_bus("sse:user:u")]), u64::MAX, 0)
+    }
+
+    const STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// A limit in frames only.
+    fn frames(frames: usize) -> QueueLimit {
+        QueueLimit { frames, bytes: u32::MAX }
     }
 
     fn raw(b: &'static [u8]) -> Item {
@@ -574,9 +687,9 @@ mod tests {
         let waker = Waker::from(flag.clone());
         let mut cx = Context::from_waker(&waker);
         assert_eq!(batch(&conn, &mut cx), Poll::Pending);
-        assert_eq!(conn.push(&raw(b"a"), 4, Some(5)), Pushed::Accepted);
+        assert_eq!(conn.push(&raw(b"a"), frames(4), Some(5)), Pushed::Accepted);
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst), "push must wake the body");
-        conn.push(&raw(b"b"), 4, None);
+        conn.push(&raw(b"b"), frames(4), None);
         assert_eq!(batch(&conn, &mut cx), pieces(&[b"a", b"b"]));
         assert_eq!(batch(&conn, &mut cx), Poll::Pending);
         assert_eq!(conn.last_event_at(), 5, "heartbeats do not count as activity");
@@ -587,7 +700,7 @@ mod tests {
         let conn = connection();
         let mut cx = Context::from_waker(Waker::noop());
         for _ in 0..MAX_BATCH * 3 {
-            assert_eq!(conn.push(&raw(b"x"), MAX_BATCH * 3, None), Pushed::Accepted);
+            assert_eq!(conn.push(&raw(b"x"), frames(MAX_BATCH * 3), None), Pushed::Accepted);
         }
         let Poll::Ready(Some(first)) = batch(&conn, &mut cx) else { panic!("a batch") };
         assert_eq!(first.len(), MAX_BATCH * 2, "raw frames: no id lines, so twice as many frames");
@@ -599,19 +712,102 @@ mod tests {
     fn a_full_queue_is_reported_and_cut_drops_everything() {
         let conn = connection();
         for _ in 0..3 {
-            assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Accepted);
+            assert_eq!(conn.push(&raw(b"x"), frames(3), None), Pushed::Accepted);
         }
-        assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Full);
+        assert_eq!(conn.push(&raw(b"x"), frames(3), None), Pushed::Full);
         assert!(conn.cut());
         assert!(!conn.cut(), "closing twice is a no-op");
         assert_eq!(batch(&conn, &mut Context::from_waker(Waker::noop())), Poll::Ready(None));
-        assert_eq!(conn.push(&raw(b"x"), 3, None), Pushed::Closed);
+        assert_eq!(conn.push(&raw(b"x"), frames(3), None), Pushed::Closed);
+    }
+
+    /// A limit in bytes only.
+    fn bytes(bytes: u32) -> QueueLimit {
+        QueueLimit { frames: usize::MAX / 2, bytes }
+    }
+
+    fn sized(len: usize) -> Item {
+        Item::Raw(Bytes::from(vec![b'x'; len]))
+    }
+
+    fn queued_bytes(conn: &Connection) -> u32 {
+        conn.state().queued_bytes
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_an_empty_one_takes_any_event() {
+        let conn = connection();
+        let limit = bytes(1000);
+        assert_eq!(conn.push(&sized(400), limit, None), Pushed::Accepted);
+        assert_eq!(conn.push(&sized(600), limit, None), Pushed::Accepted, "exactly at the bound");
+        assert_eq!(queued_bytes(&conn), 1000);
+        assert_eq!(conn.push(&sized(1), limit, None), Pushed::Full, "one byte past it");
+        // Taking events gives their bytes back.
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(batch(&conn, &mut cx), Poll::Ready(Some(frames)) if frames.len() == 2));
+        assert_eq!(queued_bytes(&conn), 0);
+        // An event larger than the whole bound still reaches a stream that has nothing waiting.
+        assert_eq!(conn.push(&sized(5000), limit, None), Pushed::Accepted);
+        assert_eq!(conn.push(&sized(1), limit, None), Pushed::Full);
+        assert!(conn.cut());
+        assert_eq!(queued_bytes(&conn), 0, "a cut forgets what waited");
+    }
+
+    #[test]
+    fn a_replay_larger_than_the_bound_is_not_cut_and_live_events_still_get_the_whole_bound() {
+        let conn = connection();
+        let channel = ChannelName::from_bus("sse:user:u");
+        let limit = bytes(1000);
+        // A live event arrived while history was read; then a replay of 3000 bytes.
+        conn.push(&entry(&channel, 10, 9, vec![b'l'; 500]), limit, None);
+        let replay = (1..=3).map(|seq| entry(&channel, 10, seq, vec![b'r'; 1000])).collect();
+        conn.start_history(1, vec![StreamId::ZERO], replay);
+        assert_eq!(queued_bytes(&conn), 500, "the replay does not count");
+        assert_eq!(conn.push(&entry(&channel, 10, 10, vec![b'l'; 500]), limit, None), Pushed::Accepted);
+        assert_eq!(conn.push(&entry(&channel, 10, 11, vec![b'l'; 1]), limit, None), Pushed::Full);
+        // Writing the replay leaves the live events' bytes counted, and nothing else.
+        let mut pieces = VecDeque::new();
+        {
+            let mut state = conn.state();
+            for _ in 0..3 {
+                assert_eq!(conn.take_next(&mut state, &mut pieces), Some(1000), "a replayed entry");
+            }
+            assert_eq!(state.queued_bytes, 1000);
+        }
+        let _ = batch(&conn, &mut Context::from_waker(Waker::noop()));
+        assert_eq!(queued_bytes(&conn), 0);
+    }
+
+    #[test]
+    fn a_batch_takes_a_bounded_number_of_bytes_and_what_is_left_keeps_counting() {
+        let conn = connection();
+        let size = 20 * 1024;
+        for _ in 0..10 {
+            assert_eq!(conn.push(&sized(size), bytes(u32::MAX), None), Pushed::Accepted);
+        }
+        let Poll::Ready(Some(first)) = batch(&conn, &mut Context::from_waker(Waker::noop())) else { panic!("a batch") };
+        // Events are taken whole until the batch holds at least MAX_BATCH_BYTES.
+        assert_eq!(first.len(), MAX_BATCH_BYTES.div_ceil(size));
+        assert_eq!(queued_bytes(&conn) as usize, (10 - first.len()) * size);
+    }
+
+    #[test]
+    fn release_says_whether_it_ended_the_stream() {
+        let conn = connection();
+        conn.push(&sized(10), bytes(100), None);
+        assert!(conn.release(), "open until now: the task ended it");
+        assert!(!conn.release());
+        assert!(!conn.close(Bytes::new()) && !conn.cut(), "nothing ends a stream twice");
+        assert_eq!(queued_bytes(&conn), 0);
+        let closed = connection();
+        assert!(closed.close(Bytes::from_static(b"bye")));
+        assert!(!closed.release(), "closed by the node first: not the task's to count");
     }
 
     #[test]
     fn close_delivers_the_queue_then_the_farewell() {
         let conn = connection();
-        conn.push(&raw(b"last"), 3, None);
+        conn.push(&raw(b"last"), frames(3), None);
         assert!(conn.close(CloseReason::Replaced.farewell()));
         let mut cx = Context::from_waker(Waker::noop());
         assert_eq!(
@@ -627,8 +823,8 @@ mod tests {
         let channel = ChannelName::from_bus("sse:user:u");
         let event = |seq: u64, frame: &'static [u8]| entry(&channel, 10, seq, frame);
         // Live copies of entries 2 and 3 arrived while the replay was being read.
-        conn.push(&event(2, b"two"), 4, None);
-        conn.push(&event(3, b"three"), 4, None);
+        conn.push(&event(2, b"two"), frames(4), None);
+        conn.push(&event(3, b"three"), frames(4), None);
         conn.start_history(7, vec![StreamId { ms: 10, seq: 0 }], vec![event(1, b"one"), event(2, b"two")]);
         let Poll::Ready(Some(written)) = batch(&conn, &mut Context::from_waker(Waker::noop())) else {
             panic!("a batch")
@@ -652,13 +848,13 @@ mod tests {
         };
         conn.start_history(7, vec![StreamId { ms: 50, seq: 0 }], Vec::new());
         // Queued before the loss: keeps the old history's cursor.
-        conn.push(&event(60, b"old"), 8, None);
+        conn.push(&event(60, b"old"), frames(8), None);
         let reset = Bytes::from_static(b"event: reset\n\n");
         let rebase =
             Rebase { epoch: 9, channel: channel.clone(), tail: StreamId { ms: 20, seq: 0 }, frame: reset.clone() };
-        conn.push(&Item::Rebase(Arc::new(rebase)), 8, None);
+        conn.push(&Item::Rebase(Arc::new(rebase)), frames(8), None);
         // The new history's ids are below the old position (restored from an older snapshot).
-        conn.push(&event(30, b"new"), 8, None);
+        conn.push(&event(30, b"new"), frames(8), None);
         let mut cx = Context::from_waker(Waker::noop());
         let Poll::Ready(Some(written)) = batch(&conn, &mut cx) else { panic!("a batch") };
         let [old_id, old, reset_id, written_reset, new_id, new] = &written[..] else {
@@ -670,7 +866,7 @@ mod tests {
         // A rebase for a channel the stream does not have is written as it is.
         let other =
             Rebase { epoch: 9, channel: ChannelName::from_bus("sse:topic:x"), tail: StreamId::ZERO, frame: reset };
-        conn.push(&Item::Rebase(Arc::new(other)), 8, None);
+        conn.push(&Item::Rebase(Arc::new(other)), frames(8), None);
         assert_eq!(batch(&conn, &mut cx), pieces(&[b"event: reset\n\n"]));
     }
 
@@ -690,12 +886,12 @@ mod tests {
             let next = std::future::poll_fn(|cx| conn.poll_batch(cx, &mut pieces)).await;
             let Next::Write { events } = next else { break };
             framing.frame_batch(&mut pieces, events);
-            wire::write_all(socket, &mut pieces).await.expect("written");
+            wire::write_all(socket, &mut pieces, STALL).await.expect("written");
         }
-        conn.release();
-        assert_eq!(conn.push(&raw(b"data: late\n\n"), 8, None), Pushed::Closed);
+        assert!(!conn.release(), "the stream ended before its task let go of it");
+        assert_eq!(conn.push(&raw(b"data: late\n\n"), frames(8), None), Pushed::Closed);
         pieces.extend(framing.end_of_body());
-        wire::write_all(socket, &mut pieces).await.expect("written");
+        wire::write_all(socket, &mut pieces, STALL).await.expect("written");
         socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write).expect("shutdown");
     }
 
@@ -731,9 +927,9 @@ mod tests {
         let (server, mut client) = socket_pair().await;
         let conn = connection();
         conn.attach(server, Framing::Chunked);
-        assert_eq!(conn.push(&raw(b"data: a\n\n"), 4, Some(1)), Pushed::Accepted);
+        assert_eq!(conn.push(&raw(b"data: a\n\n"), frames(4), Some(1)), Pushed::Accepted);
         let big = Bytes::from(format!("data: {}\n\n", "b".repeat(wire::COPY_MAX)));
-        assert_eq!(conn.push(&Item::Raw(big.clone()), 4, None), Pushed::Accepted);
+        assert_eq!(conn.push(&Item::Raw(big.clone()), frames(4), None), Pushed::Accepted);
         // Nothing waits for a task: the queue is empty and the bytes are on the wire.
         let mut pieces = VecDeque::new();
         assert_eq!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), &mut pieces), Poll::Pending);
@@ -762,7 +958,7 @@ mod tests {
         for seq in 0..events {
             let frame = Bytes::from(format!("data: {seq} {}\n\n", "x".repeat(seq % 3000)));
             expected.extend_from_slice(&frame);
-            assert_eq!(conn.push(&Item::Raw(frame), events, None), Pushed::Accepted);
+            assert_eq!(conn.push(&Item::Raw(frame), frames(events), None), Pushed::Accepted);
             if seq % 100 == 0 {
                 tokio::task::yield_now().await; // let the task write some in between
             }
@@ -791,9 +987,9 @@ mod tests {
         conn.attach(server, Framing::Chunked);
         let writer = tokio::spawn(run_writer(conn.clone(), Framing::Chunked));
         for seq in [1, 2, 2, 3] {
-            conn.push(&event(seq), 8, None);
+            conn.push(&event(seq), frames(8), None);
         }
-        conn.close(Bytes::new());
+        assert!(conn.close(Bytes::new()));
         let body = String::from_utf8(read_chunked(client).await).expect("utf8");
         let mut lines = body.lines().filter(|l| !l.is_empty());
         for seq in [2, 3] {
@@ -814,7 +1010,7 @@ mod tests {
         drop(client);
         // The first write may still be accepted by the kernel; the reset makes a later one fail.
         for _ in 0..50 {
-            conn.push(&raw(b"data: x\n\n"), 4, None);
+            conn.push(&raw(b"data: x\n\n"), frames(4), None);
             if conn.is_closed() {
                 assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
                 assert!(conn.state().queue.is_empty());
@@ -836,18 +1032,18 @@ mod tests {
         let mut pieces = VecDeque::new();
 
         // Until the head is out there is no socket: events queue for the task.
-        assert_eq!(conn.push(&raw(b"data: early\n\n"), 8, None), Pushed::Accepted);
+        assert_eq!(conn.push(&raw(b"data: early\n\n"), frames(8), None), Pushed::Accepted);
         assert_eq!(writer(&conn), "Queued");
         conn.attach(server, Framing::Chunked);
         assert_eq!(writer(&conn), "Idle(Chunked)");
         // Attached, but something waits: a push queues behind it rather than overtaking it.
-        conn.push(&raw(b"data: behind\n\n"), 8, None);
+        conn.push(&raw(b"data: behind\n\n"), frames(8), None);
         assert_eq!(conn.state().queue.len(), 2);
         // The task takes both; while it writes them, pushes queue.
         assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Write { events: 0 }));
         assert_eq!(pieces, [Bytes::from_static(b"data: early\n\n"), Bytes::from_static(b"data: behind\n\n")]);
         assert_eq!(writer(&conn), "Busy { framing: Chunked, backlog: None }");
-        conn.push(&raw(b"data: meanwhile\n\n"), 8, None);
+        conn.push(&raw(b"data: meanwhile\n\n"), frames(8), None);
         assert_eq!(conn.state().queue.len(), 1);
         pieces.clear(); // (written)
         assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Write { events: 0 }));
@@ -855,26 +1051,26 @@ mod tests {
         // Nothing left: direct writes resume.
         assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Pending);
         assert_eq!(writer(&conn), "Idle(Chunked)");
-        conn.push(&raw(b"data: direct\n\n"), 8, None);
+        conn.push(&raw(b"data: direct\n\n"), frames(8), None);
         assert!(conn.state().queue.is_empty(), "written into the socket");
 
         // The socket fills up: the rest of the send it cut short makes the task the writer.
         let big = Item::Raw(Bytes::from(vec![b'x'; 64 * 1024]));
         for _ in 0..1000 {
-            conn.push(&big, 8, None);
+            conn.push(&big, frames(8), None);
             if matches!(conn.state().writer, Writer::Busy { .. }) {
                 break;
             }
         }
         assert!(matches!(conn.state().writer, Writer::Busy { backlog: Some(_), .. }), "{}", writer(&conn));
         assert!(conn.state().queue.is_empty(), "the event is in the backlog, not the queue");
-        conn.push(&raw(b"data: queued\n\n"), 8, None);
+        conn.push(&raw(b"data: queued\n\n"), frames(8), None);
         assert_eq!(conn.state().queue.len(), 1);
 
         // Closing keeps the backlog and the queue for the task, and refuses pushes and attaching.
         assert!(conn.close(Bytes::from_static(b"data: bye\n\n")));
         assert!(matches!(conn.state().writer, Writer::Closed { backlog: Some(_) }), "{}", writer(&conn));
-        assert_eq!(conn.push(&raw(b"data: late\n\n"), 8, None), Pushed::Closed);
+        assert_eq!(conn.push(&raw(b"data: late\n\n"), frames(8), None), Pushed::Closed);
         let Poll::Ready(Next::Write { events: 1 }) = conn.poll_batch(&mut cx, &mut pieces) else {
             panic!("the backlog, then the events")
         };
@@ -882,8 +1078,53 @@ mod tests {
         assert_eq!(pieces[2], Bytes::from_static(b"data: bye\n\n"));
         pieces.clear();
         assert_eq!(conn.poll_batch(&mut cx, &mut pieces), Poll::Ready(Next::Ended));
-        conn.release();
+        assert!(!conn.release(), "closed already: the close was counted, not this");
         assert_eq!(conn.state().writer, Writer::Closed { backlog: None });
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_direct_send_counts_against_the_byte_bound() {
+        let (server, _client) = socket_pair().await;
+        socket2::SockRef::from(&server).set_send_buffer_size(4096).expect("SO_SNDBUF");
+        let conn = connection();
+        conn.attach(server, Framing::Chunked);
+        let limit = bytes(256 * 1024);
+        let big = sized(200 * 1024);
+        for _ in 0..1000 {
+            assert_eq!(conn.push(&big, limit, None), Pushed::Accepted);
+            if matches!(conn.state().writer, Writer::Busy { .. }) {
+                break;
+            }
+        }
+        let backlog = match &conn.state().writer {
+            Writer::Busy { backlog: Some(rest), .. } => rest.len(),
+            other => panic!("the socket never filled: {other:?}"),
+        };
+        assert_eq!(queued_bytes(&conn) as usize, backlog);
+        // The client does not read: the next large event takes it past the bound.
+        assert_eq!(conn.push(&big, limit, None), Pushed::Full);
+        // The task takes the backlog: its bytes leave the count with it.
+        let mut pieces = VecDeque::new();
+        assert!(conn.poll_batch(&mut Context::from_waker(Waker::noop()), &mut pieces).is_ready());
+        assert_eq!(queued_bytes(&conn), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_direct_send_says_the_client_is_gone_once() {
+        let (server, client) = socket_pair().await;
+        let conn = connection();
+        conn.attach(server, Framing::Chunked);
+        drop(client);
+        let mut gone = 0;
+        for _ in 0..50 {
+            match conn.push(&raw(b"data: x\n\n"), frames(4), None) {
+                Pushed::Gone => gone += 1,
+                Pushed::Closed => break,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        assert_eq!(gone, 1, "the push that found the client gone ended the stream, and only it");
+        assert!(!conn.release(), "already ended (and counted by the pusher)");
     }
 
     #[tokio::test]
@@ -894,7 +1135,7 @@ mod tests {
         conn.attach(server, Framing::Identity);
         let big = Item::Raw(Bytes::from(vec![b'x'; 64 * 1024]));
         for _ in 0..1000 {
-            conn.push(&big, 8, None);
+            conn.push(&big, frames(8), None);
             if matches!(conn.state().writer, Writer::Busy { .. }) {
                 break;
             }
@@ -913,7 +1154,8 @@ mod tests {
     // Release sizes, as users run it: a debug build lays `Connection` out 8 bytes larger.
     #[cfg(all(target_os = "linux", target_pointer_width = "64", not(debug_assertions)))]
     fn a_stream_state_is_no_larger_than_before() {
-        // Measured with the five flags (`closed`, `attached`, `chunked`, `writer_busy`, `backlog`).
+        // Measured with the five flags (`closed`, `attached`, `chunked`, `writer_busy`, `backlog`);
+        // the byte count (`queued_bytes`) fits beside the replay allowance, now a `u32` too.
         let (state_before, connection_before) = (120, 248);
         assert!(size_of::<State>() <= state_before, "State is {} bytes", size_of::<State>());
         assert!(size_of::<Connection>() <= connection_before, "Connection is {} bytes", size_of::<Connection>());

@@ -5,6 +5,11 @@
 //! takes it for reading and, per message, frames once and pushes the same `Bytes` into every
 //! listener's queue. A channel's first listener asks the bus to subscribe and its last one to
 //! unsubscribe, both under the lock so the bus sees them in the registry's order.
+//!
+//! A stream that is being replayed history joins *held* ([`Hub::join_held`]): it is subscribed
+//! like any other, but what arrives live for it waits in its [`Hold`] (bounded like a queue)
+//! instead of its queue, so a replay of many pages is written before anything newer; the
+//! resume releases it ([`Hub::release`]) once the last page is queued.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -17,7 +22,7 @@ use crate::auth::{UserId, unix_now};
 use crate::bus::{Bus, SubscriptionReady};
 use crate::channel::ChannelName;
 use crate::config::PerUserPolicy;
-use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed, Rebase};
+use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed, QueueLimit, Rebase};
 use crate::envelope;
 use crate::frame;
 use crate::history::StreamId;
@@ -33,12 +38,20 @@ pub struct Limits {
     /// 0: no limit.
     pub per_node: usize,
     pub queue_capacity: usize,
+    /// Bytes a stream may have waiting before it is cut off as a slow consumer.
+    pub queue_max_bytes: u32,
     /// Zero: off.
     pub inactivity_timeout: Duration,
     /// Zero: off.
     pub max_lifetime: Duration,
     /// History is on: `id:` lines are resume cursors, so a producer's own envelope `id` is not written.
     pub history: bool,
+}
+
+impl Limits {
+    fn queue(&self) -> QueueLimit {
+        QueueLimit { frames: self.queue_capacity, bytes: self.queue_max_bytes }
+    }
 }
 
 /// Why a stream may not join.
@@ -106,6 +119,9 @@ struct Registry {
 }
 
 struct ChannelEntry {
+    /// Streams listening on this channel whose replay is not written yet (rare, and touched only
+    /// under the registry lock).
+    held: Vec<Arc<Hold>>,
     /// Shared with fan-outs in progress, which write outside the registry lock; a join or leave
     /// during one copies the list (`Arc::make_mut`) instead of waiting for it. Unordered: a
     /// leave swaps the last listener into the gap, and every listener knows its index
@@ -118,6 +134,48 @@ struct ChannelEntry {
     gap: AtomicBool,
 }
 
+/// What arrived live for a held stream, in bus order, until its replay is written.
+pub struct Hold {
+    connection: Arc<Connection>,
+    items: Mutex<Vec<Item>>,
+    /// The frames' bytes in `items` (changed under its lock).
+    bytes: AtomicU64,
+    /// More arrived than a queue may hold: the stream is cut off as a slow consumer.
+    overflowed: AtomicBool,
+}
+
+impl Hold {
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// The id of the first history entry of `channel` held so far: from it on, the channel's
+    /// history arrives live, so a replay stops before it.
+    pub fn first_held(&self, channel: &ChannelName) -> Option<StreamId> {
+        let items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        items.iter().find_map(|item| match item {
+            Item::Event { channel: held, id, .. } if held == channel => Some(*id),
+            _ => None,
+        })
+    }
+
+    /// Keeps `item` for the stream until its replay is queued, within the bounds of its queue.
+    fn keep(&self, item: &Item, limit: QueueLimit) {
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        let bytes = self.bytes.load(Ordering::Relaxed) + item.frame().len() as u64;
+        if items.len() >= limit.frames || (!items.is_empty() && bytes > u64::from(limit.bytes)) {
+            self.overflowed.store(true, Ordering::Release);
+        } else {
+            items.push(item.clone());
+            self.bytes.store(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
 /// A stream's place in the hub. Dropping it leaves (idempotent with the hub closing it).
 pub struct Membership {
     hub: Arc<Hub>,
@@ -128,11 +186,28 @@ impl Membership {
     pub fn connection(&self) -> &Connection {
         &self.connection
     }
+
+    /// The stream's own side ends it for `reason` (the client left, its socket stalled).
+    /// Counted only when the stream was still open: a stream the node closed first was
+    /// counted then, for the node's reason.
+    pub fn end(&self, reason: CloseReason) {
+        if self.connection.release() {
+            self.hub.metrics.closed(reason);
+        }
+    }
+
+    /// Leaves without counting a close: the stream was refused before it opened (its request
+    /// is answered with an error status instead of the stream).
+    pub fn refuse(self) {
+        let _ = self.connection.release();
+    }
 }
 
 impl Drop for Membership {
+    /// Whatever ends a stream without closing it first is its client going away: on the hyper
+    /// path, hyper dropping the body of a connection that closed.
     fn drop(&mut self) {
-        self.connection.release();
+        self.end(CloseReason::ClientClosed);
         self.hub.detach(&self.connection);
     }
 }
@@ -142,6 +217,8 @@ impl Drop for Membership {
 pub struct Joined {
     pub membership: Membership,
     pub pending: Vec<Arc<SubscriptionReady>>,
+    /// Set when the stream joined held ([`Hub::join_held`]).
+    pub hold: Option<Arc<Hold>>,
 }
 
 impl Hub {
@@ -182,10 +259,32 @@ impl Hub {
         channels: Vec<ChannelName>,
         token_expires_at: u64,
     ) -> Result<Joined, JoinError> {
+        self.join_as(user, channels, token_expires_at, false)
+    }
+
+    /// Like [`Hub::join`], but what arrives live for the stream is held until [`Hub::release`]
+    /// (for a stream whose history is replayed first).
+    pub fn join_held(
+        self: &Arc<Self>,
+        user: UserId,
+        channels: Vec<ChannelName>,
+        token_expires_at: u64,
+    ) -> Result<Joined, JoinError> {
+        self.join_as(user, channels, token_expires_at, true)
+    }
+
+    fn join_as(
+        self: &Arc<Self>,
+        user: UserId,
+        channels: Vec<ChannelName>,
+        token_expires_at: u64,
+        held: bool,
+    ) -> Result<Joined, JoinError> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let mut evicted = None;
         let mut pending = Vec::new();
         let connection;
+        let hold;
         {
             let mut registry = self.write();
             // Share the registry's name of each channel that already has listeners: events carry
@@ -195,6 +294,14 @@ impl Hub {
                 .map(|c| registry.channels.get_key_value(&c).map_or(c, |(known, _)| known.clone()))
                 .collect();
             connection = Arc::new(Connection::new(id, user.clone(), channels, token_expires_at, self.now()));
+            hold = held.then(|| {
+                Arc::new(Hold {
+                    connection: connection.clone(),
+                    items: Mutex::new(Vec::new()),
+                    bytes: AtomicU64::new(0),
+                    overflowed: AtomicBool::new(false),
+                })
+            });
             if registry.draining {
                 return Err(JoinError::Draining);
             }
@@ -221,15 +328,20 @@ impl Hub {
                     let ready = Arc::new(SubscriptionReady::default());
                     self.bus.subscribe(channel.clone(), ready.clone());
                     ChannelEntry {
+                        held: Vec::new(),
                         listeners: Arc::default(),
                         ready,
                         last_id: Mutex::new(StreamId::ZERO),
                         gap: AtomicBool::new(false),
                     }
                 });
-                let listeners = Arc::make_mut(&mut entry.listeners);
-                connection.set_listed_at(slot, listeners.len());
-                listeners.push(connection.clone());
+                if let Some(hold) = &hold {
+                    entry.held.push(hold.clone());
+                } else {
+                    let listeners = Arc::make_mut(&mut entry.listeners);
+                    connection.set_listed_at(slot, listeners.len());
+                    listeners.push(connection.clone());
+                }
                 if !entry.ready.is_set() {
                     pending.push(entry.ready.clone());
                 }
@@ -238,11 +350,67 @@ impl Hub {
         }
         self.metrics.active.increment(1.0);
         self.metrics.total.increment(1);
-        if let Some(oldest) = evicted {
+        if let Some(oldest) = evicted
+            && oldest.close(CloseReason::Replaced.farewell())
+        {
             self.metrics.closed(CloseReason::Replaced);
-            oldest.close(CloseReason::Replaced.farewell());
         }
-        Ok(Joined { membership: Membership { hub: self.clone(), connection }, pending })
+        Ok(Joined { membership: Membership { hub: self.clone(), connection }, pending, hold })
+    }
+
+    /// Makes a held stream an ordinary listener and queues what was held for it, behind its
+    /// replay. Under the registry lock, so nothing delivered later overtakes what was held.
+    /// Returns false when the stream is gone or was cut off (its hold overflowed).
+    pub fn release(&self, hold: &Arc<Hold>) -> bool {
+        let connection = &hold.connection;
+        let (mut released, mut slow, mut gone) = (false, false, false);
+        {
+            let mut registry = self.write();
+            for (slot, channel) in connection.channels.iter().enumerate() {
+                let Some(entry) = registry.channels.get_mut(channel) else { continue };
+                let Some(at) = entry.held.iter().position(|h| Arc::ptr_eq(h, hold)) else { continue };
+                entry.held.swap_remove(at);
+                let listeners = Arc::make_mut(&mut entry.listeners);
+                connection.set_listed_at(slot, listeners.len());
+                listeners.push(connection.clone());
+                released = true;
+            }
+            let items = std::mem::take(&mut *hold.items.lock().unwrap_or_else(PoisonError::into_inner));
+            if released && !hold.overflowed() {
+                let (now, limit) = (Some(self.now()), self.limits.queue());
+                for item in &items {
+                    match connection.push(item, limit, now) {
+                        Pushed::Accepted | Pushed::Closed => {}
+                        Pushed::Full => slow = true,
+                        Pushed::Gone => gone = true,
+                    }
+                    if slow || gone {
+                        break;
+                    }
+                }
+                self.metrics.sent.increment(items.len() as u64);
+            }
+        }
+        if released && gone {
+            self.detach(connection);
+            self.metrics.closed(CloseReason::ClientClosed);
+            return false;
+        }
+        if released && (slow || hold.overflowed()) {
+            self.detach(connection);
+            if connection.cut() {
+                self.metrics.closed(CloseReason::SlowConsumer);
+            }
+            return false;
+        }
+        released
+    }
+
+    /// A push from outside the hub (a long replay's catch-up) found the client gone, which ended
+    /// the stream: counts the close and lets the stream go.
+    pub fn client_gone(&self, connection: &Arc<Connection>) {
+        self.detach(connection);
+        self.metrics.closed(CloseReason::ClientClosed);
     }
 
     /// Removes a stream whose body was dropped. A no-op if the hub already removed it.
@@ -261,6 +429,14 @@ impl Hub {
         registry.connections -= 1;
         for (slot, channel) in connection.channels.iter().enumerate() {
             let Some(entry) = registry.channels.get_mut(channel) else { continue };
+            if let Some(at) = entry.held.iter().position(|h| Arc::ptr_eq(&h.connection, connection)) {
+                entry.held.swap_remove(at);
+                if entry.listeners.is_empty() && entry.held.is_empty() {
+                    registry.channels.remove(channel);
+                    self.bus.unsubscribe(channel.clone());
+                }
+                continue;
+            }
             let at = connection.listed_at(slot);
             let kept = entry.listeners.get(at).is_some_and(|listed| Arc::ptr_eq(listed, connection));
             debug_assert!(kept, "{channel}: a listener's index was not kept");
@@ -273,7 +449,7 @@ impl Hub {
                     moved.relist(channel, listeners.len(), at);
                 }
             }
-            if entry.listeners.is_empty() {
+            if entry.listeners.is_empty() && entry.held.is_empty() {
                 registry.channels.remove(channel);
                 self.bus.unsubscribe(channel.clone());
             }
@@ -320,6 +496,9 @@ impl Hub {
                 Some(id) => Item::Event { channel: name.clone(), id, frame: framed },
                 None => Item::Raw(framed),
             };
+            for hold in &entry.held {
+                hold.keep(&item, self.limits.queue());
+            }
             (entry.listeners.clone(), item)
         };
         self.fan_out(channel, listeners, item).await;
@@ -332,8 +511,11 @@ impl Hub {
             let registry = self.read();
             let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
             *entry.last_id.lock().unwrap_or_else(PoisonError::into_inner) = tail;
-            let rebase = Rebase { epoch, channel: name.clone(), tail, frame };
-            (entry.listeners.clone(), Item::Rebase(Arc::new(rebase)))
+            let item = Item::Rebase(Arc::new(Rebase { epoch, channel: name.clone(), tail, frame }));
+            for hold in &entry.held {
+                hold.keep(&item, self.limits.queue());
+            }
+            (entry.listeners.clone(), item)
         };
         self.fan_out(channel, listeners, item).await;
     }
@@ -354,37 +536,47 @@ impl Hub {
                 hub.push_to(&listeners[part * share..end], &item)
             }));
         }
-        let mut slow = self.push_to(&listeners[..share.min(listeners.len())], &item);
+        let (mut slow, mut gone) = self.push_to(&listeners[..share.min(listeners.len())], &item);
         // A share that panicked reached an unknown part of its listeners: none of it is counted
         // as sent. (The streams themselves are intact: a connection's lock survives a panic.)
         let mut lost = 0;
         for (part, other) in (1..parts).zip(others) {
             match other.await {
-                Ok(cut) => slow += cut,
+                Ok((cut, failed)) => {
+                    slow += cut;
+                    gone += failed;
+                }
                 Err(e) => {
                     lost += listeners.len().min((part + 1) * share).saturating_sub(part * share);
                     tracing::error!(channel, error = %e, "a fan-out share failed");
                 }
             }
         }
-        self.metrics.sent.increment(listeners.len().saturating_sub(slow + lost) as u64);
+        self.metrics.sent.increment(listeners.len().saturating_sub(slow + gone + lost) as u64);
         self.metrics.fan_out.record(started.elapsed());
         if slow > 0 {
             self.metrics.closed_many(CloseReason::SlowConsumer, slow as u64);
             tracing::debug!(channel, slow, "cut off slow consumers");
         }
+        if gone > 0 {
+            self.metrics.closed_many(CloseReason::ClientClosed, gone as u64);
+        }
     }
 
-    /// Pushes to each of `listeners`; returns how many were cut off as slow consumers.
-    fn push_to(&self, listeners: &[Arc<Connection>], item: &Item) -> usize {
+    /// Pushes to each of `listeners`; returns how many streams this ended: cut off as slow
+    /// consumers, and found gone by a failed write.
+    fn push_to(&self, listeners: &[Arc<Connection>], item: &Item) -> (usize, usize) {
         let now = Some(self.now());
-        let mut slow = 0;
+        let limit = self.limits.queue();
+        let (mut slow, mut gone) = (0, 0);
         for listener in listeners {
-            if listener.push(item, self.limits.queue_capacity, now) == Pushed::Full && listener.cut() {
-                slow += 1;
+            match listener.push(item, limit, now) {
+                Pushed::Accepted | Pushed::Closed => {}
+                Pushed::Full => slow += usize::from(listener.cut()),
+                Pushed::Gone => gone += 1,
             }
         }
-        slow
+        (slow, gone)
     }
 
     /// The bus lost its connection: every channel has a gap until it is resubscribed.
@@ -436,8 +628,10 @@ impl Hub {
         if let Some(heartbeat) = heartbeat {
             let ping = Item::Raw(heartbeat.frame.clone());
             for connection in due {
-                if connection.push(&ping, self.limits.queue_capacity, None) == Pushed::Full {
-                    expired.push((connection, CloseReason::SlowConsumer));
+                match connection.push(&ping, self.limits.queue(), None) {
+                    Pushed::Accepted | Pushed::Closed => {}
+                    Pushed::Full => expired.push((connection, CloseReason::SlowConsumer)),
+                    Pushed::Gone => self.metrics.closed(CloseReason::ClientClosed),
                 }
             }
         }
@@ -510,6 +704,7 @@ mod tests {
             per_user_policy: policy,
             per_node,
             queue_capacity,
+            queue_max_bytes: u32::MAX,
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
@@ -648,6 +843,81 @@ mod tests {
         }
     }
 
+    /// A hub whose metrics go to a recorder of the test's own, read back with `closed`.
+    fn counted_hub(queue_max_bytes: u32) -> (Arc<Hub>, metrics_exporter_prometheus::PrometheusHandle) {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let metrics = metrics::with_local_recorder(&recorder, HubMetrics::new);
+        let (bus, _inbound) = MemoryBus::new(ChannelNames::new("sse"), None);
+        let limits = Limits {
+            per_user: 1,
+            per_user_policy: PerUserPolicy::EvictOldest,
+            per_node: 0,
+            queue_capacity: 1024,
+            queue_max_bytes,
+            inactivity_timeout: Duration::ZERO,
+            max_lifetime: Duration::ZERO,
+            history: false,
+        };
+        (Hub::new(bus, limits, metrics), handle)
+    }
+
+    /// `sse_connections_closed_total` by reason, as the node would expose it.
+    fn closed(handle: &metrics_exporter_prometheus::PrometheusHandle) -> Vec<(String, u64)> {
+        let mut counts: Vec<(String, u64)> = handle
+            .render()
+            .lines()
+            .filter_map(|line| line.strip_prefix("sse_connections_closed_total{reason=\""))
+            .filter_map(|rest| {
+                let (reason, value) = rest.split_once("\"} ")?;
+                Some((reason.to_owned(), value.parse().ok()?))
+            })
+            .filter(|(_, count)| *count > 0)
+            .collect();
+        counts.sort();
+        counts
+    }
+
+    #[tokio::test]
+    async fn every_way_a_stream_ends_is_counted_once_with_its_reason() {
+        let (hub, metrics) = counted_hub(1000);
+        let count = |expected: &[(&str, u64)]| {
+            let expected: Vec<(String, u64)> = expected.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
+            assert_eq!(closed(&metrics), expected);
+        };
+        // Replaced by a newer stream of the same user; the old one's body is dropped later.
+        let old = join(&hub, "a").expect("joins");
+        let _new = join(&hub, "a").expect("replaces");
+        drop(old);
+        count(&[("replaced", 1)]);
+        // Past the byte bound: cut off, once, however many events follow.
+        let slow = join(&hub, "b").expect("joins");
+        for _ in 0..3 {
+            hub.deliver("sse:user:b", None, "x".repeat(600).as_bytes()).await;
+        }
+        assert!(slow.membership.connection().is_closed());
+        drop(slow);
+        count(&[("replaced", 1), ("slow_consumer", 1)]);
+        // The client went away (hyper dropped the body): nothing closed it before.
+        drop(join(&hub, "c").expect("joins"));
+        count(&[("client_closed", 1), ("replaced", 1), ("slow_consumer", 1)]);
+        // The stream's task saw its socket stall, then the body went too.
+        let stalled = join(&hub, "d").expect("joins");
+        stalled.membership.end(CloseReason::WriteStalled);
+        stalled.membership.end(CloseReason::ClientClosed);
+        drop(stalled);
+        count(&[("client_closed", 1), ("replaced", 1), ("slow_consumer", 1), ("write_stalled", 1)]);
+        // Closed by the node (here: a drain), then its client leaves: one close, the node's.
+        let drained = join(&hub, "e").expect("joins");
+        hub.close(&drained.membership.connection, CloseReason::Shutdown, CloseReason::Shutdown.farewell());
+        drained.membership.end(CloseReason::ClientClosed);
+        drop(drained);
+        // Refused before it opened: a rejection, not a close.
+        join(&hub, "f").expect("joins").membership.refuse();
+        count(&[("client_closed", 1), ("replaced", 1), ("shutdown", 1), ("slow_consumer", 1), ("write_stalled", 1)]);
+        assert_eq!(hub.stats().connections, 1, "only the newer stream of a is left");
+    }
+
     #[test]
     fn draining_refuses_new_streams() {
         let hub = hub(5, PerUserPolicy::Reject);
@@ -691,5 +961,43 @@ mod tests {
         assert_eq!(limiter.allow(0), None);
         assert_eq!(limiter.allow(0), None);
         assert_eq!(limiter.allow(1), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_gets_what_arrived_for_it_behind_its_replay_in_bus_order() {
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 8);
+        let joined = hub.join_held(UserId::new("h").expect("id"), channels("h"), u64::MAX).expect("joins");
+        let hold = joined.hold.clone().expect("held");
+        let other = join(&hub, "other").expect("joins");
+        hub.deliver("sse:broadcast", None, b"live 1").await;
+        hub.deliver("sse:user:h", None, b"live 2").await;
+        let held = joined.membership.connection();
+        assert!(drain(held).is_empty(), "nothing reaches a held stream");
+        assert_eq!(drain(other.membership.connection()), [frame::event(None, None, "live 1")], "others get it at once");
+        let replay = frame::event(None, None, "replayed");
+        held.start_history(1, vec![StreamId::ZERO; 2], vec![Item::Raw(replay.clone())]);
+        assert!(hub.release(&hold));
+        hub.deliver("sse:user:h", None, b"live 3").await;
+        let expected = ["live 1", "live 2", "live 3"].map(|d| frame::event(None, None, d));
+        assert_eq!(drain(held), [&[replay][..], &expected[..]].concat());
+    }
+
+    #[tokio::test]
+    async fn a_held_stream_that_falls_behind_is_cut_and_one_that_leaves_unsubscribes() {
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 2);
+        let joined = hub.join_held(UserId::new("h").expect("id"), channels("h"), u64::MAX).expect("joins");
+        let hold = joined.hold.clone().expect("held");
+        for _ in 0..3 {
+            hub.deliver("sse:user:h", None, b"x").await;
+        }
+        assert!(hold.overflowed());
+        assert!(!hub.release(&hold), "cut off as a slow consumer");
+        assert!(joined.membership.connection().is_closed());
+        assert_eq!(hub.stats().connections, 0);
+
+        let joined = hub.join_held(UserId::new("g").expect("id"), channels("g"), u64::MAX).expect("joins");
+        assert_eq!(hub.stats().channels, 2);
+        drop(joined);
+        assert_eq!(hub.stats().channels, 0, "a held stream's channels are released when it leaves");
     }
 }

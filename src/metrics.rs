@@ -66,8 +66,11 @@ fn describe() {
         "Time to hand one message to every local stream of its channel (written or queued)"
     );
     describe_counter!(CONNECTIONS_REJECTED, "Stream requests refused, by reason");
-    describe_counter!(CONNECTIONS_CLOSED, "Streams closed by the node, by reason");
-    describe_counter!(MESSAGES_REFUSED, "Published payloads not delivered because they could break framing, by reason");
+    describe_counter!(CONNECTIONS_CLOSED, "Streams ended, by reason (each stream once, by the node or its client)");
+    describe_counter!(
+        MESSAGES_REFUSED,
+        "Published payloads not delivered because they could break framing or carry a forged history id, by reason"
+    );
     describe_counter!(BUS_MESSAGES, "Payloads received from the bus");
     describe_counter!(BUS_INBOUND_DROPPED, "Payloads dropped because the dispatcher queue was full");
     describe_gauge!(BUS_READY, "1 when the bus answers, 0 otherwise");
@@ -93,7 +96,7 @@ pub struct HubMetrics {
 
 /// Every reason a stream is closed for, in declaration order: `HubMetrics::closed` is indexed
 /// by `reason as usize`.
-const CLOSE_REASONS: [CloseReason; 7] = [
+const CLOSE_REASONS: [CloseReason; 9] = [
     CloseReason::Replaced,
     CloseReason::SlowConsumer,
     CloseReason::Inactive,
@@ -101,6 +104,8 @@ const CLOSE_REASONS: [CloseReason; 7] = [
     CloseReason::TokenExpired,
     CloseReason::Shutdown,
     CloseReason::Overflow,
+    CloseReason::ClientClosed,
+    CloseReason::WriteStalled,
 ];
 
 impl HubMetrics {
@@ -141,6 +146,9 @@ impl Default for HubMetrics {
     }
 }
 
+/// The `sse_messages_refused_total` reason of a live message whose history id did not verify.
+pub const FORGED_HISTORY_ID: &str = "forged_history_id";
+
 /// Counts what the bus does; owned by the bus.
 #[derive(Clone)]
 pub struct BusMetrics {
@@ -148,6 +156,8 @@ pub struct BusMetrics {
     pub inbound_dropped: Counter,
     pub subscribe_commands: Counter,
     pub unsubscribe_commands: Counter,
+    /// Live messages refused because their history id's tag did not verify.
+    pub forged_ids: Counter,
 }
 
 impl BusMetrics {
@@ -157,6 +167,7 @@ impl BusMetrics {
             inbound_dropped: counter!(BUS_INBOUND_DROPPED),
             subscribe_commands: counter!(BUS_SUBSCRIBE_COMMANDS),
             unsubscribe_commands: counter!(BUS_UNSUBSCRIBE_COMMANDS),
+            forged_ids: counter!(MESSAGES_REFUSED, "reason" => FORGED_HISTORY_ID),
         }
     }
 }

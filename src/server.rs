@@ -79,13 +79,15 @@ impl Server {
         let channels = ChannelNames::new(&config.channel_prefix);
         let Running { bus, inbound, owner } =
             bus::start(config.redis_url.as_deref(), &channels, history, background.clone())?;
-        let resume = history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone())));
+        let resume =
+            history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone(), config.replay_limits())));
         let hub_metrics = HubMetrics::new();
         let limits = Limits {
             per_user: config.max_connections_per_user,
             per_user_policy: config.per_user_policy,
             per_node: config.max_connections,
             queue_capacity: config.queue_capacity as usize,
+            queue_max_bytes: config.queue_max_bytes,
             inactivity_timeout: config.connection_timeout,
             max_lifetime: config.max_connection_lifetime,
             history: history.is_some(),

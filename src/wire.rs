@@ -23,6 +23,10 @@ use tokio::net::TcpStream;
 /// line and a frame): enough to catch up in few system calls, few enough that one slow stream
 /// does not hold a worker thread for long.
 pub const MAX_BATCH: usize = 64;
+/// Bytes of events one write of a stream's task takes at most (always at least one event):
+/// what a task holds while its client does not read is this, not a whole queue of large
+/// events. A few socket buffers' worth, so catching up still takes few system calls.
+pub const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// Slices one vectored write passes at most: a full batch with its chunk size line and end,
 /// well below the kernel's `IOV_MAX` (1024).
 const MAX_SLICES: usize = MAX_BATCH * 2 + 2;
@@ -31,8 +35,6 @@ const MAX_SLICES: usize = MAX_BATCH * 2 + 2;
 pub const COPY_MAX: usize = 2048;
 /// Room left in front of a direct send for its chunk-size line (16 hex digits and CRLF).
 const HEADROOM: usize = 18;
-/// A stream whose socket accepts no byte for this long is dropped (a peer that stopped reading).
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 thread_local! {
     /// Where a direct send assembles its bytes; one per thread, reused for every delivery.
@@ -203,10 +205,23 @@ impl Parts<'_> {
     }
 }
 
-/// Writes every piece with vectored writes, dropping a peer that stops reading. The write is
-/// tried first: the stall timer (and its clock read) is armed only when the socket is full,
-/// which keeps the common case at one system call per wake-up.
-pub async fn write_all(stream: &TcpStream, pieces: &mut VecDeque<Bytes>) -> io::Result<()> {
+/// Why [`write_all`] gave up on a peer that took no byte for the whole stall timeout; it is
+/// the inner error of the `TimedOut` error returned, which [`is_stall`] recognises (a kernel
+/// `ETIMEDOUT`, a connection that died, is not one).
+#[derive(Debug, thiserror::Error)]
+#[error("the peer took no byte for {0:?}")]
+pub struct Stalled(pub Duration);
+
+/// Whether a [`write_all`] error is a write stall rather than a failed socket.
+pub fn is_stall(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<Stalled>())
+}
+
+/// Writes every piece with vectored writes, dropping a peer that takes no byte for `stall`
+/// (it stopped reading). The write is tried first: the stall timer (and its clock read) is
+/// armed only when the socket is full, which keeps the common case at one system call per
+/// wake-up.
+pub async fn write_all(stream: &TcpStream, pieces: &mut VecDeque<Bytes>, stall: Duration) -> io::Result<()> {
     loop {
         // An empty piece (an empty frame) is nothing to write; left in front it would make a
         // write of zero bytes, which reads as a peer that takes nothing.
@@ -232,9 +247,9 @@ pub async fn write_all(stream: &TcpStream, pieces: &mut VecDeque<Bytes>) -> io::
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match tokio::time::timeout(WRITE_STALL_TIMEOUT, stream.writable()).await {
+                match tokio::time::timeout(stall, stream.writable()).await {
                     Ok(ready) => ready?,
-                    Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+                    Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, Stalled(stall))),
                 }
             }
             Err(e) => return Err(e),
@@ -245,6 +260,8 @@ pub async fn write_all(stream: &TcpStream, pieces: &mut VecDeque<Bytes>) -> io::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const STALL: Duration = Duration::from_secs(30);
 
     fn flat(pieces: &VecDeque<Bytes>) -> Vec<u8> {
         pieces.iter().flat_map(|b| b.iter().copied()).collect()
@@ -330,12 +347,26 @@ mod tests {
         let (server, mut client) = socket_pair().await;
         let mut pieces: VecDeque<Bytes> =
             [&b""[..], b"data: a\n\n", b"", b"", b"data: b\n\n", b""].into_iter().map(Bytes::from_static).collect();
-        write_all(&server, &mut pieces).await.expect("written");
+        write_all(&server, &mut pieces, STALL).await.expect("written");
         assert!(pieces.is_empty());
         drop(server);
         let mut wire = Vec::new();
         client.read_to_end(&mut wire).await.expect("read");
         assert_eq!(wire, b"data: a\n\ndata: b\n\n");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_takes_nothing_for_the_stall_timeout_is_a_stall_and_not_a_failed_socket() {
+        let (server, _client) = socket_pair().await;
+        socket2::SockRef::from(&server).set_send_buffer_size(4096).expect("SO_SNDBUF");
+        // Far more than the kernel buffers of a client that never reads.
+        let mut pieces = VecDeque::from([Bytes::from(vec![b'x'; 64 << 20])]);
+        let stall = Duration::from_millis(300);
+        let error = write_all(&server, &mut pieces, stall).await.expect_err("the peer never reads");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(is_stall(&error), "{error}");
+        assert!(!is_stall(&io::Error::from(io::ErrorKind::TimedOut)), "a kernel ETIMEDOUT is not a stall");
+        assert!(!is_stall(&io::Error::from(io::ErrorKind::BrokenPipe)));
     }
 
     #[test]

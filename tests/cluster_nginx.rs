@@ -225,6 +225,35 @@ async fn behind_nginx_clients_spread_over_nodes_and_a_publish_reaches_every_user
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_keeps_query_tokens_out_of_its_access_log() {
+    let (_redis, _nodes, nginx) = cluster(1).await;
+    let stream_token = token("logged-user", &["t"], None);
+    let url = nginx.url(&format!("/events?access_token={stream_token}&topic=t"));
+    let mut stream = reqwest::Client::new().get(url).send().await.expect("GET /events through nginx");
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.expect("the stream's first bytes").is_some());
+    drop(stream); // Closes the connection: nginx logs the stream.
+    let other = http().get(nginx.url("/healthz?x=1&access_token=SECRET-IN-THE-MIDDLE&y=2")).send().await;
+    assert_eq!(other.expect("GET /healthz through nginx").status(), 200);
+    // The seeds' name for the query token (read by the nodes by default), beside the other one.
+    let seeds = http().get(nginx.url("/healthz?token=SEEDS-SECRET&x=1&access_token=SECRET-TOO")).send().await;
+    assert_eq!(seeds.expect("GET /healthz through nginx").status(), 200);
+
+    // A stream's line is written when nginx sees it end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !nginx.access_log().contains("GET /events") {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = nginx.access_log();
+    for secret in [stream_token.as_str(), "SECRET-IN-THE-MIDDLE", "SEEDS-SECRET", "SECRET-TOO"] {
+        assert!(!log.contains(secret), "a token was logged:\n{log}");
+    }
+    assert!(log.contains("GET /events?access_token=REDACTED&topic=t HTTP/1.1"), "{log}");
+    assert!(log.contains("GET /healthz?x=1&access_token=REDACTED&y=2 HTTP/1.1"), "{log}");
+    assert!(log.contains("GET /healthz?token=REDACTED&x=1&access_token=REDACTED HTTP/1.1"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_moves_300_clients_to_the_others_and_none_loses_or_repeats_a_message() {
     let (redis, mut nodes, nginx) = cluster(3).await;
     let sources = open_many(&nginx.url(""), "drain-", 300).await;

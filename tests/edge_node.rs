@@ -715,7 +715,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 async fn a_client_that_pauses_reading_gets_everything_in_order_and_one_that_never_reads_is_cut_off() {
     // Events are written straight into sockets while they have room; what a full socket cannot
     // take waits in the stream's queue, behind the rest of the write the socket cut short.
-    let node = Node::start(&[("SSE_QUEUE_CAPACITY", "400")]).await;
+    // The frame bound is the one under test here (tests/queue_bounds.rs has the byte bound).
+    let node = Node::start(&[("SSE_QUEUE_CAPACITY", "400"), ("SSE_QUEUE_MAX_BYTES", "64MiB")]).await;
     let mut paused = open_raw_stream(&node, "pauser").await;
     let events = 300;
     let padding = "p".repeat(8 * 1024);

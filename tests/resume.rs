@@ -313,7 +313,7 @@ async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
     let mut redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let version = redis.command(&["FCALL", "sse_version", "0"]).await.expect("reply");
-    assert_eq!(version.trim(), ":1", "loaded at startup on a fresh redis");
+    assert_eq!(version.trim(), ":2", "loaded at startup on a fresh redis");
 
     redis.kill();
     node.wait_readyz(503, WAIT).await;
@@ -324,7 +324,7 @@ async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let reloaded = redis.command(&["FCALL", "sse_version", "0"]).await.expect("reply");
-        if reloaded.trim() == ":1" {
+        if reloaded.trim() == ":2" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "the node never reloaded the library: {reloaded}");

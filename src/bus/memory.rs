@@ -15,7 +15,7 @@ use super::{
     Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, InboundReceiver, PublishReceipt, SubscriptionReady,
 };
 use crate::channel::{ChannelKind, ChannelName, ChannelNames};
-use crate::history::{Entry, HistoryConfig, Retention, Since, StreamId};
+use crate::history::{Entry, HistoryConfig, Page, Retention, Since, StreamId};
 
 /// How often idle histories past their age are swept out.
 const SWEEP_INTERVAL_MS: u64 = 10_000;
@@ -106,11 +106,15 @@ impl Bus for MemoryBus {
         epoch: u32,
         away: Duration,
         positions: &'a [(ChannelName, StreamId)],
+        page: Page,
     ) -> BusFuture<'a, Epoched<Since>> {
         Box::pin(async move {
             let history = self.history()?;
-            let values =
-                positions.iter().map(|(channel, position)| history.since(epoch, away, channel, *position)).collect();
+            let mut budget = Budget { entries: page.entries as usize, bytes: page.bytes as usize, taken: 0 };
+            let values = positions
+                .iter()
+                .map(|(channel, position)| history.since(epoch, away, channel, *position, &mut budget))
+                .collect();
             Ok(Epoched { epoch: history.epoch, values })
         })
     }
@@ -122,6 +126,13 @@ impl Bus for MemoryBus {
     fn kind(&self) -> &'static str {
         "memory"
     }
+}
+
+/// What is left of one page (`sse_since`'s budget), and how many entries it took so far.
+struct Budget {
+    entries: usize,
+    bytes: usize,
+    taken: usize,
 }
 
 struct MemoryHistory {
@@ -207,8 +218,16 @@ impl MemoryHistory {
     }
 
     /// The decision of the `sse_since` Redis function (history.rs), with exact trim tracking
-    /// here: a position is continuous unless something newer than it was trimmed.
-    fn since(&self, epoch: u32, away: Duration, channel: &ChannelName, position: StreamId) -> Since {
+    /// here: a position is continuous unless something newer than it was trimmed. Entries are
+    /// taken within `budget`, as the function does.
+    fn since(
+        &self,
+        epoch: u32,
+        away: Duration,
+        channel: &ChannelName,
+        position: StreamId,
+        budget: &mut Budget,
+    ) -> Since {
         let age = self.retention(channel).age.as_millis() as u64;
         let window_passed = age > 0 && away.as_millis() as u64 > age;
         let now = now_ms();
@@ -220,7 +239,7 @@ impl MemoryHistory {
         let Some(stream) = stream else {
             let expired_after_position = position != StreamId::ZERO && age > 0 && position.ms + age <= now;
             return if !window_passed && (position == StreamId::ZERO || expired_after_position) {
-                Since::Entries(Vec::new())
+                Since::Entries { entries: Vec::new(), more: false }
             } else {
                 Since::Reset { tail: StreamId::ZERO }
             };
@@ -231,7 +250,19 @@ impl MemoryHistory {
         if window_passed && (position == StreamId::ZERO || !stream.entries.iter().any(|entry| entry.id == position)) {
             return Since::Reset { tail: stream.last };
         }
-        Since::Entries(stream.entries.iter().filter(|entry| entry.id > position).cloned().collect())
+        let after = stream.entries.partition_point(|entry| entry.id <= position);
+        let mut entries = Vec::new();
+        for entry in stream.entries.range(after..) {
+            let alone = budget.taken == 0; // An entry larger than the page still comes, alone.
+            if budget.entries == 0 || (entry.payload.len() > budget.bytes && !alone) {
+                return Since::Entries { entries, more: true };
+            }
+            budget.entries -= 1;
+            budget.bytes = budget.bytes.saturating_sub(entry.payload.len());
+            budget.taken += 1;
+            entries.push(entry.clone());
+        }
+        Since::Entries { entries, more: false }
     }
 }
 
@@ -251,9 +282,11 @@ mod tests {
         )
     }
 
+    const PAGE: Page = Page { entries: 1000, bytes: 1 << 20 };
+
     fn entries(since: Since) -> Vec<Bytes> {
         match since {
-            Since::Entries(e) => e.into_iter().map(|entry| entry.payload).collect(),
+            Since::Entries { entries, .. } => entries.into_iter().map(|entry| entry.payload).collect(),
             Since::Reset { .. } => panic!("unexpected reset"),
         }
     }
@@ -290,9 +323,9 @@ mod tests {
             ids.push(StreamId::parse(&receipt.ids[0]).expect("id"));
         }
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
-        let since = bus.since(epoch, Duration::ZERO, &[(c.clone(), ids[0])]).await.expect("since").values;
+        let since = bus.since(epoch, Duration::ZERO, &[(c.clone(), ids[0])], PAGE).await.expect("since").values;
         assert_eq!(entries(since.into_iter().next().expect("one")), [Bytes::from("m1"), Bytes::from("m2")]);
-        let since = bus.since(epoch, Duration::ZERO, &[(c.clone(), StreamId::ZERO)]).await.expect("since").values;
+        let since = bus.since(epoch, Duration::ZERO, &[(c.clone(), StreamId::ZERO)], PAGE).await.expect("since").values;
         assert_eq!(entries(since.into_iter().next().expect("one")).len(), 3);
     }
 
@@ -308,13 +341,46 @@ mod tests {
         }
         let ask = |position| vec![(c.clone(), position)];
         let reset = |r: Epoched<Since>| matches!(r.values[0], Since::Reset { .. });
-        assert!(reset(bus.since(epoch, Duration::ZERO, &ask(ids[0])).await.expect("since")), "m1 was trimmed");
-        assert!(!reset(bus.since(epoch, Duration::ZERO, &ask(ids[1])).await.expect("since")), "trimmed up to m1 only");
-        assert!(reset(bus.since(epoch ^ 2, Duration::ZERO, &ask(ids[3])).await.expect("since")), "other epoch");
+        assert!(reset(bus.since(epoch, Duration::ZERO, &ask(ids[0]), PAGE).await.expect("since")), "m1 was trimmed");
+        assert!(
+            !reset(bus.since(epoch, Duration::ZERO, &ask(ids[1]), PAGE).await.expect("since")),
+            "trimmed up to m1 only"
+        );
+        assert!(reset(bus.since(epoch ^ 2, Duration::ZERO, &ask(ids[3]), PAGE).await.expect("since")), "other epoch");
         let future = StreamId { ms: ids[3].ms + 1000, seq: 0 };
         assert!(
-            reset(bus.since(epoch, Duration::ZERO, &ask(future)).await.expect("since")),
+            reset(bus.since(epoch, Duration::ZERO, &ask(future), PAGE).await.expect("since")),
             "a position from the future"
         );
+    }
+
+    #[tokio::test]
+    async fn a_page_is_bounded_in_entries_and_bytes_over_all_its_channels() {
+        let (bus, _inbound) = bus(100);
+        let (a, b) = (ChannelName::from_bus("sse:topic:a"), ChannelName::from_bus("sse:topic:b"));
+        let epoch = bus.tails(std::slice::from_ref(&a)).await.expect("tails").epoch;
+        for i in 0..5 {
+            for c in [&a, &b] {
+                bus.publish(std::slice::from_ref(c), Bytes::from(format!("{i:0>100}")), true).await.expect("ok");
+            }
+        }
+        let ask = vec![(a.clone(), StreamId::ZERO), (b.clone(), StreamId::ZERO)];
+        let page = |entries, bytes| Page { entries, bytes };
+        let shape = |r: Epoched<Since>| -> Vec<(usize, bool)> {
+            r.values
+                .into_iter()
+                .map(|s| match s {
+                    Since::Entries { entries, more } => (entries.len(), more),
+                    Since::Reset { .. } => panic!("unexpected reset"),
+                })
+                .collect()
+        };
+        let read = |p| bus.since(epoch, Duration::ZERO, &ask, p);
+        assert_eq!(shape(read(page(3, 1 << 20)).await.expect("since")), [(3, true), (0, true)], "3 entries in all");
+        assert_eq!(shape(read(page(7, 1 << 20)).await.expect("since")), [(5, false), (2, true)]);
+        // 250 bytes hold two entries of 100; an entry larger than the page comes alone.
+        assert_eq!(shape(read(page(100, 250)).await.expect("since")), [(2, true), (0, true)]);
+        assert_eq!(shape(read(page(100, 1)).await.expect("since")), [(1, true), (0, true)], "always progress");
+        assert_eq!(shape(read(PAGE).await.expect("since")), [(5, false), (5, false)]);
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::channel::{ChannelName, ChannelNames};
-use crate::history::{HistoryConfig, Since, StreamId};
+use crate::history::{HistoryConfig, Library, Page, Since, StreamId};
 use crate::metrics::BusMetrics;
 
 /// Room for bursts between the bus and the dispatcher. Beyond it messages are dropped and
@@ -57,7 +57,7 @@ pub fn start(
 ) -> Result<Running, BusError> {
     match redis_url {
         Some(url) => {
-            let library = history.as_ref().map(|h| crate::history::redis_library(names.prefix(), h));
+            let library = history.map(|h| Library::new(names.prefix(), h));
             redis::RedisBus::start(url, library, BusMetrics::new(), shutdown)
         }
         None => {
@@ -145,13 +145,15 @@ pub trait Bus: Send + Sync + 'static {
     /// The last history id of each channel (`StreamId::ZERO` when empty).
     fn tails<'a>(&'a self, channels: &'a [ChannelName]) -> BusFuture<'a, Epoched<StreamId>>;
 
-    /// What each channel's history holds after its position. A cursor from another epoch,
-    /// or one that cannot be proven continuous, gets `Since::Reset`.
+    /// One `page` of what the channels' histories hold after their positions (the page's
+    /// bounds apply to all channels together, in order). A cursor from another epoch, or one
+    /// that cannot be proven continuous, gets `Since::Reset`.
     fn since<'a>(
         &'a self,
         epoch: u32,
         away: Duration,
         positions: &'a [(ChannelName, StreamId)],
+        page: Page,
     ) -> BusFuture<'a, Epoched<Since>>;
 
     /// True once after the inbound queue overflowed and live messages were dropped.

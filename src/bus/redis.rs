@@ -15,10 +15,17 @@
 //! Publishing from the node (the HTTP API) goes through a separate `deadpool-redis` pool, and
 //! history reads through one shared multiplexed connection (pipelined, so a storm of thousands
 //! of resumes never waits for a pooled connection); neither uses the subscriber connection.
+//!
+//! With history on, the bus also keeps the function library loaded and holds the cluster's
+//! [`LiveKey`], read from the library: a live message's history id is trusted only when its tag
+//! verifies under it ([`read_live`]). Each health check asks the library for the key's
+//! fingerprint, so a node learns within a second when the library was lost (it loads it again,
+//! with the key it holds) or replaced; the node is not ready while it has no key.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, PublishReceipt, Running, SubscriptionReady};
 use crate::channel::ChannelName;
-use crate::history::{Entry, Since, StreamId, parse_epoch, split_live_id};
+use crate::history::{
+    Entry, LIVE_ID_MARK, Library, Live, LiveKey, Page, Since, StreamId, install_cursor_key, parse_epoch, read_live,
+};
 use crate::metrics::BusMetrics;
 
 /// How long one SUBSCRIBE/UNSUBSCRIBE/PING may take before the owner retries later.
@@ -36,6 +45,39 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Channels per SUBSCRIBE command; keeps one reply from growing without bound.
 const CHANNELS_PER_COMMAND: usize = 1000;
 const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The cluster's live key as this node last read it from the library (`None` until then, and
+/// always with history off).
+#[derive(Clone, Default)]
+struct SharedKey(Arc<RwLock<Option<LiveKey>>>);
+
+impl SharedKey {
+    fn get(&self) -> Option<LiveKey> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn fingerprint(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).as_ref().map(LiveKey::fingerprint)
+    }
+
+    /// Reads a live message under the key (on the push path: a read lock, nobody writes it but
+    /// when the key changes).
+    fn read(&self, channel: &[u8], message: &Bytes) -> Live {
+        if message.first() != Some(&LIVE_ID_MARK) {
+            return Live::Plain(message.clone()); // Most messages: no lock.
+        }
+        read_live(channel, message, self.0.read().unwrap_or_else(PoisonError::into_inner).as_ref())
+    }
+
+    fn adopt(&self, key: LiveKey) {
+        let mut held = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if held.as_ref() != Some(&key) {
+            tracing::info!(key = %key.fingerprint(), "using the history key of the function library");
+            install_cursor_key(key.cursor_key());
+            *held = Some(key);
+        }
+    }
+}
 
 enum Command {
     Subscribe(ChannelName, Arc<SubscriptionReady>),
@@ -49,7 +91,8 @@ pub struct RedisBus {
     pool: deadpool_redis::Pool,
     reads: ConnectionManager,
     /// The function library (history.rs), when history is on.
-    library: Option<Arc<str>>,
+    library: Option<Arc<Library>>,
+    key: SharedKey,
 }
 
 impl RedisBus {
@@ -57,11 +100,12 @@ impl RedisBus {
     /// Redis may still be unreachable, which `is_ready` reports until the first PING succeeds.
     pub fn start(
         url: &str,
-        library: Option<String>,
+        library: Option<Library>,
         metrics: BusMetrics,
         shutdown: CancellationToken,
     ) -> Result<Running, BusError> {
-        let library: Option<Arc<str>> = library.map(Arc::from);
+        let library = library.map(Arc::new);
+        let key = SharedKey::default();
         let subscriber_url = with_resp3(url);
         let client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
@@ -71,9 +115,10 @@ impl RedisBus {
         let push_ready = ready.clone();
         let push_overflowed = overflowed.clone();
         let push_metrics = metrics.clone();
+        let push_key = key.clone();
         let config = ConnectionManagerConfig::new()
             .set_push_sender(move |push: PushInfo| -> Result<(), ()> {
-                on_push(push, &inbound_tx, &push_ready, &push_overflowed, &push_metrics);
+                on_push(push, &inbound_tx, &push_ready, &push_overflowed, &push_metrics, &push_key);
                 Ok(())
             })
             .set_automatic_resubscription()
@@ -118,9 +163,10 @@ impl RedisBus {
             subscribed: HashSet::new(),
             pending: HashMap::new(),
             library: library.clone(),
+            key: key.clone(),
         };
         let owner = tokio::spawn(owner.run(shutdown));
-        let bus = Arc::new(Self { commands, ready, overflowed, pool, reads, library });
+        let bus = Arc::new(Self { commands, ready, overflowed, pool, reads, library, key });
         Ok(Running { bus, inbound: inbound_rx, owner: Some(owner) })
     }
 
@@ -139,7 +185,7 @@ impl RedisBus {
         match attempt.map_err(|_| BusError::Timeout)? {
             Err(e) if is_function_missing(&e) => {
                 let library = self.library.as_deref().ok_or(BusError::HistoryOff)?;
-                load_library(&mut *connection, library).await?;
+                ensure_library(&mut *connection, library, &self.key).await?;
                 calls.query_async(&mut *connection).await.map_err(bus_error)
             }
             result => result.map_err(bus_error),
@@ -174,16 +220,103 @@ fn bus_error(e: redis::RedisError) -> BusError {
     }
 }
 
-async fn load_library(connection: &mut impl redis::aio::ConnectionLike, library: &str) -> Result<(), BusError> {
-    redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg("REPLACE")
-        .arg(library)
-        .query_async::<String>(connection)
-        .await
-        .map_err(bus_error)?;
+async fn load_library(
+    connection: &mut impl redis::aio::ConnectionLike,
+    code: &str,
+    replace: bool,
+) -> Result<(), BusError> {
+    let mut load = redis::cmd("FUNCTION");
+    load.arg("LOAD");
+    if replace {
+        load.arg("REPLACE");
+    }
+    load.arg(code).query_async::<String>(connection).await.map_err(bus_error)?;
     tracing::info!("loaded the history function library into redis");
     Ok(())
+}
+
+/// The code of the library Redis holds, if any.
+async fn library_code(connection: &mut impl redis::aio::ConnectionLike) -> Result<Option<String>, BusError> {
+    let reply: Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("sse_fanout")
+        .arg("WITHCODE")
+        .query_async(connection)
+        .await
+        .map_err(bus_error)?;
+    Ok(field_of(reply, "library_code"))
+}
+
+/// The value after the name `field` anywhere in a reply (a RESP3 map or a RESP2 flat array).
+fn field_of(reply: Value, field: &str) -> Option<String> {
+    match reply {
+        Value::Map(pairs) => pairs.into_iter().find_map(|(name, value)| {
+            if text(&name).as_deref() == Some(field) { text(&value) } else { field_of(value, field) }
+        }),
+        Value::Array(items) => {
+            let mut items = items.into_iter();
+            while let Some(item) = items.next() {
+                if text(&item).as_deref() == Some(field) {
+                    return items.next().and_then(|value| text(&value));
+                }
+                if let Some(found) = field_of(item, field) {
+                    return Some(found);
+                }
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Makes sure Redis holds this node's library and adopts the key in it. The key is the
+/// cluster's: one already in Redis is kept (a node with other settings or a newer version
+/// replaces the code, never the key). Only a Redis without the library gets a key from a node,
+/// the one that node holds if it has one, so a Redis restart under running nodes changes
+/// nothing; nodes racing to load it all adopt whichever load won, since each reads it back.
+async fn ensure_library(
+    connection: &mut impl redis::aio::ConnectionLike,
+    library: &Library,
+    key: &SharedKey,
+) -> Result<(), BusError> {
+    for _ in 0..3 {
+        match library_code(connection).await? {
+            Some(code) => match LiveKey::in_library(&code) {
+                Some(cluster_key) => {
+                    let wanted = library.render(&cluster_key);
+                    if code == wanted {
+                        key.adopt(cluster_key);
+                        return Ok(());
+                    }
+                    load_library(connection, &wanted, true).await?;
+                }
+                None => {
+                    // A library from before keys: ours replaces it.
+                    let fresh = key.get().unwrap_or_else(LiveKey::generate);
+                    load_library(connection, &library.render(&fresh), true).await?;
+                }
+            },
+            None => {
+                let fresh = key.get().unwrap_or_else(LiveKey::generate);
+                // Refused when another node loaded it first: the next round reads theirs.
+                match load_library(connection, &library.render(&fresh), false).await {
+                    Err(e) if e.is_transient() => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Err(BusError::Refused("the history function library keeps changing (nodes with different settings?)".into()))
+}
+
+/// Logs a forged id at most once a second (a flood must not become a flood of log lines).
+fn log_forged(channel: &str) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = crate::auth::unix_now();
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!(channel, "refused a live message whose history id is not the functions' (forged or altered)");
+    }
 }
 
 /// Runs inside redis-rs's relay task: must never block, so the inbound queue is bounded and
@@ -194,6 +327,7 @@ fn on_push(
     ready: &AtomicBool,
     overflowed: &AtomicBool,
     metrics: &BusMetrics,
+    key: &SharedKey,
 ) {
     match push.kind {
         PushKind::Message => {
@@ -205,7 +339,15 @@ fn on_push(
             let Ok(channel) = std::str::from_utf8(&channel) else {
                 return;
             };
-            let (id, payload) = split_live_id(&Bytes::from(payload));
+            let (id, payload) = match key.read(channel.as_bytes(), &Bytes::from(payload)) {
+                Live::Plain(payload) => (None, payload),
+                Live::Durable { id, payload } => (Some(id), payload),
+                Live::Forged => {
+                    metrics.forged_ids.increment(1);
+                    log_forged(channel);
+                    return;
+                }
+            };
             let message = Inbound::Message { channel: ChannelName::from_bus(channel), id, payload };
             if inbound.try_send(message).is_err() {
                 metrics.inbound_dropped.increment(1);
@@ -254,13 +396,14 @@ fn parse_since(reply: Vec<Value>, expected: usize) -> Result<Epoched<Since>, Bus
         let mut parts = parts.into_iter();
         let status = parts.next().and_then(|v| text(&v)).ok_or_else(malformed)?;
         let body = parts.next();
+        let more = matches!(parts.next(), Some(Value::Int(1)));
         results.push(match (status.as_str(), body) {
             ("reset", Some(tail)) => {
                 Since::Reset { tail: text(&tail).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed)? }
             }
-            ("ok", None) => Since::Entries(Vec::new()),
+            ("ok", None) => Since::Entries { entries: Vec::new(), more },
             ("ok", Some(Value::Array(entries))) => {
-                Since::Entries(entries.into_iter().map(parse_entry).collect::<Result<_, _>>()?)
+                Since::Entries { entries: entries.into_iter().map(parse_entry).collect::<Result<_, _>>()?, more }
             }
             _ => return Err(malformed()),
         });
@@ -276,17 +419,17 @@ fn parse_entry(entry: Value) -> Result<Entry, BusError> {
     let mut parts = parts.into_iter();
     let id = parts.next().and_then(|v| text(&v)).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed)?;
     let Some(Value::Array(fields)) = parts.next() else { return Err(malformed()) };
-    // Fields are [name, value, ...]; the function writes only `d`.
-    let payload = fields
-        .chunks(2)
-        .find_map(|pair| match pair {
-            [name, Value::BulkString(payload)] if text(name).as_deref() == Some("d") => {
-                Some(Bytes::from(payload.clone()))
-            }
-            _ => None,
-        })
-        .ok_or_else(malformed)?;
-    Ok(Entry { id, payload })
+    // Fields are [name, value, ...]; the function writes only `d`. The payload is moved, not
+    // copied: a page may hold a megabyte of them.
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        if let Value::BulkString(payload) = value
+            && text(&name).as_deref() == Some("d")
+        {
+            return Ok(Entry { id, payload: Bytes::from(payload) });
+        }
+    }
+    Err(malformed())
 }
 
 fn with_resp3(url: &str) -> String {
@@ -313,7 +456,8 @@ struct SubscriptionOwner {
     /// Channels Redis has confirmed (and that the manager re-subscribes after a reconnect).
     subscribed: HashSet<ChannelName>,
     pending: HashMap<ChannelName, Pending>,
-    library: Option<Arc<str>>,
+    library: Option<Arc<Library>>,
+    key: SharedKey,
 }
 
 impl SubscriptionOwner {
@@ -352,25 +496,57 @@ impl SubscriptionOwner {
         }
     }
 
+    /// The health check: Redis answers, and (with history) holds the library with the key
+    /// this node verifies with. Ready only when both hold.
     async fn ping(&mut self) {
-        let alive = matches!(
+        let mut alive = matches!(
             tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut self.manager)).await,
             Ok(Ok(_))
         );
+        if alive && let Some(library) = self.library.clone() {
+            alive = self.check_library(&library).await;
+        }
         let was = self.ready.swap(alive, Ordering::AcqRel);
         self.metrics.ready.set(if alive { 1.0 } else { 0.0 });
         match (was, alive) {
-            (false, true) => {
-                tracing::info!(channels = self.subscribed.len(), "redis bus ready");
-                // A restarted Redis has forgotten the functions producers call: load them now.
-                if let Some(library) = self.library.clone()
-                    && let Err(e) = load_library(&mut self.manager, &library).await
-                {
-                    tracing::warn!(error = %e, "cannot load the history function library");
-                }
-            }
-            (true, false) => tracing::warn!("redis bus not answering PING"),
+            (false, true) => tracing::info!(channels = self.subscribed.len(), "redis bus ready"),
+            (true, false) => tracing::warn!("redis bus not answering PING, or without the history library"),
             _ => {}
+        }
+    }
+
+    /// Asks the library for its key's fingerprint; loads the library again when Redis lost it
+    /// (a restart forgets functions) and re-reads the key when it is not the one this node holds.
+    async fn check_library(&mut self, library: &Library) -> bool {
+        let Some(held) = self.key.fingerprint() else {
+            // No key yet (starting): nothing to compare, read it at once.
+            return self.ensure(library).await;
+        };
+        let mut ask = redis::cmd("FCALL");
+        ask.arg("sse_key_id").arg(0);
+        match tokio::time::timeout(COMMAND_TIMEOUT, ask.query_async::<String>(&mut self.manager)).await {
+            Ok(Ok(id)) if id == held => return true,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if is_function_missing(&e) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the history function library does not answer");
+                return false;
+            }
+            Err(_) => return false,
+        }
+        self.ensure(library).await
+    }
+
+    async fn ensure(&mut self, library: &Library) -> bool {
+        let ensured =
+            tokio::time::timeout(COMMAND_TIMEOUT, ensure_library(&mut self.manager, library, &self.key)).await;
+        match ensured {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot load the history function library");
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -492,6 +668,7 @@ impl Bus for RedisBus {
         epoch: u32,
         away: Duration,
         positions: &'a [(ChannelName, StreamId)],
+        page: Page,
     ) -> BusFuture<'a, Epoched<Since>> {
         Box::pin(async move {
             let mut fcall = redis::cmd("FCALL");
@@ -499,7 +676,7 @@ impl Bus for RedisBus {
             for (channel, _) in positions {
                 fcall.arg(channel.as_str());
             }
-            fcall.arg(epoch.to_string()).arg(away.as_millis() as u64);
+            fcall.arg(epoch.to_string()).arg(away.as_millis() as u64).arg(page.entries).arg(page.bytes);
             for (_, position) in positions {
                 fcall.arg(position.to_string());
             }
@@ -529,5 +706,25 @@ mod tests {
         assert_eq!(with_resp3("redis://r:6379"), "redis://r:6379?protocol=resp3");
         assert_eq!(with_resp3("redis://r:6379/0?x=1"), "redis://r:6379/0?x=1&protocol=resp3");
         assert_eq!(with_resp3("redis://r?protocol=resp3"), "redis://r?protocol=resp3");
+    }
+
+    #[test]
+    fn the_library_code_is_found_in_either_protocol() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            bulk("library_name"),
+            bulk("sse_fanout"),
+            bulk("functions"),
+            Value::Array(vec![Value::Array(vec![bulk("name"), bulk("sse_publish")])]),
+            bulk("library_code"),
+            bulk("#!lua name=sse_fanout"),
+        ])]);
+        assert_eq!(field_of(resp2, "library_code").as_deref(), Some("#!lua name=sse_fanout"));
+        let resp3 = Value::Array(vec![Value::Map(vec![
+            (bulk("library_name"), bulk("sse_fanout")),
+            (bulk("library_code"), bulk("code")),
+        ])]);
+        assert_eq!(field_of(resp3, "library_code").as_deref(), Some("code"));
+        assert_eq!(field_of(Value::Array(vec![]), "library_code"), None);
     }
 }

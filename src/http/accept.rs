@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::event_stream;
 use super::raw_stream::{self, Prefixed};
 use crate::log_limit::LogLimiter;
 use crate::node::Node;
@@ -62,7 +63,10 @@ pub async fn serve(
             match request {
                 Some(request) => raw_stream::serve(node, stream, request).await,
                 // Boxed so that the long-lived event stream tasks are not sized for hyper's state.
-                None => Box::pin(serve_with_hyper(Prefixed::new(buffered, stream), router, stop)).await,
+                None => {
+                    let io = Prefixed::new(buffered, stream, node.config.write_stall_timeout);
+                    Box::pin(event_stream::watching_stalls(serve_with_hyper(io, router, stop))).await
+                }
             }
         });
     }

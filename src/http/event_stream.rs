@@ -4,9 +4,11 @@
 //! It takes events the same way the raw path's task does, a batch at a time from
 //! `Connection::poll_batch`, and hands hyper each piece (an `id:` line, a frame) as one data
 //! frame, so the bytes are those the raw path writes; hyper does the chunked framing itself.
-//! It owns the stream's [`Membership`]: dropping the body (the client went away, or the stream
-//! ended) leaves the hub. It does not decide what is written, nor when a stream ends.
+//! It owns the stream's [`Membership`]: dropping the body (the client went away, the socket
+//! stalled, or the stream ended) leaves the hub. It does not decide what is written, nor when a
+//! stream ends.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -15,8 +17,27 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::Frame;
 
-use crate::connection::Next;
+use crate::connection::{CloseReason, Next};
 use crate::hub::Membership;
+
+tokio::task_local! {
+    /// Whether the socket of the hyper connection served by this task stalled. The socket
+    /// ([`super::raw_stream::Prefixed`]) and the body of a stream it carries never meet, but
+    /// both live in that connection's task, and hyper drops the body after the socket failed:
+    /// this is how the body learns why its stream ended.
+    static WRITE_STALLED: Cell<bool>;
+}
+
+/// Runs a hyper connection so that a stream it serves can tell a write stall from its client
+/// leaving.
+pub async fn watching_stalls<F: Future>(connection: F) -> F::Output {
+    WRITE_STALLED.scope(Cell::new(false), connection).await
+}
+
+/// The socket of this task's hyper connection stalled (see [`watching_stalls`]).
+pub fn write_stalled() {
+    let _ = WRITE_STALLED.try_with(|stalled| stalled.set(true));
+}
 
 /// A burst can leave the body holding room for a full batch (128 pieces, 4 KiB); once that is
 /// handed to hyper, only this much is kept, as the stream's queue does after a burst.
@@ -32,6 +53,16 @@ pub struct EventStream {
 impl EventStream {
     pub fn new(membership: Membership, preamble: Bytes) -> Self {
         Self { membership, pieces: VecDeque::from([preamble]) }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        // Dropped otherwise, the membership counts its client as gone (unless the node closed
+        // the stream first, which counted it then).
+        if WRITE_STALLED.try_with(Cell::get).unwrap_or(false) {
+            self.membership.end(CloseReason::WriteStalled);
+        }
     }
 }
 
@@ -82,6 +113,7 @@ mod tests {
             per_user_policy: PerUserPolicy::Reject,
             per_node: 0,
             queue_capacity: 8,
+            queue_max_bytes: 1 << 20,
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: true,

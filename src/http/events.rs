@@ -117,7 +117,13 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     // The token was accepted with the leeway, so it ends with it: closing a stream at once
     // with `token_expired` after accepting its token would be a contradiction.
     let closes_at = grant.expires_at.saturating_add(node.config.jwt_leeway.as_secs());
-    let joined = node.hub.join(grant.user.clone(), channels.clone(), closes_at).map_err(|e| {
+    // With history, the stream joins held: what arrives live waits until its replay is queued.
+    let joined = if node.resume.is_some() {
+        node.hub.join_held(grant.user.clone(), channels.clone(), closes_at)
+    } else {
+        node.hub.join(grant.user.clone(), channels.clone(), closes_at)
+    };
+    let joined = joined.map_err(|e| {
         node.hub_metrics.rejected(e.label());
         match e {
             JoinError::UserLimit => ApiError::TooManyRequests {
@@ -136,11 +142,18 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     .await;
     if waited.is_err() {
         node.hub_metrics.rejected("subscribe_timeout");
+        joined.membership.refuse();
         return Err(ApiError::unavailable("not_ready", "subscribing took too long; retry shortly"));
     }
     let connection = joined.membership.connection();
-    let resets = match (&node.resume, start) {
-        (Some(resume), Some(start)) => resume.replay(connection, start).await.map_err(history_unavailable)?,
+    let resets = match (&node.resume, start, &joined.hold) {
+        (Some(resume), Some(start), Some(hold)) => match resume.replay(&node.hub, hold, start).await {
+            Ok(resets) => resets,
+            Err(error) => {
+                joined.membership.refuse();
+                return Err(history_unavailable(error));
+            }
+        },
         _ => None,
     };
 

@@ -1,5 +1,5 @@
 //! Who may do what over HTTP, decided in one place for every route: find the token (header,
-//! `access_token`, cookie), verify it, enforce the origin rule for cookie-carried tokens, and
+//! the configured query parameters, the configured cookies), verify it, enforce the origin rule for cookie-carried tokens, and
 //! check the role a route needs. Every refusal is an [`ApiError`], answered by `error.rs`.
 //!
 //! The hyper path takes an [`Access`] as an axum extractor, which runs before the body is read;
@@ -47,11 +47,13 @@ impl Access {
     }
 }
 
-/// Verifies the request's token. A token from the `sse_token` cookie is refused for a request
-/// from an origin outside `SSE_CORS_ORIGINS`: the browser sent it on another site's behalf.
+/// Verifies the request's token. A token from a cookie is refused for a request from an origin
+/// outside `SSE_CORS_ORIGINS`: the browser sent it on another site's behalf.
 pub fn grant(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Access, ApiError> {
-    let access_token = query_param(query, "access_token");
-    let (token, source) = token_from_request(headers, access_token.as_deref()).ok_or(AuthError::Missing)?;
+    let names = &node.auth.names;
+    let query_token = names.query.iter().find_map(|name| query_param(query, name));
+    let (token, source) =
+        token_from_request(headers, query_token.as_deref(), &names.cookies).ok_or(AuthError::Missing)?;
     if source == TokenSource::Cookie {
         check_origin(node, headers)?;
     }

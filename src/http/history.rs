@@ -1,6 +1,8 @@
 //! `GET /api/history?after=<cursor>`: the polling fallback for clients that cannot stream.
-//! Same token and topic rules as `/events`; answers the events missed since the cursor as JSON
-//! and the cursor to ask with next time. Without `after` it only answers the current cursor.
+//! Same token and topic rules as `/events`; answers one page of the events missed since the
+//! cursor as JSON (bounded like every history read, `SSE_HISTORY_PAGE_*`), the cursor to ask
+//! with next time, and `more` when the page filled up (ask again at once). Without `after` it
+//! only answers the current cursor.
 
 use std::sync::Arc;
 
@@ -25,16 +27,20 @@ pub async fn history(
     let Some(resume) = &node.resume else {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
     };
+    // As for `/events`: a node that cannot reach its bus (or, on Redis, has not read the
+    // cluster's key yet) cannot check a cursor.
+    if !node.hub.bus().is_ready() {
+        return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
+    }
     let after = query.after.as_deref().filter(|a| !a.is_empty());
     let start = resume.position(&channels, after).await.map_err(history_unavailable)?;
     let missed = resume.missed(start).await.map_err(history_unavailable)?;
 
-    let mut positions = missed.positions.clone();
+    let positions = missed.next;
     let mut entries = missed.entries;
     entries.sort_by_key(|missed| missed.entry.id);
     let mut events = Vec::with_capacity(entries.len());
     for MissedEntry { channel, entry } in entries {
-        positions[channel] = positions[channel].max(entry.id);
         let Ok(message) = crate::envelope::parse(&entry.payload) else { continue };
         events.push(json!({
             "channel": node.channels.logical(&channels[channel]),
@@ -46,7 +52,7 @@ pub async fn history(
     let cursor =
         Cursor::encode(missed.epoch, unix_now(), channels.iter().map(channel_hash).zip(positions.iter().copied()));
     let reset: Vec<&str> = missed.reset.iter().map(|&i| node.channels.logical(&channels[i])).collect();
-    let mut body = json!({"events": events, "cursor": cursor});
+    let mut body = json!({"events": events, "cursor": cursor, "more": !missed.more.is_empty()});
     if !reset.is_empty() {
         body["reset"] = json!({"channels": reset, "reason": missed.reason.label()});
     }

@@ -21,7 +21,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::IntoResponse;
@@ -30,10 +30,11 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::event_stream;
 use super::events::{self, STREAM_HEADERS};
-use crate::connection::Next;
+use crate::connection::{CloseReason, Next};
 use crate::node::Node;
-use crate::wire::{Framing, write_all};
+use crate::wire::{self, Framing, write_all};
 
 /// Largest request head read before giving up on the fast path (hyper answers 431 then).
 const MAX_HEAD: usize = 16 * 1024;
@@ -114,13 +115,14 @@ fn parse_events_request(buffer: &[u8]) -> Parsed {
 
 /// Opens the stream and writes it until it ends or the client goes away.
 pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
+    let stall = node.config.write_stall_timeout;
     let cors = node.origins.stream_headers(request.headers.get("origin"));
     // Boxed: a future is as large as its largest state, and opening (auth, history round trips)
     // is far larger than writing; the box is freed once the stream is open.
     let opened = match Box::pin(events::open(&node, &request.headers, request.query.as_deref())).await {
         Ok(opened) => opened,
         Err(error) => {
-            let _ = write_response(&stream, error.into_response(), &cors).await;
+            let _ = write_response(&stream, error.into_response(), &cors, stall).await;
             return;
         }
     };
@@ -141,13 +143,15 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
     }
     head.extend_from_slice(b"\r\n");
     let mut pieces = VecDeque::from([Bytes::from(head), opened.preamble]);
+    let membership = opened.membership;
     framing.frame_batch(&mut pieces, 1);
-    if write_all(&stream, &mut pieces).await.is_err() {
+    if let Err(error) = write_all(&stream, &mut pieces, stall).await {
+        membership.end(write_failure(&error));
         return;
     }
     // From here on the dispatcher and the ticker write events straight into the socket; this
     // task writes only what they could not (a full socket) and watches for the client leaving.
-    let connection = opened.membership.connection();
+    let connection = membership.connection();
     connection.attach(stream, framing);
     let Some(stream) = connection.socket() else { return };
     loop {
@@ -155,24 +159,32 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
             next = std::future::poll_fn(|cx| connection.poll_batch(cx, &mut pieces)) => {
                 let Next::Write { events } = next else { break };
                 framing.frame_batch(&mut pieces, events);
-                if write_all(stream, &mut pieces).await.is_err() {
+                if let Err(error) = write_all(stream, &mut pieces, stall).await {
+                    membership.end(write_failure(&error));
                     return;
                 }
             }
             readable = stream.readable() => {
                 if readable.is_err() || client_left(stream) {
+                    membership.end(CloseReason::ClientClosed);
                     return;
                 }
             }
         }
     }
-    connection.release();
+    // Ended: whatever closed the stream counted it; this only keeps direct writes out.
+    let _ = connection.release();
     if let Some(end) = framing.end_of_body() {
         pieces.push_back(end);
-        let _ = write_all(stream, &mut pieces).await;
+        let _ = write_all(stream, &mut pieces, stall).await;
     }
     // The socket itself closes when the connection is dropped, once the hub has let go of it.
     let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+}
+
+/// Why a stream whose write failed ended: its client stopped reading, or went away.
+fn write_failure(error: &io::Error) -> CloseReason {
+    if wire::is_stall(error) { CloseReason::WriteStalled } else { CloseReason::ClientClosed }
 }
 
 /// The client sent more bytes (ignored) or closed its side: true when it is gone.
@@ -190,6 +202,7 @@ async fn write_response(
     stream: &TcpStream,
     response: axum::response::Response,
     extra: &[(HeaderName, HeaderValue)],
+    stall: std::time::Duration,
 ) -> io::Result<()> {
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
@@ -205,7 +218,7 @@ async fn write_response(
     head.extend_from_slice(b"\r\n");
     let mut pieces = VecDeque::from([Bytes::from(head), body]);
     // A TcpStream has no write buffer: once written, it is on its way.
-    write_all(stream, &mut pieces).await
+    write_all(stream, &mut pieces, stall).await
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -215,15 +228,34 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A socket whose first bytes were already read: replays them, then reads on.
+/// A socket whose first bytes were already read: replays them, then reads on. Its writes fail
+/// once the socket has taken no byte for the write stall timeout, as the raw path's do, so a
+/// client that stops reading a response served by hyper cannot hold its connection forever.
 pub struct Prefixed {
     prefix: BytesMut,
     inner: TcpStream,
+    stall: Duration,
+    /// Armed when a write finds the socket full, disarmed by the next write that goes through.
+    stalled_at: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Prefixed {
-    pub fn new(prefix: Vec<u8>, inner: TcpStream) -> Self {
-        Self { prefix: BytesMut::from(&prefix[..]), inner }
+    pub fn new(prefix: Vec<u8>, inner: TcpStream, stall: Duration) -> Self {
+        Self { prefix: BytesMut::from(&prefix[..]), inner, stall, stalled_at: None }
+    }
+
+    /// Follows a write's outcome: a pending write waits at most the stall timeout, counted
+    /// from the first write that found the socket full.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, written: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if written.is_ready() {
+            self.stalled_at = None;
+            return written;
+        }
+        let stall = self.stall;
+        let timer = self.stalled_at.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        std::task::ready!(timer.as_mut().poll(cx));
+        event_stream::write_stalled();
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, wire::Stalled(stall))))
     }
 }
 
@@ -244,7 +276,8 @@ impl AsyncRead for Prefixed {
 
 impl AsyncWrite for Prefixed {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, written)
     }
 
     fn poll_write_vectored(
@@ -252,7 +285,8 @@ impl AsyncWrite for Prefixed {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -739,6 +739,11 @@ impl Nginx {
         let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
         format!("{}{}", read("stderr.log"), read("error.log"))
     }
+
+    /// What nginx logged of the requests it finished (a stream's line comes when it ends).
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
 }
 
 impl Drop for Nginx {

@@ -1,0 +1,189 @@
+//! What a stream may cost the node, and how every stream's end is counted: a client that stops
+//! reading is cut off once its queue holds `SSE_QUEUE_MAX_BYTES`, on either serving path, and
+//! the node's memory stays small; a stalled socket and a client that leaves are counted in
+//! `sse_connections_closed_total` with their reasons, each stream once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Node, SseClient, publish_api, subscribe, token};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A client that sends `request` and reads only until `connected`, then never again. Its
+/// receive buffer is small, so what the node writes piles up on the node's side.
+async fn non_reading_client(node: &Node, request: String) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stream = socket.connect(([127, 0, 0, 1], node.port).into()).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut wire = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !wire.windows(16).any(|w| w == b"event: connected") {
+        let mut buffer = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => wire.extend_from_slice(&buffer[..n]),
+            other => panic!("no connected event ({other:?}): {}", String::from_utf8_lossy(&wire)),
+        }
+    }
+    stream
+}
+
+/// `GET /events` as the first request: served on the raw path.
+fn raw_path_request(user: &str) -> String {
+    format!("GET /events?access_token={} HTTP/1.1\r\nHost: test\r\n\r\n", token(user, &[], None))
+}
+
+/// `GET /events` after another request on the same connection: served by hyper.
+fn hyper_path_request(user: &str) -> String {
+    format!("GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n{}", raw_path_request(user))
+}
+
+async fn closed(node: &Node, reason: &str) -> f64 {
+    node.metric("sse_connections_closed_total", &format!("reason=\"{reason}\"")).await
+}
+
+/// Waits until `sse_connections_closed_total{reason}` reaches `count`; panics after `WAIT`.
+async fn wait_closed(node: &Node, reason: &str, count: f64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = closed(node, reason).await;
+        if now == count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{reason}: {now} closes counted, expected {count}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The process's resident memory now and at its peak, in bytes (`VmRSS`, `VmHWM`).
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).expect("field");
+        let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("kB value");
+        kib * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Publishes `count` live events of about `size` bytes to `users`, letting `reader` (one of
+/// them) keep up: a reader on a busy machine must not be taken for a slow consumer itself.
+async fn publish_large(node: &Node, users: &[&str], count: usize, size: usize, reader: &mut SseClient) {
+    let data = "d".repeat(size);
+    for seq in 0..count {
+        let body = json!({"users": users, "data": format!("{seq}:{data}"), "durable": false});
+        assert_eq!(publish_api(node, body).await.0, 202);
+        let event =
+            reader.next_event(WAIT).await.unwrap_or_else(|gap| panic!("the reader missed event {seq}: {gap:?}"));
+        assert!(event.data.starts_with(&format!("{seq}:")), "event {seq} out of order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_cut_at_its_byte_bound_and_the_node_stays_small() {
+    let node = Node::start(&[("SSE_QUEUE_MAX_BYTES", "256KiB")]).await;
+    let sleeper = non_reading_client(&node, raw_path_request("sleeper")).await;
+    let mut reader = subscribe(&node, "reader", &[]).await;
+    let (before, _) = rss(node.pid());
+    // 800 events of 200 KB: 160 MB that a queue bounded in frames only (1024) would hold.
+    let (events, size) = (800, 200_000);
+    publish_large(&node, &["sleeper", "reader"], events, size, &mut reader).await;
+    let (after, peak) = rss(node.pid());
+    eprintln!("node RSS: {} MB before, {} MB after, {} MB at its peak", before >> 20, after >> 20, peak >> 20);
+    assert!(peak < before + (64 << 20), "the node's peak RSS grew from {before} to {peak} bytes");
+    // Cut as soon as its queue held two of them, long before its socket's write stall.
+    assert_eq!(closed(&node, "slow_consumer").await, 1.0);
+    assert_eq!(closed(&node, "write_stalled").await, 0.0);
+    // The cut shut the socket down: the node lets go of the stream at once, not after the
+    // socket's write stall timeout (30 s), and the client reads what its buffers held, then the end.
+    let deadline = Instant::now() + WAIT;
+    while node.metric("sse_active_connections", "").await != 1.0 {
+        assert!(Instant::now() < deadline, "the node still holds the cut stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut sleeper = sleeper;
+    let mut sink = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, sleeper.read(&mut sink)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the node kept the cut client's connection open"),
+        }
+    }
+    // The other stream still gets every event.
+    assert_eq!(publish_api(&node, json!({"users": ["reader"], "data": "after", "durable": false})).await.0, 202);
+    assert_eq!(reader.next_event(WAIT).await.expect("still open").data, "after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_served_by_hyper_is_bounded_in_bytes_too() {
+    let node = Node::start(&[("SSE_QUEUE_MAX_BYTES", "256KiB")]).await;
+    let _sleeper = non_reading_client(&node, hyper_path_request("sleeper")).await;
+    let mut reader = subscribe(&node, "reader", &[]).await;
+    // Hyper buffers some of the body itself; the queue takes the rest up to its bound.
+    publish_large(&node, &["sleeper", "reader"], 100, 200_000, &mut reader).await;
+    wait_closed(&node, "slow_consumer", 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_stall_ends_the_stream_on_either_path_and_is_counted_once_as_write_stalled() {
+    let node = Node::start(&[("SSE_WRITE_STALL_TIMEOUT", "1s"), ("SSE_QUEUE_MAX_BYTES", "64MiB")]).await;
+    let raw = non_reading_client(&node, raw_path_request("sleeper")).await;
+    let hyper = non_reading_client(&node, hyper_path_request("sleeper")).await;
+    let mut reader = subscribe(&node, "reader", &[]).await;
+    // 8 MB: more than the kernel's socket buffers hold (its send buffer grows to 4 MB at most),
+    // well within the queue's bound: nothing is cut, the sockets just take nothing more.
+    publish_large(&node, &["sleeper", "reader"], 40, 200_000, &mut reader).await;
+    wait_closed(&node, "write_stalled", 2.0).await;
+    // The node let go of both; the clients leaving afterwards is not a second close.
+    drop((raw, hyper));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(closed(&node, "client_closed").await, 0.0);
+    assert_eq!(closed(&node, "slow_consumer").await, 0.0);
+    assert_eq!(closed(&node, "write_stalled").await, 2.0);
+    assert_eq!(node.metric("sse_active_connections", "").await, 1.0, "the reader is left");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_is_counted_as_client_closed_on_either_path() {
+    let node = Node::start(&[]).await;
+    let raw = non_reading_client(&node, raw_path_request("leaver")).await;
+    let hyper = non_reading_client(&node, hyper_path_request("leaver")).await;
+    let reader = subscribe(&node, "leaver", &[]).await;
+    drop(raw);
+    wait_closed(&node, "client_closed", 1.0).await;
+    drop(hyper);
+    wait_closed(&node, "client_closed", 2.0).await;
+    drop(reader);
+    wait_closed(&node, "client_closed", 3.0).await;
+    assert_eq!(node.metric("sse_active_connections", "").await, 0.0);
+}
+
+#[test]
+fn a_queue_byte_bound_that_is_not_bytes_kib_or_mib_is_refused_at_startup() {
+    for (value, accepted) in [("1MB", false), ("1.5MiB", false), ("lots", false), ("100", false), ("64KiB", true)] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sse-fanout"))
+            .env_clear()
+            .env("SSE_QUEUE_MAX_BYTES", value)
+            // An address of no host here: the node fails only after its settings were accepted.
+            .env("SSE_LISTEN", "192.0.2.1:1")
+            .output()
+            .expect("run sse-fanout");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if accepted {
+            assert!(
+                !stderr.contains("SSE_QUEUE_MAX_BYTES") && !stderr.contains("queue-max-bytes"),
+                "{value}: {stderr}"
+            );
+        } else {
+            assert_eq!(output.status.code(), Some(2), "{value}: a bad setting is a usage error: {stderr}");
+            assert!(stderr.contains("queue-max-bytes"), "{value}: the error names the setting: {stderr}");
+        }
+    }
+}
