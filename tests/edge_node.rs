@@ -747,3 +747,90 @@ async fn a_client_that_pauses_reading_gets_everything_in_order_and_one_that_neve
     let mut rest = Vec::new();
     assert!(!read_raw_until(&mut sleeper, &mut rest, |_| false).await, "the server closes the connection");
 }
+
+/// The CORS answers of `/events` as README's settings table promises them, on both ways a
+/// stream is served: the raw path (a connection's first request) and hyper (after another).
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_allows_last_event_id_with_credentials_mirrors_star_and_is_absent_when_unset() {
+    use tokio::io::AsyncWriteExt;
+    let preflight = |node: &Node, origin: &str| {
+        http()
+            .request(reqwest::Method::OPTIONS, node.url("/events"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "last-event-id")
+            .send()
+    };
+    let header = |headers: &reqwest::header::HeaderMap, name: &str| {
+        headers.get(name).map(|v| v.to_str().expect("ascii").to_ascii_lowercase())
+    };
+    // A stream served by hyper: the connection asked for /healthz first. Returns its head.
+    async fn hyper_stream_head(node: &Node, origin: &str) -> String {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
+        let request = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /events?access_token={} HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n\r\n",
+            token("cors", &[], None)
+        );
+        socket.write_all(request.as_bytes()).await.expect("write");
+        let seen = read_until(&mut socket, "event: connected").await;
+        let second = seen.rfind("HTTP/1.1 ").expect("the stream's status line");
+        seen[second..].to_ascii_lowercase()
+    }
+    async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
+            assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+    let raw_stream = |node: &Node, origin: &str| {
+        let url = node.url(&format!("/events?access_token={}", token("cors", &[], None)));
+        let origin = origin.to_owned();
+        async move { SseClient::open(&url, &[("origin", &origin)]).await }
+    };
+
+    // A listed origin.
+    let listed = Node::start(&[("SSE_CORS_ORIGINS", "https://app.example")]).await;
+    let answer = preflight(&listed, "https://app.example").await.expect("preflight");
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let h = answer.headers();
+    assert_eq!(header(h, "access-control-allow-origin").as_deref(), Some("https://app.example"));
+    assert_eq!(header(h, "access-control-allow-credentials").as_deref(), Some("true"));
+    let allowed = header(h, "access-control-allow-headers").unwrap_or_default();
+    assert!(allowed.contains("last-event-id"), "allow-headers: {allowed}");
+    assert!(header(h, "access-control-allow-methods").unwrap_or_default().contains("get"));
+    let foreign = preflight(&listed, "https://evil.example").await.expect("preflight");
+    assert_eq!(header(foreign.headers(), "access-control-allow-origin"), None, "a foreign origin is not allowed");
+    let stream = raw_stream(&listed, "https://app.example").await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(header(&stream.headers, "access-control-allow-origin").as_deref(), Some("https://app.example"));
+    assert_eq!(header(&stream.headers, "access-control-allow-credentials").as_deref(), Some("true"));
+    let head = hyper_stream_head(&listed, "https://app.example").await;
+    assert!(head.contains("access-control-allow-origin: https://app.example\r\n"), "{head}");
+    assert!(head.contains("access-control-allow-credentials: true\r\n"), "{head}");
+
+    // `*`: the request's origin is mirrored (credentials cannot go with a literal `*`).
+    let any = Node::start(&[("SSE_CORS_ORIGINS", "*")]).await;
+    let answer = preflight(&any, "https://any.example").await.expect("preflight");
+    assert_eq!(header(answer.headers(), "access-control-allow-origin").as_deref(), Some("https://any.example"));
+    assert_eq!(header(answer.headers(), "access-control-allow-credentials").as_deref(), Some("true"));
+    let stream = raw_stream(&any, "https://other.example").await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(header(&stream.headers, "access-control-allow-origin").as_deref(), Some("https://other.example"));
+    let head = hyper_stream_head(&any, "https://third.example").await;
+    assert!(head.contains("access-control-allow-origin: https://third.example\r\n"), "{head}");
+
+    // Unset: no CORS headers anywhere, and any origin is served (same-origin deployments).
+    let unset = Node::start(&[]).await;
+    let answer = preflight(&unset, "https://app.example").await.expect("preflight");
+    assert!(answer.headers().keys().all(|k| !k.as_str().starts_with("access-control-")), "{:?}", answer.headers());
+    let stream = raw_stream(&unset, "https://app.example").await;
+    assert_eq!(stream.status, 200);
+    assert!(stream.headers.keys().all(|k| !k.as_str().starts_with("access-control-")), "{:?}", stream.headers);
+    let head = hyper_stream_head(&unset, "https://app.example").await;
+    assert!(!head.contains("access-control-"), "{head}");
+}

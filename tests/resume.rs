@@ -462,3 +462,40 @@ async fn polling_returns_missed_events_and_the_next_cursor() {
     let unauthorized = http().get(node.url("/api/history")).send().await.expect("get");
     assert_eq!(unauthorized.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_publish_has_no_id_and_is_not_replayed_and_the_query_resumes_like_the_header() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let url = stream_url(&node, "pl", &[]);
+    let (mut stream, _) = open(&url, None).await;
+    producer.durable("sse:user:pl", &envelope("durable 1")).await;
+    let first = read(&mut stream, 1).await.remove(0);
+    let cursor = first.id.clone().expect("a durable message carries a cursor");
+    // Live only: the block has no `id:` line, so a browser's last event id stays the cursor.
+    assert_eq!(redis.publish("sse:user:pl", &envelope("plain")).await, 1);
+    let plain = read(&mut stream, 1).await.remove(0);
+    assert_eq!((plain.data.as_str(), plain.id.as_deref()), ("plain", None), "{plain:?}");
+    assert_eq!(plain.last_event_id, cursor);
+    producer.durable("sse:user:pl", &envelope("durable 2")).await;
+    assert_eq!(read(&mut stream, 1).await[0].data, "durable 2");
+    drop(stream);
+
+    // Resumed after `durable 1`, by header and by `?lastEventId=`: `durable 2` only (the plain
+    // message between them is not in history), then live.
+    for (n, by_query) in [false, true].into_iter().enumerate() {
+        let (mut again, _) = if by_query {
+            open(&format!("{url}&lastEventId={cursor}"), None).await
+        } else {
+            open(&url, Some(&cursor)).await
+        };
+        let replayed = read(&mut again, 1).await.remove(0);
+        assert_eq!(replayed.data, "durable 2", "by query: {by_query}");
+        assert!(replayed.id.is_some(), "a replayed entry carries its cursor");
+        // A plain sentinel: live, and never replayed to the next round either.
+        let sentinel = format!("sentinel {n}");
+        assert_eq!(redis.publish("sse:user:pl", &envelope(&sentinel)).await, 1);
+        assert_eq!(read(&mut again, 1).await[0].data, sentinel, "by query: {by_query}");
+    }
+}
