@@ -834,3 +834,55 @@ async fn cors_allows_last_event_id_with_credentials_mirrors_star_and_is_absent_w
     let head = hyper_stream_head(&unset, "https://app.example").await;
     assert!(!head.contains("access-control-"), "{head}");
 }
+
+/// RS256 with a public key file, as README's "Tokens" recommends for production: tokens signed
+/// with the private key work; one signed by another key, or an HS256 token keyed with the public
+/// key's PEM (algorithm confusion), is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn rs256_tokens_are_verified_with_the_public_key_file() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let dir = scratch_dir("rs256");
+    let keypair = |name: &str| {
+        let private = dir.join(format!("{name}.pem"));
+        let public = dir.join(format!("{name}.pub.pem"));
+        let status = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+            .arg(&private)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl must be installed (scripts/test installs it)");
+        assert!(status.success());
+        let status = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .expect("openssl");
+        assert!(status.success());
+        (std::fs::read(private).expect("private key"), public)
+    };
+    let (private, public) = keypair("issuer");
+    let (other_private, _) = keypair("other");
+    let public_pem = std::fs::read(&public).expect("public key");
+    let node = Node::start_raw(&[("SSE_JWT_PUBLIC_KEY", public.to_str().expect("utf8 path"))]).await;
+    let claims = json!({"sub": "rsa-user", "exp": unix_now() + 600});
+    let sign = |algorithm: Algorithm, key: &EncodingKey| {
+        jsonwebtoken::encode(&Header::new(algorithm), &claims, key).expect("sign")
+    };
+    let good = sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&private).expect("rsa key"));
+    let mut stream = SseClient::open(&node.url(&format!("/events?access_token={good}")), &[]).await;
+    assert_eq!(stream.status, 200, "{:?}", stream.body);
+    assert_eq!(stream.connected().await["user"], "rsa-user");
+    let refused = [
+        ("another key", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&other_private).expect("rsa key"))),
+        ("HS256 keyed with the public PEM", sign(Algorithm::HS256, &EncodingKey::from_secret(&public_pem))),
+        ("HS256 with the test secret", token("rsa-user", &[], None)),
+    ];
+    for (what, bad) in refused {
+        let answer = SseClient::open(&node.url(&format!("/events?access_token={bad}")), &[]).await;
+        assert_eq!(answer.status, 401, "{what}: {:?}", answer.body);
+        assert!(answer.body.as_deref().unwrap_or("").contains("invalid_token"), "{what}: {:?}", answer.body);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
