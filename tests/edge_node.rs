@@ -886,3 +886,28 @@ async fn rs256_tokens_are_verified_with_the_public_key_file() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// README: `/readyz` follows a 1 s PING and says `bus_unavailable` when there is no answer;
+/// a publish the bus cannot take is a 503 `bus_unavailable`; both come back with Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_redis_readyz_says_bus_unavailable_soon_and_publish_is_refused_with_503() {
+    let mut redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    redis.kill();
+    let killed = std::time::Instant::now();
+    node.wait_readyz(503, Duration::from_secs(10)).await;
+    // About 2 s (one PING interval and its timeout); 4 s of margin for a loaded machine.
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(6), "/readyz noticed after {took:?}");
+    let body: serde_json::Value =
+        http().get(node.url("/readyz")).send().await.expect("readyz").json().await.expect("JSON");
+    assert_eq!((body["status"].as_str(), body["reason"].as_str()), (Some("not_ready"), Some("bus_unavailable")));
+    let (status, answer) = publish_api(&node, json!({"broadcast": true, "data": "lost?"})).await;
+    assert_eq!((status, answer["error"].as_str()), (503, Some("bus_unavailable")), "{answer}");
+
+    redis.restart().await;
+    node.wait_readyz(200, Duration::from_secs(20)).await;
+    let mut stream = subscribe(&node, "back", &[]).await;
+    assert_eq!(publish_api(&node, json!({"broadcast": true, "data": "back"})).await.0, 202);
+    assert_eq!(stream.next_event(WAIT).await.expect("delivered again").data, "back");
+}
