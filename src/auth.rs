@@ -54,6 +54,8 @@ pub struct Grant {
     pub role: Role,
     /// Seconds since the UNIX epoch (the `exp` claim).
     pub expires_at: u64,
+    /// The `jti` claim: what a single-use query token is spent under.
+    pub jti: Option<Box<str>>,
 }
 
 impl Grant {
@@ -66,6 +68,9 @@ impl Grant {
         self.role == Role::Admin
     }
 }
+
+/// Longest `jti` claim accepted.
+pub const MAX_JTI_BYTES: usize = 256;
 
 /// Why a request is not authenticated. Every variant is a 401.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +87,8 @@ pub enum AuthError {
     BadClaim(&'static str),
     #[error("this request needs its token in Authorization: Bearer, not in a cookie or the query string")]
     BearerRequired,
+    #[error("this query token was used already: fetch a new one (query tokens are single-use here)")]
+    Replayed,
 }
 
 /// Why the configured key cannot be used. Fatal at startup.
@@ -105,6 +112,8 @@ struct Claims {
     topics: Option<Value>,
     #[serde(default)]
     role: Option<String>,
+    #[serde(default)]
+    jti: Option<Value>,
 }
 
 /// Where tokens are looked for besides `Authorization: Bearer`, in order of precedence.
@@ -206,7 +215,13 @@ impl Authenticator {
             Some("publisher") => Role::Publisher,
             _ => Role::Subscriber,
         };
-        Ok(Grant { user, topics, role, expires_at })
+        let jti = match claims.jti {
+            None | Some(Value::Null) => None,
+            // Bounded, as it becomes part of a Redis key.
+            Some(Value::String(jti)) if !jti.is_empty() && jti.len() <= MAX_JTI_BYTES => Some(jti.into_boxed_str()),
+            Some(_) => return Err(AuthError::BadClaim("jti")),
+        };
+        Ok(Grant { user, topics, role, expires_at, jti })
     }
 
     /// Mints a token with the development secret; `None` outside development mode.

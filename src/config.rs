@@ -182,6 +182,12 @@ pub struct Config {
     #[arg(long, env = "SSE_TOKEN_COOKIES", value_delimiter = ',', default_value = "sse_token,access_token")]
     pub token_cookies: Vec<String>,
 
+    /// A token in the query string must carry a `jti` and is accepted once, cluster-wide (kept
+    /// in Redis until the token expires); a replay is 401 `token_replayed`. Query strings end up
+    /// in proxy logs: a logged one-time token is worthless. Headers and cookies are unaffected.
+    #[arg(long, env = "SSE_SINGLE_USE_QUERY_TOKENS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub single_use_query_tokens: bool,
+
     /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
     /// Empty: no CORS headers; same-origin only.
     #[arg(long, env = "SSE_CORS_ORIGINS", value_delimiter = ',', default_value = "")]

@@ -24,6 +24,36 @@ pub struct MemoryBus {
     inbound: mpsc::Sender<Inbound>,
     subscribed: Mutex<HashSet<ChannelName>>,
     history: Option<MemoryHistory>,
+    claimed: Mutex<Claimed>,
+}
+
+/// Keys recorded by `claim_once`, with when each may be recorded again. Expired keys are
+/// swept when the map has doubled since the last sweep, so it holds at most about twice the
+/// keys alive at once.
+#[derive(Default)]
+struct Claimed {
+    until: HashMap<Box<str>, u64>,
+    swept_at_len: usize,
+}
+
+impl Claimed {
+    fn claim(&mut self, key: &str, now: u64, until: u64) -> bool {
+        if self.until.len() >= (2 * self.swept_at_len).max(1024) {
+            self.until.retain(|_, until| *until > now);
+            self.swept_at_len = self.until.len();
+        }
+        match self.until.get_mut(key) {
+            Some(held) if *held > now => false,
+            Some(held) => {
+                *held = until;
+                true
+            }
+            None => {
+                self.until.insert(key.into(), until);
+                true
+            }
+        }
+    }
 }
 
 impl MemoryBus {
@@ -35,7 +65,8 @@ impl MemoryBus {
             epoch: rand::random::<u32>() | 1,
             store: Mutex::new(Store::default()),
         });
-        (Arc::new(Self { inbound: tx, subscribed: Mutex::new(HashSet::new()), history }), rx)
+        let claimed = Mutex::new(Claimed::default());
+        (Arc::new(Self { inbound: tx, subscribed: Mutex::new(HashSet::new()), history, claimed }), rx)
     }
 
     fn subscribed(&self) -> MutexGuard<'_, HashSet<ChannelName>> {
@@ -121,6 +152,14 @@ impl Bus for MemoryBus {
 
     fn is_ready(&self) -> bool {
         true
+    }
+
+    fn claim_once<'a>(&'a self, key: &'a str, lifetime: Duration) -> BusFuture<'a, bool> {
+        Box::pin(async move {
+            let now = now_ms();
+            let until = now.saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX));
+            Ok(self.claimed.lock().unwrap_or_else(PoisonError::into_inner).claim(key, now, until))
+        })
     }
 
     fn kind(&self) -> &'static str {
@@ -283,6 +322,21 @@ mod tests {
     }
 
     const PAGE: Page = Page { entries: 1000, bytes: 1 << 20 };
+
+    #[test]
+    fn a_key_is_claimed_once_until_it_expires_and_expired_keys_are_swept() {
+        let mut claimed = Claimed::default();
+        assert!(claimed.claim("a", 0, 100));
+        assert!(!claimed.claim("a", 99, 200), "claimed again before it expired");
+        assert!(claimed.claim("b", 99, 200));
+        assert!(claimed.claim("a", 100, 300), "an expired key may be claimed again");
+        assert!(!claimed.claim("a", 299, 400));
+        // Many keys that expire: the map is swept instead of growing without bound.
+        for i in 0..10_000 {
+            assert!(claimed.claim(&format!("k{i}"), 1_000 + i, 1_001 + i));
+        }
+        assert!(claimed.until.len() <= 2048, "{} keys held", claimed.until.len());
+    }
 
     fn entries(since: Since) -> Vec<Bytes> {
         match since {

@@ -156,6 +156,10 @@ pub trait Bus: Send + Sync + 'static {
         page: Page,
     ) -> BusFuture<'a, Epoched<Since>>;
 
+    /// Records `key` for `lifetime` unless it is recorded already, cluster-wide; true when this
+    /// call recorded it. Single-use query tokens are spent with it (`http/ticket.rs`).
+    fn claim_once<'a>(&'a self, key: &'a str, lifetime: Duration) -> BusFuture<'a, bool>;
+
     /// True once after the inbound queue overflowed and live messages were dropped.
     fn take_overflow(&self) -> bool {
         false

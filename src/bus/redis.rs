@@ -692,6 +692,18 @@ impl Bus for RedisBus {
         self.ready.load(Ordering::Acquire)
     }
 
+    fn claim_once<'a>(&'a self, key: &'a str, lifetime: Duration) -> BusFuture<'a, bool> {
+        Box::pin(async move {
+            let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX).max(1);
+            let mut set = redis::pipe();
+            set.cmd("SET").arg(key).arg(1).arg("NX").arg("PX").arg(lifetime_ms);
+            let mut connection = self.connection().await?;
+            // `OK` when set, nil when the key was there already.
+            let reply = self.call::<Option<String>>(&mut *connection, &set).await?;
+            Ok(matches!(reply.first(), Some(Some(_))))
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "redis"
     }

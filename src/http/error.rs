@@ -64,6 +64,7 @@ impl IntoResponse for ApiError {
                 let code = match e {
                     AuthError::Missing => "missing_token",
                     AuthError::BearerRequired => "bearer_required",
+                    AuthError::Replayed => "token_replayed",
                     _ => "invalid_token",
                 };
                 let mut response =

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
-use super::grant::{check_origin, grant};
+use super::grant::{Access, check_origin, grant};
 use super::query;
 use crate::auth::Grant;
 use crate::channel::{ChannelName, check_name, topic_allowed};
@@ -98,7 +98,7 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
-    let Authorized { grant, topics, channels, query } = authorize(node, headers, query)?;
+    let Authorized { grant, topics, channels, query } = authorize(node, headers, query).await?;
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
@@ -185,14 +185,17 @@ pub struct Authorized {
 }
 
 /// Checks the token, then the query and the asked topics.
-pub fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Authorized, ApiError> {
-    let grant = grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?.grant;
+pub async fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Authorized, ApiError> {
+    let Access { grant, source } =
+        grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
     let mut query = StreamQuery::parse(query)?;
     let topics = granted_topics(&grant, std::mem::take(&mut query.topics))?;
     let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
     channels.push(node.channels.user(grant.user.as_str()));
     channels.push(node.channels.broadcast());
     channels.extend(topics.iter().map(|t| node.channels.topic(t)));
+    // Last: a single-use token is spent only by a request that would otherwise be served.
+    super::ticket::spend(node, &grant, source).await?;
     Ok(Authorized { grant, topics, channels, query })
 }
 
@@ -226,6 +229,7 @@ mod tests {
             topics: patterns.iter().map(|p| TopicPattern::new(*p)).collect(),
             role: Role::Subscriber,
             expires_at: u64::MAX,
+            jti: None,
         }
     }
 

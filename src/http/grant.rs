@@ -86,7 +86,9 @@ impl FromRequestParts<Arc<Node>> for Access {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
-        grant(node, &parts.headers, parts.uri.query())
+        let access = grant(node, &parts.headers, parts.uri.query())?;
+        super::ticket::spend(node, &access.grant, access.source).await?;
+        Ok(access)
     }
 }
 

@@ -23,7 +23,7 @@ pub async fn history(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let Authorized { channels, query, .. } = authorize(&node, &headers, query.as_deref())?;
+    let Authorized { channels, query, .. } = authorize(&node, &headers, query.as_deref()).await?;
     let Some(resume) = &node.resume else {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
     };

@@ -1,7 +1,8 @@
 //! HTTP routes, one file per concern, composed into one router here. The router is served by
 //! [`accept`]'s accept loop, not `axum::serve`, which measured twice the memory per connection.
 //! Who may call what is [`grant`]'s; which origins, [`cors`]'s; every error body, [`error`]'s;
-//! how a query string is decoded, [`query`]'s.
+//! how a query string is decoded, [`query`]'s;
+//! spending a single-use query token, [`ticket`]'s.
 
 pub mod accept;
 mod admin;
@@ -16,6 +17,7 @@ mod history;
 mod publish;
 mod query;
 mod raw_stream;
+mod ticket;
 
 use std::sync::Arc;
 
