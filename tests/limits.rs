@@ -6,9 +6,9 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{SECRET, SseClient, free_port, token};
+use common::{SECRET, SseClient, listen_address, scratch_dir, token};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -21,27 +21,22 @@ struct LimitedNode {
 
 impl LimitedNode {
     async fn start(files: u32, env: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("sse-fanout-tests/limits-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let log = dir.join("stderr.log");
+        let log = scratch_dir("limits").join("stderr.log");
         let child = Command::new("sh")
             .args(["-c", &format!("ulimit -n {files} && exec \"$0\""), env!("CARGO_BIN_EXE_sse-fanout")])
             .env_clear()
-            .env("SSE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SSE_LISTEN", "127.0.0.1:0")
             .env("SSE_JWT_SECRET", SECRET)
-            .env("SSE_LOG_LEVEL", "warn")
+            // Warnings, and the line naming the port the node bound.
+            .env("SSE_LOG_LEVEL", "warn,sse_fanout::server=info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start sse-fanout");
-        let node = Self { port, child, log };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the node did not start:\n{}", node.log_text());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Built first, so that the process is stopped if it never says where it listens.
+        let mut node = Self { port: 0, child, log };
+        node.port = listen_address(&mut node.child, &node.log, Duration::from_secs(20)).await.port();
         node
     }
 
