@@ -335,8 +335,6 @@ async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails: after a Redis restart the backfill runs before the node reloads the function \
-            library, fails with `Function not found`, and the gap is dropped without a reset"]
 async fn a_redis_restart_tells_open_streams_their_history_is_lost() {
     let mut redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
