@@ -25,6 +25,7 @@ pub const BUS_SUBSCRIBE_COMMANDS: &str = "sse_bus_subscribe_commands_total";
 pub const BUS_UNSUBSCRIBE_COMMANDS: &str = "sse_bus_unsubscribe_commands_total";
 pub const SUBSCRIBED_CHANNELS: &str = "sse_subscribed_channels";
 pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
+pub const PENDING_CONNECTIONS: &str = "sse_pending_connections";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -65,7 +66,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to hand one message to every local stream of its channel (written or queued)"
     );
-    describe_counter!(CONNECTIONS_REJECTED, "Stream requests refused, by reason");
+    describe_counter!(CONNECTIONS_REJECTED, "Stream requests and connections refused or dropped, by reason");
     describe_counter!(CONNECTIONS_CLOSED, "Streams ended, by reason (each stream once, by the node or its client)");
     describe_counter!(
         MESSAGES_REFUSED,
@@ -78,6 +79,7 @@ fn describe() {
     describe_counter!(BUS_UNSUBSCRIBE_COMMANDS, "UNSUBSCRIBE commands sent (each may carry many channels)");
     describe_gauge!(SUBSCRIBED_CHANNELS, "Channels with at least one local listener");
     describe_counter!(PUBLISH_REQUESTS, "POST /api/publish requests accepted");
+    describe_gauge!(PENDING_CONNECTIONS, "Connections without a complete, authenticated request yet");
 }
 
 /// Counts connections and deliveries; owned by the hub.
