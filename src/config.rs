@@ -99,7 +99,7 @@ pub struct Config {
     #[arg(long, env = "SSE_CHANNEL_PREFIX", default_value = "sse")]
     pub channel_prefix: String,
 
-    /// Shared secret for HS256 tokens. With neither this nor a public key the node runs in development mode.
+    /// Shared secret for HS256 tokens. With no secret, public key or JWKS URL the node runs in development mode.
     #[arg(long, env = "SSE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
