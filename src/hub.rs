@@ -943,8 +943,12 @@ mod tests {
         let mut pinged = vec![0; 3];
         for slot in 0..3 {
             hub.tick(Some(&Heartbeat { frame: frame.clone(), slot, slots: 3 }));
-            for (i, stream) in streams.iter().enumerate() {
-                pinged[i] += drain(stream.membership.connection()).len();
+            let this_tick: Vec<usize> =
+                streams.iter().map(|stream| drain(stream.membership.connection()).len()).collect();
+            // Spread: each tick pings one stream of the three, not all of them at once.
+            assert_eq!(this_tick.iter().sum::<usize>(), 1, "slot {slot} pinged {this_tick:?}");
+            for (total, now) in pinged.iter_mut().zip(this_tick) {
+                *total += now;
             }
         }
         assert_eq!(pinged, [1, 1, 1], "one ping per stream per round of slots");

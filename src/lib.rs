@@ -26,3 +26,6 @@ mod resume;
 pub mod server;
 pub mod shutdown;
 mod wire;
+
+/// A key that cannot be used: `main` tells it from other startup failures (exit 2).
+pub use auth::KeyError;

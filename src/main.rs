@@ -1,6 +1,7 @@
 //! Parses the configuration, builds the node and runs it until SIGTERM/SIGINT; or runs the
 //! `doctor` check, which needs neither the node's settings nor its logging.
 
+use sse_fanout::KeyError;
 use sse_fanout::config::{Cli, Command, Config, DoctorArgs};
 use sse_fanout::{server, shutdown};
 
@@ -33,6 +34,14 @@ fn serve(config: Config) -> std::process::ExitCode {
     };
     match runtime.block_on(run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A key that cannot be read or used is a wrong setting like any other: exit 2, which
+        // supervisors and operators read as "fix the configuration", not "restart".
+        Err(e) if e.downcast_ref::<KeyError>().is_some() => {
+            // `{e}`, not `{e:#}`: the key error's text already names its cause.
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");

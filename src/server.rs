@@ -154,7 +154,8 @@ impl Server {
             stop_accepting.clone(),
             connections.clone(),
         ));
-        tracing::info!(node = %node.node_id, listen = ?listen, bus = hub.bus().kind(), "listening");
+        // `listen=<ip:port>`: the address actually bound (port 0 picks one), which tests read.
+        tracing::info!(node = %node.node_id, listen = listen.map(tracing::field::display), bus = hub.bus().kind(), "listening");
         if let (Some(dev), Some(listen)) = (&node.dev, listen) {
             dev.announce(listen);
         }

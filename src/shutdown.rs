@@ -85,7 +85,8 @@ mod tests {
 
     #[test]
     fn the_farewell_retry_is_jittered_around_the_setting() {
-        for _ in 0..100 {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
             let text = String::from_utf8(farewell(Duration::from_secs(2)).to_vec()).expect("utf8");
             let ms: u64 = text
                 .strip_prefix("retry: ")
@@ -94,6 +95,13 @@ mod tests {
                 .expect("a retry line first");
             assert!((1000..=3000).contains(&ms), "{ms}");
             assert!(text.ends_with("event: disconnected\ndata: {\"reason\":\"shutdown\"}\n\n"));
+            seen.insert(ms);
         }
+        // Jittered over the whole range: 200 uniform draws from 2001 values give about 190
+        // distinct ones, and miss the lowest or highest tenth with odds of about 1e-9. A
+        // constant, or a much narrower jitter, fails.
+        assert!(seen.len() >= 150, "only {} distinct retries in 200 farewells", seen.len());
+        let (low, high) = (seen.first().copied().unwrap_or(0), seen.last().copied().unwrap_or(0));
+        assert!(low < 1200 && high > 2800, "retries from {low} to {high} ms");
     }
 }

@@ -30,3 +30,24 @@ fn the_node_still_reads_its_settings_without_a_subcommand() {
     assert_eq!(output.status.code(), Some(2), "a bad setting is a usage error: {stderr}");
     assert!(stderr.contains("--listen") || stderr.contains("SSE_LISTEN"), "the error names the setting: {stderr}");
 }
+
+#[test]
+fn a_key_file_that_cannot_be_read_or_used_is_a_usage_error() {
+    let dir = std::env::temp_dir().join(format!("sse-fanout-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let not_a_key = dir.join("not-a-key.pem");
+    std::fs::write(&not_a_key, "-----BEGIN NOTHING-----\n").expect("write");
+    let missing = dir.join("missing.pem");
+    for (path, says) in [(&missing, "cannot read"), (&not_a_key, "not an RSA or EC")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_sse-fanout"))
+            .env_clear()
+            .env("SSE_LISTEN", "127.0.0.1:0")
+            .env("SSE_JWT_PUBLIC_KEY", path)
+            .output()
+            .expect("run sse-fanout");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{}: a bad key is a usage error: {stderr}", path.display());
+        assert!(stderr.contains("SSE_JWT_PUBLIC_KEY") && stderr.contains(says), "{stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -98,6 +98,20 @@ impl Ticker {
         Self { stop, count, task }
     }
 
+    fn published(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` more ticks are published (panics if the ticker stalls for 20 s).
+    async fn wait_more(&self, n: u64) {
+        let target = self.published() + n;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.published() < target {
+            assert!(Instant::now() < deadline, "the ticker stalled at {}", self.published());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn stop(self) -> u64 {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.expect("ticker task");
@@ -128,6 +142,27 @@ fn spread(sources: &[EventSource]) -> BTreeMap<String, usize> {
         *by_node.entry(source.seen().connections[0].node_id.clone()).or_default() += 1;
     }
     by_node
+}
+
+/// Waits until every source has seen at least `n` ticks: the ticker reaches everyone.
+async fn wait_ticks_everywhere(sources: &[EventSource], n: usize) {
+    for (i, source) in sources.iter().enumerate() {
+        let got = source.wait_for(Duration::from_secs(20), |s| s.data_of("tick").len() >= n).await;
+        assert!(got, "client {i} saw {} ticks, expected {n}", source.seen().data_of("tick").len());
+    }
+}
+
+/// Waits until every source whose first stream was on `node` has opened a second one.
+async fn wait_moved(sources: &[EventSource], node: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    for (i, source) in sources.iter().enumerate() {
+        if source.seen().connections[0].node_id != node {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let moved = source.wait_for(left, |s| s.connections.len() >= 2).await;
+        assert!(moved, "client {i} on {node} never reconnected: refused {:?}", source.seen().refused);
+    }
 }
 
 /// Waits until every source holds `n` ticks, then asserts each got exactly 0..n in order.
@@ -226,22 +261,25 @@ async fn a_draining_node_moves_300_clients_to_the_others_and_none_loses_or_repea
     assert_eq!(by_node.len(), 3, "300 clients should land on all 3 nodes: {by_node:?}");
 
     let ticker = Ticker::start(&redis, Duration::from_millis(40)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_ticks_everywhere(&sources, 3).await;
     let mut victim = nodes.remove(0);
     let sigterm = Instant::now();
     victim.signal("TERM");
-    let code = victim.wait_exit(DRAIN + Duration::from_secs(5)).await;
+    let code = victim.wait_exit(DRAIN + Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "a drained node exits 0; log:\n{}", victim.log_text());
     let drained_in = sigterm.elapsed();
-    // Keep publishing while the drained clients come back elsewhere.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The drain's pacing is the point here: the last farewell goes out by DRAIN, and a client
+    // waits at most the jittered retry (1.5 s) before it reconnects. The margin for a loaded
+    // two-core machine (300 reconnects through nginx, three nodes, the test itself) is 5 s.
+    let bound = DRAIN + Duration::from_millis(1500) + Duration::from_secs(5);
+    // Keep publishing until the drained clients are back elsewhere, and a little longer.
+    wait_moved(&sources, "node-1", bound + Duration::from_secs(10)).await;
+    ticker.wait_more(10).await;
     let published = ticker.stop().await;
     assert!(published > 50, "the ticker published only {published}");
 
     assert_every_tick_exactly_once(&sources, published, Duration::from_secs(15)).await;
 
-    // Retry jitter is at most 1.5 s; allow 2 s more for a loaded 2-core machine.
-    let bound = DRAIN + Duration::from_millis(1500) + Duration::from_secs(2);
     for (i, source) in sources.iter().enumerate() {
         let seen = source.seen();
         if seen.connections[0].node_id == "node-1" {
@@ -268,11 +306,13 @@ async fn a_killed_node_s_clients_resume_elsewhere_and_the_others_never_notice() 
     assert!(by_node.get("node-2").is_some_and(|&n| n > 0), "node-2 holds no client: {by_node:?}");
 
     let ticker = Ticker::start(&redis, Duration::from_millis(40)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_ticks_everywhere(&sources, 3).await;
     let mut victim = nodes.remove(1);
     victim.signal("KILL");
     victim.wait_exit(Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Keep publishing until the killed node's clients are back elsewhere, and a little longer.
+    wait_moved(&sources, "node-2", Duration::from_secs(20)).await;
+    ticker.wait_more(10).await;
     let published = ticker.stop().await;
 
     assert_every_tick_exactly_once(&sources, published, Duration::from_secs(15)).await;
@@ -285,6 +325,9 @@ async fn a_killed_node_s_clients_resume_elsewhere_and_the_others_never_notice() 
             assert!(seen.ends.is_empty(), "client {i} on {} saw its stream end", seen.connections[0].node_id);
             assert_eq!(seen.connections.len(), 1, "client {i} reconnected");
         }
+        // nginx retried the dead node's connect errors on another node (proxy_next_upstream):
+        // no reconnect was answered with a 502 or broken off.
+        assert!(seen.refused.is_empty(), "client {i} was refused: {:?}", seen.refused);
     }
 }
 
@@ -304,10 +347,12 @@ async fn after_a_redis_restart_delivery_comes_back_on_every_node_without_restart
         assert!(source.wait_for(Duration::from_secs(5), |s| s.data_of("before").len() == 1).await);
     }
 
-    let port = redis.port;
     redis.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let redis = RedisServer::start_on(port).await;
+    // Every node noticed (its PING went unanswered) before Redis comes back, empty.
+    for node in &nodes {
+        node.wait_readyz(503, Duration::from_secs(10)).await;
+    }
+    redis.restart().await;
     for node in &nodes {
         node.wait_readyz(200, Duration::from_secs(20)).await;
     }
@@ -338,6 +383,10 @@ async fn after_a_redis_restart_delivery_comes_back_on_every_node_without_restart
             seen.connections[0].node_id, seen.events
         );
         assert_eq!(seen.data_of("before").len(), 1, "client {i} got the old message twice");
+        // The `reset history_lost` these open streams should get is checked by
+        // tests/resume.rs `a_redis_restart_tells_open_streams_their_history_is_lost` (ignored
+        // until the backfill waits for the function library: today it fails and is dropped).
+        assert_eq!(seen.connections.len(), 1, "client {i} reconnected");
     }
 }
 

@@ -35,7 +35,10 @@ async fn a_publish_on_redis_reaches_its_user_topic_and_broadcast_listeners_on_an
     // Bob, on the other node, saw only the broadcast: never Alice's user or topic messages.
     let e = bob.next_event(WAIT).await.expect("broadcast event");
     assert_eq!(e.data, "plain text");
-    bob.assert_silent(Duration::from_millis(300)).await;
+    // A sentinel behind them on the same Redis: had Alice's messages reached Bob, they would
+    // come first (one subscriber connection delivers in order).
+    assert_eq!(redis.publish("sse:broadcast", "sentinel").await, 2);
+    assert_eq!(bob.next_event(WAIT).await.expect("the sentinel").data, "sentinel");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -225,22 +228,34 @@ async fn refused_requests_get_their_status_and_a_short_json_error() {
     let second = SseClient::open(&node.url(&format!("/events?access_token={}", token("y", &[], None))), &[]).await;
     assert_eq!(second.status, 429, "{:?}", second.body);
     assert!(second.body.as_deref().unwrap_or("").contains("user_limit"));
-    assert_eq!(node.metric("sse_connections_rejected_total", r#"reason="user_limit""#).await, 1.0);
-    assert_eq!(node.metric("sse_connections_rejected_total", r#"reason="unauthorized""#).await, 3.0);
+    node.wait_metric("sse_connections_rejected_total", r#"reason="user_limit""#, 1.0).await;
+    node.wait_metric("sse_connections_rejected_total", r#"reason="unauthorized""#, 3.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_new_stream_replaces_the_old_one_with_evict_oldest() {
-    let node = Node::start(&[("SSE_MAX_CONNECTIONS_PER_USER", "1"), ("SSE_PER_USER_POLICY", "evict-oldest")]).await;
-    let mut old = subscribe(&node, "frank", &[]).await;
-    let mut new = subscribe(&node, "frank", &[]).await;
-    let farewell = old.next_event(WAIT).await.expect("disconnected");
+async fn a_new_stream_replaces_the_oldest_one_with_evict_oldest() {
+    // A limit of 2, so the oldest stream is told apart from any other one.
+    let node = Node::start(&[("SSE_MAX_CONNECTIONS_PER_USER", "2"), ("SSE_PER_USER_POLICY", "evict-oldest")]).await;
+    let mut oldest = subscribe(&node, "frank", &[]).await;
+    let mut middle = subscribe(&node, "frank", &[]).await;
+    let mut newest = subscribe(&node, "frank", &[]).await;
+    let farewell = oldest.next_event(WAIT).await.expect("disconnected");
     assert_eq!(farewell.event, "disconnected");
     assert_eq!(farewell.data, r#"{"reason":"replaced"}"#);
-    assert_eq!(old.next(WAIT).await, Some(Received::End));
-    let (status, _) = publish_api(&node, json!({"users": ["frank"], "data": "to the new one"})).await;
+    assert_eq!(oldest.next(WAIT).await, Some(Received::End));
+    let (status, _) = publish_api(&node, json!({"users": ["frank"], "data": "to the two left"})).await;
     assert_eq!(status, 202);
-    assert_eq!(new.next_event(WAIT).await.expect("event").data, "to the new one");
+    for stream in [&mut middle, &mut newest] {
+        assert_eq!(stream.next_event(WAIT).await.expect("event").data, "to the two left");
+    }
+    // A fourth replaces the one that is now the oldest.
+    let mut fourth = subscribe(&node, "frank", &[]).await;
+    assert_eq!(middle.next_event(WAIT).await.expect("disconnected").data, r#"{"reason":"replaced"}"#);
+    assert_eq!(publish_api(&node, json!({"users": ["frank"], "data": "again"})).await.0, 202);
+    for stream in [&mut newest, &mut fourth] {
+        assert_eq!(stream.next_event(WAIT).await.expect("event").data, "again");
+    }
+    node.wait_metric("sse_connections_closed_total", r#"reason="replaced""#, 2.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -260,22 +275,24 @@ async fn a_malformed_payload_is_counted_and_the_stream_keeps_delivering() {
     redis.publish("sse:user:henry", r#"{"event":"x\ndata: injected","data":1}"#).await;
     redis.publish("sse:user:henry", r#"{"data":1,"id":"1\n\nevent: evil"}"#).await;
     redis.publish("sse:user:henry", "\u{fffd}not json at all {").await;
+    // Bytes that are not UTF-8, in an envelope and bare: refused, not replaced by U+FFFD.
+    redis.publish_bytes("sse:user:henry", b"{\"data\":\"caf\xe9\"}").await;
+    redis.publish_bytes("sse:user:henry", b"\xff\xfe plain").await;
     redis.publish("sse:user:henry", r#"{"event":"ok","data":"next"}"#).await;
     let e = stream.next_event(WAIT).await.expect("verbatim");
     assert_eq!((e.event.as_str(), e.data.as_str()), ("message", "\u{fffd}not json at all {"));
     let e = stream.next_event(WAIT).await.expect("next");
     assert_eq!((e.event.as_str(), e.data.as_str()), ("ok", "next"));
-    assert_eq!(node.metric("sse_messages_refused_total", r#"reason="bad_event_name""#).await, 1.0);
-    assert_eq!(node.metric("sse_messages_refused_total", r#"reason="bad_id""#).await, 1.0);
+    node.wait_metric("sse_messages_refused_total", r#"reason="bad_event_name""#, 1.0).await;
+    node.wait_metric("sse_messages_refused_total", r#"reason="bad_id""#, 1.0).await;
+    node.wait_metric("sse_messages_refused_total", r#"reason="not_utf8""#, 2.0).await;
     assert!(node.log_text().contains("refused a published payload"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restart_turns_readyz_503_then_200_and_delivery_resumes() {
     let mut redis = RedisServer::start().await;
-    let port = redis.port;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
-    node.wait_readyz(200, WAIT).await;
     let mut stream = subscribe(&node, "ivy", &["news"]).await;
 
     redis.kill();
@@ -283,18 +300,14 @@ async fn redis_restart_turns_readyz_503_then_200_and_delivery_resumes() {
     let refused = SseClient::open(&node.url(&format!("/events?access_token={}", token("ivy2", &[], None))), &[]).await;
     assert_eq!(refused.status, 503, "no new streams while the bus is down");
 
-    let redis = RedisServer::start_on(port).await;
-    node.wait_readyz(200, Duration::from_secs(10)).await;
+    redis.restart().await;
+    node.wait_readyz(200, Duration::from_secs(20)).await;
     // The node re-subscribed by itself: the old stream gets a new message without reconnecting.
-    let mut delivered = 0;
-    for _ in 0..50 {
-        delivered = redis.publish("sse:topic:news", r#"{"data":"after restart"}"#).await;
-        if delivered == 1 {
-            break;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis.publish("sse:topic:news", r#"{"data":"after restart"}"#).await != 1 {
+        assert!(std::time::Instant::now() < deadline, "the node never re-subscribed after the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(delivered, 1, "node re-subscribed after the restart");
     assert_eq!(stream.next_event(WAIT).await.expect("event").data, "after restart");
     let mut fresh = subscribe(&node, "ivy3", &[]).await;
     redis.publish("sse:user:ivy3", r#"{"data":"fresh"}"#).await;
@@ -363,74 +376,189 @@ async fn the_publish_api_validates_credentials_and_input() {
     assert_eq!(too_large.status(), 413);
     let body: serde_json::Value = too_large.json().await.expect("json");
     assert_eq!(body["error"], "too_large");
-    stream.assert_silent(Duration::from_millis(200)).await;
+    // Nothing refused was published: the next event Kate sees is a sentinel sent after them all.
+    assert_eq!(publish_api(&node, json!({"users": ["kate"], "data": "sentinel"})).await.0, 202);
+    assert_eq!(stream.next_event(WAIT).await.expect("the sentinel").data, "sentinel");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeats_arrive_at_the_configured_interval() {
-    let node = Node::start(&[("SSE_HEARTBEAT_INTERVAL", "1000")]).await;
+    // 3 s: a ping every tick (1 s) or every other tick (2 s) is told apart from the setting even
+    // when a loaded machine delays a tick by most of a second.
+    let node = Node::start(&[("SSE_HEARTBEAT_INTERVAL", "3s")]).await;
     let mut stream = subscribe(&node, "liam", &[]).await;
-    let mut pings = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
-    while tokio::time::Instant::now() < deadline {
-        if let Some(Received::Comment(c)) = stream.next(Duration::from_millis(500)).await {
-            assert_eq!(c, "ping");
-            pings += 1;
+    let mut pings = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while pings.len() < 3 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match stream.next(left).await {
+            Some(Received::Comment(c)) => {
+                assert_eq!(c, "ping");
+                pings.push(std::time::Instant::now());
+            }
+            Some(other) => panic!("expected only pings, got {other:?}"),
+            None => panic!("{} pings in 15 s at a 3 s interval", pings.len()),
         }
     }
-    assert!(pings >= 2, "expected a ping per second, got {pings}");
+    for pair in pings.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            (Duration::from_millis(2200)..=Duration::from_millis(4500)).contains(&gap),
+            "a ping {gap:?} after the previous one, with a 3 s interval"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_is_closed_when_its_token_expires() {
     let node = Node::start(&[("SSE_JWT_LEEWAY", "0")]).await;
-    let token = token_with(json!({"sub": "mia", "exp": unix_now() + 2}));
+    let exp = unix_now() + 3;
+    let token = token_with(json!({"sub": "mia", "exp": exp}));
     let mut stream = SseClient::open(&node.url(&format!("/events?access_token={token}")), &[]).await;
     assert_eq!(stream.status, 200);
     stream.connected().await;
-    let farewell = stream.next_event(Duration::from_secs(6)).await.expect("disconnected");
+    let farewell = stream.next_event(Duration::from_secs(10)).await.expect("disconnected");
     assert_eq!(farewell.data, r#"{"reason":"token_expired"}"#);
+    // Not before `exp` (same clock as the node's): a stream closed at once would fail here.
+    assert!(unix_now() >= exp, "closed at {} before exp {exp}", unix_now());
     assert_eq!(stream.next(WAIT).await, Some(Received::End));
 }
 
+/// How far a timeout may run late: the node checks timeouts on a one-second tick, and a
+/// loaded two-core machine delays the tick and the client.
+const TICK_MARGIN: Duration = Duration::from_secs(3);
+
 #[tokio::test(flavor = "multi_thread")]
-async fn lifetime_and_inactivity_timeouts_close_streams_with_their_reason() {
-    let lifetime = Node::start(&[("SSE_MAX_CONNECTION_LIFETIME", "2s")]).await;
-    let inactive = Node::start(&[("SSE_CONNECTION_TIMEOUT", "2s"), ("SSE_HEARTBEAT_INTERVAL", "1s")]).await;
-    let mut by_lifetime = subscribe(&lifetime, "p1", &[]).await;
-    let mut by_inactivity = subscribe(&inactive, "p2", &[]).await;
-    let mut active = subscribe(&inactive, "p3", &[]).await;
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        assert_eq!(publish_api(&inactive, json!({"users": ["p3"], "data": "keep"})).await.0, 202);
-    }
-    let farewell = by_lifetime.next_event(WAIT).await.expect("lifetime farewell");
+async fn a_stream_is_closed_after_its_lifetime_and_not_before() {
+    let node = Node::start(&[("SSE_MAX_CONNECTION_LIFETIME", "3s")]).await;
+    let asked = std::time::Instant::now();
+    let mut stream = subscribe(&node, "p1", &[]).await;
+    let farewell = stream.next_event(Duration::from_secs(3) + TICK_MARGIN).await.expect("lifetime farewell");
     assert_eq!(farewell.data, r#"{"reason":"lifetime"}"#);
-    let farewell = by_inactivity.next_event(WAIT).await.expect("inactivity farewell");
-    assert_eq!(farewell.data, r#"{"reason":"inactive"}"#, "heartbeats do not count as activity");
-    for _ in 0..4 {
-        assert_eq!(active.next_event(WAIT).await.expect("still open").data, "keep", "events keep a stream active");
-    }
-    assert_eq!(inactive.metric("sse_connections_closed_total", r#"reason="inactive""#).await, 1.0);
+    // The lifetime is measured on the node from after the request arrived: exact lower bound.
+    let lived = asked.elapsed();
+    assert!(lived >= Duration::from_secs(3), "closed after {lived:?}, before its 3 s lifetime");
+    node.wait_metric("sse_connections_closed_total", r#"reason="lifetime""#, 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_drains_streams_with_a_retry_and_exits_zero() {
-    let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "1s"), ("SSE_RETRY_INTERVAL", "2s")]).await;
+async fn an_inactive_stream_is_closed_and_events_keep_one_open() {
+    // 4 s on a whole-second clock: a stream is closed after 3-4 s without an event. Events every
+    // 500 ms keep the active one 2.5 s away from its timeout however the machine is loaded.
+    let node = Node::start(&[("SSE_CONNECTION_TIMEOUT", "4s"), ("SSE_HEARTBEAT_INTERVAL", "1s")]).await;
+    let asked = std::time::Instant::now();
+    let mut inactive = subscribe(&node, "p2", &[]).await;
+    let mut active = subscribe(&node, "p3", &[]).await;
+    let keep_alive = {
+        let url = node.url("/api/publish");
+        tokio::spawn(async move {
+            for _ in 0..14 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let response = http()
+                    .post(&url)
+                    .bearer_auth(token("producer", &[], Some("publisher")))
+                    .json(&json!({"users": ["p3"], "data": "keep"}))
+                    .send()
+                    .await
+                    .expect("publish");
+                assert_eq!(response.status(), 202);
+            }
+        })
+    };
+    let farewell = inactive.next_event(Duration::from_secs(4) + TICK_MARGIN).await.expect("inactivity farewell");
+    assert_eq!(farewell.data, r#"{"reason":"inactive"}"#, "heartbeats do not count as activity");
+    let idle = asked.elapsed();
+    assert!(idle >= Duration::from_secs(2), "closed after {idle:?} of a 4 s inactivity timeout");
+    keep_alive.await.expect("publisher");
+    // 7 s of events, well past the timeout: every one arrived on the same open stream.
+    for _ in 0..14 {
+        assert_eq!(active.next_event(WAIT).await.expect("still open").data, "keep", "events keep a stream active");
+    }
+    node.wait_metric("sse_connections_closed_total", r#"reason="inactive""#, 1.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_streams_in_paced_batches_with_a_jittered_retry_and_exits_zero() {
+    let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "2s"), ("SSE_RETRY_INTERVAL", "2s")]).await;
+    // 20 streams over 2 s: one every 100 ms step.
     let mut streams = Vec::new();
-    for i in 0..5 {
+    for i in 0..20 {
         streams.push(subscribe(&node, &format!("n{i}"), &[]).await);
     }
+    let sigterm = std::time::Instant::now();
     node.signal("TERM");
     node.wait_readyz(503, WAIT).await;
-    for stream in &mut streams {
+    let ready = http().get(node.url("/readyz")).send().await.expect("readyz");
+    let body: serde_json::Value = ready.json().await.expect("JSON");
+    assert_eq!((body["status"].as_str(), body["reason"].as_str()), (Some("not_ready"), Some("draining")));
+    let refused = SseClient::open(&node.url(&format!("/events?access_token={}", token("late", &[], None))), &[]).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert!(refused.body.as_deref().unwrap_or("").contains(r#""error":"draining""#), "{:?}", refused.body);
+
+    // Each stream waits for its own farewell, so the arrival times are the node's pacing.
+    let farewells = futures_util::future::join_all(streams.iter_mut().map(|stream| async {
+        let got = stream.next_event_with_retries(Duration::from_secs(15)).await;
+        (got, sigterm.elapsed())
+    }))
+    .await;
+    let mut retries = std::collections::BTreeSet::new();
+    let mut arrivals = Vec::new();
+    for (got, at) in farewells {
         // `subscribe` read the preamble's retry with `connected`: this one is the drain's.
-        let (farewell, retries) = stream.next_event_with_retries(WAIT).await.expect("disconnected");
+        let (farewell, seen) = got.expect("disconnected");
         assert_eq!(farewell.data, r#"{"reason":"shutdown"}"#);
-        let &[retry] = retries.as_slice() else { panic!("one retry before the farewell, got {retries:?}") };
+        let &[retry] = seen.as_slice() else { panic!("one retry before the farewell, got {seen:?}") };
         assert!((1000..=3000).contains(&retry), "{retry}");
+        retries.insert(retry);
+        arrivals.push(at);
+    }
+    // Jittered: 20 draws from 2001 values are all different but for a rare pair.
+    assert!(retries.len() >= 15, "retries not jittered: {retries:?}");
+    // Paced: the 20 farewells went out over about 1.9 s, not at once. The margins allow for a
+    // loaded machine delaying any step (late, not early: a shorter spread is the failure).
+    let (first, last) = (arrivals.iter().min().copied(), arrivals.iter().max().copied());
+    let spread = last.zip(first).map(|(l, f)| l - f).unwrap_or_default();
+    assert!(spread >= Duration::from_millis(1200), "farewells spread over {spread:?} of a 2 s drain: {arrivals:?}");
+    assert!(last.unwrap_or_default() <= Duration::from_secs(7), "the last farewell came {last:?} after SIGTERM");
+    for stream in &mut streams {
+        assert_eq!(stream.next(WAIT).await, Some(Received::End));
     }
     assert_eq!(node.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigint_drains_too_and_a_second_signal_skips_the_rest_of_the_drain() {
+    // 60 streams at one per 100 ms step: a full drain would take 6 s.
+    let mut node = Node::start(&[("SSE_DRAIN_PERIOD", "60s")]).await;
+    let mut streams = Vec::new();
+    for i in 0..60 {
+        streams.push(subscribe(&node, &format!("q{i}"), &[]).await);
+    }
+    node.signal("INT");
+    node.wait_readyz(503, WAIT).await;
+    // The drain has begun: some stream got its farewell.
+    let first = futures_util::future::select_all(
+        streams.iter_mut().map(|stream| Box::pin(async { stream.next_event(Duration::from_secs(10)).await })),
+    )
+    .await
+    .0
+    .expect("a first farewell");
+    assert_eq!(first.data, r#"{"reason":"shutdown"}"#);
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(Duration::from_secs(15)).await, Some(0));
+    // The rest was skipped: most streams ended without a farewell.
+    let mut farewells = 0;
+    for stream in &mut streams {
+        loop {
+            match stream.next_event(WAIT).await {
+                Ok(e) if e.event == "disconnected" => farewells += 1,
+                Ok(e) => panic!("unexpected {e:?}"),
+                Err(NoEvent::Timeout) => panic!("a stream outlived its node"),
+                Err(_) => break,
+            }
+        }
+    }
+    assert!(farewells < 40, "{farewells} of 60 streams got a farewell: the drain was not cut short");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -454,7 +582,7 @@ async fn stats_need_an_admin_token() {
     assert_eq!(stats["users"], 1);
     assert_eq!(stats["channels"], 3);
     assert!(stats["memory"]["rss_bytes"].as_u64().expect("rss") > 0);
-    assert_eq!(node.metric("sse_active_connections", "").await, 1.0);
+    node.wait_metric("sse_active_connections", "", 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -465,7 +593,7 @@ async fn every_fan_out_is_timed() {
     assert_eq!(node.metric("sse_fanout_duration_seconds_count", "").await, 0.0);
     assert_eq!(publish_api(&node, json!({"users": ["ines"], "data": "both"})).await.0, 202);
     for stream in [&mut a, &mut b] {
-        assert!(stream.next_event(Duration::from_secs(5)).await.is_some(), "delivered");
+        stream.next_event(Duration::from_secs(5)).await.expect("delivered");
     }
     // One message to two streams is one fan-out. The histogram is recorded once the fan-out
     // returns, which can be just after a client read its event: wait for it, then make sure
@@ -515,8 +643,7 @@ async fn development_mode_prints_working_tokens_and_serves_the_demo() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn es256_public_keys_are_accepted_and_hs256_tokens_then_refused() {
-    let dir = std::env::temp_dir().join(format!("sse-fanout-tests/es256-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = scratch_dir("es256");
     let private = dir.join("private.pem");
     let public = dir.join("public.pem");
     let openssl = |args: &[&str]| {
@@ -616,7 +743,171 @@ async fn a_client_that_pauses_reading_gets_everything_in_order_and_one_that_neve
     for seq in 0..1600 {
         publish_api(&node, json!({"users": ["sleeper"], "data": format!("s{seq}-{padding}")})).await;
     }
-    assert_eq!(node.metric("sse_connections_closed_total", r#"reason="slow_consumer""#).await, 1.0);
+    node.wait_metric("sse_connections_closed_total", r#"reason="slow_consumer""#, 1.0).await;
     let mut rest = Vec::new();
     assert!(!read_raw_until(&mut sleeper, &mut rest, |_| false).await, "the server closes the connection");
+}
+
+/// The CORS answers of `/events` as README's settings table promises them, on both ways a
+/// stream is served: the raw path (a connection's first request) and hyper (after another).
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_allows_last_event_id_with_credentials_mirrors_star_and_is_absent_when_unset() {
+    use tokio::io::AsyncWriteExt;
+    let preflight = |node: &Node, origin: &str| {
+        http()
+            .request(reqwest::Method::OPTIONS, node.url("/events"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "last-event-id")
+            .send()
+    };
+    let header = |headers: &reqwest::header::HeaderMap, name: &str| {
+        headers.get(name).map(|v| v.to_str().expect("ascii").to_ascii_lowercase())
+    };
+    // A stream served by hyper: the connection asked for /healthz first. Returns its head.
+    async fn hyper_stream_head(node: &Node, origin: &str) -> String {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", node.port)).await.expect("connect");
+        let request = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /events?access_token={} HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n\r\n",
+            token("cors", &[], None)
+        );
+        socket.write_all(request.as_bytes()).await.expect("write");
+        let seen = read_until(&mut socket, "event: connected").await;
+        let second = seen.rfind("HTTP/1.1 ").expect("the stream's status line");
+        seen[second..].to_ascii_lowercase()
+    }
+    async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
+            assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+    let raw_stream = |node: &Node, origin: &str| {
+        let url = node.url(&format!("/events?access_token={}", token("cors", &[], None)));
+        let origin = origin.to_owned();
+        async move { SseClient::open(&url, &[("origin", &origin)]).await }
+    };
+
+    // A listed origin.
+    let listed = Node::start(&[("SSE_CORS_ORIGINS", "https://app.example")]).await;
+    let answer = preflight(&listed, "https://app.example").await.expect("preflight");
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let h = answer.headers();
+    assert_eq!(header(h, "access-control-allow-origin").as_deref(), Some("https://app.example"));
+    assert_eq!(header(h, "access-control-allow-credentials").as_deref(), Some("true"));
+    let allowed = header(h, "access-control-allow-headers").unwrap_or_default();
+    assert!(allowed.contains("last-event-id"), "allow-headers: {allowed}");
+    assert!(header(h, "access-control-allow-methods").unwrap_or_default().contains("get"));
+    let foreign = preflight(&listed, "https://evil.example").await.expect("preflight");
+    assert_eq!(header(foreign.headers(), "access-control-allow-origin"), None, "a foreign origin is not allowed");
+    let stream = raw_stream(&listed, "https://app.example").await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(header(&stream.headers, "access-control-allow-origin").as_deref(), Some("https://app.example"));
+    assert_eq!(header(&stream.headers, "access-control-allow-credentials").as_deref(), Some("true"));
+    let head = hyper_stream_head(&listed, "https://app.example").await;
+    assert!(head.contains("access-control-allow-origin: https://app.example\r\n"), "{head}");
+    assert!(head.contains("access-control-allow-credentials: true\r\n"), "{head}");
+
+    // `*`: the request's origin is mirrored (credentials cannot go with a literal `*`).
+    let any = Node::start(&[("SSE_CORS_ORIGINS", "*")]).await;
+    let answer = preflight(&any, "https://any.example").await.expect("preflight");
+    assert_eq!(header(answer.headers(), "access-control-allow-origin").as_deref(), Some("https://any.example"));
+    assert_eq!(header(answer.headers(), "access-control-allow-credentials").as_deref(), Some("true"));
+    let stream = raw_stream(&any, "https://other.example").await;
+    assert_eq!(stream.status, 200);
+    assert_eq!(header(&stream.headers, "access-control-allow-origin").as_deref(), Some("https://other.example"));
+    let head = hyper_stream_head(&any, "https://third.example").await;
+    assert!(head.contains("access-control-allow-origin: https://third.example\r\n"), "{head}");
+
+    // Unset: no CORS headers anywhere, and any origin is served (same-origin deployments).
+    let unset = Node::start(&[]).await;
+    let answer = preflight(&unset, "https://app.example").await.expect("preflight");
+    assert!(answer.headers().keys().all(|k| !k.as_str().starts_with("access-control-")), "{:?}", answer.headers());
+    let stream = raw_stream(&unset, "https://app.example").await;
+    assert_eq!(stream.status, 200);
+    assert!(stream.headers.keys().all(|k| !k.as_str().starts_with("access-control-")), "{:?}", stream.headers);
+    let head = hyper_stream_head(&unset, "https://app.example").await;
+    assert!(!head.contains("access-control-"), "{head}");
+}
+
+/// RS256 with a public key file, as README's "Tokens" recommends for production: tokens signed
+/// with the private key work; one signed by another key, or an HS256 token keyed with the public
+/// key's PEM (algorithm confusion), is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn rs256_tokens_are_verified_with_the_public_key_file() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let dir = scratch_dir("rs256");
+    let keypair = |name: &str| {
+        let private = dir.join(format!("{name}.pem"));
+        let public = dir.join(format!("{name}.pub.pem"));
+        let status = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+            .arg(&private)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl must be installed (scripts/test installs it)");
+        assert!(status.success());
+        let status = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .expect("openssl");
+        assert!(status.success());
+        (std::fs::read(private).expect("private key"), public)
+    };
+    let (private, public) = keypair("issuer");
+    let (other_private, _) = keypair("other");
+    let public_pem = std::fs::read(&public).expect("public key");
+    let node = Node::start_raw(&[("SSE_JWT_PUBLIC_KEY", public.to_str().expect("utf8 path"))]).await;
+    let claims = json!({"sub": "rsa-user", "exp": unix_now() + 600});
+    let sign = |algorithm: Algorithm, key: &EncodingKey| {
+        jsonwebtoken::encode(&Header::new(algorithm), &claims, key).expect("sign")
+    };
+    let good = sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&private).expect("rsa key"));
+    let mut stream = SseClient::open(&node.url(&format!("/events?access_token={good}")), &[]).await;
+    assert_eq!(stream.status, 200, "{:?}", stream.body);
+    assert_eq!(stream.connected().await["user"], "rsa-user");
+    let refused = [
+        ("another key", sign(Algorithm::RS256, &EncodingKey::from_rsa_pem(&other_private).expect("rsa key"))),
+        ("HS256 keyed with the public PEM", sign(Algorithm::HS256, &EncodingKey::from_secret(&public_pem))),
+        ("HS256 with the test secret", token("rsa-user", &[], None)),
+    ];
+    for (what, bad) in refused {
+        let answer = SseClient::open(&node.url(&format!("/events?access_token={bad}")), &[]).await;
+        assert_eq!(answer.status, 401, "{what}: {:?}", answer.body);
+        assert!(answer.body.as_deref().unwrap_or("").contains("invalid_token"), "{what}: {:?}", answer.body);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// README: `/readyz` follows a 1 s PING and says `bus_unavailable` when there is no answer;
+/// a publish the bus cannot take is a 503 `bus_unavailable`; both come back with Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_redis_readyz_says_bus_unavailable_soon_and_publish_is_refused_with_503() {
+    let mut redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    redis.kill();
+    let killed = std::time::Instant::now();
+    node.wait_readyz(503, Duration::from_secs(10)).await;
+    // About 2 s (one PING interval and its timeout); 4 s of margin for a loaded machine.
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(6), "/readyz noticed after {took:?}");
+    let body: serde_json::Value =
+        http().get(node.url("/readyz")).send().await.expect("readyz").json().await.expect("JSON");
+    assert_eq!((body["status"].as_str(), body["reason"].as_str()), (Some("not_ready"), Some("bus_unavailable")));
+    let (status, answer) = publish_api(&node, json!({"broadcast": true, "data": "lost?"})).await;
+    assert_eq!((status, answer["error"].as_str()), (503, Some("bus_unavailable")), "{answer}");
+
+    redis.restart().await;
+    node.wait_readyz(200, Duration::from_secs(20)).await;
+    let mut stream = subscribe(&node, "back", &[]).await;
+    assert_eq!(publish_api(&node, json!({"broadcast": true, "data": "back"})).await.0, 202);
+    assert_eq!(stream.next_event(WAIT).await.expect("delivered again").data, "back");
 }

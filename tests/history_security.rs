@@ -83,8 +83,10 @@ async fn read(client: &mut SseClient, n: usize) -> (Vec<String>, Option<String>)
     let mut data = Vec::with_capacity(n);
     let mut last = None;
     while data.len() < n {
-        let event =
-            client.next_event(WAIT).await.unwrap_or_else(|| panic!("only {} of {n} events: {data:?}", data.len()));
+        let event = client
+            .next_event(WAIT)
+            .await
+            .unwrap_or_else(|gap| panic!("only {} of {n} events ({gap:?}): {data:?}", data.len()));
         last = event.id.clone().or(last);
         data.push(if event.event == "reset" { format!("reset {}", event.data) } else { event.data });
     }
@@ -297,7 +299,6 @@ async fn a_cursor_cannot_be_invented_or_altered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_history_key_outlives_node_restarts_and_a_redis_restart() {
     let mut redis = RedisServer::start().await;
-    let port = redis.port;
     let a = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let (mut stream, _) = open(&stream_url(&a, "k", &[]), None).await;
@@ -321,8 +322,8 @@ async fn the_history_key_outlives_node_restarts_and_a_redis_restart() {
     // cursor is still this cluster's, and its history is what was lost.
     redis.kill();
     b.wait_readyz(503, WAIT).await;
-    let redis = RedisServer::start_on(port).await;
-    b.wait_readyz(200, Duration::from_secs(10)).await;
+    redis.restart().await;
+    b.wait_readyz(200, Duration::from_secs(20)).await;
     let mut producer = Producer::connect(&redis).await;
     assert_eq!(producer.key_id().await, key, "the same key after the restart");
     let (mut lost, _) = open(&stream_url(&b, "k", &[]), Some(&cursor)).await;

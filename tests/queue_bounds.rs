@@ -78,7 +78,8 @@ async fn publish_large(node: &Node, users: &[&str], count: usize, size: usize, r
     for seq in 0..count {
         let body = json!({"users": users, "data": format!("{seq}:{data}"), "durable": false});
         assert_eq!(publish_api(node, body).await.0, 202);
-        let event = reader.next_event(WAIT).await.unwrap_or_else(|| panic!("the reader missed event {seq}"));
+        let event =
+            reader.next_event(WAIT).await.unwrap_or_else(|gap| panic!("the reader missed event {seq}: {gap:?}"));
         assert!(event.data.starts_with(&format!("{seq}:")), "event {seq} out of order");
     }
 }

@@ -11,7 +11,8 @@ use serde_json::json;
 async fn a_token_accepted_inside_the_leeway_is_closed_only_when_the_leeway_has_passed() {
     let node = Node::start(&[("SSE_JWT_LEEWAY", "4s")]).await;
     // Expired a second ago: accepted, because the leeway is 4 s.
-    let token = token_with(json!({"sub": "lee", "exp": unix_now() - 1}));
+    let exp = unix_now() - 1;
+    let token = token_with(json!({"sub": "lee", "exp": exp}));
     let mut stream = SseClient::open(&node.url(&format!("/events?access_token={token}")), &[]).await;
     assert_eq!(stream.status, 200, "{:?}", stream.body);
     stream.connected().await;
@@ -20,5 +21,7 @@ async fn a_token_accepted_inside_the_leeway_is_closed_only_when_the_leeway_has_p
     assert_eq!(early, None, "the stream must stay open until exp + leeway, got {early:?}");
     let farewell = stream.next_event(Duration::from_secs(8)).await.expect("disconnected at exp + leeway");
     assert_eq!((farewell.event.as_str(), farewell.data.as_str()), ("disconnected", r#"{"reason":"token_expired"}"#));
+    // Not before exp + leeway, on the node's clock (the same as this one).
+    assert!(unix_now() >= exp + 4, "closed at {}, before exp + leeway {}", unix_now(), exp + 4);
     assert_eq!(stream.next(Duration::from_secs(5)).await, Some(Received::End));
 }

@@ -122,7 +122,7 @@ async fn many_tabs_of_one_user_all_get_every_event_with_the_defaults() {
     for (tab, client) in tabs.iter_mut().enumerate() {
         for n in 0..5 {
             let event = client.next_event(Duration::from_secs(5)).await;
-            assert_eq!(event.map(|e| e.data), Some(n.to_string()), "tab {tab}, event {n}");
+            assert_eq!(event.map(|e| e.data), Ok(n.to_string()), "tab {tab}, event {n}");
         }
     }
 }

@@ -211,10 +211,15 @@ mod tests {
         );
         let url = format!("redis://127.0.0.1:{redis_port}");
         let client = redis::Client::open(url.clone()).unwrap();
+        // Bounded waits: a server that never comes up fails the test instead of hanging it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut redis = loop {
             match client.get_multiplexed_async_connection().await {
                 Ok(c) => break c,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "redis-server did not start: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
             }
         };
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -223,14 +228,17 @@ mod tests {
             assert!(!server.is_finished(), "the floor server stopped");
             match TcpStream::connect(listen).await {
                 Ok(s) => break s,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "the floor server did not start: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
             }
         };
         sock.write_all(b"GET /sub/u1 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = sock.read(&mut buf).await.unwrap();
+            let n = tokio::time::timeout_at(deadline, sock.read(&mut buf)).await.expect("the head in time").unwrap();
             assert!(n > 0, "closed before the head");
             got.extend_from_slice(&buf[..n]);
         }

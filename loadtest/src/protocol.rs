@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn aggregates_workers_through_their_json_lines() {
-        let v = Verdict { clients: 2, exact: 1, missing: 3, dups: 0 };
+        let v = Verdict { clients: 2, exact: 1, missing: 3, ..Verdict::default() };
         let lines = [
             serde_json::to_string(&snap(3, &[1_000, 2_000], Some(v))).unwrap(),
             serde_json::to_string(&snap(4, &[50_000], None)).unwrap(),

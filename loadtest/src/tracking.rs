@@ -1,6 +1,6 @@
 //! Per-stream delivery accounting: which sequence numbers a subscriber saw, so the run can
-//! say whether each client got exactly what was sent to it — nothing lost, nothing twice —
-//! including across a reconnect that resumed with `Last-Event-ID`.
+//! say whether each client got exactly what was sent to it — nothing lost, nothing twice,
+//! in the order it was sent — including across a reconnect that resumed with `Last-Event-ID`.
 //!
 //! Every published message carries a sequence number that is consecutive on the stream of
 //! the clients that should receive it (broadcast: one global counter; unicast: one counter per
@@ -8,9 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How far ahead of the first missing number a message may arrive and still be matched.
-/// Several concurrent HTTP publishers (or a server that fans out in parallel) reorder
-/// messages by a few positions; anything further ahead counts the skipped ones as lost.
+/// How far ahead of the first missing number a message may arrive and still be matched, so
+/// that a reordered message is told from a lost one. Several concurrent publishers reorder
+/// messages by a few positions at high rates (the order reaching the server is then not the
+/// order sent); anything further ahead counts the skipped ones as lost.
 pub const WINDOW: u64 = 256;
 
 /// What one client saw.
@@ -33,8 +34,8 @@ pub struct Track {
     /// Lost its stream in a reconnect storm (dropped by the client or by a killed node) and
     /// not open again yet.
     pub awaiting_back: bool,
-    /// The stream opened at least once; a client that never connected is a connect failure,
-    /// reported as such, not a loss.
+    /// The stream opened at least once; a checked client that never did got nothing: it is
+    /// counted as a client that was not exact.
     pub opened: bool,
 }
 
@@ -104,9 +105,9 @@ impl Track {
         self.gaps + span - held
     }
 
-    /// Got exactly 1..=last, each once.
+    /// Got exactly 1..=last, each once, in order.
     pub fn is_exact(&self, last: u64) -> bool {
-        self.gaps == 0 && self.dups == 0 && self.next == last + 1
+        self.gaps == 0 && self.dups == 0 && self.reordered == 0 && self.next == last + 1
     }
 }
 
@@ -137,8 +138,14 @@ pub struct Verdict {
     pub exact: u64,
     /// Messages missing, summed over clients.
     pub missing: u64,
-    /// Messages received twice or out of order, summed over clients.
+    /// Messages received twice, summed over clients.
     pub dups: u64,
+    /// Messages received before an earlier one, summed over clients.
+    #[serde(default)]
+    pub reordered: u64,
+    /// Clients whose stream never opened (counted in `clients`, never in `exact`).
+    #[serde(default)]
+    pub never_opened: u64,
 }
 
 impl Verdict {
@@ -147,6 +154,8 @@ impl Verdict {
         self.exact += other.exact;
         self.missing += other.missing;
         self.dups += other.dups;
+        self.reordered += other.reordered;
+        self.never_opened += other.never_opened;
     }
 }
 
@@ -154,13 +163,16 @@ impl Verdict {
 pub fn verify<'a>(tracks: impl IntoIterator<Item = (u64, &'a Track)>, expect: &Expect) -> Verdict {
     let mut v = Verdict::default();
     for (user, t) in tracks {
-        if !t.opened {
-            continue;
-        }
         let last = expect.last_for(user);
         v.clients += 1;
+        if !t.opened {
+            v.never_opened += 1;
+            v.missing += last;
+            continue;
+        }
         v.missing += t.missing(last);
         v.dups += t.dups;
+        v.reordered += t.reordered;
         if t.is_exact(last) {
             v.exact += 1;
         }
@@ -191,16 +203,18 @@ mod tests {
     }
 
     #[test]
-    fn reordering_is_not_loss() {
+    fn reordering_is_not_loss_but_not_exact() {
         let t = track(&[1, 3, 4, 2, 5]);
         assert_eq!((t.gaps, t.dups, t.reordered, t.received), (0, 0, 2, 5));
-        assert!(t.is_exact(5));
+        assert_eq!(t.missing(5), 0);
+        assert!(!t.is_exact(5));
         let t = track(&[2, 1]);
-        assert!(t.is_exact(2));
+        assert_eq!(t.missing(2), 0);
+        assert!(!t.is_exact(2));
     }
 
     #[test]
-    fn local_shuffles_are_exact() {
+    fn local_shuffles_lose_nothing_and_are_not_exact() {
         use rand::seq::SliceRandom;
         let mut rng = rand::rng();
         let mut seqs: Vec<u64> = (1..=5_000).collect();
@@ -208,8 +222,9 @@ mod tests {
             chunk.shuffle(&mut rng);
         }
         let t = track(&seqs);
-        assert!(t.is_exact(5_000), "{t:?}");
-        assert_eq!(t.missing(5_000), 0);
+        assert_eq!((t.missing(5_000), t.gaps, t.dups, t.next), (0, 0, 0, 5_001), "{t:?}");
+        assert!(t.reordered > 0);
+        assert!(!t.is_exact(5_000));
     }
 
     #[test]
@@ -248,8 +263,14 @@ mod tests {
         let b = track(&[]);
         let c = track(&[]);
         let never = Track::new();
-        let v = verify([(0, &a), (1, &b), (2, &c), (3, &never)], &expect);
-        assert_eq!(v, Verdict { clients: 3, exact: 2, missing: 1, dups: 0 });
+        let v = verify([(0, &a), (1, &b), (2, &c)], &expect);
+        assert_eq!(v, Verdict { clients: 3, exact: 2, missing: 1, ..Verdict::default() });
+        // A client that never opened is a failure: it got nothing of what was sent.
+        let v = verify([(0, &a), (0, &never)], &expect);
+        assert_eq!(v, Verdict { clients: 2, exact: 1, missing: 2, never_opened: 1, ..Verdict::default() });
+        let shuffled = track(&[2, 1]);
+        let v = verify([(0, &shuffled)], &expect);
+        assert_eq!(v, Verdict { clients: 1, exact: 0, missing: 0, reordered: 1, ..Verdict::default() });
         let bc = Expect { broadcast_last: Some(2), user_last: None };
         assert_eq!(verify([(7, &a)], &bc).exact, 1);
     }

@@ -209,7 +209,13 @@ impl RedisBus {
 /// A restarted Redis without persistence has forgotten the library. Redis says so only in its
 /// error text (`ERR Function not found`), so this is the one place that reads it.
 fn is_function_missing(e: &redis::RedisError) -> bool {
-    e.code() == Some("ERR") && e.detail().is_some_and(|d| d.starts_with("Function not found"))
+    // Every call goes through a pipeline, whose failure lists each failed command's error (and
+    // has no code or detail of its own); a single command's error is a list of one.
+    e.clone().into_server_errors().is_some_and(|errors| {
+        errors.iter().any(|(_, error)| {
+            error.code() == "ERR" && error.details().is_some_and(|d| d.starts_with("Function not found"))
+        })
+    })
 }
 
 fn bus_error(e: redis::RedisError) -> BusError {

@@ -1,11 +1,19 @@
-//! Test support: real `redis-server` and `sse-fanout` processes on free ports, stopped by PID
-//! when their guard drops; an SSE client that parses what a browser's EventSource would see;
-//! token minting. Every test starts its own servers, so tests run in parallel.
+//! Test support: real `redis-server`, `nginx` and `sse-fanout` processes, stopped by PID when
+//! their guard drops; an SSE client that parses what a browser's EventSource would see; token
+//! minting. Every test starts its own servers, so tests run in parallel.
+//!
+//! Ports: a node binds port 0 and the test reads the address it got from its `listening` log
+//! line, so no port is ever handed from one process to another. Redis and nginx take a port
+//! from [`reserve_port`]: below the kernel's ephemeral range (where `bind(0)` and every
+//! outgoing connection of every test take theirs, so no client can be holding it), locked
+//! across test processes, and held until the guard drops; a server that still fails to bind
+//! (another program took the port) is started again on another.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -16,51 +24,159 @@ use tokio::sync::mpsc;
 
 pub const SECRET: &str = "test-secret-for-e2e";
 
+/// How long a server may take to start on a loaded two-core machine running the whole suite.
+const START_WITHIN: Duration = Duration::from_secs(20);
+
+/// A loopback port no other test (in this process or another) is given while this is held.
+pub struct ReservedPort {
+    pub port: u16,
+    /// The lock: an abstract Unix socket named after the port. Binding a name is exclusive
+    /// machine-wide and the kernel releases it when the holder exits, however it exits.
+    _lock: std::os::unix::net::UnixListener,
+}
+
+/// Reserves a port for a server the test starts itself (see the module doc).
+pub fn reserve_port() -> ReservedPort {
+    use std::os::linux::net::SocketAddrExt;
+    let (first, end) = reservable_ports();
+    let span = u64::from(end - first);
+    let start = unique() % span;
+    for offset in 0..span {
+        let port = first + ((start + offset) % span) as u16;
+        let Ok(name) = std::os::unix::net::SocketAddr::from_abstract_name(format!("sse-fanout-tests-port-{port}"))
+        else {
+            continue;
+        };
+        let Ok(lock) = std::os::unix::net::UnixListener::bind_addr(&name) else { continue };
+        // Nobody listens there now (a program outside the tests could).
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return ReservedPort { port, _lock: lock };
+        }
+    }
+    panic!("no free port in {first}..{end}");
+}
+
+/// Ports below the ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`).
+fn reservable_ports() -> (u16, u16) {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 4096 { (low.saturating_sub(10_000).max(2048), low) } else { (20_000, 30_000) }
+}
+
+/// A number no other call in any process returns at the same moment: for names and ports.
+fn unique() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// A loopback port free at this instant, for a client-side use that needs no server (nothing
+/// is started on it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("addr").port()
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sse-fanout-tests/{name}-{}-{}", std::process::id(), free_port()));
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sse-fanout-tests/{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
 
-/// A `redis-server` with no persistence, on loopback.
+/// Waits until `child` logs its `listening` line to `log` and returns the address it names;
+/// panics with the log when the process exits first or takes longer than `within`.
+pub async fn listen_address(child: &mut Child, log: &Path, within: Duration) -> std::net::SocketAddr {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let address = text
+            .lines()
+            .filter(|l| l.contains(" listening"))
+            .find_map(|l| l.split_whitespace().find_map(|field| field.strip_prefix("listen=")))
+            .and_then(|a| a.parse().ok());
+        if let Some(address) = address {
+            return address;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the node exited ({status}) before listening; log:\n{text}");
+        }
+        assert!(Instant::now() < deadline, "the node did not log its listen address; log:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `redis-server` with no persistence, on loopback, on a [reserved](reserve_port) port.
 pub struct RedisServer {
     pub port: u16,
+    reserved: ReservedPort,
     child: Option<Child>,
     dir: PathBuf,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
-        Self::start_on(free_port()).await
+        for _ in 0..5 {
+            let reserved = reserve_port();
+            let mut server = Self { port: reserved.port, reserved, child: None, dir: scratch_dir("redis") };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("redis-server could not bind any of 5 reserved ports");
     }
 
-    pub async fn start_on(port: u16) -> Self {
-        let dir = scratch_dir("redis");
+    /// Starts Redis again, empty, on the same port (after [`RedisServer::kill`]): what a restart
+    /// without persistence looks like to the nodes configured with its URL. Retries while the
+    /// port is still taken (a connection of the old process closing).
+    pub async fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + START_WITHIN;
+        while !self.spawn().await {
+            assert!(Instant::now() < deadline, "redis-server could not bind {} again", self.port);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts the process and waits until it answers; false when it exited (it could not bind).
+    /// The answer must come from this process: another server on the port would fool a PING.
+    async fn spawn(&mut self) -> bool {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir).expect("create the redis dir");
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", dir.to_str().expect("utf8 path")])
-            .stdout(Stdio::null())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", self.dir.to_str().expect("utf8 path")])
+            .stdout(std::fs::File::create(self.dir.join("redis.log")).expect("redis log"))
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
-        let server = Self { port, child: Some(child), dir };
-        server.wait_until_up().await;
-        server
-    }
-
-    async fn wait_until_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.command(&["PING"]).await.is_some_and(|r| r.contains("PONG")) {
-                return;
+        let pid = child.id();
+        self.child = Some(child);
+        let deadline = Instant::now() + START_WITHIN;
+        loop {
+            if let Some(info) = self.command(&["INFO", "server"]).await
+                && info.lines().any(|l| l.trim() == format!("process_id:{pid}"))
+            {
+                return true;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} did not start: {}",
+                self.port,
+                std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("redis-server on {} did not start", self.port);
     }
 
     pub fn url(&self) -> String {
@@ -69,17 +185,37 @@ impl RedisServer {
 
     /// Sends one command in RESP and returns the raw reply text (None if unreachable).
     pub async fn command(&self, args: &[&str]) -> Option<String> {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.command_bytes(&args).await
+    }
+
+    /// [`RedisServer::command`] with arguments that need not be text.
+    pub async fn command_bytes(&self, args: &[&[u8]]) -> Option<String> {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
         let mut request = format!("*{}\r\n", args.len()).into_bytes();
         for arg in args {
             request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-            request.extend_from_slice(arg.as_bytes());
+            request.extend_from_slice(arg);
             request.extend_from_slice(b"\r\n");
         }
         stream.write_all(&request).await.ok()?;
-        let mut reply = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut reply)).await.ok()?.ok()?;
-        Some(String::from_utf8_lossy(&reply[..n]).into_owned())
+        let mut reply = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while resp_length(&reply).is_none() {
+            let mut buffer = [0u8; 16 * 1024];
+            let n = tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await.ok()?.ok()?;
+            if n == 0 {
+                return None;
+            }
+            reply.extend_from_slice(&buffer[..n]);
+        }
+        Some(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// `PUBLISH` with a payload of any bytes; the number of subscribers that received it.
+    pub async fn publish_bytes(&self, channel: &str, payload: &[u8]) -> i64 {
+        let reply = self.command_bytes(&[b"PUBLISH", channel.as_bytes(), payload]).await.expect("redis reachable");
+        reply.trim().trim_start_matches(':').parse().unwrap_or_else(|_| panic!("PUBLISH reply {reply:?}"))
     }
 
     /// `PUBLISH` and the number of subscribers (nodes) that received it.
@@ -96,6 +232,33 @@ impl RedisServer {
     }
 }
 
+/// The length of the complete RESP reply at the start of `buf`, or None while it is incomplete.
+fn resp_length(buf: &[u8]) -> Option<usize> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let header = std::str::from_utf8(&buf[1..line_end]).ok()?;
+    let after = line_end + 2;
+    match buf.first()? {
+        b'$' | b'=' | b'!' => {
+            let n: i64 = header.parse().ok()?;
+            if n < 0 {
+                return Some(after);
+            }
+            let end = after + n as usize + 2;
+            (buf.len() >= end).then_some(end)
+        }
+        b'*' | b'%' | b'~' | b'>' => {
+            let n: i64 = header.parse().ok()?;
+            let items = if buf[0] == b'%' { 2 * n.max(0) } else { n.max(0) };
+            let mut at = after;
+            for _ in 0..items {
+                at += resp_length(&buf[at..])?;
+            }
+            Some(at)
+        }
+        _ => Some(after),
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
@@ -103,7 +266,7 @@ impl Drop for RedisServer {
     }
 }
 
-/// An `sse-fanout` process on a free port.
+/// An `sse-fanout` process listening on a port it chose itself (port 0).
 pub struct Node {
     pub port: u16,
     child: Option<Child>,
@@ -112,33 +275,38 @@ pub struct Node {
 }
 
 impl Node {
-    /// Starts a node with a known secret (production mode) plus `env`, and waits for /healthz.
+    /// Starts a node with a known secret (production mode) plus `env`; see [`Node::start_raw`].
     pub async fn start(env: &[(&str, &str)]) -> Self {
         let mut full = vec![("SSE_JWT_SECRET", SECRET)];
         full.extend_from_slice(env);
         Self::start_raw(&full).await
     }
 
-    /// Starts a node with exactly `env` (no secret unless given).
+    /// Starts a node with exactly `env` (no secret unless given) and waits until it serves:
+    /// `/healthz` answers, and with `SSE_REDIS_URL` also `/readyz` (a node on Redis refuses
+    /// streams with 503 `not_ready` until its first PING is answered and its subscriber is up).
     pub async fn start_raw(env: &[(&str, &str)]) -> Self {
-        let port = free_port();
         let dir = scratch_dir("node");
         let log = dir.join("stderr.log");
         let stdout = dir.join("stdout.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sse-fanout"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sse-fanout"))
             .env_clear()
-            .env("SSE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SSE_LISTEN", "127.0.0.1:0")
             .env("SSE_LOG_LEVEL", "info")
             .envs(env.iter().copied())
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start sse-fanout");
-        let node = Self { port, child: Some(child), log, stdout };
-        if answers_healthz(&node.url("/healthz")).await {
-            return node;
+        let address = listen_address(&mut child, &log, START_WITHIN).await;
+        let node = Self { port: address.port(), child: Some(child), log, stdout };
+        if !answers_healthz(&node.url("/healthz")).await {
+            panic!("node did not start; log:\n{}", node.log_text());
         }
-        panic!("node did not start; log:\n{}", node.log_text());
+        if env.iter().any(|(k, _)| *k == "SSE_REDIS_URL") {
+            node.wait_readyz(200, START_WITHIN).await;
+        }
+        node
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -199,6 +367,21 @@ impl Node {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
+
+    /// Waits until a metric reaches `value`: counters are recorded around the action a client
+    /// sees (a farewell is written, then the close counted), so reading them the instant the
+    /// test saw the effect races. Panics with the last value after 10 s.
+    pub async fn wait_metric(&self, name: &str, labels: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.metric(name, labels).await;
+            if got == value {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name}{{{labels}}} stayed {got}, expected {value}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Node {
@@ -217,9 +400,9 @@ impl Drop for Node {
     }
 }
 
-/// Polls `url` for up to 10 s; true once it answers 200.
+/// Polls `url` for up to [`START_WITHIN`]; true once it answers 200.
 async fn answers_healthz(url: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + START_WITHIN;
     while Instant::now() < deadline {
         if let Ok(r) = http().get(url).send().await
             && r.status() == 200
@@ -263,6 +446,20 @@ pub enum Received {
     Retry(u64),
     /// The server ended the stream.
     End,
+    /// The stream broke (the connection reset, the body's framing was cut short).
+    Error(String),
+}
+
+/// Why [`SseClient::next_event`] has no event: a test that expects an open stream must be
+/// able to tell a quiet stream from one the server closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoEvent {
+    /// Nothing arrived in time; the stream is still open.
+    Timeout,
+    /// The server ended the stream.
+    End,
+    /// The stream broke.
+    Error(String),
 }
 
 impl From<sse_wire::Item> for Received {
@@ -310,7 +507,14 @@ impl SseClient {
         tokio::spawn(async move {
             let mut bytes = response.bytes_stream();
             let mut parser = sse_wire::SseParser::new();
-            while let Some(Ok(chunk)) = bytes.next().await {
+            while let Some(chunk) = bytes.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        let _ = tx.send(Received::Error(format!("{e:?}")));
+                        return;
+                    }
+                };
                 for item in parse(&mut parser, &chunk) {
                     if tx.send(item.into()).is_err() {
                         return;
@@ -322,29 +526,36 @@ impl SseClient {
         Self { status, headers: response_headers, body: None, rx }
     }
 
-    /// The next event (comments and retries skipped), or None on timeout or end of stream.
-    pub async fn next_event(&mut self, within: Duration) -> Option<SseEvent> {
+    /// The next event (comments and retries skipped), or why there is none.
+    pub async fn next_event(&mut self, within: Duration) -> Result<SseEvent, NoEvent> {
         self.next_event_with_retries(within).await.map(|(event, _)| event)
     }
 
     /// The next event and the `retry:` values that arrived since the previous call (comments
-    /// skipped), or None on timeout or end of stream.
-    pub async fn next_event_with_retries(&mut self, within: Duration) -> Option<(SseEvent, Vec<u64>)> {
+    /// skipped), or why there is none.
+    pub async fn next_event_with_retries(&mut self, within: Duration) -> Result<(SseEvent, Vec<u64>), NoEvent> {
         let deadline = tokio::time::Instant::now() + within;
         let mut retries = Vec::new();
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(Received::Event(e))) => return Some((e, retries)),
+                Ok(Some(Received::Event(e))) => return Ok((e, retries)),
                 Ok(Some(Received::Retry(ms))) => retries.push(ms),
                 Ok(Some(Received::Comment(_))) => continue,
-                _ => return None,
+                // The reader stops after the end or an error: reading on finds the end again.
+                Ok(Some(Received::End) | None) => return Err(NoEvent::End),
+                Ok(Some(Received::Error(e))) => return Err(NoEvent::Error(e)),
+                Err(_) => return Err(NoEvent::Timeout),
             }
         }
     }
 
     /// The next item of any kind, or None on timeout.
     pub async fn next(&mut self, within: Duration) -> Option<Received> {
-        tokio::time::timeout(within, self.rx.recv()).await.ok().flatten()
+        match tokio::time::timeout(within, self.rx.recv()).await {
+            Ok(Some(item)) => Some(item),
+            Ok(None) => Some(Received::End),
+            Err(_) => None,
+        }
     }
 
     /// Expects the `connected` event first and returns its JSON.
@@ -354,10 +565,13 @@ impl SseClient {
         serde_json::from_str(&event.data).expect("connected data is JSON")
     }
 
-    /// Asserts nothing but comments and retries arrives within `within`.
+    /// Asserts nothing but comments and retries arrives within `within`, and that the stream is
+    /// still open then.
     pub async fn assert_silent(&mut self, within: Duration) {
-        if let Some(e) = self.next_event(within).await {
-            panic!("expected no event, got {e:?}");
+        match self.next_event(within).await {
+            Err(NoEvent::Timeout) => {}
+            Ok(e) => panic!("expected no event, got {e:?}"),
+            Err(gap) => panic!("expected an open, quiet stream; it ended: {gap:?}"),
         }
     }
 }
@@ -421,9 +635,11 @@ pub fn render_nginx_conf(
 }
 
 /// nginx rendered from `nginx/cluster.conf.template` (the config `scripts/cluster` runs), on a
-/// free loopback port, in front of the given node ports. Stopped by PID on drop.
+/// [reserved](reserve_port) loopback port, in front of the given node ports. Stopped by PID on
+/// drop.
 pub struct Nginx {
     pub port: u16,
+    reserved: ReservedPort,
     child: Option<Child>,
     dir: PathBuf,
 }
@@ -434,13 +650,26 @@ impl Nginx {
     }
 
     /// Like [`Nginx::start`], with `edit` applied to the rendered config (to break it on purpose).
-    pub async fn start_with(upstream_ports: &[u16], edit: impl FnOnce(String) -> String) -> Self {
-        let port = free_port();
-        let dir = scratch_dir("nginx");
+    pub async fn start_with(upstream_ports: &[u16], edit: impl Fn(String) -> String) -> Self {
+        for _ in 0..5 {
+            let reserved = reserve_port();
+            let dir = scratch_dir("nginx");
+            let mut nginx = Self { port: reserved.port, reserved, child: None, dir };
+            if nginx.spawn(upstream_ports, &edit).await {
+                return nginx;
+            }
+        }
+        panic!("nginx could not bind any of 5 reserved ports");
+    }
+
+    /// Starts nginx and waits until it answers `/healthz` through to a node; false when it
+    /// could not bind its port (it exits, or logs the failure while it retries).
+    async fn spawn(&mut self, upstream_ports: &[u16], edit: &impl Fn(String) -> String) -> bool {
+        let dir = &self.dir;
         std::fs::create_dir_all(dir.join("tmp")).expect("nginx temp dir");
         let upstreams: Vec<String> = upstream_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         // Far below the 20k per-process limit of the test machines, far above what a test opens.
-        let conf = render_nginx_conf(&dir, &format!("127.0.0.1:{port}"), 8192, 8000, &upstreams);
+        let conf = render_nginx_conf(dir, &format!("127.0.0.1:{}", self.port), 8192, 8000, &upstreams);
         let conf = edit(conf);
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
@@ -460,11 +689,46 @@ impl Nginx {
             .stderr(std::fs::File::create(dir.join("stderr.log")).expect("stderr file"))
             .spawn()
             .expect("nginx must be installed (scripts/test installs it)");
-        let nginx = Self { port, child: Some(child), dir };
-        if answers_healthz(&nginx.url("/healthz")).await {
-            return nginx;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_WITHIN;
+        loop {
+            if self.error_log().contains("bind() to") {
+                self.stop();
+                return false;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                assert!(self.error_log().contains("bind()"), "nginx exited; error log:\n{}", self.error_log());
+                return false;
+            }
+            if let Ok(r) = http().get(self.url("/healthz")).send().await
+                && r.status() == 200
+                && !self.error_log().contains("bind() to")
+            {
+                return true;
+            }
+            assert!(Instant::now() < deadline, "nginx did not start; error log:\n{}", self.error_log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("nginx did not start; error log:\n{}", nginx.error_log());
+    }
+
+    /// Stops nginx: SIGTERM to the master, which stops its workers too (a SIGKILL would orphan
+    /// them, still holding the port); SIGKILL only if it does not go.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -484,21 +748,7 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM to the master: it stops its workers too (a SIGKILL would orphan them,
-            // still holding the port). SIGKILL only if it does not go.
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    let _ = std::fs::remove_dir_all(&self.dir);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

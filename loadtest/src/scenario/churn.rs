@@ -79,6 +79,8 @@ pub async fn run(a: ChurnArgs) -> Result<()> {
             "publish_errors": stats.errors,
             "held_lost": v.missing,
             "held_duplicates": v.dups,
+            "held_reordered": v.reordered,
+            "held_never_opened": v.never_opened,
             "held_exact": v.exact,
             "latency_ms": lat,
             "server_cpu_pct": r3(cpu_secs(&s0, &s1) / secs * 100.0),
