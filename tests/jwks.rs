@@ -16,7 +16,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use common::{Node, SseClient, free_port, http, unix_now};
+use common::{Node, SseClient, http, reserve_port, scratch_dir, unix_now};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -94,8 +94,9 @@ struct JwksServer {
 }
 
 impl JwksServer {
+    /// On a port the system picks.
     async fn start(keys: &[&SigningKey]) -> Self {
-        Self::start_on(free_port(), keys).await
+        Self::start_on(0, keys).await
     }
 
     async fn start_on(port: u16, keys: &[&SigningKey]) -> Self {
@@ -104,6 +105,7 @@ impl JwksServer {
             .route("/.well-known/jwks.json", axum::routing::get(serve_jwks))
             .with_state(published.clone());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the JWKS port");
+        let port = listener.local_addr().expect("addr").port();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
@@ -272,9 +274,7 @@ async fn a_node_with_keys_stays_ready_and_accepting_while_the_key_server_fails()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_restarted_while_the_key_server_is_down_verifies_with_its_cache() {
     let key = SigningKey::ec("cached");
-    let cache_dir =
-        std::env::temp_dir().join(format!("sse-fanout-tests/jwks-cache-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(&cache_dir).expect("cache dir");
+    let cache_dir = scratch_dir("jwks-cache");
     let cache = cache_dir.join("jwks.json");
     let cache_path = cache.to_str().expect("utf8 path");
     let server = JwksServer::start(&[&key]).await;
@@ -296,7 +296,9 @@ async fn a_node_restarted_while_the_key_server_is_down_verifies_with_its_cache()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_without_keys_is_not_ready_until_the_key_server_answers() {
     let key = SigningKey::rsa("late");
-    let port = free_port();
+    // Held until the server starts there, so no other test takes the port meanwhile.
+    let reserved = reserve_port();
+    let port = reserved.port;
     let node = jwks_node(&jwks_url(port), &[]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(readyz(&node).await, (503, Some("keys_unavailable".into())));
@@ -317,7 +319,7 @@ async fn a_jwks_url_with_a_secret_or_a_bad_url_does_not_start() {
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_sse-fanout"))
             .env_clear()
-            .env("SSE_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("SSE_LISTEN", "127.0.0.1:0")
             .envs(env.iter().copied())
             .output()
             .expect("run");
