@@ -2,13 +2,14 @@
 //! its validation. Nothing else in the crate reads the environment; the rest of the code
 //! receives the typed [`Config`] this module produces.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use std::ffi::OsString;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 
 /// A push server for Server-Sent Events, fanned out over Redis pub/sub.
 #[derive(Debug, Parser)]
@@ -245,6 +246,38 @@ pub struct Config {
     #[arg(long, env = "SSE_HISTORY_BROADCAST_AGE", default_value = "1h", value_parser = parse_duration)]
     pub history_broadcast_age: Duration,
 
+    /// Time a client has to send a whole request, head and body, from the moment its connection
+    /// is accepted (on a kept-alive connection: each further head, idle time included, and then
+    /// its body). An event stream's request head is timed too; the stream itself is not.
+    #[arg(long, env = "SSE_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Connections that have not yet sent a complete, authenticated request. When they are this
+    /// many, the oldest that has waited over a second with nothing unread makes room for a new
+    /// one; until then new connections wait to be accepted. Unset: a quarter of the open-file
+    /// limit. 0: no bound.
+    #[arg(long, env = "SSE_MAX_PENDING_CONNECTIONS")]
+    pub max_pending_connections: Option<usize>,
+
+    /// Stream opens per minute from one client address (an IPv4 address or an IPv6 /64), beyond
+    /// which `GET /events` answers 429 `rate_limited`. 0: no limit.
+    #[arg(long, env = "SSE_IP_OPEN_RATE", default_value_t = 600)]
+    pub ip_open_rate: u32,
+
+    /// Stream opens one client address may make at once before SSE_IP_OPEN_RATE paces it.
+    #[arg(long, env = "SSE_IP_OPEN_BURST", default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ip_open_burst: u32,
+
+    /// Open streams one client address may hold on this node, beyond which `GET /events` answers
+    /// 429 `too_many_streams`. 0: no limit.
+    #[arg(long, env = "SSE_IP_MAX_STREAMS", default_value_t = 1000)]
+    pub ip_max_streams: u32,
+
+    /// Proxies (comma-separated addresses or CIDR ranges) whose `X-Forwarded-For` names the
+    /// client. Empty: the TCP peer is the client and `X-Forwarded-For` is ignored.
+    #[arg(long, env = "SSE_TRUSTED_PROXIES", default_value = "", value_parser = parse_trusted_proxies)]
+    pub trusted_proxies: TrustedProxies,
+
     /// Most history entries one read from Redis returns (a resume or backfill reads page by page;
     /// `/api/history` answers one page).
     #[arg(long, env = "SSE_HISTORY_PAGE_ENTRIES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -267,6 +300,41 @@ pub struct Config {
     /// Log filter (`info`, `debug`, `sse_fanout=debug,info`, ...).
     #[arg(long, env = "SSE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// `SSE_TRUSTED_PROXIES`: the networks whose `X-Forwarded-For` is believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Whether `address` (IPv4-mapped IPv6 read as IPv4) is one of the proxies.
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let address = address.to_canonical();
+        self.0.iter().any(|network| network.contains(&address))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Comma-separated addresses (`10.0.0.5`, `::1`) and CIDR ranges (`10.0.0.0/8`); empty entries
+/// (a trailing comma, an empty variable) are skipped.
+fn parse_trusted_proxies(s: &str) -> Result<TrustedProxies, String> {
+    let mut networks = Vec::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let network = match (entry.parse::<IpNet>(), entry.parse::<IpAddr>()) {
+            (Ok(network), _) => network.trunc(),
+            (_, Ok(address)) => IpNet::from(address.to_canonical()),
+            _ => {
+                return Err(format!(
+                    "SSE_TRUSTED_PROXIES entry {entry:?} is not an IP address or a CIDR range like 10.0.0.0/8"
+                ));
+            }
+        };
+        networks.push(network);
+    }
+    Ok(TrustedProxies(networks))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -313,6 +381,8 @@ pub enum ConfigError {
     HeartbeatTooShort,
     #[error("SSE_HISTORY_*_LENGTH must be at least 1")]
     HistoryLength,
+    #[error("SSE_REQUEST_TIMEOUT must be at least 100ms")]
+    RequestTimeoutTooShort,
     #[error("SSE_WRITE_STALL_TIMEOUT must be at least 1s")]
     WriteStallTooShort,
     #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
@@ -375,6 +445,9 @@ impl Config {
         }
         if [self.history_user_length, self.history_topic_length, self.history_broadcast_length].contains(&0) {
             return Err(ConfigError::HistoryLength);
+        }
+        if self.request_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::RequestTimeoutTooShort);
         }
         if self.write_stall_timeout < Duration::from_secs(1) {
             return Err(ConfigError::WriteStallTooShort);
@@ -643,6 +716,33 @@ mod tests {
         assert!(parse(&["--jwt-jwks-url", "https://i/j", "--jwt-public-key", "/k.pem"]).is_err());
         assert!(parse(&["--jwt-jwks-url", "https://i/j", "--jwt-algorithm", "HS256"]).is_err());
         assert!(parse(&["--jwt-jwks-url", "https://i/j", "--jwt-jwks-refresh", "500ms"]).is_err());
+    }
+
+    #[test]
+    fn accept_limits_have_generous_defaults_and_zero_turns_them_off() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert_eq!(config.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_pending_connections, None);
+        assert_eq!((config.ip_open_rate, config.ip_open_burst, config.ip_max_streams), (600, 300, 1000));
+        assert!(config.trusted_proxies.is_empty());
+        let off = parse(&["--ip-open-rate", "0", "--ip-max-streams", "0", "--max-pending-connections", "0"])
+            .expect("0 turns each off");
+        assert_eq!((off.ip_open_rate, off.ip_max_streams, off.max_pending_connections), (0, 0, Some(0)));
+        assert!(parse(&["--ip-open-burst", "0"]).is_err());
+        assert!(parse(&["--request-timeout", "50ms"]).unwrap_err().contains("SSE_REQUEST_TIMEOUT"));
+        assert_eq!(parse(&["--request-timeout", "1500"]).expect("ms").request_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_and_ranges() {
+        let config = parse(&["--trusted-proxies", "10.0.0.0/8, 192.0.2.7,::1,2001:db8::/32,"]).expect("valid");
+        let trusted = |a: &str| config.trusted_proxies.contains(a.parse().expect("address"));
+        assert!(trusted("10.200.3.4") && trusted("192.0.2.7") && trusted("::1") && trusted("2001:db8:5::9"));
+        assert!(trusted("::ffff:10.1.1.1"), "an IPv4-mapped peer is its IPv4 address");
+        assert!(!trusted("192.0.2.8") && !trusted("11.0.0.1") && !trusted("2001:db9::1"));
+        let error = parse(&["--trusted-proxies", "10.0.0.0/8,proxy.local"]).unwrap_err();
+        assert!(error.contains("proxy.local") && error.contains("SSE_TRUSTED_PROXIES"), "{error}");
+        assert!(parse(&["--trusted-proxies", "10.0.0.0/33"]).is_err());
     }
 
     #[test]

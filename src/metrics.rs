@@ -27,6 +27,7 @@ pub const SUBSCRIBED_CHANNELS: &str = "sse_subscribed_channels";
 pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
 pub const JWKS_REFRESHES: &str = "sse_jwks_refreshes_total";
 pub const JWKS_KEYS: &str = "sse_jwks_keys";
+pub const PENDING_CONNECTIONS: &str = "sse_pending_connections";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -67,7 +68,7 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to hand one message to every local stream of its channel (written or queued)"
     );
-    describe_counter!(CONNECTIONS_REJECTED, "Stream requests refused, by reason");
+    describe_counter!(CONNECTIONS_REJECTED, "Stream requests and connections refused or dropped, by reason");
     describe_counter!(CONNECTIONS_CLOSED, "Streams ended, by reason (each stream once, by the node or its client)");
     describe_counter!(
         MESSAGES_REFUSED,
@@ -82,6 +83,7 @@ fn describe() {
     describe_counter!(PUBLISH_REQUESTS, "POST /api/publish requests accepted");
     describe_counter!(JWKS_REFRESHES, "Fetches of SSE_JWT_JWKS_URL, by outcome (ok, failed)");
     describe_gauge!(JWKS_KEYS, "Usable keys held from SSE_JWT_JWKS_URL");
+    describe_gauge!(PENDING_CONNECTIONS, "Connections without a complete, authenticated request yet");
 }
 
 /// Counts connections and deliveries; owned by the hub.

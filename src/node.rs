@@ -14,6 +14,7 @@ use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::dev_mode::DevMode;
 use crate::http::cors::Origins;
+use crate::http::ip_limits::IpLimits;
 use crate::hub::Hub;
 use crate::metrics::HubMetrics;
 use crate::resume::Resumer;
@@ -25,6 +26,8 @@ pub struct Node {
     pub channels: ChannelNames,
     /// Browser origins allowed to call this node (`SSE_CORS_ORIGINS`).
     pub origins: Origins,
+    /// Stream opens and open streams per client address (`SSE_IP_*`).
+    pub ip_limits: Arc<IpLimits>,
     pub hub: Arc<Hub>,
     pub hub_metrics: HubMetrics,
     pub prometheus: PrometheusHandle,

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::connection::CloseReason;
 use crate::dev_mode::DevMode;
 use crate::http::cors::Origins;
+use crate::http::ip_limits::IpLimits;
 use crate::hub::{Heartbeat, Hub, Limits};
 use crate::metrics::HubMetrics;
 use crate::node::Node;
@@ -96,6 +97,7 @@ impl Server {
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
             origins: Origins::from_config(&config),
+            ip_limits: IpLimits::new(config.ip_open_rate, config.ip_open_burst, config.ip_max_streams),
             node_id,
             auth,
             channels,
@@ -143,6 +145,7 @@ impl Server {
         if let Some(jwks) = node.auth.jwks() {
             helpers.spawn(jwks.clone().run(background.clone()));
         }
+        helpers.spawn(ip_limits_upkeep(node.ip_limits.clone(), background.clone()));
 
         let listen = listener.local_addr().ok();
         let stop_accepting = CancellationToken::new();
@@ -235,6 +238,18 @@ async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, s
     loop {
         tokio::select! {
             _ = ticker.tick() => handle.run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Every 10 s the per-address rate state forgets addresses that have been quiet long enough to
+/// look new: without it, every address that ever opened a stream would stay in memory.
+async fn ip_limits_upkeep(limits: Arc<IpLimits>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => limits.upkeep(),
             _ = stop.cancelled() => return,
         }
     }

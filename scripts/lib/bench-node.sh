@@ -4,5 +4,6 @@
 
 bench_node_env() { # bench_node_env NODE_ID PORT REDIS_PORT JWT_SECRET — one VAR=value per line
     printf '%s\n' "SSE_LISTEN=127.0.0.1:$2" "SSE_NODE_ID=$1" "SSE_REDIS_URL=redis://127.0.0.1:$3" \
-        "SSE_JWT_SECRET=$4" SSE_MAX_CONNECTIONS_PER_USER=100000 SSE_LOG_LEVEL=warn
+        "SSE_JWT_SECRET=$4" SSE_MAX_CONNECTIONS_PER_USER=100000 SSE_IP_OPEN_RATE=0 SSE_IP_MAX_STREAMS=0 \
+        SSE_LOG_LEVEL=warn
 }

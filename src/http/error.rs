@@ -1,10 +1,13 @@
 //! Every HTTP error the node answers with: one status and one short JSON body, decided here.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::ip_limits::IpRefusal;
 use crate::auth::AuthError;
 use crate::bus::BusError;
 
@@ -20,8 +23,10 @@ pub enum ApiError {
     TooLarge { limit: usize },
     /// 415: a body in a format the route does not take; `expected` names the one it does.
     UnsupportedMediaType { expected: &'static str },
-    /// 429.
-    TooManyRequests { code: &'static str, message: String },
+    /// 408: the request's head or body did not arrive within `SSE_REQUEST_TIMEOUT`.
+    RequestTimeout { after: Duration },
+    /// 429; `retry_after` (seconds) becomes a `Retry-After` header when a retry time is known.
+    TooManyRequests { code: &'static str, message: String, retry_after: Option<u64> },
     /// 503: draining, full, or the bus is down.
     Unavailable { code: &'static str, message: String },
 }
@@ -61,6 +66,25 @@ impl From<AuthError> for ApiError {
     }
 }
 
+impl From<IpRefusal> for ApiError {
+    fn from(refusal: IpRefusal) -> Self {
+        let code = refusal.label();
+        match refusal {
+            IpRefusal::RateLimited { retry_after } => ApiError::TooManyRequests {
+                code,
+                message: "this address opens streams too fast; retry later".into(),
+                // Whole seconds, rounded up: a client retrying at once would be refused again.
+                retry_after: Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)),
+            },
+            IpRefusal::TooManyStreams => ApiError::TooManyRequests {
+                code,
+                message: "this address holds the maximum number of streams on this node".into(),
+                retry_after: None,
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match self {
@@ -90,8 +114,21 @@ impl IntoResponse for ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 json!({"error": "unsupported_media_type", "message": format!("the body must be {expected}")}),
             ),
-            ApiError::TooManyRequests { code, message } => {
-                (StatusCode::TOO_MANY_REQUESTS, json!({"error": code, "message": message}))
+            ApiError::RequestTimeout { after } => {
+                let message = format!("the request did not arrive within {} ms", after.as_millis());
+                let mut response =
+                    (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": "request_timeout", "message": message})))
+                        .into_response();
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
+            ApiError::TooManyRequests { code, message, retry_after } => {
+                let mut response =
+                    (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": code, "message": message}))).into_response();
+                if let Some(seconds) = retry_after {
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                }
+                return response;
             }
             ApiError::Unavailable { code, message } => {
                 (StatusCode::SERVICE_UNAVAILABLE, json!({"error": code, "message": message}))

@@ -4,9 +4,9 @@
 //! It takes events the same way the raw path's task does, a batch at a time from
 //! `Connection::poll_batch`, and hands hyper each piece (an `id:` line, a frame) as one data
 //! frame, so the bytes are those the raw path writes; hyper does the chunked framing itself.
-//! It owns the stream's [`Membership`]: dropping the body (the client went away, the socket
-//! stalled, or the stream ended) leaves the hub. It does not decide what is written, nor when a
-//! stream ends.
+//! It owns the stream's [`Membership`] and its place among its client address's streams:
+//! dropping the body (the client went away, the socket stalled, or the stream ended) leaves the
+//! hub and gives the place back. It does not decide what is written, nor when a stream ends.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -17,6 +17,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::Frame;
 
+use super::ip_limits::StreamSlot;
 use crate::connection::{CloseReason, Next};
 use crate::hub::Membership;
 
@@ -48,11 +49,12 @@ pub struct EventStream {
     membership: Membership,
     /// Taken from the stream but not yet handed to hyper: the preamble first, then a batch.
     pieces: VecDeque<Bytes>,
+    _ip_slot: Option<StreamSlot>,
 }
 
 impl EventStream {
-    pub fn new(membership: Membership, preamble: Bytes) -> Self {
-        Self { membership, pieces: VecDeque::from([preamble]) }
+    pub fn new(membership: Membership, preamble: Bytes, ip_slot: Option<StreamSlot>) -> Self {
+        Self { membership, pieces: VecDeque::from([preamble]), _ip_slot: ip_slot }
     }
 }
 
@@ -136,7 +138,7 @@ mod tests {
         let channel = ChannelNames::new("sse").user("u");
         let joined = hub.join(UserId::new("u").expect("id"), vec![channel.clone()], u64::MAX).expect("joined");
         joined.membership.connection().start_history(1, vec![StreamId::ZERO], Vec::new());
-        let mut body = EventStream::new(joined.membership, Bytes::from_static(b"retry: 1000\n\n"));
+        let mut body = EventStream::new(joined.membership, Bytes::from_static(b"retry: 1000\n\n"), None);
         assert_eq!(next(&mut body), Poll::Ready(Some(Bytes::from_static(b"retry: 1000\n\n"))));
         assert_eq!(next(&mut body), Poll::Pending);
 

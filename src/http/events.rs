@@ -11,9 +11,11 @@
 //! message published at any moment of a (re)connect arrives exactly once. The history side of
 //! that is [`crate::resume`]'s.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -21,9 +23,12 @@ use axum::response::Response;
 use bytes::{BufMut, BytesMut};
 use serde_json::json;
 
+use super::client_ip::{Peer, client_address};
 use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
 use super::grant::{Access, check_origin, grant};
+use super::ip_limits::StreamSlot;
+use super::pending::RequestMark;
 use super::query;
 use crate::auth::Grant;
 use crate::channel::{ChannelName, check_name, topic_allowed};
@@ -67,11 +72,16 @@ impl StreamQuery {
 /// `GET /events` served by hyper (used when a connection's first request was something else).
 pub async fn subscribe(
     State(node): State<Arc<Node>>,
+    peer: Option<Extension<Peer>>,
+    pending: Option<Extension<RequestMark>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let opened = open(&node, &headers, query.as_deref()).await?;
-    let body = EventStream::new(opened.membership, opened.preamble);
+    // Only a router driven without a socket (in-process tests) has no peer.
+    let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |Extension(Peer(address))| address);
+    let pending = pending.as_ref().map(|Extension(pending)| pending);
+    let opened = open(&node, &headers, query.as_deref(), peer, pending).await?;
+    let body = EventStream::new(opened.membership, opened.preamble, opened.ip_slot);
     let mut response = Response::new(Body::new(body));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
@@ -90,15 +100,37 @@ pub const STREAM_HEADERS: &[(&str, &str)] =
 pub struct Opened {
     pub membership: crate::hub::Membership,
     pub preamble: bytes::Bytes,
+    /// The stream's place among its client address's (`SSE_IP_MAX_STREAMS`); held as long as
+    /// the stream.
+    pub ip_slot: Option<StreamSlot>,
 }
 
-/// Everything `/events` decides before the first byte: origin, token, topics, readiness,
-/// limits, subscriptions, and (with history) the resume. Shared by both serving paths.
-pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Opened, ApiError> {
+/// Everything `/events` decides before the first byte: per-address limits, origin, token,
+/// topics, readiness, limits, subscriptions, and (with history) the resume. Shared by both
+/// serving paths; `peer` is the connection's TCP peer, and `pending` the request's mark when its
+/// connection is still pending (hyper's path). A stream request has no body to wait for, so the
+/// connection leaves the pending set as soon as the token verifies: waiting for the bus is no
+/// reason to be dropped as a slow client.
+pub async fn open(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    peer: IpAddr,
+    pending: Option<&RequestMark>,
+) -> Result<Opened, ApiError> {
+    // First and cheapest: an address over its rate is refused before its token costs a verify.
+    let client = client_address(peer, headers, &node.config.trusted_proxies);
+    let ip_slot = node.ip_limits.admit(client).map_err(|refusal| {
+        node.hub_metrics.rejected(refusal.label());
+        ApiError::from(refusal)
+    })?;
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
     let Authorized { grant, topics, channels, query } = authorize(node, headers, query).await?;
+    if let Some(pending) = pending {
+        pending.authenticated();
+    }
     if !node.hub.bus().is_ready() {
         node.hub_metrics.rejected("not_ready");
         return Err(ApiError::unavailable("not_ready", "the node cannot reach its bus; retry shortly"));
@@ -129,6 +161,7 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
             JoinError::UserLimit => ApiError::TooManyRequests {
                 code: "user_limit",
                 message: format!("user {} holds the maximum number of streams on this node", grant.user),
+                retry_after: None,
             },
             JoinError::NodeFull => ApiError::unavailable("node_full", "this node holds its maximum number of streams"),
             JoinError::Draining => ApiError::unavailable("draining", "this node is shutting down; reconnect elsewhere"),
@@ -170,7 +203,7 @@ pub async fn open(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Resu
     if let Some(reset) = resets {
         preamble.put(reset);
     }
-    Ok(Opened { membership: joined.membership, preamble: preamble.freeze() })
+    Ok(Opened { membership: joined.membership, preamble: preamble.freeze(), ip_slot })
 }
 
 /// A stream request whose token and topics were checked.

@@ -2,8 +2,10 @@
 //! the configured query parameters, the configured cookies), verify it, enforce the origin rule for cookie-carried tokens, and
 //! check the role a route needs. Every refusal is an [`ApiError`], answered by `error.rs`.
 //!
-//! The hyper path takes an [`Access`] as an axum extractor, which runs before the body is read;
-//! the raw `/events` path, which has no axum request, calls [`grant`].
+//! The hyper path takes an [`Access`] as an axum extractor, which runs before the body is read
+//! (so a bad token is refused without waiting for a body) and records a valid one in the
+//! request's mark for the accept layer's pending set ([`super::pending`]); the raw `/events`
+//! path, which has no axum request, calls [`grant`].
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 
 use super::error::ApiError;
+use super::pending::RequestMark;
 use super::query;
 use crate::auth::{AuthError, Grant, Role, TokenSource, token_from_request};
 use crate::node::Node;
@@ -88,6 +91,11 @@ impl FromRequestParts<Arc<Node>> for Access {
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
         let access = grant(node, &parts.headers, parts.uri.query()).await?;
         super::ticket::spend(node, &access.grant, access.source).await?;
+        // A valid token: once its body is read too, the connection is no longer one of those
+        // the accept layer bounds.
+        if let Some(pending) = parts.extensions.get::<RequestMark>() {
+            pending.authenticated();
+        }
         Ok(access)
     }
 }

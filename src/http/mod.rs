@@ -1,12 +1,15 @@
 //! HTTP routes, one file per concern, composed into one router here. The router is served by
 //! [`accept`]'s accept loop, not `axum::serve`, which measured twice the memory per connection.
 //! Who may call what is [`grant`]'s; which origins, [`cors`]'s; every error body, [`error`]'s;
-//! how a query string is decoded, [`query`]'s;
-//! spending a single-use query token, [`ticket`]'s.
+//! how a query string is decoded, [`query`]'s; spending a single-use query token, [`ticket`]'s.
+//! What a client may hold before it is authenticated is [`accept`]'s and [`pending`]'s; where a
+//! request comes from, [`client_ip`]'s; how many streams an address may open, [`ip_limits`]'s.
 
 pub mod accept;
 mod admin;
+mod client_ip;
 pub mod cors;
+mod deadline;
 mod demo;
 mod error;
 mod event_stream;
@@ -14,6 +17,8 @@ mod events;
 mod grant;
 mod health;
 mod history;
+pub mod ip_limits;
+mod pending;
 mod publish;
 mod query;
 mod raw_stream;

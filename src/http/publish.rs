@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
 use serde::Serialize;
@@ -147,20 +146,23 @@ fn names(fields: &mut Fields<'_>, field: &'static str) -> Result<Vec<String>, Ap
     }
 }
 
-/// The token is checked (by the [`Access`] extractor) before the body is read. Only a Bearer
-/// token and a JSON body are taken: a form a page on another site could send without CORS
-/// asking first (`text/plain`, a cookie) never publishes.
+/// Everything the headers can tell is checked before the body is read: the token (by the
+/// [`Access`] extractor), where it came from, its role and the content type. A client that
+/// may not publish is answered at once instead of being waited for while it sends a body (up
+/// to `SSE_REQUEST_TIMEOUT`). Only a Bearer token and a JSON body are taken: a form a page on
+/// another site could send without CORS asking first (`text/plain`, a cookie) never publishes.
 pub async fn publish(
     State(node): State<Arc<Node>>,
     access: Access,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     access.bearer_only()?.require(Role::Publisher)?;
     if !is_json(&headers) {
         return Err(ApiError::UnsupportedMediaType { expected: "application/json" });
     }
-    let body = body.map_err(|rejection| {
+    // Within the route's DefaultBodyLimit, which the request carries.
+    let body = Bytes::from_request(request, &node).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit: node.config.max_publish_bytes as usize }
         } else {

@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -113,19 +114,22 @@ fn parse_events_request(buffer: &[u8]) -> Parsed {
     Parsed::Events(EventsRequest { headers: map, query, http10: request.version == Some(0) })
 }
 
-/// Opens the stream and writes it until it ends or the client goes away.
-pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest) {
+/// Opens the stream and writes it until it ends or the client goes away. `peer` is the
+/// connection's TCP peer.
+pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest, peer: IpAddr) {
     let stall = node.config.write_stall_timeout;
     let cors = node.origins.stream_headers(request.headers.get("origin"));
     // Boxed: a future is as large as its largest state, and opening (auth, history round trips)
     // is far larger than writing; the box is freed once the stream is open.
-    let opened = match Box::pin(events::open(&node, &request.headers, request.query.as_deref())).await {
+    let opened = match Box::pin(events::open(&node, &request.headers, request.query.as_deref(), peer, None)).await {
         Ok(opened) => opened,
         Err(error) => {
             let _ = write_response(&stream, error.into_response(), &cors, stall).await;
             return;
         }
     };
+    // The address's place (SSE_IP_MAX_STREAMS) is given back when this task ends with the stream.
+    let _ip_slot = opened.ip_slot;
     let framing = Framing::for_request(request.http10);
     drop(request);
     let mut head = Vec::with_capacity(256);
