@@ -4,7 +4,9 @@
 //! parameters of `SSE_TOKEN_QUERY_PARAMS` (EventSource cannot set headers; `access_token`,
 //! `token`), then the cookies of `SSE_TOKEN_COOKIES` (`sse_token`, `access_token`), each list in
 //! its order. Only the configured algorithm is accepted, so `alg: none` and HS/RS confusion
-//! fail in the decoder. Keys are built once at startup; verifying is the only per-request work.
+//! fail in the decoder. A fixed key is built once at startup; with a JWKS the token's `kid`
+//! picks one of the keys [`crate::jwks`] holds, each used with its one algorithm, and an unknown
+//! `kid` makes the set be fetched again (rate-limited) before the token is refused.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +18,7 @@ use serde_json::Value;
 
 use crate::channel::{TopicPattern, check_name};
 use crate::config::{Config, JwtAlgorithm};
+use crate::jwks::{Jwks, JwksError, Missing};
 
 /// The user a stream belongs to (a token's `sub`). Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,7 +75,8 @@ impl Grant {
 /// Longest `jti` claim accepted.
 pub const MAX_JTI_BYTES: usize = 256;
 
-/// Why a request is not authenticated. Every variant is a 401.
+/// Why a request is not authenticated. Every variant is a 401 but `KeysUnavailable`, a 503:
+/// the node cannot judge any token until it has keys.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no token: send Authorization: Bearer <jwt>, ?access_token=<jwt> or the sse_token cookie")]
@@ -89,6 +93,22 @@ pub enum AuthError {
     BearerRequired,
     #[error("this query token was used already: fetch a new one (query tokens are single-use here)")]
     Replayed,
+    #[error("the token's signing key (kid) is not in the key set")]
+    UnknownKey,
+    #[error("the token has no kid and the key set holds several keys")]
+    NoKeyId,
+    #[error("no key to verify tokens with yet: the key set (SSE_JWT_JWKS_URL) could not be fetched")]
+    KeysUnavailable,
+}
+
+impl From<Missing> for AuthError {
+    fn from(missing: Missing) -> Self {
+        match missing {
+            Missing::NoKeys => AuthError::KeysUnavailable,
+            Missing::UnknownKid => AuthError::UnknownKey,
+            Missing::NoKid => AuthError::NoKeyId,
+        }
+    }
 }
 
 /// Why the configured key cannot be used. Fatal at startup.
@@ -100,6 +120,8 @@ pub enum KeyError {
     NotAKey,
     #[error("SSE_JWT_SECRET is empty")]
     EmptySecret,
+    #[error(transparent)]
+    Jwks(#[from] JwksError),
 }
 
 #[derive(Deserialize)]
@@ -130,12 +152,21 @@ impl TokenNames {
     }
 }
 
-/// Checks tokens with the one configured key and algorithm.
+/// Where verifying keys come from.
+enum Keys {
+    /// `SSE_JWT_SECRET`, `SSE_JWT_PUBLIC_KEY`, or the development secret.
+    Fixed { key: DecodingKey, algorithm: Algorithm },
+    /// `SSE_JWT_JWKS_URL`: the token's `kid` picks the key.
+    Jwks(Arc<Jwks>),
+}
+
+/// Checks tokens with the configured key (or key set) and algorithms.
 pub struct Authenticator {
     /// Where requests carry their tokens.
     pub names: TokenNames,
-    key: DecodingKey,
-    validation: Validation,
+    keys: Keys,
+    /// One per algorithm a key may have; a token is checked with its key's.
+    validations: Vec<Validation>,
     /// Present in development mode only, to mint the tokens the node prints.
     dev_signer: Option<EncodingKey>,
 }
@@ -144,42 +175,81 @@ impl Authenticator {
     /// Builds the verifier from configuration. In development mode (no key configured) it
     /// makes up a random secret, so tokens minted by an earlier run stop working.
     pub fn from_config(config: &Config) -> Result<Self, KeyError> {
-        let (key, algorithm, dev_signer) = match (&config.jwt_secret, &config.jwt_public_key) {
-            (Some(secret), _) => {
+        let (keys, dev_signer) = match (&config.jwt_secret, &config.jwt_public_key, &config.jwt_jwks_url) {
+            (Some(secret), _, _) => {
                 if secret.is_empty() {
                     return Err(KeyError::EmptySecret);
                 }
-                (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256, None)
+                (Keys::Fixed { key: DecodingKey::from_secret(secret.as_bytes()), algorithm: Algorithm::HS256 }, None)
             }
-            (None, Some(path)) => {
+            (None, Some(path), _) => {
                 let pem = std::fs::read(path)
                     .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
                 let (key, algorithm) = public_key(&pem, config.jwt_algorithm)?;
-                (key, algorithm, None)
+                (Keys::Fixed { key, algorithm }, None)
             }
-            (None, None) => {
+            (None, None, Some(url)) => (Keys::Jwks(Arc::new(Jwks::from_config(config, url)?)), None),
+            (None, None, None) => {
                 let secret: [u8; 32] = rand::random();
-                (DecodingKey::from_secret(&secret), Algorithm::HS256, Some(EncodingKey::from_secret(&secret)))
+                let key = DecodingKey::from_secret(&secret);
+                (Keys::Fixed { key, algorithm: Algorithm::HS256 }, Some(EncodingKey::from_secret(&secret)))
             }
         };
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = config.jwt_leeway.as_secs();
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        match &config.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            // Without a configured audience a token's `aud` is not ours to judge.
-            None => validation.validate_aud = false,
-        }
-        if let Some(iss) = &config.jwt_issuer {
-            validation.set_issuer(&[iss]);
-        }
-        Ok(Self { names: TokenNames::from_config(config), key, validation, dev_signer })
+        let algorithms = match &keys {
+            Keys::Fixed { algorithm, .. } => vec![*algorithm],
+            Keys::Jwks(_) => vec![Algorithm::RS256, Algorithm::ES256],
+        };
+        let validations = algorithms.into_iter().map(|algorithm| validation(config, algorithm)).collect();
+        Ok(Self { names: TokenNames::from_config(config), keys, validations, dev_signer })
     }
 
-    /// Verifies a token and turns its claims into a grant.
-    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+    /// The key set, when keys come from `SSE_JWT_JWKS_URL` (its refresh task is run by the server).
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(jwks),
+            Keys::Fixed { .. } => None,
+        }
+    }
+
+    /// Whether tokens can be verified at all: false while a key set has never been fetched.
+    pub fn has_keys(&self) -> bool {
+        self.jwks().is_none_or(|jwks| jwks.has_keys())
+    }
+
+    /// Verifies a token and turns its claims into a grant. A token whose key is not in the key
+    /// set makes the set be fetched again (at most once per `SSE_JWT_JWKS_MIN_INTERVAL`) and is
+    /// then checked once more.
+    pub async fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+        let first = self.check(token);
+        let Keys::Jwks(jwks) = &self.keys else { return first };
+        match first {
+            Err(AuthError::UnknownKey | AuthError::KeysUnavailable) => {
+                let kid = jsonwebtoken::decode_header(token).ok().and_then(|header| header.kid);
+                jwks.refresh_for(kid.as_deref()).await;
+                self.check(token)
+            }
+            result => result,
+        }
+    }
+
+    /// Verifies a token with the keys held now.
+    fn check(&self, token: &str) -> Result<Grant, AuthError> {
+        match &self.keys {
+            Keys::Fixed { key, algorithm } => self.decode(token, key, *algorithm),
+            Keys::Jwks(jwks) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+                let keys = jwks.keys();
+                let key = keys.find(header.kid.as_deref())?;
+                self.decode(token, &key.key, key.algorithm)
+            }
+        }
+    }
+
+    /// Checks the signature with `key` and `algorithm` only, then the claims.
+    fn decode(&self, token: &str, key: &DecodingKey, algorithm: Algorithm) -> Result<Grant, AuthError> {
+        let validation =
+            self.validations.iter().find(|v| v.algorithms == [algorithm]).ok_or(AuthError::BadSignature)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                 AuthError::BadSignature
@@ -230,6 +300,23 @@ impl Authenticator {
         let claims = DevClaims { sub, exp: unix_now() + ttl.as_secs(), topics, role };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, signer).ok()
     }
+}
+
+/// What every token must satisfy, for tokens signed with `algorithm`.
+fn validation(config: &Config, algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = config.jwt_leeway.as_secs();
+    validation.validate_nbf = true;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    match &config.jwt_audience {
+        Some(aud) => validation.set_audience(&[aud]),
+        // Without a configured audience a token's `aud` is not ours to judge.
+        None => validation.validate_aud = false,
+    }
+    if let Some(iss) = &config.jwt_issuer {
+        validation.set_issuer(&[iss]);
+    }
+    validation
 }
 
 #[derive(Serialize)]
@@ -360,13 +447,13 @@ mod tests {
         let exp = unix_now() + 60;
         let token =
             sign("s3cret", serde_json::json!({"sub": "42", "exp": exp, "topics": ["news:*"], "role": "publisher"}));
-        let grant = auth("s3cret").verify(&token).expect("valid");
+        let grant = auth("s3cret").check(&token).expect("valid");
         assert_eq!(grant.user.as_str(), "42");
         assert_eq!(grant.topics, [TopicPattern::new("news:*")]);
         assert!(grant.may_publish());
         assert!(!grant.is_admin());
         let numeric = sign("s3cret", serde_json::json!({"sub": 7, "exp": exp}));
-        assert_eq!(auth("s3cret").verify(&numeric).unwrap_err(), AuthError::BadClaim("sub"));
+        assert_eq!(auth("s3cret").check(&numeric).unwrap_err(), AuthError::BadClaim("sub"));
     }
 
     #[test]
@@ -374,29 +461,29 @@ mod tests {
         let a = auth("s3cret");
         let now = unix_now();
         assert_eq!(
-            a.verify(&sign("other", serde_json::json!({"sub": "1", "exp": now + 60}))).unwrap_err(),
+            a.check(&sign("other", serde_json::json!({"sub": "1", "exp": now + 60}))).unwrap_err(),
             AuthError::BadSignature
         );
         assert_eq!(
-            a.verify(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now - 120}))).unwrap_err(),
+            a.check(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now - 120}))).unwrap_err(),
             AuthError::Expired
         );
         assert_eq!(
-            a.verify(&sign("s3cret", serde_json::json!({"exp": now + 60}))).unwrap_err(),
+            a.check(&sign("s3cret", serde_json::json!({"exp": now + 60}))).unwrap_err(),
             AuthError::BadClaim("sub")
         );
-        assert_eq!(a.verify(&sign("s3cret", serde_json::json!({"sub": "1"}))).unwrap_err(), AuthError::BadClaim("exp"));
+        assert_eq!(a.check(&sign("s3cret", serde_json::json!({"sub": "1"}))).unwrap_err(), AuthError::BadClaim("exp"));
         assert_eq!(
-            a.verify(&sign("s3cret", serde_json::json!({"sub": "a b", "exp": now + 60}))).unwrap_err(),
+            a.check(&sign("s3cret", serde_json::json!({"sub": "a b", "exp": now + 60}))).unwrap_err(),
             AuthError::BadClaim("sub")
         );
         assert_eq!(
-            a.verify(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now + 60, "topics": "x"}))).unwrap_err(),
+            a.check(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now + 60, "topics": "x"}))).unwrap_err(),
             AuthError::BadClaim("topics")
         );
-        assert_eq!(a.verify("not.a.jwt").unwrap_err(), AuthError::Malformed);
+        assert_eq!(a.check("not.a.jwt").unwrap_err(), AuthError::Malformed);
         // Within the 30 s leeway an expired token still passes.
-        assert!(a.verify(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now - 10}))).is_ok());
+        assert!(a.check(&sign("s3cret", serde_json::json!({"sub": "1", "exp": now - 10}))).is_ok());
     }
 
     #[test]
@@ -405,7 +492,7 @@ mod tests {
         let exp = unix_now() + 60;
         for sub in ["ad\u{200B}min", "\u{FEFF}42", "42\u{202E}", "a\u{2066}b\u{2069}"] {
             let token = sign("s3cret", serde_json::json!({"sub": sub, "exp": exp}));
-            assert_eq!(a.verify(&token).unwrap_err(), AuthError::BadClaim("sub"), "{sub:?}");
+            assert_eq!(a.check(&token).unwrap_err(), AuthError::BadClaim("sub"), "{sub:?}");
         }
     }
 
@@ -416,7 +503,7 @@ mod tests {
         let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let claims = b64.encode(format!(r#"{{"sub":"1","exp":{}}}"#, unix_now() + 60));
         let token = format!("{header}.{claims}.");
-        assert!(auth("s3cret").verify(&token).is_err());
+        assert!(auth("s3cret").check(&token).is_err());
     }
 
     #[test]
@@ -425,13 +512,13 @@ mod tests {
             Authenticator::from_config(&config(&["--jwt-secret", "k", "--jwt-issuer", "idp", "--jwt-audience", "sse"]))
                 .expect("valid");
         let exp = unix_now() + 60;
-        assert!(a.verify(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "idp", "aud": "sse"}))).is_ok());
+        assert!(a.check(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "idp", "aud": "sse"}))).is_ok());
         assert_eq!(
-            a.verify(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "x", "aud": "sse"}))).unwrap_err(),
+            a.check(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "x", "aud": "sse"}))).unwrap_err(),
             AuthError::BadClaim("iss")
         );
         assert_eq!(
-            a.verify(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "idp", "aud": "x"}))).unwrap_err(),
+            a.check(&sign("k", serde_json::json!({"sub": "1", "exp": exp, "iss": "idp", "aud": "x"}))).unwrap_err(),
             AuthError::BadClaim("aud")
         );
     }
@@ -440,7 +527,7 @@ mod tests {
     fn development_mode_mints_tokens_it_accepts() {
         let a = Authenticator::from_config(&config(&[])).expect("dev");
         let token = a.mint_dev_token("demo", &["*"], Some("admin"), Duration::from_secs(60)).expect("dev signer");
-        let grant = a.verify(&token).expect("valid");
+        let grant = a.check(&token).expect("valid");
         assert!(grant.is_admin());
         assert!(auth("s3cret").mint_dev_token("x", &[], None, Duration::from_secs(1)).is_none());
     }
@@ -491,7 +578,7 @@ mod tests {
         fn any_token_text_is_verified_or_refused_without_panicking(
             token in "[A-Za-z0-9_=.-]{0,80}|[ -~]{0,80}|([A-Za-z0-9_-]{0,40}\\.){2}[A-Za-z0-9_-]{0,40}",
         ) {
-            let _ = auth("s3cret").verify(&token);
+            let _ = auth("s3cret").check(&token);
         }
     }
 

@@ -100,7 +100,7 @@ pub struct Config {
     #[arg(long, env = "SSE_CHANNEL_PREFIX", default_value = "sse")]
     pub channel_prefix: String,
 
-    /// Shared secret for HS256 tokens. With neither this nor a public key the node runs in development mode.
+    /// Shared secret for HS256 tokens. With no secret, public key or JWKS URL the node runs in development mode.
     #[arg(long, env = "SSE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -108,7 +108,27 @@ pub struct Config {
     #[arg(long, env = "SSE_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
     pub jwt_public_key: Option<PathBuf>,
 
-    /// Token algorithm. `auto`: HS256 with a secret; RS256 or ES256 from the public key's type.
+    /// URL (http or https) of a JSON Web Key Set to verify RS256/ES256 tokens with, chosen by
+    /// their `kid`. Fetched at start, on SSE_JWT_JWKS_REFRESH and on an unknown `kid`.
+    #[arg(long, env = "SSE_JWT_JWKS_URL", conflicts_with_all = ["jwt_secret", "jwt_public_key"])]
+    pub jwt_jwks_url: Option<String>,
+
+    /// How often the JWKS is fetched again (a failed fetch keeps the keys it had).
+    #[arg(long, env = "SSE_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+
+    /// Least time between two fetches of the JWKS made for tokens with an unknown `kid`, so a
+    /// flood of made-up kids cannot hammer the key server.
+    #[arg(long, env = "SSE_JWT_JWKS_MIN_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub jwt_jwks_min_interval: Duration,
+
+    /// File the last good JWKS is written to and read at start, so the node verifies tokens
+    /// while the key server is down.
+    #[arg(long, env = "SSE_JWT_JWKS_CACHE")]
+    pub jwt_jwks_cache: Option<PathBuf>,
+
+    /// Token algorithm. `auto`: HS256 with a secret; RS256 or ES256 from the public key's type
+    /// (with a JWKS: from each key's type).
     #[arg(long, env = "SSE_JWT_ALGORITHM", value_enum, default_value = "auto")]
     pub jwt_algorithm: JwtAlgorithm,
 
@@ -349,6 +369,10 @@ pub enum ConfigError {
     NodeId,
     #[error("SSE_JWT_ALGORITHM={0} needs {1}")]
     AlgorithmNeedsKey(&'static str, &'static str),
+    #[error("SSE_JWT_JWKS_URL is not an http:// or https:// URL")]
+    JwksUrl,
+    #[error("SSE_JWT_JWKS_REFRESH and SSE_JWT_JWKS_MIN_INTERVAL must be at least 1s")]
+    JwksIntervalTooShort,
     #[error("SSE_REDIS_URL is not a redis:// or rediss:// URL")]
     RedisUrl,
     #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
@@ -377,15 +401,25 @@ impl Config {
         {
             return Err(ConfigError::NodeId);
         }
+        if let Some(url) = &self.jwt_jwks_url {
+            let parsed = reqwest::Url::parse(url).map_err(|_| ConfigError::JwksUrl)?;
+            if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+                return Err(ConfigError::JwksUrl);
+            }
+            if self.jwt_jwks_refresh < Duration::from_secs(1) || self.jwt_jwks_min_interval < Duration::from_secs(1) {
+                return Err(ConfigError::JwksIntervalTooShort);
+            }
+        }
+        let asymmetric = self.jwt_public_key.is_some() || self.jwt_jwks_url.is_some();
         match self.jwt_algorithm {
-            JwtAlgorithm::Hs256 if self.jwt_secret.is_none() && self.jwt_public_key.is_some() => {
+            JwtAlgorithm::Hs256 if self.jwt_secret.is_none() && asymmetric => {
                 return Err(ConfigError::AlgorithmNeedsKey("HS256", "SSE_JWT_SECRET"));
             }
-            JwtAlgorithm::Rs256 if self.jwt_public_key.is_none() && self.jwt_secret.is_some() => {
-                return Err(ConfigError::AlgorithmNeedsKey("RS256", "SSE_JWT_PUBLIC_KEY"));
+            JwtAlgorithm::Rs256 if !asymmetric && self.jwt_secret.is_some() => {
+                return Err(ConfigError::AlgorithmNeedsKey("RS256", "SSE_JWT_PUBLIC_KEY or SSE_JWT_JWKS_URL"));
             }
-            JwtAlgorithm::Es256 if self.jwt_public_key.is_none() && self.jwt_secret.is_some() => {
-                return Err(ConfigError::AlgorithmNeedsKey("ES256", "SSE_JWT_PUBLIC_KEY"));
+            JwtAlgorithm::Es256 if !asymmetric && self.jwt_secret.is_some() => {
+                return Err(ConfigError::AlgorithmNeedsKey("ES256", "SSE_JWT_PUBLIC_KEY or SSE_JWT_JWKS_URL"));
             }
             _ => {}
         }
@@ -457,7 +491,7 @@ impl Config {
 
     /// Development mode: no key configured, so the node makes up a secret and prints tokens.
     pub fn is_development(&self) -> bool {
-        self.jwt_secret.is_none() && self.jwt_public_key.is_none()
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none() && self.jwt_jwks_url.is_none()
     }
 }
 
@@ -666,6 +700,22 @@ mod tests {
         assert_eq!(args.heartbeat_wait, Duration::from_secs(2));
         assert_eq!(args.idle, Some(Duration::from_secs(60)));
         assert!(args.publisher_token.is_none() && args.publish_url.is_none());
+    }
+
+    #[test]
+    fn a_jwks_url_is_http_or_https_and_excludes_the_other_keys() {
+        let config = parse(&["--jwt-jwks-url", "https://idp.example/.well-known/jwks.json"]).expect("valid");
+        assert!(!config.is_development());
+        assert_eq!(config.jwt_jwks_refresh, Duration::from_secs(300));
+        assert_eq!(config.jwt_jwks_min_interval, Duration::from_secs(10));
+        assert!(parse(&["--jwt-jwks-url", "http://127.0.0.1:9/jwks", "--jwt-algorithm", "ES256"]).is_ok());
+        for bad in ["idp.example/jwks", "ftp://idp.example/jwks", "file:///etc/jwks.json", "https://"] {
+            assert!(parse(&["--jwt-jwks-url", bad]).unwrap_err().contains("SSE_JWT_JWKS_URL"), "{bad}");
+        }
+        assert!(parse(&["--jwt-jwks-url", "https://i/j", "--jwt-secret", "s"]).is_err());
+        assert!(parse(&["--jwt-jwks-url", "https://i/j", "--jwt-public-key", "/k.pem"]).is_err());
+        assert!(parse(&["--jwt-jwks-url", "https://i/j", "--jwt-algorithm", "HS256"]).is_err());
+        assert!(parse(&["--jwt-jwks-url", "https://i/j", "--jwt-jwks-refresh", "500ms"]).is_err());
     }
 
     #[test]

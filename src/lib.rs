@@ -17,6 +17,7 @@ mod frame;
 mod history;
 mod http;
 mod hub;
+mod jwks;
 mod log_limit;
 pub mod logging;
 mod metrics;

@@ -25,6 +25,8 @@ pub const BUS_SUBSCRIBE_COMMANDS: &str = "sse_bus_subscribe_commands_total";
 pub const BUS_UNSUBSCRIBE_COMMANDS: &str = "sse_bus_unsubscribe_commands_total";
 pub const SUBSCRIBED_CHANNELS: &str = "sse_subscribed_channels";
 pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
+pub const JWKS_REFRESHES: &str = "sse_jwks_refreshes_total";
+pub const JWKS_KEYS: &str = "sse_jwks_keys";
 pub const PENDING_CONNECTIONS: &str = "sse_pending_connections";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
@@ -79,6 +81,8 @@ fn describe() {
     describe_counter!(BUS_UNSUBSCRIBE_COMMANDS, "UNSUBSCRIBE commands sent (each may carry many channels)");
     describe_gauge!(SUBSCRIBED_CHANNELS, "Channels with at least one local listener");
     describe_counter!(PUBLISH_REQUESTS, "POST /api/publish requests accepted");
+    describe_counter!(JWKS_REFRESHES, "Fetches of SSE_JWT_JWKS_URL, by outcome (ok, failed)");
+    describe_gauge!(JWKS_KEYS, "Usable keys held from SSE_JWT_JWKS_URL");
     describe_gauge!(PENDING_CONNECTIONS, "Connections without a complete, authenticated request yet");
 }
 

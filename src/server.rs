@@ -142,6 +142,9 @@ impl Server {
         let helpers = TaskTracker::new();
         helpers.spawn(tick(hub.clone(), node.config.heartbeat_interval, background.clone()));
         helpers.spawn(metrics_upkeep(node.prometheus.clone(), background.clone()));
+        if let Some(jwks) = node.auth.jwks() {
+            helpers.spawn(jwks.clone().run(background.clone()));
+        }
         helpers.spawn(ip_limits_upkeep(node.ip_limits.clone(), background.clone()));
 
         let listen = listener.local_addr().ok();

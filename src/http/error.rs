@@ -58,7 +58,11 @@ pub fn publish_failed(e: BusError) -> ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        ApiError::Unauthorized(e)
+        match e {
+            // Not the token's fault: the client should come back, here or on a ready node.
+            AuthError::KeysUnavailable => ApiError::unavailable("keys_unavailable", e.to_string()),
+            e => ApiError::Unauthorized(e),
+        }
     }
 }
 

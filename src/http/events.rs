@@ -220,7 +220,7 @@ pub struct Authorized {
 /// Checks the token, then the query and the asked topics.
 pub async fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Authorized, ApiError> {
     let Access { grant, source } =
-        grant(node, headers, query).inspect_err(|_| node.hub_metrics.rejected("unauthorized"))?;
+        grant(node, headers, query).await.inspect_err(|e| node.hub_metrics.rejected(rejection(e)))?;
     let mut query = StreamQuery::parse(query)?;
     let topics = granted_topics(&grant, std::mem::take(&mut query.topics))?;
     let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
@@ -230,6 +230,14 @@ pub async fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) ->
     // Last: a single-use token is spent only by a request that would otherwise be served.
     super::ticket::spend(node, &grant, source).await?;
     Ok(Authorized { grant, topics, channels, query })
+}
+
+/// The `sse_connections_rejected_total` reason of a refused token.
+fn rejection(error: &ApiError) -> &'static str {
+    match error {
+        ApiError::Unavailable { code, .. } => code,
+        _ => "unauthorized",
+    }
 }
 
 /// Checks each asked topic and that the token grants it; removes duplicates.

@@ -52,7 +52,7 @@ impl Access {
 
 /// Verifies the request's token. A token from a cookie is refused for a request from an origin
 /// outside `SSE_CORS_ORIGINS`: the browser sent it on another site's behalf.
-pub fn grant(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Access, ApiError> {
+pub async fn grant(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Access, ApiError> {
     let names = &node.auth.names;
     let query_token = names.query.iter().find_map(|name| query_param(query, name));
     let (token, source) =
@@ -60,7 +60,7 @@ pub fn grant(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Ac
     if source == TokenSource::Cookie {
         check_origin(node, headers)?;
     }
-    let grant = node.auth.verify(token)?;
+    let grant = node.auth.verify(token).await?;
     Ok(Access { grant, source })
 }
 
@@ -89,7 +89,7 @@ impl FromRequestParts<Arc<Node>> for Access {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, Self::Rejection> {
-        let access = grant(node, &parts.headers, parts.uri.query())?;
+        let access = grant(node, &parts.headers, parts.uri.query()).await?;
         super::ticket::spend(node, &access.grant, access.source).await?;
         // A valid token: once its body is read too, the connection is no longer one of those
         // the accept layer bounds.

@@ -1,5 +1,6 @@
 //! Operator probes: `/healthz` (the process answers), `/readyz` (it can deliver: its dispatcher
-//! and bus tasks run, the bus is reachable, it is not draining) and `/metrics` (Prometheus text).
+//! and bus tasks run, the bus is reachable, it is not draining, it has keys to verify tokens
+//! with) and `/metrics` (Prometheus text).
 
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub async fn readyz(State(node): State<Arc<Node>>) -> impl IntoResponse {
         Some("draining")
     } else if !node.hub.bus().is_ready() {
         Some("bus_unavailable")
+    } else if !node.auth.has_keys() {
+        Some("keys_unavailable")
     } else {
         None
     };
