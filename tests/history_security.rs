@@ -15,67 +15,12 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// A long-lived producer connection to Redis.
-struct Producer(redis::aio::MultiplexedConnection);
-
-impl Producer {
-    async fn connect(redis: &RedisServer) -> Self {
-        let client = redis::Client::open(redis.url()).expect("url");
-        Self(client.get_multiplexed_async_connection().await.expect("connect"))
-    }
-
-    /// `FCALL sse_publish 1 <channel> <payload>`; returns the history id.
-    async fn durable(&mut self, channel: &str, payload: &str) -> String {
-        redis::cmd("FCALL")
-            .arg("sse_publish")
-            .arg(1)
-            .arg(channel)
-            .arg(payload)
-            .query_async(&mut self.0)
-            .await
-            .expect("FCALL sse_publish")
-    }
-
-    /// A plain `PUBLISH` of raw bytes; returns how many subscribers (nodes) got it.
-    async fn publish(&mut self, channel: &str, payload: &[u8]) -> i64 {
-        redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut self.0).await.expect("PUBLISH")
-    }
-
-    async fn key_id(&mut self) -> String {
-        redis::cmd("FCALL").arg("sse_key_id").arg(0).query_async(&mut self.0).await.expect("FCALL sse_key_id")
-    }
-}
-
 /// A node that is ready: on Redis, readiness waits for the node to read the cluster's history
 /// key, a few round trips after `/healthz` answers.
 async fn start(env: &[(&str, &str)]) -> Node {
     let node = Node::start(env).await;
     node.wait_readyz(200, WAIT).await;
     node
-}
-
-fn envelope(data: &str) -> String {
-    json!({"event": "m", "data": data}).to_string()
-}
-
-fn stream_url(node: &Node, user: &str, topics: &[&str]) -> String {
-    let mut url = node.url(&format!("/events?access_token={}", token(user, &["*"], None)));
-    for t in topics {
-        url.push_str(&format!("&topic={t}"));
-    }
-    url
-}
-
-/// Opens a stream, resuming from `last_id` when given; returns it after `connected`, with the
-/// cursor `connected` carried.
-async fn open(url: &str, last_id: Option<&str>) -> (SseClient, String) {
-    let headers: Vec<(&str, &str)> = last_id.map(|id| ("last-event-id", id)).into_iter().collect();
-    let mut client = SseClient::open(url, &headers).await;
-    assert_eq!(client.status, 200, "{:?}", client.body);
-    let connected = client.next_event(WAIT).await.expect("connected");
-    assert_eq!(connected.event, "connected");
-    let cursor = connected.id.expect("connected carries a cursor when history is on");
-    (client, cursor)
 }
 
 /// Reads the next `n` events' data (comments skipped) and the last cursor, panicking on a timeout.
@@ -141,7 +86,7 @@ async fn a_plain_publish_never_moves_a_position_live_or_after_resume() {
     let a = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let b = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
-    let (mut stream, _) = open(&stream_url(&a, "u6", &["t6"]), None).await;
+    let (mut stream, _) = open_resumable(&stream_url(&a, "u6", &["t6"]), None).await;
     let mut n = 0;
     let mut refused = 0.0;
     let mut genuine_marks = Vec::new();
@@ -201,7 +146,7 @@ async fn a_plain_publish_never_moves_a_position_live_or_after_resume() {
         }
         expected.push(format!("away {channel}"));
     }
-    let (mut again, _) = open(&stream_url(&b, "u6", &["t6"]), cursor.as_deref()).await;
+    let (mut again, _) = open_resumable(&stream_url(&b, "u6", &["t6"]), cursor.as_deref()).await;
     let (mut seen, _) = read(&mut again, 3).await;
     seen.sort();
     expected.sort();
@@ -254,7 +199,7 @@ async fn a_cursor_cannot_be_invented_or_altered() {
     let node = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let url = stream_url(&node, "alice", &["x"]);
-    let (stream, before) = open(&url, None).await;
+    let (stream, before) = open_resumable(&url, None).await;
     drop(stream);
     for i in 0..3 {
         producer.durable("sse:user:alice", &envelope(&format!("secret {i}"))).await;
@@ -271,7 +216,7 @@ async fn a_cursor_cannot_be_invented_or_altered() {
         ("the old cursor layout, without a MAC", invented_cursor(1, epoch, &everything, &[])),
     ];
     for (what, cursor) in &forged {
-        let (mut stream, _) = open(&url, Some(cursor)).await;
+        let (mut stream, _) = open_resumable(&url, Some(cursor)).await;
         let reset = expect_reset(&mut stream, "invalid_cursor").await;
         assert_eq!(
             serde_json::from_str::<Value>(&reset.data).expect("json")["channels"],
@@ -292,7 +237,7 @@ async fn a_cursor_cannot_be_invented_or_altered() {
         assert_eq!((polled["events"].clone(), polled["reset"]["reason"].clone()), (json!([]), json!("invalid_cursor")));
     }
     // The genuine cursor replays what it should.
-    let (mut stream, _) = open(&url, Some(&before)).await;
+    let (mut stream, _) = open_resumable(&url, Some(&before)).await;
     assert_eq!(read(&mut stream, 3).await.0, ["secret 0", "secret 1", "secret 2"]);
 }
 
@@ -301,7 +246,7 @@ async fn the_history_key_outlives_node_restarts_and_a_redis_restart() {
     let mut redis = RedisServer::start().await;
     let a = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
-    let (mut stream, _) = open(&stream_url(&a, "k", &[]), None).await;
+    let (mut stream, _) = open_resumable(&stream_url(&a, "k", &[]), None).await;
     producer.durable("sse:user:k", &envelope("one")).await;
     let (_, cursor) = read(&mut stream, 1).await;
     let cursor = cursor.expect("a cursor");
@@ -313,7 +258,7 @@ async fn the_history_key_outlives_node_restarts_and_a_redis_restart() {
     let b = start(&[("SSE_REDIS_URL", &redis.url())]).await;
     b.wait_readyz(200, WAIT).await;
     producer.durable("sse:user:k", &envelope("two")).await;
-    let (mut again, _) = open(&stream_url(&b, "k", &[]), Some(&cursor)).await;
+    let (mut again, _) = open_resumable(&stream_url(&b, "k", &[]), Some(&cursor)).await;
     assert_eq!(read(&mut again, 1).await.0, ["two"]);
     again.assert_silent(Duration::from_millis(200)).await;
     drop(again);
@@ -326,7 +271,7 @@ async fn the_history_key_outlives_node_restarts_and_a_redis_restart() {
     b.wait_readyz(200, Duration::from_secs(20)).await;
     let mut producer = Producer::connect(&redis).await;
     assert_eq!(producer.key_id().await, key, "the same key after the restart");
-    let (mut lost, _) = open(&stream_url(&b, "k", &[]), Some(&cursor)).await;
+    let (mut lost, _) = open_resumable(&stream_url(&b, "k", &[]), Some(&cursor)).await;
     expect_reset(&mut lost, "history_lost").await;
 }
 
@@ -341,12 +286,12 @@ async fn publish_topic(node: &Node, topic: &str, data: &str, durable: bool) {
 /// live messages in the order they were published; nothing twice, nothing lost.
 async fn long_replay_then_live_in_order(node: &Node) {
     let url = stream_url(node, "pager", &["long"]);
-    let (stream, cursor) = open(&url, None).await;
+    let (stream, cursor) = open_resumable(&url, None).await;
     drop(stream);
     for i in 0..200 {
         publish_topic(node, "long", &format!("r{i}"), true).await;
     }
-    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let (mut stream, _) = open_resumable(&url, Some(&cursor)).await;
     for i in 0..40 {
         publish_topic(node, "long", &format!("l{i}"), i % 3 != 0).await;
     }
@@ -381,12 +326,12 @@ async fn past_the_maximum_replay_the_channels_behind_are_reset() {
     let settings = [("SSE_HISTORY_PAGE_ENTRIES", "8"), ("SSE_HISTORY_MAX_REPLAY", "30")];
     let node = start(&[settings[0], settings[1], ("SSE_REDIS_URL", &redis.url())]).await;
     let url = stream_url(&node, "capped", &["cap"]);
-    let (stream, cursor) = open(&url, None).await;
+    let (stream, cursor) = open_resumable(&url, None).await;
     drop(stream);
     for i in 0..100 {
         publish_topic(&node, "cap", &format!("r{i}"), true).await;
     }
-    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let (mut stream, _) = open_resumable(&url, Some(&cursor)).await;
     let (seen, _) = read(&mut stream, 30).await;
     assert_eq!(seen, (0..30).map(|i| format!("r{i}")).collect::<Vec<_>>(), "the first 30, in order");
     let reset = expect_reset(&mut stream, "window_lost").await;
@@ -395,7 +340,7 @@ async fn past_the_maximum_replay_the_channels_behind_are_reset() {
     assert_eq!(read(&mut stream, 1).await.0, ["live"], "live delivery goes on after the reset");
     drop(stream);
     // The reset's cursor continues at the end: no second reset, nothing replayed.
-    let (mut again, _) = open(&url, reset.id.as_deref()).await;
+    let (mut again, _) = open_resumable(&url, reset.id.as_deref()).await;
     assert_eq!(read(&mut again, 1).await.0, ["live"]);
     again.assert_silent(Duration::from_millis(300)).await;
 }
@@ -498,7 +443,7 @@ async fn a_resume_storm_over_a_large_history_keeps_redis_and_the_node_responsive
     let redis = RedisServer::start().await;
     let node = start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_MAX_CONNECTIONS_PER_USER", "0")]).await;
     let url = stream_url(&node, "storm", &["big"]);
-    let (stream, cursor) = open(&url, None).await;
+    let (stream, cursor) = open_resumable(&url, None).await;
     drop(stream);
 
     let mut producer = Producer::connect(&redis).await;
@@ -579,7 +524,7 @@ async fn entries_the_envelope_refuses_do_not_stall_a_paged_replay() {
     let node = start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_PAGE_ENTRIES", "4")]).await;
     let mut producer = Producer::connect(&redis).await;
     let url = stream_url(&node, "odd", &["odd"]);
-    let (stream, cursor) = open(&url, None).await;
+    let (stream, cursor) = open_resumable(&url, None).await;
     drop(stream);
     // Not UTF-8, so never written to a stream: here the last entry of the first two pages.
     let unreadable: &[u8] = b"\xff\xfe";
@@ -599,7 +544,7 @@ async fn entries_the_envelope_refuses_do_not_stall_a_paged_replay() {
             expected.push(format!("r{i}"));
         }
     }
-    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let (mut stream, _) = open_resumable(&url, Some(&cursor)).await;
     assert_eq!(read(&mut stream, expected.len()).await.0, expected);
     producer.durable("sse:topic:odd", &envelope("live")).await;
     assert_eq!(read(&mut stream, 1).await.0, ["live"]);

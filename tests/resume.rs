@@ -11,52 +11,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// A long-lived producer connection to Redis.
-struct Producer(redis::aio::MultiplexedConnection);
-
-impl Producer {
-    async fn connect(redis: &RedisServer) -> Self {
-        let client = redis::Client::open(redis.url()).expect("url");
-        Self(client.get_multiplexed_async_connection().await.expect("connect"))
-    }
-
-    /// `FCALL sse_publish 1 <channel> <payload>`; returns the history id.
-    async fn durable(&mut self, channel: &str, payload: &str) -> String {
-        redis::cmd("FCALL")
-            .arg("sse_publish")
-            .arg(1)
-            .arg(channel)
-            .arg(payload)
-            .query_async(&mut self.0)
-            .await
-            .expect("FCALL sse_publish")
-    }
-}
-
-fn envelope(data: &str) -> String {
-    json!({"event": "m", "data": data}).to_string()
-}
-
-fn stream_url(node: &Node, user: &str, topics: &[&str]) -> String {
-    let mut url = node.url(&format!("/events?access_token={}", token(user, &["*"], None)));
-    for t in topics {
-        url.push_str(&format!("&topic={t}"));
-    }
-    url
-}
-
-/// Opens a stream, resuming from `last_id` when given; returns it after `connected`, with the
-/// cursor `connected` carried.
-async fn open(url: &str, last_id: Option<&str>) -> (SseClient, String) {
-    let headers: Vec<(&str, &str)> = last_id.map(|id| ("last-event-id", id)).into_iter().collect();
-    let mut client = SseClient::open(url, &headers).await;
-    assert_eq!(client.status, 200, "{:?}", client.body);
-    let connected = client.next_event(WAIT).await.expect("connected");
-    assert_eq!(connected.event, "connected");
-    let cursor = connected.id.expect("connected carries a cursor when history is on");
-    (client, cursor)
-}
-
 /// Reads `n` events (comments skipped), panicking on a timeout.
 async fn read(client: &mut SseClient, n: usize) -> Vec<SseEvent> {
     let mut events = Vec::with_capacity(n);
@@ -77,7 +31,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     let b = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
 
-    let (mut stream, _) = open(&stream_url(&a, "u1", &["t1"]), None).await;
+    let (mut stream, _) = open_resumable(&stream_url(&a, "u1", &["t1"]), None).await;
     producer.durable("sse:user:u1", &envelope("before")).await;
     let seen = read(&mut stream, 1).await;
     assert_eq!(seen[0].data, "before");
@@ -91,7 +45,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     assert_eq!(status, 202);
     producer.durable("sse:topic:t1", &envelope("t-2")).await;
 
-    let (mut stream, _) = open(&stream_url(&b, "u1", &["t1"]), Some(&last_id)).await;
+    let (mut stream, _) = open_resumable(&stream_url(&b, "u1", &["t1"]), Some(&last_id)).await;
     let missed = read(&mut stream, 5).await;
     let by_channel = |prefix: &str| -> Vec<String> {
         missed.iter().map(|e| e.data.clone()).filter(|d| d.starts_with(prefix)).collect()
@@ -115,7 +69,7 @@ async fn reconnecting_hundreds_of_times_while_publishing_loses_and_duplicates_no
 
     let urls = [stream_url(&a, "racer", &["race"]), stream_url(&b, "racer", &["race"])];
     // The first stream positions the client before anything is published.
-    let (first, cursor) = open(&urls[1], None).await;
+    let (first, cursor) = open_resumable(&urls[1], None).await;
     drop(first);
     let mut last_id = Some(cursor);
 
@@ -139,7 +93,7 @@ async fn reconnecting_hundreds_of_times_while_publishing_loses_and_duplicates_no
         received.entry(channel).or_default().push(n.parse().expect("a number"));
     };
     while !publisher.is_finished() {
-        let (mut stream, cursor) = open(&urls[reconnects % 2], last_id.as_deref()).await;
+        let (mut stream, cursor) = open_resumable(&urls[reconnects % 2], last_id.as_deref()).await;
         last_id = Some(cursor);
         reconnects += 1;
         // Read for a few milliseconds, then drop the connection mid-flow.
@@ -160,7 +114,7 @@ async fn reconnecting_hundreds_of_times_while_publishing_loses_and_duplicates_no
         }
     }
     publisher.await.expect("publisher");
-    let (mut stream, _) = open(&urls[0], last_id.as_deref()).await;
+    let (mut stream, _) = open_resumable(&urls[0], last_id.as_deref()).await;
     let total = |r: &HashMap<&str, Vec<usize>>| r.values().map(Vec::len).sum::<usize>();
     while total(&received) < 2 * PER_CHANNEL {
         let Ok(event) = stream.next_event(WAIT).await else {
@@ -187,14 +141,14 @@ async fn a_topic_added_on_reconnect_starts_at_its_current_end() {
     let redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
-    let (stream, cursor) = open(&stream_url(&node, "adds", &[]), None).await;
+    let (stream, cursor) = open_resumable(&stream_url(&node, "adds", &[]), None).await;
     drop(stream);
     producer.durable("sse:user:adds", &envelope("missed")).await;
     producer.durable("sse:topic:late", &envelope("before the topic was asked for")).await;
 
     // The cursor knows the user and broadcast channels, not the topic: those two resume, the
     // topic starts where its history ends now.
-    let (mut again, _) = open(&stream_url(&node, "adds", &["late"]), Some(&cursor)).await;
+    let (mut again, _) = open_resumable(&stream_url(&node, "adds", &["late"]), Some(&cursor)).await;
     assert_eq!(read(&mut again, 1).await[0].data, "missed");
     // The topic's older entry is never replayed: the next event is the live one.
     producer.durable("sse:topic:late", &envelope("live")).await;
@@ -207,12 +161,12 @@ async fn trimmed_history_gives_an_explicit_reset() {
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url()), ("SSE_HISTORY_TOPIC_LENGTH", "5")]).await;
     let mut producer = Producer::connect(&redis).await;
     let url = stream_url(&node, "trim", &["t"]);
-    let (stream, cursor) = open(&url, None).await;
+    let (stream, cursor) = open_resumable(&url, None).await;
     drop(stream);
     for i in 0..400 {
         producer.durable("sse:topic:t", &envelope(&format!("{i}"))).await;
     }
-    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let (mut stream, _) = open_resumable(&url, Some(&cursor)).await;
     let reset = stream.next_event(WAIT).await.expect("reset");
     assert_eq!(reset.event, "reset");
     let data: Value = serde_json::from_str(&reset.data).expect("json");
@@ -227,13 +181,13 @@ async fn flushall_gives_an_explicit_reset_on_every_channel() {
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let url = stream_url(&node, "flush", &["t"]);
-    let (mut stream, _) = open(&url, None).await;
+    let (mut stream, _) = open_resumable(&url, None).await;
     producer.durable("sse:user:flush", &envelope("one")).await;
     let cursor = read(&mut stream, 1).await[0].id.clone().expect("cursor");
     drop(stream);
     redis.command(&["FLUSHALL"]).await.expect("flushall");
     producer.durable("sse:user:flush", &envelope("after flush")).await;
-    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let (mut stream, _) = open_resumable(&url, Some(&cursor)).await;
     let reset = stream.next_event(WAIT).await.expect("reset");
     assert_eq!(reset.event, "reset");
     let data: Value = serde_json::from_str(&reset.data).expect("json");
@@ -246,7 +200,7 @@ async fn history_lost_under_an_open_stream_resets_it_once() {
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let url = stream_url(&node, "lost", &[]);
-    let (mut stream, _) = open(&url, None).await;
+    let (mut stream, _) = open_resumable(&url, None).await;
     producer.durable("sse:user:lost", &envelope("before")).await;
     let before = read(&mut stream, 1).await.remove(0);
 
@@ -273,7 +227,7 @@ async fn history_lost_under_an_open_stream_resets_it_once() {
         if expected.len() == 2 {
             producer.durable("sse:user:lost", &envelope("later")).await;
         }
-        let (mut again, _) = open(&url, Some(&cursor)).await;
+        let (mut again, _) = open_resumable(&url, Some(&cursor)).await;
         let data: Vec<String> = read(&mut again, expected.len()).await.into_iter().map(|e| e.data).collect();
         assert_eq!(data, expected);
         again.assert_silent(Duration::from_secs(1)).await;
@@ -285,19 +239,19 @@ async fn a_foreign_or_garbage_cursor_gives_nothing_it_should_not() {
     let redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
-    let (mut alice, _) = open(&stream_url(&node, "alice", &[]), None).await;
+    let (mut alice, _) = open_resumable(&stream_url(&node, "alice", &[]), None).await;
     producer.durable("sse:user:alice", &envelope("alice secret 1")).await;
     let alice_cursor = read(&mut alice, 1).await[0].id.clone().expect("cursor");
     producer.durable("sse:user:alice", &envelope("alice secret 2")).await;
     producer.durable("sse:user:mallory", &envelope("mallory own")).await;
 
     // Mallory presents Alice's cursor: it positions only channels Mallory's token grants.
-    let (mut mallory, _) = open(&stream_url(&node, "mallory", &[]), Some(&alice_cursor)).await;
+    let (mut mallory, _) = open_resumable(&stream_url(&node, "mallory", &[]), Some(&alice_cursor)).await;
     // Nothing of Alice's, nor Mallory's own earlier entry: the next event is a live one.
     producer.durable("sse:user:mallory", &envelope("mallory live")).await;
     assert_eq!(read(&mut mallory, 1).await[0].data, "mallory live");
 
-    let (mut garbage, _) = open(&stream_url(&node, "mallory", &["x"]), Some("not-a-cursor")).await;
+    let (mut garbage, _) = open_resumable(&stream_url(&node, "mallory", &["x"]), Some("not-a-cursor")).await;
     let reset = garbage.next_event(WAIT).await.expect("reset");
     assert_eq!(reset.event, "reset");
     let data: Value = serde_json::from_str(&reset.data).expect("json");
@@ -338,7 +292,7 @@ async fn the_function_library_is_loaded_on_a_fresh_redis_and_after_a_restart() {
 async fn a_redis_restart_tells_open_streams_their_history_is_lost() {
     let mut redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
-    let (mut stream, _) = open(&stream_url(&node, "rr", &["t"]), None).await;
+    let (mut stream, _) = open_resumable(&stream_url(&node, "rr", &["t"]), None).await;
     let mut producer = Producer::connect(&redis).await;
     producer.durable("sse:user:rr", &envelope("before")).await;
     assert_eq!(read(&mut stream, 1).await[0].data, "before");
@@ -364,7 +318,7 @@ async fn a_killed_subscriber_connection_is_backfilled_from_history() {
     let redis = RedisServer::start().await;
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
-    let (mut stream, _) = open(&stream_url(&node, "bf", &[]), None).await;
+    let (mut stream, _) = open_resumable(&stream_url(&node, "bf", &[]), None).await;
     producer.durable("sse:user:bf", &envelope("0")).await;
     assert_eq!(read(&mut stream, 1).await[0].data, "0");
     // Redis takes no new connection while the messages are published, so the node's
@@ -412,7 +366,7 @@ async fn a_killed_subscriber_connection_is_backfilled_from_history() {
 async fn the_embedded_bus_resumes_too() {
     let node = Node::start(&[]).await;
     let url = stream_url(&node, "solo", &["news"]);
-    let (mut stream, _) = open(&url, None).await;
+    let (mut stream, _) = open_resumable(&url, None).await;
     publish_api(&node, json!({"users": ["solo"], "data": "seen"})).await;
     let cursor = read(&mut stream, 1).await[0].id.clone().expect("cursor");
     drop(stream);
@@ -423,7 +377,7 @@ async fn the_embedded_bus_resumes_too() {
     ] {
         assert_eq!(publish_api(&node, body).await.0, 202);
     }
-    let (mut stream, _) = open(&url, Some(&cursor)).await;
+    let (mut stream, _) = open_resumable(&url, Some(&cursor)).await;
     let mut data: Vec<String> = read(&mut stream, 3).await.into_iter().map(|e| e.data).collect();
     data.sort();
     assert_eq!(data, ["a", "b", "c"]);
@@ -467,7 +421,7 @@ async fn a_plain_publish_has_no_id_and_is_not_replayed_and_the_query_resumes_lik
     let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
     let mut producer = Producer::connect(&redis).await;
     let url = stream_url(&node, "pl", &[]);
-    let (mut stream, _) = open(&url, None).await;
+    let (mut stream, _) = open_resumable(&url, None).await;
     producer.durable("sse:user:pl", &envelope("durable 1")).await;
     let first = read(&mut stream, 1).await.remove(0);
     let cursor = first.id.clone().expect("a durable message carries a cursor");
@@ -484,9 +438,9 @@ async fn a_plain_publish_has_no_id_and_is_not_replayed_and_the_query_resumes_lik
     // message between them is not in history), then live.
     for (n, by_query) in [false, true].into_iter().enumerate() {
         let (mut again, _) = if by_query {
-            open(&format!("{url}&lastEventId={cursor}"), None).await
+            open_resumable(&format!("{url}&lastEventId={cursor}"), None).await
         } else {
-            open(&url, Some(&cursor)).await
+            open_resumable(&url, Some(&cursor)).await
         };
         let replayed = read(&mut again, 1).await.remove(0);
         assert_eq!(replayed.data, "durable 2", "by query: {by_query}");

@@ -864,3 +864,62 @@ impl Drop for EventSource {
         self.task.abort();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// History and resume (tests/resume.rs, tests/history_security.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// A long-lived producer connection to Redis.
+pub struct Producer(pub redis::aio::MultiplexedConnection);
+
+impl Producer {
+    pub async fn connect(redis: &RedisServer) -> Self {
+        let client = redis::Client::open(redis.url()).expect("url");
+        Self(client.get_multiplexed_async_connection().await.expect("connect"))
+    }
+
+    /// `FCALL sse_publish 1 <channel> <payload>`; returns the history id.
+    pub async fn durable(&mut self, channel: &str, payload: &str) -> String {
+        redis::cmd("FCALL")
+            .arg("sse_publish")
+            .arg(1)
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut self.0)
+            .await
+            .expect("FCALL sse_publish")
+    }
+
+    /// A plain `PUBLISH` of raw bytes; returns how many subscribers (nodes) got it.
+    pub async fn publish(&mut self, channel: &str, payload: &[u8]) -> i64 {
+        redis::cmd("PUBLISH").arg(channel).arg(payload).query_async(&mut self.0).await.expect("PUBLISH")
+    }
+
+    pub async fn key_id(&mut self) -> String {
+        redis::cmd("FCALL").arg("sse_key_id").arg(0).query_async(&mut self.0).await.expect("FCALL sse_key_id")
+    }
+}
+
+pub fn envelope(data: &str) -> String {
+    json!({"event": "m", "data": data}).to_string()
+}
+
+pub fn stream_url(node: &Node, user: &str, topics: &[&str]) -> String {
+    let mut url = node.url(&format!("/events?access_token={}", token(user, &["*"], None)));
+    for t in topics {
+        url.push_str(&format!("&topic={t}"));
+    }
+    url
+}
+
+/// Opens a stream, resuming from `last_id` when given; returns it after `connected`, with the
+/// cursor `connected` carried.
+pub async fn open_resumable(url: &str, last_id: Option<&str>) -> (SseClient, String) {
+    let headers: Vec<(&str, &str)> = last_id.map(|id| ("last-event-id", id)).into_iter().collect();
+    let mut client = SseClient::open(url, &headers).await;
+    assert_eq!(client.status, 200, "{:?}", client.body);
+    let connected = client.next_event(Duration::from_secs(5)).await.expect("connected");
+    assert_eq!(connected.event, "connected");
+    let cursor = connected.id.expect("connected carries a cursor when history is on");
+    (client, cursor)
+}
