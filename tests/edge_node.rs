@@ -9,6 +9,19 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// Reads a raw socket until `needle` has arrived; everything read so far.
+async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
+        assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_on_redis_reaches_its_user_topic_and_broadcast_listeners_on_any_node() {
     let redis = RedisServer::start().await;
@@ -117,17 +130,6 @@ async fn events_work_as_a_first_request_and_after_another_on_a_kept_alive_connec
         while !String::from_utf8_lossy(&seen).ends_with(needle) {
             let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
             assert!(n > 0, "closed before {needle:?}");
-            seen.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&seen).into_owned()
-    }
-
-    async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&seen).contains(needle) {
-            let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
-            assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&seen));
             seen.extend_from_slice(&buf[..n]);
         }
         String::from_utf8_lossy(&seen).into_owned()
@@ -775,17 +777,6 @@ async fn cors_allows_last_event_id_with_credentials_mirrors_star_and_is_absent_w
         let seen = read_until(&mut socket, "event: connected").await;
         let second = seen.rfind("HTTP/1.1 ").expect("the stream's status line");
         seen[second..].to_ascii_lowercase()
-    }
-    async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
-        use tokio::io::AsyncReadExt;
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&seen).contains(needle) {
-            let n = tokio::time::timeout(WAIT, socket.read(&mut buf)).await.expect("in time").expect("read");
-            assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&seen).into_owned()
     }
     let raw_stream = |node: &Node, origin: &str| {
         let url = node.url(&format!("/events?access_token={}", token("cors", &[], None)));
