@@ -70,6 +70,16 @@ impl Drop for LimitedNode {
     }
 }
 
+/// A stream opened by a new client, `connected` read, within `within` (a failure shows the log).
+async fn new_stream_within(url: &str, within: Duration, log: impl Fn() -> String) -> SseClient {
+    let mut stream = tokio::time::timeout(within, SseClient::open(url, &[]))
+        .await
+        .unwrap_or_else(|_| panic!("a new client could not open a stream in {within:?}:\n{}", log()));
+    assert_eq!(stream.status, 200, "{:?}", stream.body);
+    stream.connected().await;
+    stream
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_files_the_accept_failure_is_logged_once_a_second_with_a_count() {
     // 64 files: a few dozen idle connections use up the rest, and every accept then fails. No
@@ -114,11 +124,7 @@ async fn slow_clients_do_not_keep_a_good_one_out(max_pending: &str) -> LimitedNo
     // The new client waits behind them in the accept queue, while the node drops a bound's worth
     // of the slow ones every second (or one per failed accept, out of files).
     let within = Duration::from_secs(30);
-    let mut after = tokio::time::timeout(within, SseClient::open(&stream_url("after"), &[]))
-        .await
-        .unwrap_or_else(|_| panic!("a new client could not open a stream in {within:?}:\n{}", node.log_text()));
-    assert_eq!(after.status, 200, "{:?}", after.body);
-    after.connected().await;
+    let mut after = new_stream_within(&stream_url("after"), within, || node.log_text()).await;
     let publish = common::http()
         .post(node.url("/api/publish"))
         .bearer_auth(token("producer", &[], Some("publisher")))
@@ -186,11 +192,7 @@ async fn slow_bodies_beyond_the_pending_bound_do_not_keep_a_new_client_out() {
     assert!(slow.len() > 1024, "only {} slow clients connected", slow.len());
 
     let within = Duration::from_secs(30);
-    let mut after = tokio::time::timeout(within, SseClient::open(&stream_url("after"), &[]))
-        .await
-        .unwrap_or_else(|_| panic!("a new client could not open a stream in {within:?}:\n{}", node.log_text()));
-    assert_eq!(after.status, 200, "{:?}", after.body);
-    after.connected().await;
+    let mut after = new_stream_within(&stream_url("after"), within, || node.log_text()).await;
     let publish = tokio::time::timeout(
         within,
         common::http()
