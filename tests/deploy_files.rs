@@ -260,7 +260,9 @@ fn compose_nodes_set_only_settings_the_binary_reads_and_agree_on_ports() {
         let redis_url = node.env.get("SSE_REDIS_URL").expect("SSE_REDIS_URL set");
         let redis_host = redis_url.trim_start_matches("redis://").split([':', '/']).next().unwrap_or_default();
         assert!(
-            compose["services"][redis_host]["image"].as_str().is_some_and(|i| i.starts_with("redis")),
+            compose["services"][redis_host]["image"]
+                .as_str()
+                .is_some_and(|i| i.rsplit('/').next().is_some_and(|name| name.starts_with("redis"))),
             "{where_}: SSE_REDIS_URL host {redis_host:?} is not the compose redis service"
         );
 
