@@ -875,3 +875,59 @@ fn kubernetes_manifests_agree_with_the_binary_and_each_other() {
         .collect();
     assert_eq!(listed, manifests, "kustomization.yaml resources vs the manifests");
 }
+
+/// kubernetes-validate, which scripts/test installs (`SSE_KUBERNETES_VALIDATE`); a run without it
+/// fails rather than skipping, so the manifests are never silently unchecked.
+fn kubernetes_validate() -> PathBuf {
+    let path = std::env::var_os("SSE_KUBERNETES_VALIDATE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/sse-fanout-tools/venv/bin/kubernetes-validate")
+    });
+    assert!(
+        path.exists(),
+        "{path:?} is missing: run scripts/test (it installs kubernetes-validate) or set SSE_KUBERNETES_VALIDATE"
+    );
+    path
+}
+
+/// Validates `files` strictly (unknown fields refused) against the Kubernetes API schemas.
+fn validate_manifests(files: &[PathBuf]) -> std::process::Output {
+    std::process::Command::new(kubernetes_validate())
+        .arg("--strict")
+        .arg("--no-warn")
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate")
+}
+
+/// Beyond parsing: every manifest in deploy/k8s is checked against the schema of its kind, so a
+/// misspelt field or a value of the wrong type fails here, not in `kubectl apply`. Kinds that are
+/// not Kubernetes' own (Kustomization, the Prometheus operator's ServiceMonitor) have no schema
+/// there and keep the parse checks above.
+#[test]
+fn kubernetes_manifests_validate_against_the_kubernetes_api_schemas() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/k8s"))
+        .expect("deploy/k8s")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    let output = validate_manifests(&files);
+    let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{report}");
+    for kind in ["deployment", "service", "configmap", "secret", "poddisruptionbudget"] {
+        assert!(report.contains(&format!("passed for resource {kind}/")), "{kind} was not validated:\n{report}");
+    }
+
+    // The validator refuses what it should: the deployment with a field Kubernetes does not
+    // know and a count of the wrong type.
+    let broken = read("deploy/k8s/deployment.yaml").replacen("spec:\n", "spec:\n  replicaz: 3\n", 1);
+    let dir = std::env::temp_dir().join(format!("sse-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("deployment.yaml");
+    std::fs::write(&file, broken).expect("write");
+    let refused = validate_manifests(std::slice::from_ref(&file));
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(!refused.status.success(), "an unknown field passed: {}", String::from_utf8_lossy(&refused.stdout));
+}
