@@ -140,6 +140,12 @@ impl ChannelNames {
         ChannelName(Arc::from(format!("{}:broadcast", self.prefix)))
     }
 
+    /// The cluster's control channel (operator commands every node obeys, such as a revoke).
+    /// No user, topic or broadcast name can take this form.
+    pub fn control(&self) -> ChannelName {
+        ChannelName(Arc::from(format!("{}:control", self.prefix)))
+    }
+
     /// The name without the prefix (`user:42`, `topic:news`, `broadcast`), as clients see it.
     pub fn logical<'a>(&self, channel: &'a ChannelName) -> &'a str {
         channel.as_str().strip_prefix(&self.prefix).and_then(|r| r.strip_prefix(':')).unwrap_or(channel.as_str())

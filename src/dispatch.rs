@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::bus::{Inbound, InboundReceiver};
+use crate::channel::ChannelName;
 use crate::connection::CloseReason;
 use crate::hub::Hub;
 use crate::resume::{Gap, Resumer};
@@ -17,8 +18,14 @@ const BATCH: usize = 256;
 
 /// Drains the bus into the hub until the bus's side of the queue is dropped. Batches
 /// wake-ups; runs in order, so a backfill after a bus reconnect is delivered before what
-/// follows it. `resumer` is `None` when history is off (nothing to backfill from).
-pub async fn dispatch(mut inbound: InboundReceiver, hub: Arc<Hub>, resumer: Option<Arc<Resumer>>) {
+/// follows it. `resumer` is `None` when history is off (nothing to backfill from). What
+/// arrives on `control` is an operator's command ([`crate::presence::obey`]), not an event.
+pub async fn dispatch(
+    mut inbound: InboundReceiver,
+    hub: Arc<Hub>,
+    resumer: Option<Arc<Resumer>>,
+    control: ChannelName,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     while inbound.recv_many(&mut batch, BATCH).await > 0 {
         // Set once the rest of the batch's confirmations were looked at: the later ones have
@@ -26,6 +33,9 @@ pub async fn dispatch(mut inbound: InboundReceiver, hub: Arc<Hub>, resumer: Opti
         let mut rest_backfilled = false;
         for (index, message) in batch.iter().enumerate() {
             match message {
+                Inbound::Message { channel, payload, .. } if *channel == control => {
+                    crate::presence::obey(&hub, payload);
+                }
                 Inbound::Message { channel, id, payload } => hub.deliver(channel.as_str(), *id, payload).await,
                 Inbound::Disconnected => {
                     hub.mark_gaps();

@@ -31,6 +31,7 @@ use crate::http::ip_limits::IpLimits;
 use crate::hub::{Heartbeat, Hub, Limits};
 use crate::metrics::HubMetrics;
 use crate::node::Node;
+use crate::presence::Presence;
 use crate::resume::Resumer;
 use crate::{dispatch, frame, http, shutdown};
 
@@ -94,6 +95,13 @@ impl Server {
             history: history.is_some(),
         };
         let hub = Hub::new(bus, limits, hub_metrics.clone());
+        let presence = Presence::new(
+            node_id.clone(),
+            hub.clone(),
+            channels.clone(),
+            config.redis_url.as_deref(),
+            config.presence_lease,
+        )?;
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
             origins: Origins::from_config(&config),
@@ -102,6 +110,7 @@ impl Server {
             auth,
             channels,
             hub,
+            presence,
             hub_metrics,
             prometheus,
             publish_requests: metrics::counter!(crate::metrics::PUBLISH_REQUESTS),
@@ -133,7 +142,12 @@ impl Server {
         let hub = node.hub.clone();
         // The tasks without which nothing is delivered; each returns the name of its failure.
         let mut vital: JoinSet<&'static str> = JoinSet::new();
-        let dispatcher = tokio::spawn(dispatch::dispatch(inbound, hub.clone(), node.resume.clone()));
+        let dispatcher = tokio::spawn(dispatch::dispatch(
+            inbound,
+            hub.clone(),
+            node.resume.clone(),
+            node.presence.control_channel(),
+        ));
         let stop_dispatcher = dispatcher.abort_handle();
         vital.spawn(watch("dispatcher_stopped", dispatcher));
         if let Some(owner) = bus_owner {
@@ -145,6 +159,7 @@ impl Server {
         if let Some(jwks) = node.auth.jwks() {
             helpers.spawn(jwks.clone().run(background.clone()));
         }
+        helpers.spawn(node.presence.clone().run(background.clone()));
         helpers.spawn(ip_limits_upkeep(node.ip_limits.clone(), background.clone()));
 
         let listen = listener.local_addr().ok();

@@ -1,6 +1,7 @@
 //! What the README promises of the node's Redis subscriptions: many streams connecting at once
 //! share a handful of SUBSCRIBE commands (the subscription owner batches them), and once every
-//! stream is gone the node holds no subscription at all (`PUBSUB NUMSUB` back to 0).
+//! stream is gone the node holds no stream subscription at all (`PUBSUB NUMSUB` back to 0); only
+//! its control channel stays.
 
 mod common;
 
@@ -20,9 +21,10 @@ async fn numsub(redis: &RedisServer, channel: &str) -> i64 {
     count.trim().parse().unwrap_or_else(|_| panic!("NUMSUB reply {reply:?}"))
 }
 
-/// Channels under `sse:` that this Redis has any subscriber on (`PUBSUB CHANNELS`).
+/// Stream channels (`sse:user:`, `sse:topic:`, `sse:broadcast`) that this Redis has any
+/// subscriber on (`PUBSUB CHANNELS`). Not `sse:control`, which every node holds for its life.
 async fn subscribed_channels(redis: &RedisServer) -> usize {
-    let reply = redis.command(&["PUBSUB", "CHANNELS", "sse:*"]).await.expect("redis reachable");
+    let reply = redis.command(&["PUBSUB", "CHANNELS", "sse:[utb]*"]).await.expect("redis reachable");
     let header = reply.lines().next().unwrap_or_default();
     header.strip_prefix('*').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("PUBSUB CHANNELS reply {reply:?}"))
 }

@@ -191,7 +191,7 @@ pub async fn open(
     };
 
     let connected = json!({
-        "connection_id": format!("{}:{}", node.node_id, connection.id.0),
+        "connection_id": connection.id.shown(&node.node_id),
         "node_id": node.node_id,
         "user": grant.user.as_str(),
         "topics": topics,
