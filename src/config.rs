@@ -293,6 +293,17 @@ pub struct Config {
     #[arg(long, env = "SSE_HISTORY_MAX_REPLAY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub history_max_replay: u32,
 
+    /// How often the node publishes a probe to its own canary channel and times its way back
+    /// through the bus, its subscriber and its dispatcher (the path of every client message).
+    /// 0: off (then `/readyz` does not prove delivery).
+    #[arg(long, env = "SSE_CANARY_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub canary_interval: Duration,
+
+    /// `/readyz` answers 503 `canary_stalled` when a probe has been out this long, or the last
+    /// one took longer than this to come back. At least 100ms.
+    #[arg(long, env = "SSE_CANARY_THRESHOLD", default_value = "5s", value_parser = parse_duration)]
+    pub canary_threshold: Duration,
+
     /// Log format.
     #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -385,6 +396,10 @@ pub enum ConfigError {
     RequestTimeoutTooShort,
     #[error("SSE_WRITE_STALL_TIMEOUT must be at least 1s")]
     WriteStallTooShort,
+    #[error(
+        "SSE_CANARY_INTERVAL and SSE_CANARY_THRESHOLD must be at least 100ms (SSE_CANARY_INTERVAL=0 turns the canary off)"
+    )]
+    CanaryTooShort,
     #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
     TokenName(&'static str, String),
 }
@@ -451,6 +466,10 @@ impl Config {
         }
         if self.write_stall_timeout < Duration::from_secs(1) {
             return Err(ConfigError::WriteStallTooShort);
+        }
+        let least = Duration::from_millis(100);
+        if !self.canary_interval.is_zero() && (self.canary_interval < least || self.canary_threshold < least) {
+            return Err(ConfigError::CanaryTooShort);
         }
         Ok(())
     }
@@ -743,6 +762,17 @@ mod tests {
         let error = parse(&["--trusted-proxies", "10.0.0.0/8,proxy.local"]).unwrap_err();
         assert!(error.contains("proxy.local") && error.contains("SSE_TRUSTED_PROXIES"), "{error}");
         assert!(parse(&["--trusted-proxies", "10.0.0.0/33"]).is_err());
+    }
+
+    #[test]
+    fn the_canary_runs_every_2s_with_a_5s_threshold_and_0_turns_it_off() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert_eq!((config.canary_interval, config.canary_threshold), (Duration::from_secs(2), Duration::from_secs(5)));
+        let fast = parse(&["--canary-interval", "200", "--canary-threshold", "1s"]).expect("valid");
+        assert_eq!((fast.canary_interval, fast.canary_threshold), (Duration::from_millis(200), Duration::from_secs(1)));
+        assert!(parse(&["--canary-interval", "0"]).expect("off").canary_interval.is_zero());
+        assert!(parse(&["--canary-interval", "50ms"]).unwrap_err().contains("SSE_CANARY_INTERVAL"));
+        assert!(parse(&["--canary-threshold", "10ms"]).unwrap_err().contains("SSE_CANARY_THRESHOLD"));
     }
 
     #[test]

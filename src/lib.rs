@@ -6,6 +6,7 @@
 
 mod auth;
 mod bus;
+mod canary;
 mod channel;
 pub mod config;
 mod connection;

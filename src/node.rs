@@ -10,6 +10,7 @@ use metrics::Counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::Authenticator;
+use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::dev_mode::DevMode;
@@ -37,6 +38,8 @@ pub struct Node {
     pub dev: Option<DevMode>,
     /// Resume through history; `None` when history is off.
     pub resume: Option<Arc<Resumer>>,
+    /// The delivery self-check `/readyz` reads; `None` when `SSE_CANARY_INTERVAL=0`.
+    pub canary: Option<Arc<Canary>>,
     /// Set once a task the node cannot deliver without has stopped: `/readyz` then fails.
     pub(crate) failure: OnceLock<&'static str>,
 }

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::bus::{self, InboundReceiver, Running};
+use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::connection::CloseReason;
@@ -93,6 +94,8 @@ impl Server {
             max_lifetime: config.max_connection_lifetime,
             history: history.is_some(),
         };
+        let canary = (!config.canary_interval.is_zero())
+            .then(|| Arc::new(Canary::new(channels.canary(&node_id), config.canary_interval, config.canary_threshold)));
         let hub = Hub::new(bus, limits, hub_metrics.clone());
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
@@ -108,6 +111,7 @@ impl Server {
             started: Instant::now(),
             dev,
             resume,
+            canary,
             failure: OnceLock::new(),
             config,
         });
@@ -133,7 +137,8 @@ impl Server {
         let hub = node.hub.clone();
         // The tasks without which nothing is delivered; each returns the name of its failure.
         let mut vital: JoinSet<&'static str> = JoinSet::new();
-        let dispatcher = tokio::spawn(dispatch::dispatch(inbound, hub.clone(), node.resume.clone()));
+        let dispatcher =
+            tokio::spawn(dispatch::dispatch(inbound, hub.clone(), node.resume.clone(), node.canary.clone()));
         let stop_dispatcher = dispatcher.abort_handle();
         vital.spawn(watch("dispatcher_stopped", dispatcher));
         if let Some(owner) = bus_owner {
@@ -146,6 +151,9 @@ impl Server {
             helpers.spawn(jwks.clone().run(background.clone()));
         }
         helpers.spawn(ip_limits_upkeep(node.ip_limits.clone(), background.clone()));
+        if let Some(canary) = &node.canary {
+            helpers.spawn(canary.clone().run(hub.bus().clone(), background.clone()));
+        }
 
         let listen = listener.local_addr().ok();
         let stop_accepting = CancellationToken::new();
