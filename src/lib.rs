@@ -5,6 +5,7 @@
 //! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol.
 
 mod auth;
+mod auth_hook;
 mod bus;
 mod channel;
 pub mod config;

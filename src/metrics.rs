@@ -28,6 +28,9 @@ pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
 pub const JWKS_REFRESHES: &str = "sse_jwks_refreshes_total";
 pub const JWKS_KEYS: &str = "sse_jwks_keys";
 pub const PENDING_CONNECTIONS: &str = "sse_pending_connections";
+pub const AUTH_HOOK: &str = "sse_auth_hook_total";
+pub const AUTH_HOOK_DURATION: &str = "sse_auth_hook_duration_seconds";
+pub const AUTH_HOOK_CACHE_HITS: &str = "sse_auth_hook_cache_hits_total";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -52,6 +55,11 @@ fn build_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::Bui
         .set_buckets_for_metric(
             Matcher::Full(FAN_OUT_DURATION.to_owned()),
             &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+        )?
+        // Up to the longest SSE_AUTH_HOOK_TIMEOUT a node takes.
+        .set_buckets_for_metric(
+            Matcher::Full(AUTH_HOOK_DURATION.to_owned()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
         )?
         .install_recorder()?;
     describe();
@@ -84,6 +92,12 @@ fn describe() {
     describe_counter!(JWKS_REFRESHES, "Fetches of SSE_JWT_JWKS_URL, by outcome (ok, failed)");
     describe_gauge!(JWKS_KEYS, "Usable keys held from SSE_JWT_JWKS_URL");
     describe_gauge!(PENDING_CONNECTIONS, "Connections without a complete, authenticated request yet");
+    describe_counter!(
+        AUTH_HOOK,
+        "Calls to SSE_AUTH_HOOK_URL, by outcome (allowed, narrowed, denied, timeout, unreachable, bad_status, malformed)"
+    );
+    describe_histogram!(AUTH_HOOK_DURATION, metrics::Unit::Seconds, "How long calls to SSE_AUTH_HOOK_URL took");
+    describe_counter!(AUTH_HOOK_CACHE_HITS, "Stream opens answered from the authorization hook's cache");
 }
 
 /// Counts connections and deliveries; owned by the hub.
