@@ -3,7 +3,8 @@
 //! address), and what a client sees for each answer: allowed, denied with the backend's status
 //! and reason, narrowed to fewer topics (events on a dropped topic never arrive), a backend too
 //! slow (503, or the token's grants with `SSE_AUTH_HOOK_FAIL_OPEN`), down or broken (503), and
-//! answers reused from the cache without a second call.
+//! answers reused from the cache without a second call. The polling fallback asks it too,
+//! publishing never does, and a single-use ticket the hook refuses is not spent.
 
 mod common;
 
@@ -349,4 +350,19 @@ async fn publishing_does_not_ask_the_hook() {
     let node = node_with_hook(&hook.url(), &[]).await;
     publish(&node, json!({"topics": ["anything"]}), "from a producer").await;
     assert_eq!(hook.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_single_use_ticket_refused_by_the_hook_is_not_spent() {
+    let hook = HookServer::start(Answer::json(200, json!({"allow": false, "reason": "not yet"}))).await;
+    let node = node_with_hook(&hook.url(), &[("SSE_SINGLE_USE_QUERY_TOKENS", "true")]).await;
+    let ticket = token_with(json!({"sub": "kim", "exp": unix_now() + 600, "jti": "ticket-1", "topics": ["*"]}));
+    assert_eq!(open(&node, &ticket, &["a"]).await.status, 403);
+
+    hook.answer(Answer::json(200, json!({"allow": true})));
+    let mut stream = open(&node, &ticket, &["a"]).await;
+    assert_eq!(stream.status, 200, "the refused open did not spend the ticket: {:?}", stream.body);
+    stream.connected().await;
+    let replay = open(&node, &ticket, &["a"]).await;
+    assert_eq!((replay.status, body_of(&replay)["error"].as_str()), (401, Some("token_replayed")));
 }
