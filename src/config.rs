@@ -209,6 +209,28 @@ pub struct Config {
     #[arg(long, env = "SSE_SINGLE_USE_QUERY_TOKENS", default_value_t = false, action = clap::ArgAction::Set)]
     pub single_use_query_tokens: bool,
 
+    /// URL (http or https) of your backend's connect authorization hook: on every stream open,
+    /// after the token verified, the node POSTs `{"user", "topics", "claims", "ip"}` there and
+    /// the answer allows, denies (its status and reason reach the client) or narrows the topics.
+    /// Unset: no hook, the token alone decides. Credentials may go in the URL (basic auth).
+    #[arg(long, env = "SSE_AUTH_HOOK_URL", hide_env_values = true)]
+    pub auth_hook_url: Option<String>,
+
+    /// How long a stream open waits for the hook's answer, connecting included (10ms-60s).
+    #[arg(long, env = "SSE_AUTH_HOOK_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub auth_hook_timeout: Duration,
+
+    /// How long the hook's answer for the same user, topics, address and claims (times aside)
+    /// is reused without asking again. 0: ask on every stream open.
+    #[arg(long, env = "SSE_AUTH_HOOK_CACHE", default_value = "10s", value_parser = parse_duration)]
+    pub auth_hook_cache: Duration,
+
+    /// When the hook fails (timeout, unreachable, 5xx, an answer not understood): `false` refuses
+    /// the stream with 503 `auth_hook_unavailable`; `true` opens it with the token's grants and
+    /// logs a warning (at most once a second).
+    #[arg(long, env = "SSE_AUTH_HOOK_FAIL_OPEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auth_hook_fail_open: bool,
+
     /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
     /// Empty: no CORS headers; same-origin only.
     #[arg(long, env = "SSE_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
@@ -384,6 +406,10 @@ pub enum ConfigError {
     JwksUrl,
     #[error("SSE_JWT_JWKS_REFRESH and SSE_JWT_JWKS_MIN_INTERVAL must be at least 1s")]
     JwksIntervalTooShort,
+    #[error("SSE_AUTH_HOOK_URL is not an http:// or https:// URL")]
+    AuthHookUrl,
+    #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
+    AuthHookTimeout,
     #[error("SSE_REDIS_URL is not a redis:// or rediss:// URL")]
     RedisUrl,
     #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
@@ -424,6 +450,15 @@ impl Config {
             if self.jwt_jwks_refresh < Duration::from_secs(1) || self.jwt_jwks_min_interval < Duration::from_secs(1) {
                 return Err(ConfigError::JwksIntervalTooShort);
             }
+        }
+        if let Some(url) = &self.auth_hook_url {
+            let parsed = reqwest::Url::parse(url).map_err(|_| ConfigError::AuthHookUrl)?;
+            if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+                return Err(ConfigError::AuthHookUrl);
+            }
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.auth_hook_timeout) {
+            return Err(ConfigError::AuthHookTimeout);
         }
         let asymmetric = self.jwt_public_key.is_some() || self.jwt_jwks_url.is_some();
         match self.jwt_algorithm {
@@ -750,6 +785,28 @@ mod tests {
         assert!(parse(&["--ip-open-burst", "0"]).is_err());
         assert!(parse(&["--request-timeout", "50ms"]).unwrap_err().contains("SSE_REQUEST_TIMEOUT"));
         assert_eq!(parse(&["--request-timeout", "1500"]).expect("ms").request_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn the_auth_hook_is_off_by_default_fail_closed_and_cached_briefly() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert!(config.auth_hook_url.is_none());
+        assert_eq!(
+            (config.auth_hook_timeout, config.auth_hook_cache),
+            (Duration::from_secs(2), Duration::from_secs(10))
+        );
+        assert!(!config.auth_hook_fail_open);
+        let on = parse(&["--auth-hook-url", "https://u:p@backend.internal/sse/authorize", "--auth-hook-cache", "0"])
+            .expect("valid");
+        assert_eq!(on.auth_hook_cache, Duration::ZERO);
+        assert!(parse(&["--auth-hook-fail-open", "true"]).expect("valid").auth_hook_fail_open);
+        assert_eq!(parse(&["--auth-hook-timeout", "500"]).expect("ms").auth_hook_timeout, Duration::from_millis(500));
+        for bad in ["backend/authorize", "ftp://backend/authorize", "http://"] {
+            assert!(parse(&["--auth-hook-url", bad]).unwrap_err().contains("SSE_AUTH_HOOK_URL"), "{bad}");
+        }
+        for bad in ["0", "5ms", "61s"] {
+            assert!(parse(&["--auth-hook-timeout", bad]).unwrap_err().contains("SSE_AUTH_HOOK_TIMEOUT"), "{bad}");
+        }
     }
 
     #[test]

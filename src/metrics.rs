@@ -33,6 +33,9 @@ pub const CANARY_SECONDS: &str = "sse_canary_seconds";
 pub const DELIVERY_LATENCY: &str = "sse_delivery_latency_seconds";
 pub const RESUMES: &str = "sse_resumes_total";
 pub const REPLAY_ENTRIES: &str = "sse_replay_entries";
+pub const AUTH_HOOK: &str = "sse_auth_hook_total";
+pub const AUTH_HOOK_DURATION: &str = "sse_auth_hook_duration_seconds";
+pub const AUTH_HOOK_CACHE_HITS: &str = "sse_auth_hook_cache_hits_total";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -68,6 +71,11 @@ fn build_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::Bui
         .set_buckets_for_metric(
             Matcher::Full(REPLAY_ENTRIES.to_owned()),
             &[0.0, 1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0],
+        )?
+        // Up to the longest SSE_AUTH_HOOK_TIMEOUT a node takes.
+        .set_buckets_for_metric(
+            Matcher::Full(AUTH_HOOK_DURATION.to_owned()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
         )?
         .install_recorder()?;
     describe();
@@ -115,6 +123,12 @@ fn describe() {
         "Streams opened with Last-Event-ID, by outcome: exact, or the reason of the reset (window_lost, history_lost, invalid_cursor)"
     );
     describe_histogram!(REPLAY_ENTRIES, "History entries replayed to one resuming stream");
+    describe_counter!(
+        AUTH_HOOK,
+        "Calls to SSE_AUTH_HOOK_URL, by outcome (allowed, narrowed, denied, timeout, unreachable, bad_status, malformed)"
+    );
+    describe_histogram!(AUTH_HOOK_DURATION, metrics::Unit::Seconds, "How long calls to SSE_AUTH_HOOK_URL took");
+    describe_counter!(AUTH_HOOK_CACHE_HITS, "Stream opens answered from the authorization hook's cache");
 }
 
 /// Counts connections and deliveries; owned by the hub.

@@ -10,6 +10,7 @@ use metrics::Counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::Authenticator;
+use crate::auth_hook::AuthHook;
 use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
@@ -24,6 +25,8 @@ pub struct Node {
     pub config: Config,
     pub node_id: String,
     pub auth: Authenticator,
+    /// The connect authorization hook (`SSE_AUTH_HOOK_URL`), when configured.
+    pub auth_hook: Option<AuthHook>,
     pub channels: ChannelNames,
     /// Browser origins allowed to call this node (`SSE_CORS_ORIGINS`).
     pub origins: Origins,

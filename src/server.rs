@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::auth_hook::AuthHook;
 use crate::bus::{self, InboundReceiver, Running};
 use crate::canary::Canary;
 use crate::channel::ChannelNames;
@@ -76,6 +77,7 @@ impl Server {
         let node_id =
             config.node_id.clone().unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
         let auth = Authenticator::from_config(&config)?;
+        let auth_hook = AuthHook::from_config(&config)?;
         let background = CancellationToken::new();
         let history = config.history();
         let channels = ChannelNames::new(&config.channel_prefix);
@@ -103,6 +105,7 @@ impl Server {
             ip_limits: IpLimits::new(config.ip_open_rate, config.ip_open_burst, config.ip_max_streams),
             node_id,
             auth,
+            auth_hook,
             channels,
             hub,
             hub_metrics,
