@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, header};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::channel::{TopicPattern, check_name};
 use crate::config::{Config, JwtAlgorithm};
@@ -59,6 +60,9 @@ pub struct Grant {
     pub expires_at: u64,
     /// The `jti` claim: what a single-use query token is spent under.
     pub jti: Option<Box<str>>,
+    /// Every claim of the token as it was signed, kept only when a connect authorization hook
+    /// (`SSE_AUTH_HOOK_URL`) is there to be shown them.
+    pub claims: Option<Box<RawValue>>,
 }
 
 impl Grant {
@@ -169,6 +173,8 @@ pub struct Authenticator {
     validations: Vec<Validation>,
     /// Present in development mode only, to mint the tokens the node prints.
     dev_signer: Option<EncodingKey>,
+    /// Whether grants carry the token's claims (for the connect authorization hook).
+    keep_claims: bool,
 }
 
 impl Authenticator {
@@ -200,7 +206,8 @@ impl Authenticator {
             Keys::Jwks(_) => vec![Algorithm::RS256, Algorithm::ES256],
         };
         let validations = algorithms.into_iter().map(|algorithm| validation(config, algorithm)).collect();
-        Ok(Self { names: TokenNames::from_config(config), keys, validations, dev_signer })
+        let keep_claims = config.auth_hook_url.is_some();
+        Ok(Self { names: TokenNames::from_config(config), keys, validations, dev_signer, keep_claims })
     }
 
     /// The key set, when keys come from `SSE_JWT_JWKS_URL` (its refresh task is run by the server).
@@ -249,20 +256,14 @@ impl Authenticator {
     fn decode(&self, token: &str, key: &DecodingKey, algorithm: Algorithm) -> Result<Grant, AuthError> {
         let validation =
             self.validations.iter().find(|v| v.algorithms == [algorithm]).ok_or(AuthError::BadSignature)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                AuthError::BadSignature
-            }
-            ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::BadClaim("sub"),
-            ErrorKind::MissingRequiredClaim(_) => AuthError::BadClaim("exp"),
-            ErrorKind::InvalidAudience => AuthError::BadClaim("aud"),
-            ErrorKind::InvalidIssuer => AuthError::BadClaim("iss"),
-            ErrorKind::ImmatureSignature => AuthError::BadClaim("nbf"),
-            ErrorKind::Json(_) => AuthError::BadClaim("exp, sub, topics or role"),
-            _ => AuthError::Malformed,
-        })?;
-        let claims = data.claims;
+        let (claims, raw) = if self.keep_claims {
+            // The claims as signed, for the hook; read once more for the grant.
+            let raw: Box<RawValue> = decoded(token, key, validation)?;
+            let claims = serde_json::from_str::<Claims>(raw.get()).map_err(|_| AuthError::BadClaim(CLAIM_TYPES))?;
+            (claims, Some(raw))
+        } else {
+            (decoded::<Claims>(token, key, validation)?, None)
+        };
         let expires_at = claims.exp.ok_or(AuthError::BadClaim("exp"))?;
         // RFC 7519 makes `sub` a string; a number is a different user id in every language.
         let Some(Value::String(user)) = claims.sub else {
@@ -291,7 +292,7 @@ impl Authenticator {
             Some(Value::String(jti)) if !jti.is_empty() && jti.len() <= MAX_JTI_BYTES => Some(jti.into_boxed_str()),
             Some(_) => return Err(AuthError::BadClaim("jti")),
         };
-        Ok(Grant { user, topics, role, expires_at, jti })
+        Ok(Grant { user, topics, role, expires_at, jti, claims: raw })
     }
 
     /// Mints a token with the development secret; `None` outside development mode.
@@ -300,6 +301,32 @@ impl Authenticator {
         let claims = DevClaims { sub, exp: unix_now() + ttl.as_secs(), topics, role };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, signer).ok()
     }
+}
+
+/// Which claims a token's claims fail to parse for, when one has the wrong type.
+const CLAIM_TYPES: &str = "exp, sub, topics or role";
+
+/// Checks the signature with `key` and the registered claims with `validation`, and reads the
+/// claims as `T`.
+fn decoded<T: serde::de::DeserializeOwned>(
+    token: &str,
+    key: &DecodingKey,
+    validation: &Validation,
+) -> Result<T, AuthError> {
+    let data = jsonwebtoken::decode::<T>(token, key, validation).map_err(|e| match e.kind() {
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            AuthError::BadSignature
+        }
+        ErrorKind::MissingRequiredClaim(c) if c == "sub" => AuthError::BadClaim("sub"),
+        ErrorKind::MissingRequiredClaim(_) => AuthError::BadClaim("exp"),
+        ErrorKind::InvalidAudience => AuthError::BadClaim("aud"),
+        ErrorKind::InvalidIssuer => AuthError::BadClaim("iss"),
+        ErrorKind::ImmatureSignature => AuthError::BadClaim("nbf"),
+        ErrorKind::Json(_) => AuthError::BadClaim(CLAIM_TYPES),
+        _ => AuthError::Malformed,
+    })?;
+    Ok(data.claims)
 }
 
 /// What every token must satisfy, for tokens signed with `algorithm`.
@@ -454,6 +481,25 @@ mod tests {
         assert!(!grant.is_admin());
         let numeric = sign("s3cret", serde_json::json!({"sub": 7, "exp": exp}));
         assert_eq!(auth("s3cret").check(&numeric).unwrap_err(), AuthError::BadClaim("sub"));
+    }
+
+    #[test]
+    fn claims_are_kept_as_signed_only_for_a_connect_hook() {
+        let exp = unix_now() + 60;
+        let token = sign("k", serde_json::json!({"sub": "42", "exp": exp, "plan": {"tier": "gold"}, "n": 1.50}));
+        assert!(auth("k").check(&token).expect("valid").claims.is_none(), "no hook: nothing more is kept");
+        let hooked = Authenticator::from_config(&config(&["--jwt-secret", "k", "--auth-hook-url", "http://hook/a"]))
+            .expect("valid");
+        let grant = hooked.check(&token).expect("valid");
+        let claims: serde_json::Value =
+            serde_json::from_str(grant.claims.as_deref().expect("kept").get()).expect("json");
+        assert_eq!(claims, serde_json::json!({"sub": "42", "exp": exp, "plan": {"tier": "gold"}, "n": 1.50}));
+        // The grant and its refusals are the same either way.
+        assert_eq!((grant.user.as_str(), grant.expires_at), ("42", exp));
+        let wrong = sign("k", serde_json::json!({"sub": "42", "exp": exp, "topics": "x"}));
+        assert_eq!(hooked.check(&wrong).unwrap_err(), auth("k").check(&wrong).unwrap_err());
+        let expired = sign("k", serde_json::json!({"sub": "42", "exp": exp - 600}));
+        assert_eq!(hooked.check(&expired).unwrap_err(), AuthError::Expired);
     }
 
     #[test]

@@ -146,6 +146,14 @@ impl ChannelNames {
         ChannelName(Arc::from(format!("{}:control", self.prefix)))
     }
 
+    /// The node's own canary channel (`<prefix>:canary:<node id>`, see [`crate::canary`]). No
+    /// stream can listen on it: a stream joins only the names built by [`Self::user`],
+    /// [`Self::topic`] and [`Self::broadcast`], which all differ from it after the prefix, and
+    /// a publish request targets only those. [`Self::kind_of`] knows no kind for it.
+    pub fn canary(&self, node_id: &str) -> ChannelName {
+        ChannelName(Arc::from(format!("{}:canary:{node_id}", self.prefix)))
+    }
+
     /// The name without the prefix (`user:42`, `topic:news`, `broadcast`), as clients see it.
     pub fn logical<'a>(&self, channel: &'a ChannelName) -> &'a str {
         channel.as_str().strip_prefix(&self.prefix).and_then(|r| r.strip_prefix(':')).unwrap_or(channel.as_str())
@@ -209,6 +217,11 @@ mod tests {
         assert_eq!(names.kind_of(&names.topic("a")), Some(ChannelKind::Topic));
         assert_eq!(names.kind_of(&names.broadcast()), Some(ChannelKind::Broadcast));
         assert_eq!(names.kind_of(&ChannelName::from_bus("other:user:1")), None);
+        assert_eq!(names.canary("node-1").as_str(), "sse:canary:node-1");
+        assert_eq!(names.kind_of(&names.canary("node-1")), None, "no client kind");
+        // A user or topic named like the canary still lands under its own kind.
+        assert_ne!(names.user("canary:node-1"), names.canary("node-1"));
+        assert_ne!(names.topic("canary:node-1"), names.canary("node-1"));
         assert_eq!(names.logical(&names.topic("a:b")), "topic:a:b");
     }
 

@@ -209,6 +209,28 @@ pub struct Config {
     #[arg(long, env = "SSE_SINGLE_USE_QUERY_TOKENS", default_value_t = false, action = clap::ArgAction::Set)]
     pub single_use_query_tokens: bool,
 
+    /// URL (http or https) of your backend's connect authorization hook: on every stream open,
+    /// after the token verified, the node POSTs `{"user", "topics", "claims", "ip"}` there and
+    /// the answer allows, denies (its status and reason reach the client) or narrows the topics.
+    /// Unset: no hook, the token alone decides. Credentials may go in the URL (basic auth).
+    #[arg(long, env = "SSE_AUTH_HOOK_URL", hide_env_values = true)]
+    pub auth_hook_url: Option<String>,
+
+    /// How long a stream open waits for the hook's answer, connecting included (10ms-60s).
+    #[arg(long, env = "SSE_AUTH_HOOK_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub auth_hook_timeout: Duration,
+
+    /// How long the hook's answer for the same user, topics, address and claims (times aside)
+    /// is reused without asking again. 0: ask on every stream open.
+    #[arg(long, env = "SSE_AUTH_HOOK_CACHE", default_value = "10s", value_parser = parse_duration)]
+    pub auth_hook_cache: Duration,
+
+    /// When the hook fails (timeout, unreachable, 5xx, an answer not understood): `false` refuses
+    /// the stream with 503 `auth_hook_unavailable`; `true` opens it with the token's grants and
+    /// logs a warning (at most once a second).
+    #[arg(long, env = "SSE_AUTH_HOOK_FAIL_OPEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auth_hook_fail_open: bool,
+
     /// Origins allowed to open streams and call the API from a browser (comma-separated, or `*`).
     /// Empty: no CORS headers; same-origin only.
     #[arg(long, env = "SSE_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
@@ -298,6 +320,17 @@ pub struct Config {
     #[arg(long, env = "SSE_HISTORY_MAX_REPLAY", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub history_max_replay: u32,
 
+    /// How often the node publishes a probe to its own canary channel and times its way back
+    /// through the bus, its subscriber and its dispatcher (the path of every client message).
+    /// 0: off (then `/readyz` does not prove delivery).
+    #[arg(long, env = "SSE_CANARY_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub canary_interval: Duration,
+
+    /// `/readyz` answers 503 `canary_stalled` when a probe has been out this long, or the last
+    /// one took longer than this to come back. At least 100ms.
+    #[arg(long, env = "SSE_CANARY_THRESHOLD", default_value = "5s", value_parser = parse_duration)]
+    pub canary_threshold: Duration,
+
     /// Log format.
     #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -378,6 +411,10 @@ pub enum ConfigError {
     JwksUrl,
     #[error("SSE_JWT_JWKS_REFRESH and SSE_JWT_JWKS_MIN_INTERVAL must be at least 1s")]
     JwksIntervalTooShort,
+    #[error("SSE_AUTH_HOOK_URL is not an http:// or https:// URL")]
+    AuthHookUrl,
+    #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
+    AuthHookTimeout,
     #[error("SSE_REDIS_URL is not a redis:// or rediss:// URL")]
     RedisUrl,
     #[error("SSE_PRESENCE_LEASE must be at least 1s")]
@@ -392,6 +429,10 @@ pub enum ConfigError {
     RequestTimeoutTooShort,
     #[error("SSE_WRITE_STALL_TIMEOUT must be at least 1s")]
     WriteStallTooShort,
+    #[error(
+        "SSE_CANARY_INTERVAL and SSE_CANARY_THRESHOLD must be at least 100ms (SSE_CANARY_INTERVAL=0 turns the canary off)"
+    )]
+    CanaryTooShort,
     #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
     TokenName(&'static str, String),
 }
@@ -416,6 +457,15 @@ impl Config {
             if self.jwt_jwks_refresh < Duration::from_secs(1) || self.jwt_jwks_min_interval < Duration::from_secs(1) {
                 return Err(ConfigError::JwksIntervalTooShort);
             }
+        }
+        if let Some(url) = &self.auth_hook_url {
+            let parsed = reqwest::Url::parse(url).map_err(|_| ConfigError::AuthHookUrl)?;
+            if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+                return Err(ConfigError::AuthHookUrl);
+            }
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.auth_hook_timeout) {
+            return Err(ConfigError::AuthHookTimeout);
         }
         let asymmetric = self.jwt_public_key.is_some() || self.jwt_jwks_url.is_some();
         match self.jwt_algorithm {
@@ -461,6 +511,10 @@ impl Config {
         }
         if self.write_stall_timeout < Duration::from_secs(1) {
             return Err(ConfigError::WriteStallTooShort);
+        }
+        let least = Duration::from_millis(100);
+        if !self.canary_interval.is_zero() && (self.canary_interval < least || self.canary_threshold < least) {
+            return Err(ConfigError::CanaryTooShort);
         }
         Ok(())
     }
@@ -744,6 +798,28 @@ mod tests {
     }
 
     #[test]
+    fn the_auth_hook_is_off_by_default_fail_closed_and_cached_briefly() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert!(config.auth_hook_url.is_none());
+        assert_eq!(
+            (config.auth_hook_timeout, config.auth_hook_cache),
+            (Duration::from_secs(2), Duration::from_secs(10))
+        );
+        assert!(!config.auth_hook_fail_open);
+        let on = parse(&["--auth-hook-url", "https://u:p@backend.internal/sse/authorize", "--auth-hook-cache", "0"])
+            .expect("valid");
+        assert_eq!(on.auth_hook_cache, Duration::ZERO);
+        assert!(parse(&["--auth-hook-fail-open", "true"]).expect("valid").auth_hook_fail_open);
+        assert_eq!(parse(&["--auth-hook-timeout", "500"]).expect("ms").auth_hook_timeout, Duration::from_millis(500));
+        for bad in ["backend/authorize", "ftp://backend/authorize", "http://"] {
+            assert!(parse(&["--auth-hook-url", bad]).unwrap_err().contains("SSE_AUTH_HOOK_URL"), "{bad}");
+        }
+        for bad in ["0", "5ms", "61s"] {
+            assert!(parse(&["--auth-hook-timeout", bad]).unwrap_err().contains("SSE_AUTH_HOOK_TIMEOUT"), "{bad}");
+        }
+    }
+
+    #[test]
     fn trusted_proxies_are_addresses_and_ranges() {
         let config = parse(&["--trusted-proxies", "10.0.0.0/8, 192.0.2.7,::1,2001:db8::/32,"]).expect("valid");
         let trusted = |a: &str| config.trusted_proxies.contains(a.parse().expect("address"));
@@ -753,6 +829,17 @@ mod tests {
         let error = parse(&["--trusted-proxies", "10.0.0.0/8,proxy.local"]).unwrap_err();
         assert!(error.contains("proxy.local") && error.contains("SSE_TRUSTED_PROXIES"), "{error}");
         assert!(parse(&["--trusted-proxies", "10.0.0.0/33"]).is_err());
+    }
+
+    #[test]
+    fn the_canary_runs_every_2s_with_a_5s_threshold_and_0_turns_it_off() {
+        let config = parse(&[]).expect("defaults are valid");
+        assert_eq!((config.canary_interval, config.canary_threshold), (Duration::from_secs(2), Duration::from_secs(5)));
+        let fast = parse(&["--canary-interval", "200", "--canary-threshold", "1s"]).expect("valid");
+        assert_eq!((fast.canary_interval, fast.canary_threshold), (Duration::from_millis(200), Duration::from_secs(1)));
+        assert!(parse(&["--canary-interval", "0"]).expect("off").canary_interval.is_zero());
+        assert!(parse(&["--canary-interval", "50ms"]).unwrap_err().contains("SSE_CANARY_INTERVAL"));
+        assert!(parse(&["--canary-threshold", "10ms"]).unwrap_err().contains("SSE_CANARY_THRESHOLD"));
     }
 
     #[test]

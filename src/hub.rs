@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -508,12 +508,15 @@ impl Hub {
     }
 
     /// Fans one payload from the bus out to this node's listeners on `channel`. `id` is its
-    /// history id when it was published durably.
-    pub async fn deliver(self: &Arc<Self>, channel: &str, id: Option<StreamId>, payload: &[u8]) {
+    /// history id when it was published durably. False when no local stream listens on the
+    /// channel (the bus may deliver a message or two after the last listener left, and the
+    /// node's canary channel never has one): the dispatcher looks at those, and only those,
+    /// for the canary's probes.
+    pub async fn deliver(self: &Arc<Self>, channel: &str, id: Option<StreamId>, payload: &[u8]) -> bool {
         self.metrics.bus_messages.increment(1);
         let (listeners, item) = {
             let registry = self.read();
-            let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
+            let Some((name, entry)) = registry.channels.get_key_value(channel) else { return false };
             let framed = match envelope::parse(payload) {
                 Ok(message) => {
                     let producer_id = if self.limits.history { None } else { message.id.as_deref() };
@@ -525,7 +528,7 @@ impl Hub {
                     if let Some(suppressed) = self.refusal_log.allow(self.now()) {
                         tracing::warn!(channel, reason = %refusal, suppressed, "refused a published payload");
                     }
-                    return;
+                    return true;
                 }
             };
             if let Some(id) = id {
@@ -542,6 +545,13 @@ impl Hub {
             (entry.listeners.clone(), item)
         };
         self.fan_out(channel, listeners, item).await;
+        if let Some(id) = id {
+            // Once per message, not per stream: one clock read. The id's time is Redis's clock
+            // (or this node's with the embedded bus); a skew between the two shifts every value.
+            let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            self.metrics.delivery_latency.record(Duration::from_millis(now_ms.saturating_sub(id.ms)));
+        }
+        true
     }
 
     /// Tells `channel`'s streams its history was lost (`frame` is the `reset` event): their

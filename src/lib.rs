@@ -2,10 +2,13 @@
 //!
 //! The hot path reads top to bottom: [`bus`] → [`dispatch`] → [`hub`] (framed once by
 //! [`frame`]) → [`connection`] → [`wire`] → the socket. [`server`] builds a node and runs it;
-//! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol.
+//! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol;
+//! [`auth`] checks tokens and [`auth_hook`] asks the operator's backend when a stream opens.
 
 mod auth;
+mod auth_hook;
 mod bus;
+mod canary;
 mod channel;
 pub mod config;
 mod connection;

@@ -9,6 +9,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::connection::CloseReason;
+use crate::history::ResetReason;
 
 pub const ACTIVE_CONNECTIONS: &str = "sse_active_connections";
 pub const TOTAL_CONNECTIONS: &str = "sse_total_connections";
@@ -28,6 +29,13 @@ pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
 pub const JWKS_REFRESHES: &str = "sse_jwks_refreshes_total";
 pub const JWKS_KEYS: &str = "sse_jwks_keys";
 pub const PENDING_CONNECTIONS: &str = "sse_pending_connections";
+pub const CANARY_SECONDS: &str = "sse_canary_seconds";
+pub const DELIVERY_LATENCY: &str = "sse_delivery_latency_seconds";
+pub const RESUMES: &str = "sse_resumes_total";
+pub const REPLAY_ENTRIES: &str = "sse_replay_entries";
+pub const AUTH_HOOK: &str = "sse_auth_hook_total";
+pub const AUTH_HOOK_DURATION: &str = "sse_auth_hook_duration_seconds";
+pub const AUTH_HOOK_CACHE_HITS: &str = "sse_auth_hook_cache_hits_total";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -52,6 +60,22 @@ fn build_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::Bui
         .set_buckets_for_metric(
             Matcher::Full(FAN_OUT_DURATION.to_owned()),
             &[0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
+        )?
+        // From the first millisecond (a node and Redis on one machine) to the 30 s of a backfill
+        // after a Redis outage.
+        .set_buckets_for_metric(
+            Matcher::Full(DELIVERY_LATENCY.to_owned()),
+            &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )?
+        // Up to the default SSE_HISTORY_MAX_REPLAY (10,000).
+        .set_buckets_for_metric(
+            Matcher::Full(REPLAY_ENTRIES.to_owned()),
+            &[0.0, 1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0],
+        )?
+        // Up to the longest SSE_AUTH_HOOK_TIMEOUT a node takes.
+        .set_buckets_for_metric(
+            Matcher::Full(AUTH_HOOK_DURATION.to_owned()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
         )?
         .install_recorder()?;
     describe();
@@ -84,6 +108,27 @@ fn describe() {
     describe_counter!(JWKS_REFRESHES, "Fetches of SSE_JWT_JWKS_URL, by outcome (ok, failed)");
     describe_gauge!(JWKS_KEYS, "Usable keys held from SSE_JWT_JWKS_URL");
     describe_gauge!(PENDING_CONNECTIONS, "Connections without a complete, authenticated request yet");
+    describe_gauge!(
+        CANARY_SECONDS,
+        metrics::Unit::Seconds,
+        "Delivery lag the canary sees: the last probe's round trip through bus, subscriber and dispatcher, or how long the oldest probe out has waited when that is longer"
+    );
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        metrics::Unit::Seconds,
+        "From a durable publish (its history id's time) to its hand-off to this node's streams; once per message"
+    );
+    describe_counter!(
+        RESUMES,
+        "Streams opened with Last-Event-ID, by outcome: exact, or the reason of the reset (window_lost, history_lost, invalid_cursor)"
+    );
+    describe_histogram!(REPLAY_ENTRIES, "History entries replayed to one resuming stream");
+    describe_counter!(
+        AUTH_HOOK,
+        "Calls to SSE_AUTH_HOOK_URL, by outcome (allowed, narrowed, denied, timeout, unreachable, bad_status, malformed)"
+    );
+    describe_histogram!(AUTH_HOOK_DURATION, metrics::Unit::Seconds, "How long calls to SSE_AUTH_HOOK_URL took");
+    describe_counter!(AUTH_HOOK_CACHE_HITS, "Stream opens answered from the authorization hook's cache");
 }
 
 /// Counts connections and deliveries; owned by the hub.
@@ -96,6 +141,8 @@ pub struct HubMetrics {
     pub fan_out: Histogram,
     pub channels: Gauge,
     pub bus_messages: Counter,
+    /// Publish to hand-off of durable messages, recorded once per message.
+    pub delivery_latency: Histogram,
     /// `sse_connections_closed_total` per reason, resolved once: a storm closes thousands.
     closed: [Counter; CLOSE_REASONS.len()],
 }
@@ -125,6 +172,7 @@ impl HubMetrics {
             fan_out: histogram!(FAN_OUT_DURATION),
             channels: gauge!(SUBSCRIBED_CHANNELS),
             bus_messages: counter!(BUS_MESSAGES),
+            delivery_latency: histogram!(DELIVERY_LATENCY),
             closed: CLOSE_REASONS.map(|reason| counter!(CONNECTIONS_CLOSED, "reason" => reason.label())),
         }
     }
@@ -148,6 +196,40 @@ impl HubMetrics {
 }
 
 impl Default for HubMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts resumes; owned by the resumer.
+pub struct ResumeMetrics {
+    exact: Counter,
+    /// Per [`ResetReason`], in declaration order (indexed by `reason as usize`).
+    reset: [Counter; RESET_REASONS.len()],
+    pub replayed: Histogram,
+}
+
+const RESET_REASONS: [ResetReason; 3] = [ResetReason::WindowLost, ResetReason::HistoryLost, ResetReason::InvalidCursor];
+
+impl ResumeMetrics {
+    pub fn new() -> Self {
+        Self {
+            exact: counter!(RESUMES, "outcome" => "exact"),
+            reset: RESET_REASONS.map(|reason| counter!(RESUMES, "outcome" => reason.label())),
+            replayed: histogram!(REPLAY_ENTRIES),
+        }
+    }
+
+    /// One resume: exact, or reset for `reason` (on any of its channels).
+    pub fn resumed(&self, reset: Option<ResetReason>) {
+        match reset {
+            None => self.exact.increment(1),
+            Some(reason) => self.reset[reason as usize].increment(1),
+        }
+    }
+}
+
+impl Default for ResumeMetrics {
     fn default() -> Self {
         Self::new()
     }
@@ -192,6 +274,13 @@ mod tests {
     #[test]
     fn every_close_reason_has_its_own_counter() {
         for (index, reason) in CLOSE_REASONS.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{}", reason.label());
+        }
+    }
+
+    #[test]
+    fn every_reset_reason_has_its_own_counter() {
+        for (index, reason) in RESET_REASONS.iter().enumerate() {
             assert_eq!(*reason as usize, index, "{}", reason.label());
         }
     }

@@ -10,6 +10,8 @@ use metrics::Counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::Authenticator;
+use crate::auth_hook::AuthHook;
+use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::dev_mode::DevMode;
@@ -24,6 +26,8 @@ pub struct Node {
     pub config: Config,
     pub node_id: String,
     pub auth: Authenticator,
+    /// The connect authorization hook (`SSE_AUTH_HOOK_URL`), when configured.
+    pub auth_hook: Option<AuthHook>,
     pub channels: ChannelNames,
     /// Browser origins allowed to call this node (`SSE_CORS_ORIGINS`).
     pub origins: Origins,
@@ -40,6 +44,8 @@ pub struct Node {
     pub dev: Option<DevMode>,
     /// Resume through history; `None` when history is off.
     pub resume: Option<Arc<Resumer>>,
+    /// The delivery self-check `/readyz` reads; `None` when `SSE_CANARY_INTERVAL=0`.
+    pub canary: Option<Arc<Canary>>,
     /// Set once a task the node cannot deliver without has stopped: `/readyz` then fails.
     pub(crate) failure: OnceLock<&'static str>,
 }

@@ -32,6 +32,7 @@ use crate::channel::{ChannelName, ChannelNames};
 use crate::connection::{CloseReason, Connection, Item, Pushed, QueueLimit, Rebase};
 use crate::history::{Cursor, CursorError, Entry, Page, ReplayLimits, ResetReason, Since, StreamId, reset_frame};
 use crate::hub::{Hold, Hub};
+use crate::metrics::ResumeMetrics;
 use crate::{envelope, frame};
 
 /// Where each channel of a stream starts, decided before subscribing.
@@ -44,6 +45,9 @@ pub struct Start {
     pub away: Duration,
     /// Set when `Last-Event-ID` cannot be used: every channel is reset, for this reason.
     pub reset_all: Option<ResetReason>,
+    /// The client sent `Last-Event-ID` (counted in `sse_resumes_total`, its replay in
+    /// `sse_replay_entries`); a new stream starts at the tails and replays nothing.
+    pub resumed: bool,
 }
 
 /// One page of what history says a stream missed since its [`Start`].
@@ -107,12 +111,13 @@ pub struct Resumer {
     /// The history epoch last seen from the bus. A backfill that finds another one knows the
     /// history it would continue from was lost.
     epoch: AtomicU32,
+    metrics: ResumeMetrics,
 }
 
 impl Resumer {
     pub fn new(bus: Arc<dyn Bus>, names: ChannelNames, limits: ReplayLimits) -> Self {
         let reads = tokio::sync::Semaphore::new((HISTORY_BYTES_IN_FLIGHT / PERMIT_BYTES) as usize);
-        Self { bus, names, limits, reads, epoch: AtomicU32::new(0) }
+        Self { bus, names, limits, reads, epoch: AtomicU32::new(0), metrics: ResumeMetrics::new() }
     }
 
     /// One page of history, once the node's reads in flight leave room for its byte budget.
@@ -158,7 +163,7 @@ impl Resumer {
             // A resume that knows every channel needs no tails: the history read that follows
             // checks the epoch. In a reconnect storm that is one Redis call per stream saved.
             let away = Duration::from_secs(unix_now().saturating_sub(cursor.issued_at));
-            return Ok(Start { epoch: cursor.epoch, positions, away, reset_all: None });
+            return Ok(Start { epoch: cursor.epoch, positions, away, reset_all: None, resumed: true });
         }
         let Epoched { epoch: current, values: tails } = self.bus.tails(channels).await?;
         self.epoch.store(current, Ordering::Release);
@@ -180,7 +185,7 @@ impl Resumer {
             .zip(tails)
             .map(|(channel, tail)| (channel.clone(), cursor.as_ref().and_then(|c| c.position(channel)).unwrap_or(tail)))
             .collect();
-        Ok(Start { epoch, positions, away, reset_all })
+        Ok(Start { epoch, positions, away, reset_all, resumed: last_event_id.is_some() })
     }
 
     /// Reads the first page of what history holds past each position of `start` (one page as
@@ -246,8 +251,12 @@ impl Resumer {
         start: Start,
     ) -> Result<Option<Bytes>, BusError> {
         let channels: Vec<ChannelName> = start.positions.iter().map(|(c, _)| c.clone()).collect();
+        let resumed = start.resumed;
         let first = self.first_since(&start, self.page(self.limits.max_replay)).await?;
         let missed = self.missed_from(start, first);
+        if resumed {
+            self.metrics.resumed((!missed.reset.is_empty()).then_some(missed.reason));
+        }
         let replayed = missed.entries.len() as u32;
         let replay = items(&channels, missed.entries.into_iter().map(|m| (m.channel, m.entry)));
         let queued = written_after(&channels, (missed.epoch, missed.from.clone()), &replay);
@@ -259,6 +268,9 @@ impl Resumer {
             reset_frame(&self.names, &reset, missed.reason)
         });
         if missed.more.is_empty() {
+            if resumed {
+                self.metrics.replayed.record(f64::from(replayed));
+            }
             hub.release(hold);
         } else {
             let catch_up = CatchUp {
@@ -271,6 +283,7 @@ impl Resumer {
                 more: missed.more,
                 queued,
                 replayed,
+                resumed,
                 finished: false,
             };
             tokio::spawn(catch_up.run());
@@ -393,6 +406,8 @@ struct CatchUp {
     /// The stream's cursor (epoch, positions) once it has written everything queued so far.
     queued: (u32, Vec<StreamId>),
     replayed: u32,
+    /// A resume (its depth is recorded when the replay ends).
+    resumed: bool,
     finished: bool,
 }
 
@@ -406,6 +421,9 @@ impl CatchUp {
         if let Err(e) = self.pages().await {
             tracing::warn!(error = %e, "a long replay could not go on; the stream resumes on reconnect");
             self.abandon();
+        }
+        if self.resumed {
+            self.resumer.metrics.replayed.record(f64::from(self.replayed));
         }
         self.finished = true;
     }

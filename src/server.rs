@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::auth_hook::AuthHook;
 use crate::bus::{self, InboundReceiver, Running};
+use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::connection::CloseReason;
@@ -76,6 +78,7 @@ impl Server {
         let node_id =
             config.node_id.clone().unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
         let auth = Authenticator::from_config(&config)?;
+        let auth_hook = AuthHook::from_config(&config)?;
         let background = CancellationToken::new();
         let history = config.history();
         let channels = ChannelNames::new(&config.channel_prefix);
@@ -94,6 +97,8 @@ impl Server {
             max_lifetime: config.max_connection_lifetime,
             history: history.is_some(),
         };
+        let canary = (!config.canary_interval.is_zero())
+            .then(|| Arc::new(Canary::new(channels.canary(&node_id), config.canary_interval, config.canary_threshold)));
         let hub = Hub::new(bus, limits, hub_metrics.clone());
         let presence = Presence::new(
             node_id.clone(),
@@ -108,6 +113,7 @@ impl Server {
             ip_limits: IpLimits::new(config.ip_open_rate, config.ip_open_burst, config.ip_max_streams),
             node_id,
             auth,
+            auth_hook,
             channels,
             hub,
             presence,
@@ -117,6 +123,7 @@ impl Server {
             started: Instant::now(),
             dev,
             resume,
+            canary,
             failure: OnceLock::new(),
             config,
         });
@@ -146,6 +153,7 @@ impl Server {
             inbound,
             hub.clone(),
             node.resume.clone(),
+            node.canary.clone(),
             node.presence.control_channel(),
         ));
         let stop_dispatcher = dispatcher.abort_handle();
@@ -161,6 +169,9 @@ impl Server {
         }
         helpers.spawn(node.presence.clone().run(background.clone()));
         helpers.spawn(ip_limits_upkeep(node.ip_limits.clone(), background.clone()));
+        if let Some(canary) = &node.canary {
+            helpers.spawn(canary.clone().run(hub.bus().clone(), background.clone()));
+        }
 
         let listen = listener.local_addr().ok();
         let stop_accepting = CancellationToken::new();

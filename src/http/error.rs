@@ -29,6 +29,8 @@ pub enum ApiError {
     TooManyRequests { code: &'static str, message: String, retry_after: Option<u64> },
     /// 503: draining, full, or the bus is down.
     Unavailable { code: &'static str, message: String },
+    /// A 4xx status the connect authorization hook chose, with its reason.
+    Denied { status: StatusCode, code: &'static str, message: String },
 }
 
 impl ApiError {
@@ -138,6 +140,7 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable { code, message } => {
                 (StatusCode::SERVICE_UNAVAILABLE, json!({"error": code, "message": message}))
             }
+            ApiError::Denied { status, code, message } => (status, json!({"error": code, "message": message})),
         };
         (status, Json(body)).into_response()
     }

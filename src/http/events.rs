@@ -5,6 +5,10 @@
 //! `connected`. A client that publishes right after reading `connected` therefore never loses
 //! its first message to a subscription still in flight.
 //!
+//! Before any of that, with `SSE_AUTH_HOOK_URL` set, the operator's backend is asked whether the
+//! stream may open and with which topics ([`crate::auth_hook`]); the topics it keeps are joined
+//! exactly as if the token had granted only those.
+//!
 //! With history on, each channel is positioned first (from `Last-Event-ID`, or at the current
 //! tail for a new stream), and after subscribing the stream replays what history holds past
 //! those positions; live copies of replayed entries are dropped by id in the connection. So a
@@ -22,6 +26,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::{BufMut, BytesMut};
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::client_ip::{Peer, client_address};
 use super::error::{ApiError, history_unavailable};
@@ -31,6 +36,7 @@ use super::ip_limits::StreamSlot;
 use super::pending::RequestMark;
 use super::query;
 use crate::auth::Grant;
+use crate::auth_hook::{AuthHook, Decision, HookRequest};
 use crate::channel::{ChannelName, check_name, topic_allowed};
 use crate::frame;
 use crate::hub::JoinError;
@@ -127,7 +133,7 @@ pub async fn open(
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
-    let Authorized { grant, topics, channels, query } = authorize(node, headers, query).await?;
+    let Authorized { grant, topics, channels, query } = authorize(node, headers, query, client, pending).await?;
     if let Some(pending) = pending {
         pending.authenticated();
     }
@@ -206,10 +212,10 @@ pub async fn open(
     Ok(Opened { membership: joined.membership, preamble: preamble.freeze(), ip_slot })
 }
 
-/// A stream request whose token and topics were checked.
+/// A stream request whose token and topics were checked (and, with a hook, allowed by it).
 pub struct Authorized {
     pub grant: Grant,
-    /// The granted topics, without duplicates.
+    /// The granted topics, without duplicates; with a hook, those it allowed.
     pub topics: Vec<String>,
     /// Every channel of the stream: user, broadcast, then topics.
     pub channels: Vec<ChannelName>,
@@ -217,12 +223,27 @@ pub struct Authorized {
     pub query: StreamQuery,
 }
 
-/// Checks the token, then the query and the asked topics.
-pub async fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) -> Result<Authorized, ApiError> {
+/// Checks the token, then the query and the asked topics, then asks the connect authorization
+/// hook when there is one. `client` is the request's address (for the hook); `pending` the
+/// request's mark while its connection is pending (hyper's path).
+pub async fn authorize(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    client: IpAddr,
+    pending: Option<&RequestMark>,
+) -> Result<Authorized, ApiError> {
     let Access { grant, source } =
         grant(node, headers, query).await.inspect_err(|e| node.hub_metrics.rejected(rejection(e)))?;
     let mut query = StreamQuery::parse(query)?;
-    let topics = granted_topics(&grant, std::mem::take(&mut query.topics))?;
+    let mut topics = granted_topics(&grant, std::mem::take(&mut query.topics))?;
+    if let Some(hook) = &node.auth_hook {
+        // The token verified: waiting for the backend is no reason to be dropped as a slow client.
+        if let Some(pending) = pending {
+            pending.authenticated();
+        }
+        topics = ask_hook(node, hook, &grant, topics, client).await?;
+    }
     let mut channels: Vec<ChannelName> = Vec::with_capacity(topics.len() + 2);
     channels.push(node.channels.user(grant.user.as_str()));
     channels.push(node.channels.broadcast());
@@ -230,6 +251,32 @@ pub async fn authorize(node: &Node, headers: &HeaderMap, query: Option<&str>) ->
     // Last: a single-use token is spent only by a request that would otherwise be served.
     super::ticket::spend(node, &grant, source).await?;
     Ok(Authorized { grant, topics, channels, query })
+}
+
+/// The topics the connect authorization hook lets the stream join, or its refusal. Before the
+/// ticket is spent: a stream the backend refuses has not used up its single-use token.
+async fn ask_hook(
+    node: &Node,
+    hook: &AuthHook,
+    grant: &Grant,
+    topics: Vec<String>,
+    client: IpAddr,
+) -> Result<Vec<String>, ApiError> {
+    // Always kept when a hook is configured (`auth`); `null` would tell the backend it was not.
+    let claims = grant.claims.as_deref().unwrap_or(RawValue::NULL);
+    let request = HookRequest { user: grant.user.as_str(), topics: &topics, claims, ip: client };
+    match hook.decide(&request).await {
+        Decision::Allow(allowed) => Ok(allowed),
+        Decision::Deny { status, reason } => {
+            node.hub_metrics.rejected("auth_hook_denied");
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            Err(ApiError::Denied { status, code: "auth_hook_denied", message: reason })
+        }
+        Decision::Unavailable(failure) => {
+            node.hub_metrics.rejected("auth_hook_unavailable");
+            Err(ApiError::unavailable("auth_hook_unavailable", failure.to_string()))
+        }
+    }
 }
 
 /// The `sse_connections_rejected_total` reason of a refused token.
@@ -271,6 +318,7 @@ mod tests {
             role: Role::Subscriber,
             expires_at: u64::MAX,
             jti: None,
+            claims: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Operator probes: `/healthz` (the process answers), `/readyz` (it can deliver: its dispatcher
 //! and bus tasks run, the bus is reachable, it is not draining, it has keys to verify tokens
-//! with) and `/metrics` (Prometheus text).
+//! with, and its canary's probes come back in time) and `/metrics` (Prometheus text).
 
 use std::sync::Arc;
 
@@ -25,6 +25,9 @@ pub async fn readyz(State(node): State<Arc<Node>>) -> impl IntoResponse {
         Some("bus_unavailable")
     } else if !node.auth.has_keys() {
         Some("keys_unavailable")
+    } else if node.canary.as_ref().is_some_and(|canary| canary.is_stalled()) {
+        // Redis may answer PING while nothing comes back through it and the dispatcher.
+        Some("canary_stalled")
     } else {
         None
     };

@@ -1,18 +1,21 @@
 //! `GET /api/history?after=<cursor>`: the polling fallback for clients that cannot stream.
-//! Same token and topic rules as `/events`; answers one page of the events missed since the
+//! Same token, topic and connect authorization hook rules as `/events`; answers one page of the events missed since the
 //! cursor as JSON (bounded like every history read, `SSE_HISTORY_PAGE_*`), the cursor to ask
 //! with next time, and `more` when the page filled up (ask again at once). Without `after` it
 //! only answers the current cursor.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
+use axum::{Extension, Json};
 use serde_json::{Value, json};
 
+use super::client_ip::{Peer, client_address};
 use super::error::{ApiError, history_unavailable};
 use super::events::{Authorized, authorize};
+use super::pending::RequestMark;
 use crate::auth::unix_now;
 use crate::history::{Cursor, channel_hash};
 use crate::node::Node;
@@ -20,10 +23,17 @@ use crate::resume::MissedEntry;
 
 pub async fn history(
     State(node): State<Arc<Node>>,
+    peer: Option<Extension<Peer>>,
+    pending: Option<Extension<RequestMark>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let Authorized { channels, query, .. } = authorize(&node, &headers, query.as_deref()).await?;
+    // Only a router driven without a socket (in-process tests) has no peer.
+    let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |Extension(Peer(address))| address);
+    let client = client_address(peer, &headers, &node.config.trusted_proxies);
+    // The connect authorization hook is asked here too: a page is what a stream would replay.
+    let Authorized { channels, query, .. } =
+        authorize(&node, &headers, query.as_deref(), client, pending.as_ref().map(|Extension(mark)| mark)).await?;
     let Some(resume) = &node.resume else {
         return Err(ApiError::forbidden("history_off", "this node keeps no history (SSE_HISTORY=false)"));
     };
