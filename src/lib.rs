@@ -22,6 +22,7 @@ mod log_limit;
 pub mod logging;
 mod metrics;
 mod node;
+mod renewal;
 mod resume;
 pub mod server;
 pub mod shutdown;

@@ -28,6 +28,7 @@ pub const PUBLISH_REQUESTS: &str = "sse_publish_requests_total";
 pub const JWKS_REFRESHES: &str = "sse_jwks_refreshes_total";
 pub const JWKS_KEYS: &str = "sse_jwks_keys";
 pub const PENDING_CONNECTIONS: &str = "sse_pending_connections";
+pub const TOKEN_RENEWALS: &str = "sse_token_renewals_total";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -84,6 +85,10 @@ fn describe() {
     describe_counter!(JWKS_REFRESHES, "Fetches of SSE_JWT_JWKS_URL, by outcome (ok, failed)");
     describe_gauge!(JWKS_KEYS, "Usable keys held from SSE_JWT_JWKS_URL");
     describe_gauge!(PENDING_CONNECTIONS, "Connections without a complete, authenticated request yet");
+    describe_counter!(
+        TOKEN_RENEWALS,
+        "Token renewals of open streams this node took (POST /api/connections/<id>/token), by outcome"
+    );
 }
 
 /// Counts connections and deliveries; owned by the hub.

@@ -17,12 +17,13 @@ use crate::http::cors::Origins;
 use crate::http::ip_limits::IpLimits;
 use crate::hub::Hub;
 use crate::metrics::HubMetrics;
+use crate::renewal::Renewals;
 use crate::resume::Resumer;
 
 pub struct Node {
     pub config: Config,
     pub node_id: String,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub channels: ChannelNames,
     /// Browser origins allowed to call this node (`SSE_CORS_ORIGINS`).
     pub origins: Origins,
@@ -35,6 +36,8 @@ pub struct Node {
     pub started: Instant,
     /// Tokens and the demo page made up at start when no key is configured.
     pub dev: Option<DevMode>,
+    /// Token renewals of open streams, here or through their node.
+    pub renewals: Arc<Renewals>,
     /// Resume through history; `None` when history is off.
     pub resume: Option<Arc<Resumer>>,
     /// Set once a task the node cannot deliver without has stopped: `/readyz` then fails.
