@@ -95,10 +95,12 @@ async fn the_warning_comes_once_no_earlier_than_the_lead_before_exp() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_warning_off_a_stream_only_closes_at_expiry() {
-    let node = Node::start(&[("SSE_TOKEN_EXPIRY_WARNING", "off"), ("SSE_JWT_LEEWAY", "0")]).await;
-    let (mut stream, _) = open(&node, &expiring("quiet", &[], unix_now() + 3), &[]).await;
-    let first = stream.next_event(Duration::from_secs(8)).await.expect("disconnected");
+    let node = Node::start(&[("SSE_TOKEN_EXPIRY_WARNING", "off"), ("SSE_JWT_LEEWAY", "2s")]).await;
+    let exp = unix_now() + 3;
+    let (mut stream, _) = open(&node, &expiring("quiet", &[], exp), &[]).await;
+    let first = stream.next_event(Duration::from_secs(10)).await.expect("disconnected");
     assert_eq!((first.event.as_str(), first.data.as_str()), ("disconnected", r#"{"reason":"token_expired"}"#));
+    assert!(now() >= (exp + 2) as f64, "closed before exp + leeway");
 }
 
 #[tokio::test(flavor = "multi_thread")]
