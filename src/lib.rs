@@ -2,7 +2,8 @@
 //!
 //! The hot path reads top to bottom: [`bus`] → [`dispatch`] → [`hub`] (framed once by
 //! [`frame`]) → [`connection`] → [`wire`] → the socket. [`server`] builds a node and runs it;
-//! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol.
+//! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol;
+//! [`renewal`] routes a stream's token renewal to the node that holds the stream.
 
 mod auth;
 mod bus;
