@@ -4,6 +4,7 @@
 //! [`frame`]) → [`connection`] → [`wire`] → the socket. [`server`] builds a node and runs it;
 //! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol;
 //! [`auth`] checks tokens and [`auth_hook`] asks the operator's backend when a stream opens.
+//! [`renewal`] routes a stream's token renewal to the node that holds the stream.
 
 mod auth;
 mod auth_hook;
@@ -25,6 +26,7 @@ mod log_limit;
 pub mod logging;
 mod metrics;
 mod node;
+mod renewal;
 mod resume;
 pub mod server;
 pub mod shutdown;

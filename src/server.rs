@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::auth_hook::AuthHook;
-use crate::bus::{self, InboundReceiver, Running};
+use crate::bus::{self, InboundReceiver, Running, SubscriptionReady};
 use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
@@ -30,9 +31,10 @@ use crate::connection::CloseReason;
 use crate::dev_mode::DevMode;
 use crate::http::cors::Origins;
 use crate::http::ip_limits::IpLimits;
-use crate::hub::{Heartbeat, Hub, Limits};
+use crate::hub::{Heartbeat, Hub, HubWork, Limits, TokenLife};
 use crate::metrics::HubMetrics;
 use crate::node::Node;
+use crate::renewal::{self, Renewals};
 use crate::resume::Resumer;
 use crate::{dispatch, frame, http, shutdown};
 
@@ -65,6 +67,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 pub struct Server {
     node: Arc<Node>,
     inbound: InboundReceiver,
+    /// Hub work for the dispatcher (renewals).
+    work: mpsc::Receiver<HubWork>,
     bus_owner: Option<tokio::task::JoinHandle<()>>,
     /// Cancelled last: stops the ticker, the metrics upkeep and the bus's task.
     background: CancellationToken,
@@ -76,7 +80,7 @@ impl Server {
         let prometheus = crate::metrics::install().context("installing the metrics recorder")?;
         let node_id =
             config.node_id.clone().unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
-        let auth = Authenticator::from_config(&config)?;
+        let auth = Arc::new(Authenticator::from_config(&config)?);
         let auth_hook = AuthHook::from_config(&config)?;
         let background = CancellationToken::new();
         let history = config.history();
@@ -95,10 +99,15 @@ impl Server {
             inactivity_timeout: config.connection_timeout,
             max_lifetime: config.max_connection_lifetime,
             history: history.is_some(),
+            token: TokenLife { leeway: config.jwt_leeway, warning: config.token_expiry_warning },
         };
         let canary = (!config.canary_interval.is_zero())
             .then(|| Arc::new(Canary::new(channels.canary(&node_id), config.canary_interval, config.canary_threshold)));
-        let hub = Hub::new(bus, limits, hub_metrics.clone());
+        let (work, work_rx) = tokio::sync::mpsc::channel(renewal::WORK_CAPACITY);
+        let renewals = Arc::new(Renewals::new(&node_id, channels.clone(), bus.clone(), auth.clone(), work));
+        // Renewals for this node's streams arrive there; subscribed for the node's whole life.
+        bus.subscribe(renewals.control_channel().clone(), Arc::new(SubscriptionReady::default()));
+        let hub = Hub::new(bus, &node_id, limits, hub_metrics.clone());
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
             origins: Origins::from_config(&config),
@@ -115,10 +124,11 @@ impl Server {
             dev,
             resume,
             canary,
+            renewals,
             failure: OnceLock::new(),
             config,
         });
-        Ok(Self { node, inbound, bus_owner: owner, background })
+        Ok(Self { node, inbound, work: work_rx, bus_owner: owner, background })
     }
 
     /// The node's shared state (for in-process tests of its routes).
@@ -136,12 +146,18 @@ impl Server {
         shutdown: impl Future<Output = ()>,
         hurry: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let Server { node, inbound, bus_owner, background } = self;
+        let Server { node, inbound, work, bus_owner, background } = self;
         let hub = node.hub.clone();
         // The tasks without which nothing is delivered; each returns the name of its failure.
         let mut vital: JoinSet<&'static str> = JoinSet::new();
-        let dispatcher =
-            tokio::spawn(dispatch::dispatch(inbound, hub.clone(), node.resume.clone(), node.canary.clone()));
+        let dispatcher = tokio::spawn(dispatch::dispatch(
+            inbound,
+            work,
+            hub.clone(),
+            node.resume.clone(),
+            node.renewals.clone(),
+            node.canary.clone(),
+        ));
         let stop_dispatcher = dispatcher.abort_handle();
         vital.spawn(watch("dispatcher_stopped", dispatcher));
         if let Some(owner) = bus_owner {

@@ -419,6 +419,9 @@ async fn a_stream_is_closed_when_its_token_expires() {
     let mut stream = SseClient::open(&node.url(&format!("/events?access_token={token}")), &[]).await;
     assert_eq!(stream.status, 200);
     stream.connected().await;
+    // Warned first: its exp is nearer than SSE_TOKEN_EXPIRY_WARNING (60 s).
+    let warning = stream.next_event(Duration::from_secs(3)).await.expect("token_expiring");
+    assert_eq!(warning.event, "token_expiring", "{warning:?}");
     let farewell = stream.next_event(Duration::from_secs(10)).await.expect("disconnected");
     assert_eq!(farewell.data, r#"{"reason":"token_expired"}"#);
     // Not before `exp` (same clock as the node's): a stream closed at once would fail here.
