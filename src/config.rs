@@ -484,7 +484,7 @@ impl Config {
     pub fn replay_limits(&self) -> crate::history::ReplayLimits {
         use crate::history::{Page, ReplayLimits};
         ReplayLimits {
-            page: Page { entries: self.history_page_entries, bytes: self.history_page_bytes },
+            page: Page { entries: self.history_page_entries, bytes: self.history_page_bytes, strict: false },
             max_replay: self.history_max_replay,
         }
     }

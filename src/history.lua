@@ -101,7 +101,8 @@ end
 
 -- The entries after `pos`, within what is left of the call's `budget` (shared by its channels):
 -- a page holds at most its entry limit and its byte limit, except that an entry larger than the
--- byte limit comes alone (every page makes progress). Entries are read in batches sized from
+-- byte limit comes alone (every page makes progress) unless the page is strict: a strict page
+-- leaves such an entry for a later page, even if that leaves it empty. Entries are read in batches sized from
 -- what the previous batch weighed, so a page copies few entries into Lua that it then leaves.
 -- Returns the entries and 1 when the page filled up (there may be more: ask again from the last
 -- one), 0 when the history ends here.
@@ -115,7 +116,7 @@ local function read_after(key, pos, budget)
     local weight = 0
     for _, entry in ipairs(batch) do
       local size = #entry[2][2]
-      if size > budget.bytes and budget.taken > 0 then return entries, 1 end
+      if size > budget.bytes and (budget.taken > 0 or budget.strict) then return entries, 1 end
       entries[#entries + 1] = entry
       budget.entries = budget.entries - 1
       budget.bytes = budget.bytes - size
@@ -130,10 +131,12 @@ local function read_after(key, pos, budget)
   return entries, 1
 end
 
--- FCALL sse_since N <channel>... <cursor epoch> <ms away> <max entries> <max bytes> <position>...
+-- FCALL sse_since N <channel>... <cursor epoch> <ms away> <max entries> <max bytes> <position>... [strict]
 --   -> {epoch, per channel {'ok', entries, more} or {'reset', tail}}
 -- One bounded page: at most <max entries> entries and <max bytes> of payload over all channels
--- (a larger entry comes alone); a resume asks again from where a page ended.
+-- (a larger entry comes alone, or with `strict` not at all); a resume asks again from where a
+-- page ended. `strict` comes last so that a node of the previous version, which does not send
+-- it, is answered as before.
 -- Trimming only ever removes the oldest entries, so a position is continuous while its own
 -- entry is still there (then everything after it is too). Redis does not advance
 -- max-deleted-entry-id on MAXLEN/MINID trimming, so presence is the proof. A position of 0-0
@@ -142,7 +145,12 @@ local function since(keys, args)
   local current = epoch()
   local same_epoch = args[1] == current
   local away = tonumber(args[2]) or 0
-  local budget = { entries = tonumber(args[3]) or 0, bytes = tonumber(args[4]) or 0, taken = 0 }
+  local budget = {
+    entries = tonumber(args[3]) or 0,
+    bytes = tonumber(args[4]) or 0,
+    taken = 0,
+    strict = args[#keys + 5] == 'strict',
+  }
   local now = now_ms()
   local out = { current }
   for i, key in ipairs(keys) do

@@ -70,11 +70,15 @@ pub enum Since {
 
 /// How much one history read may return, over all the channels it asks about: at most
 /// `entries` entries and `bytes` of payload, except that an entry larger than `bytes` comes
-/// alone (so every read makes progress however large one entry is).
+/// alone (so every read makes progress however large one entry is) unless the page is `strict`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Page {
     pub entries: u32,
     pub bytes: u32,
+    /// Never more than `bytes`: an entry larger than what is left is left for a later page, even
+    /// when this one comes back empty. For reads whose budget must hold exactly; the page after
+    /// it must not be strict, or a large entry would never come.
+    pub strict: bool,
 }
 
 /// How a resume reads history: in pages, and not past `max_replay` entries per stream.

@@ -94,11 +94,12 @@ pub struct Gap {
 /// loaded 2-core test machine.
 pub const HISTORY_BYTES_IN_FLIGHT: u32 = 2 << 20;
 
-/// The smallest first page a resume asks for when the node's reads are busy: a storm of
-/// resumes that each missed a few messages then keeps 128 reads in flight rather than 8 full
-/// pages (which made a 15,000-stream reconnect storm 1.9x slower), and a resume that missed more
-/// goes on with full pages.
-const BUSY_FIRST_PAGE_BYTES: u32 = 16 << 10;
+/// The first page a resume asks for when the node's reads are busy: a storm of resumes that
+/// each missed a few messages then keeps 2,048 reads in flight rather than 8 full pages (which
+/// made a 15,000-stream reconnect storm 1.9x slower). The page is strict, so the reads in flight
+/// hold the node's bound exactly (2,048 pages that each took one large entry alone would be
+/// gigabytes); a resume that missed more, or a larger entry, goes on with full pages.
+const BUSY_FIRST_PAGE_BYTES: u32 = 1 << 10;
 
 /// Read budgets are counted in KiB, so the semaphore's permits fit in a `u32` at any setting.
 const PERMIT_BYTES: u32 = 1 << 10;
@@ -145,7 +146,7 @@ impl Resumer {
         let (_permits, page) = match full {
             Ok(permits) => (Some(permits), page),
             Err(_) => {
-                let small = Page { bytes: page.bytes.min(BUSY_FIRST_PAGE_BYTES), ..page };
+                let small = Page { bytes: page.bytes.min(BUSY_FIRST_PAGE_BYTES), strict: true, ..page };
                 (self.reads.acquire_many(permits(small.bytes)).await.ok(), small)
             }
         };
@@ -154,7 +155,7 @@ impl Resumer {
 
     /// One page as configured, holding no more than `left` entries.
     fn page(&self, left: u32) -> Page {
-        Page { entries: self.limits.page.entries.min(left), bytes: self.limits.page.bytes }
+        Page { entries: self.limits.page.entries.min(left), bytes: self.limits.page.bytes, strict: false }
     }
 
     /// Positions every channel: from the cursor where it has one, else at the current tail (a
@@ -553,7 +554,7 @@ mod tests {
         let config = HistoryConfig { user: retention, topic: retention, broadcast: retention };
         let (bus, _inbound) = MemoryBus::new(names.clone(), Some(config));
         let channel = ChannelName::from_bus("sse:topic:t");
-        let limits = ReplayLimits { page: Page { entries: 1000, bytes: 256 << 10 }, max_replay: 10_000 };
+        let limits = ReplayLimits { page: Page { entries: 1000, bytes: 256 << 10, strict: false }, max_replay: 10_000 };
         let resumer = Arc::new(Resumer::new(bus.clone(), names, limits));
         let start = resumer.position(std::slice::from_ref(&channel), None).await.expect("positioned");
         for _ in 0..entries {
@@ -562,26 +563,39 @@ mod tests {
         (resumer, start)
     }
 
-    fn entries(page: &Epoched<Since>) -> usize {
+    fn shape(page: &Epoched<Since>) -> (usize, bool) {
         match &page.values[0] {
-            Since::Entries { entries, .. } => entries.len(),
+            Since::Entries { entries, more } => (entries.len(), *more),
             Since::Reset { .. } => panic!("unexpected reset"),
         }
     }
 
     #[tokio::test]
     async fn a_first_page_is_full_when_the_reads_have_room_and_small_when_they_are_busy() {
-        let (resumer, start) = resumer_with_history(40, 4 << 10).await;
+        let (resumer, start) = resumer_with_history(40, 256).await;
         let page = resumer.page(u32::MAX);
         let free = resumer.first_since(&start, page).await.expect("read");
-        assert_eq!(entries(&free), 40, "a free node reads the whole 160 KiB in one page");
+        assert_eq!(shape(&free), (40, false), "a free node reads the whole 10 KiB in one page");
 
-        // Seven full pages in flight leave less than an eighth: the resume asks for 16 KiB.
+        // Seven full pages in flight leave less than an eighth: the resume asks for 1 KiB.
         let busy = resumer.reads.acquire_many(permits(page.bytes) * 7 + 1).await.expect("open semaphore");
         let small = resumer.first_since(&start, page).await.expect("read");
-        assert_eq!(entries(&small), 4, "16 KiB of 4 KiB entries");
+        assert_eq!(shape(&small), (4, true), "1 KiB of 256-byte entries, and more to read");
         drop(busy);
         let full = resumer.first_since(&start, page).await.expect("read");
-        assert_eq!(entries(&full), 40);
+        assert_eq!(shape(&full), (40, false));
+    }
+
+    #[tokio::test]
+    async fn a_busy_first_page_leaves_an_entry_larger_than_itself_for_a_full_page() {
+        let (resumer, start) = resumer_with_history(3, 4 << 10).await;
+        let page = resumer.page(u32::MAX);
+        let busy = resumer.reads.acquire_many(permits(page.bytes) * 7 + 1).await.expect("open semaphore");
+        let small = resumer.first_since(&start, page).await.expect("read");
+        assert_eq!(shape(&small), (0, true), "a 4 KiB entry does not fit 1 KiB: nothing read, more to come");
+        drop(busy);
+        let positions = start.positions.clone();
+        let next = resumer.since(start.epoch, start.away, &positions, page).await.expect("read");
+        assert_eq!(shape(&next), (3, false), "the next (full) page takes them");
     }
 }

@@ -172,6 +172,21 @@ fn port_of(addr: &str) -> u16 {
 // docker-compose.yml, deploy/Dockerfile, deploy/prometheus.yml
 // ------------------------------------------------------------------------------------------------
 
+/// `${NAME:-default}` replaced by its default, as compose does when NAME is unset.
+fn with_compose_defaults(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = start + rest[start..].find('}').unwrap_or_else(|| panic!("unclosed ${{ in {value:?}"));
+        let default = rest[start + 2..end].split_once(":-").map(|(_, d)| d);
+        out.push_str(default.unwrap_or_else(|| panic!("{value:?}: a published port needs a default")));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 struct ComposeNode {
     service: String,
     env: BTreeMap<String, String>,
@@ -245,7 +260,9 @@ fn compose_nodes_set_only_settings_the_binary_reads_and_agree_on_ports() {
         let redis_url = node.env.get("SSE_REDIS_URL").expect("SSE_REDIS_URL set");
         let redis_host = redis_url.trim_start_matches("redis://").split([':', '/']).next().unwrap_or_default();
         assert!(
-            compose["services"][redis_host]["image"].as_str().is_some_and(|i| i.starts_with("redis")),
+            compose["services"][redis_host]["image"]
+                .as_str()
+                .is_some_and(|i| i.rsplit('/').next().is_some_and(|name| name.starts_with("redis"))),
             "{where_}: SSE_REDIS_URL host {redis_host:?} is not the compose redis service"
         );
 
@@ -272,9 +289,13 @@ fn compose_nodes_set_only_settings_the_binary_reads_and_agree_on_ports() {
             .any(|v| v.starts_with("./nginx/nginx.conf:/etc/nginx/nginx.conf")),
         "compose nginx should mount ./nginx/nginx.conf"
     );
+    // The host side may be moved with SSE_FANOUT_HTTP_PORT (scripts/containers test does); by
+    // default it is 8080, and the container side is nginx's listen port.
+    let published: Vec<String> =
+        strings(&nginx["ports"], "nginx ports").iter().map(|p| with_compose_defaults(p)).collect();
     assert!(
-        strings(&nginx["ports"], "nginx ports").contains(&"8080:8080".to_owned()),
-        "compose nginx should publish port 8080"
+        published.contains(&"8080:8080".to_owned()),
+        "compose nginx should publish port 8080 by default: {published:?}"
     );
     for node in &nodes {
         assert!(
@@ -853,4 +874,60 @@ fn kubernetes_manifests_agree_with_the_binary_and_each_other() {
         .map(|(_, (file, _))| file.clone())
         .collect();
     assert_eq!(listed, manifests, "kustomization.yaml resources vs the manifests");
+}
+
+/// kubernetes-validate, which scripts/test installs (`SSE_KUBERNETES_VALIDATE`); a run without it
+/// fails rather than skipping, so the manifests are never silently unchecked.
+fn kubernetes_validate() -> PathBuf {
+    let path = std::env::var_os("SSE_KUBERNETES_VALIDATE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/sse-fanout-tools/venv/bin/kubernetes-validate")
+    });
+    assert!(
+        path.exists(),
+        "{path:?} is missing: run scripts/test (it installs kubernetes-validate) or set SSE_KUBERNETES_VALIDATE"
+    );
+    path
+}
+
+/// Validates `files` strictly (unknown fields refused) against the Kubernetes API schemas.
+fn validate_manifests(files: &[PathBuf]) -> std::process::Output {
+    std::process::Command::new(kubernetes_validate())
+        .arg("--strict")
+        .arg("--no-warn")
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate")
+}
+
+/// Beyond parsing: every manifest in deploy/k8s is checked against the schema of its kind, so a
+/// misspelt field or a value of the wrong type fails here, not in `kubectl apply`. Kinds that are
+/// not Kubernetes' own (Kustomization, the Prometheus operator's ServiceMonitor) have no schema
+/// there and keep the parse checks above.
+#[test]
+fn kubernetes_manifests_validate_against_the_kubernetes_api_schemas() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/k8s"))
+        .expect("deploy/k8s")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    let output = validate_manifests(&files);
+    let report = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{report}");
+    for kind in ["deployment", "service", "configmap", "secret", "poddisruptionbudget"] {
+        assert!(report.contains(&format!("passed for resource {kind}/")), "{kind} was not validated:\n{report}");
+    }
+
+    // The validator refuses what it should: the deployment with a field Kubernetes does not
+    // know and a count of the wrong type.
+    let broken = read("deploy/k8s/deployment.yaml").replacen("spec:\n", "spec:\n  replicaz: 3\n", 1);
+    let dir = std::env::temp_dir().join(format!("sse-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("deployment.yaml");
+    std::fs::write(&file, broken).expect("write");
+    let refused = validate_manifests(std::slice::from_ref(&file));
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(!refused.status.success(), "an unknown field passed: {}", String::from_utf8_lossy(&refused.stdout));
 }

@@ -557,3 +557,61 @@ async fn entries_the_envelope_refuses_do_not_stall_a_paged_replay() {
     producer.durable("sse:topic:odd", &envelope("live")).await;
     assert_eq!(read(&mut stream, 1).await.0, ["live"]);
 }
+
+/// The first RESP bulk string of a raw reply that looks like a stream id.
+fn first_id(reply: &str) -> String {
+    reply
+        .split("\r\n")
+        .find(|line| {
+            line.split_once('-')
+                .is_some_and(|(a, b)| !a.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()))
+        })
+        .expect("an id")
+        .to_owned()
+}
+
+/// The Redis function behind every history read, asked directly: a page holds at most its
+/// bytes, except that an entry larger than a whole page comes alone, and a strict page (the
+/// small first pages of a busy node) leaves such an entry for the next page instead, so the
+/// node's bound on history bytes in flight holds exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_strict_page_leaves_an_entry_larger_than_itself_for_the_next() {
+    let redis = RedisServer::start().await;
+    let node = start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let small = |n: u8| format!("small{n}{}", "s".repeat(94));
+    let large = format!("large{}", "l".repeat(4000));
+    for data in [small(1), large.clone(), small(2)] {
+        publish_topic(&node, "strict", &data, true).await;
+    }
+    let key = "sse:topic:strict";
+    let epoch = redis.command(&["GET", "sse:epoch"]).await.expect("epoch");
+    let epoch = epoch.split("\r\n").nth(1).expect("bulk").to_owned();
+    let first = first_id(&redis.command(&["XRANGE", key, "-", "+", "COUNT", "1"]).await.expect("xrange"));
+    let since = |position: String, bytes: &'static str, strict: bool| {
+        let (redis, epoch) = (&redis, epoch.clone());
+        async move {
+            let mut args = vec!["FCALL", "sse_since", "1", key, &epoch, "0", "100", bytes, &position];
+            if strict {
+                args.push("strict");
+            }
+            redis.command(&args).await.expect("fcall")
+        }
+    };
+    let holds =
+        |reply: &str| -> Vec<bool> { ["small1", "large", "small2"].iter().map(|m| reply.contains(m)).collect() };
+    let more = |reply: &str| reply.trim_end().ends_with(":1");
+
+    let page = since("0-0".into(), "1024", false).await;
+    assert_eq!(holds(&page), [true, false, false], "1 KiB holds the small entry and stops: {page}");
+    assert!(more(&page), "{page}");
+    let page = since(first.clone(), "1024", false).await;
+    assert_eq!(holds(&page), [false, true, false], "a larger entry comes alone: {page}");
+    let page = since(first.clone(), "1024", true).await;
+    assert_eq!(holds(&page), [false, false, false], "a strict page leaves it: {page}");
+    assert!(more(&page), "and says there is more: {page}");
+    let page = since("0-0".into(), "1024", true).await;
+    assert_eq!(holds(&page), [true, false, false], "a strict page still takes what fits: {page}");
+    let page = since(first, "8192", true).await;
+    assert_eq!(holds(&page), [false, true, true], "a page large enough takes it: {page}");
+    assert!(!more(&page), "{page}");
+}

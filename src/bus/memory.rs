@@ -141,7 +141,8 @@ impl Bus for MemoryBus {
     ) -> BusFuture<'a, Epoched<Since>> {
         Box::pin(async move {
             let history = self.history()?;
-            let mut budget = Budget { entries: page.entries as usize, bytes: page.bytes as usize, taken: 0 };
+            let mut budget =
+                Budget { entries: page.entries as usize, bytes: page.bytes as usize, taken: 0, strict: page.strict };
             let values = positions
                 .iter()
                 .map(|(channel, position)| history.since(epoch, away, channel, *position, &mut budget))
@@ -172,6 +173,7 @@ struct Budget {
     entries: usize,
     bytes: usize,
     taken: usize,
+    strict: bool,
 }
 
 struct MemoryHistory {
@@ -292,7 +294,8 @@ impl MemoryHistory {
         let after = stream.entries.partition_point(|entry| entry.id <= position);
         let mut entries = Vec::new();
         for entry in stream.entries.range(after..) {
-            let alone = budget.taken == 0; // An entry larger than the page still comes, alone.
+            // An entry larger than the page still comes, alone, unless the page is strict.
+            let alone = budget.taken == 0 && !budget.strict;
             if budget.entries == 0 || (entry.payload.len() > budget.bytes && !alone) {
                 return Since::Entries { entries, more: true };
             }
@@ -321,7 +324,7 @@ mod tests {
         )
     }
 
-    const PAGE: Page = Page { entries: 1000, bytes: 1 << 20 };
+    const PAGE: Page = Page { entries: 1000, bytes: 1 << 20, strict: false };
 
     #[test]
     fn a_key_is_claimed_once_until_it_expires_and_expired_keys_are_swept() {
@@ -419,7 +422,7 @@ mod tests {
             }
         }
         let ask = vec![(a.clone(), StreamId::ZERO), (b.clone(), StreamId::ZERO)];
-        let page = |entries, bytes| Page { entries, bytes };
+        let page = |entries, bytes| Page { entries, bytes, strict: false };
         let shape = |r: Epoched<Since>| -> Vec<(usize, bool)> {
             r.values
                 .into_iter()
@@ -435,6 +438,10 @@ mod tests {
         // 250 bytes hold two entries of 100; an entry larger than the page comes alone.
         assert_eq!(shape(read(page(100, 250)).await.expect("since")), [(2, true), (0, true)]);
         assert_eq!(shape(read(page(100, 1)).await.expect("since")), [(1, true), (0, true)], "always progress");
+        // A strict page never holds more than its bytes: the large entry waits for a later page.
+        let strict = |entries, bytes| Page { entries, bytes, strict: true };
+        assert_eq!(shape(read(strict(100, 250)).await.expect("since")), [(2, true), (0, true)]);
+        assert_eq!(shape(read(strict(100, 99)).await.expect("since")), [(0, true), (0, true)], "nothing fits");
         assert_eq!(shape(read(PAGE).await.expect("since")), [(5, false), (5, false)]);
     }
 }

@@ -686,6 +686,9 @@ impl Bus for RedisBus {
             for (_, position) in positions {
                 fcall.arg(position.to_string());
             }
+            if page.strict {
+                fcall.arg("strict");
+            }
             parse_since(self.read(fcall).await?, positions.len())
         })
     }
