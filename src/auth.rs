@@ -103,6 +103,8 @@ pub enum AuthError {
     NoKeyId,
     #[error("no key to verify tokens with yet: the key set (SSE_JWT_JWKS_URL) could not be fetched")]
     KeysUnavailable,
+    #[error("the node holding the stream did not accept the token")]
+    RefusedByHolder,
 }
 
 impl From<Missing> for AuthError {

@@ -154,9 +154,20 @@ impl ChannelNames {
         ChannelName(Arc::from(format!("{}:canary:{node_id}", self.prefix)))
     }
 
+    /// A node's control channel, `<prefix>:node:<node id>`: what other nodes send it (token
+    /// renewals of the streams it holds, answers to its own). No stream listens on it.
+    pub fn node(&self, node_id: &str) -> ChannelName {
+        ChannelName(Arc::from(format!("{}:node:{node_id}", self.prefix)))
+    }
+
     /// The name without the prefix (`user:42`, `topic:news`, `broadcast`), as clients see it.
     pub fn logical<'a>(&self, channel: &'a ChannelName) -> &'a str {
         channel.as_str().strip_prefix(&self.prefix).and_then(|r| r.strip_prefix(':')).unwrap_or(channel.as_str())
+    }
+
+    /// The topic a topic channel carries (`sse:topic:news` → `news`); `None` for other channels.
+    pub fn topic_of<'a>(&self, channel: &'a ChannelName) -> Option<&'a str> {
+        self.logical(channel).strip_prefix("topic:").filter(|_| self.kind_of(channel) == Some(ChannelKind::Topic))
     }
 
     /// What kind of channel a name is, for per-kind settings and metrics.
@@ -222,7 +233,13 @@ mod tests {
         // A user or topic named like the canary still lands under its own kind.
         assert_ne!(names.user("canary:node-1"), names.canary("node-1"));
         assert_ne!(names.topic("canary:node-1"), names.canary("node-1"));
+        assert_eq!(names.node("node-a").as_str(), "sse:node:node-a");
+        assert_eq!(names.kind_of(&names.node("node-a")), None, "no stream's channel");
         assert_eq!(names.logical(&names.topic("a:b")), "topic:a:b");
+        assert_eq!(names.topic_of(&names.topic("a:b")), Some("a:b"));
+        assert_eq!(names.topic_of(&names.user("topic:x")), None);
+        assert_eq!(names.topic_of(&names.broadcast()), None);
+        assert_eq!(names.topic_of(&ChannelName::from_bus("other:topic:x")), None);
     }
 
     #[test]

@@ -136,6 +136,11 @@ pub struct Config {
     #[arg(long, env = "SSE_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
     pub jwt_leeway: Duration,
 
+    /// How long before its token's `exp` a stream gets `event: token_expiring`, so the page can
+    /// renew it (`POST /api/connections/<id>/token`) without dropping the stream. 0 or `off`: no warning.
+    #[arg(long, env = "SSE_TOKEN_EXPIRY_WARNING", default_value = "60s", value_parser = parse_duration_or_off)]
+    pub token_expiry_warning: Duration,
+
     /// Required `iss` claim, if set.
     #[arg(long, env = "SSE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -592,6 +597,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
 }
 
+/// [`parse_duration`], or `off` for zero: for settings where zero turns a feature off.
+pub fn parse_duration_or_off(s: &str) -> Result<Duration, String> {
+    if s.trim().eq_ignore_ascii_case("off") { Ok(Duration::ZERO) } else { parse_duration(s) }
+}
+
 /// Parses a byte size: a bare number of bytes, or a number with a `KiB` (1024) or `MiB`
 /// (1024 * 1024) suffix, with or without a space between. `KB`, `MB`, `k` and the like are
 /// refused rather than guessed at: whether they mean 1000 or 1024 differs from tool to tool.
@@ -659,6 +669,18 @@ mod tests {
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("1e400s").is_err());
+    }
+
+    #[test]
+    fn the_expiry_warning_defaults_to_a_minute_and_zero_or_off_turn_it_off() {
+        assert_eq!(parse(&[]).expect("defaults are valid").token_expiry_warning, Duration::from_secs(60));
+        let warning = |value: &str| parse(&["--token-expiry-warning", value]).map(|c| c.token_expiry_warning);
+        assert_eq!(warning("90000"), Ok(Duration::from_secs(90)), "a bare number is milliseconds");
+        assert_eq!(warning("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(warning("0"), Ok(Duration::ZERO));
+        assert_eq!(warning("off"), Ok(Duration::ZERO));
+        assert_eq!(warning("OFF"), Ok(Duration::ZERO));
+        assert!(warning("soon").unwrap_err().contains("--token-expiry-warning"));
     }
 
     #[test]

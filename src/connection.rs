@@ -20,7 +20,7 @@
 //! body that hyper polls (`crate::http::event_stream`), nor where the stream is listed (the hub).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -160,8 +160,10 @@ pub struct Connection {
     /// What the stream keeps per channel besides its name (same order as `channels`).
     per_channel: Box<[PerChannel]>,
     pub opened_at: Instant,
-    /// Token `exp`, seconds since the UNIX epoch.
-    pub token_expires_at: u64,
+    /// The token's `exp` (seconds since the UNIX epoch), and in [`WARNED`] whether the stream was
+    /// warned of it: one word, so a renewal replaces both at once and a warning is taken only
+    /// for the `exp` that is current. Read by the ticker and renewals, never per event.
+    token: AtomicU64,
     /// The stream's socket on the raw path, set once its head is written. Kept here rather than
     /// behind its own `Arc`: a fan-out touches every stream's connection anyway, and one more
     /// allocation per stream would be one more cache miss per delivery.
@@ -173,9 +175,18 @@ struct PerChannel {
     /// `channel_hash` of the channel, computed once for cursors.
     hash: u32,
     /// This stream's index in the hub's listener list of the channel, so that leaving does not
-    /// search a list of thousands. Read and written only under the hub's registry lock.
+    /// search a list of thousands; [`NOT_LISTED`] once the stream left the channel (a renewed
+    /// token no longer grants it). Read and written only under the hub's registry lock.
     listed_at: AtomicU32,
 }
+
+/// The bit of [`Connection::token`] set once `token_expiring` was sent for its `exp` (no `exp`
+/// reaches it: that is 292 billion years away).
+const WARNED: u64 = 1 << 63;
+
+/// `listed_at` of a channel the stream left while it stays open. No list is that long: an index
+/// is at most the number of streams.
+const NOT_LISTED: u32 = u32::MAX;
 
 /// Everything that changes while the stream lives, under one mutex (it sits in every stream:
 /// keep it small; `a_stream_state_is_no_larger_than_before` guards its size).
@@ -250,7 +261,7 @@ impl Writer {
 }
 
 impl Connection {
-    pub fn new(id: ConnectionId, user: UserId, channels: Box<[ChannelName]>, token_expires_at: u64, now: u32) -> Self {
+    pub fn new(id: ConnectionId, user: UserId, channels: Box<[ChannelName]>, token_exp: u64, now: u32) -> Self {
         let per_channel =
             channels.iter().map(|c| PerChannel { hash: channel_hash(c), listed_at: AtomicU32::new(0) }).collect();
         Self {
@@ -259,7 +270,7 @@ impl Connection {
             channels,
             per_channel,
             opened_at: Instant::now(),
-            token_expires_at,
+            token: AtomicU64::new(token_exp & !WARNED),
             socket: OnceLock::new(),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -301,12 +312,51 @@ impl Connection {
         }
     }
 
+    /// Whether the stream still listens on `channels[slot]` (it has not left it on a renewal).
+    pub(crate) fn listens_at(&self, slot: usize) -> bool {
+        self.per_channel.get(slot).is_some_and(|c| c.listed_at.load(Ordering::Relaxed) != NOT_LISTED)
+    }
+
+    /// The stream left `channels[slot]` for good (the hub took it off the channel's lists).
+    pub(crate) fn unlist(&self, slot: usize) {
+        if let Some(c) = self.per_channel.get(slot) {
+            c.listed_at.store(NOT_LISTED, Ordering::Relaxed);
+        }
+    }
+
+    /// The token's `exp` (seconds since the UNIX epoch).
+    pub fn token_exp(&self) -> u64 {
+        self.token.load(Ordering::Acquire) & !WARNED
+    }
+
+    /// A renewed token's `exp` replaces the old one: the stream lives until it (plus the leeway),
+    /// and is warned again before it, unless it is the same `exp` (a page handed back the token
+    /// it had: warning it again would only make it renew again, in a loop).
+    pub(crate) fn renew_token(&self, exp: u64) {
+        let exp = exp & !WARNED;
+        let _ =
+            self.token.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| (held & !WARNED != exp).then_some(exp));
+    }
+
+    /// True once per `exp`, and only while `exp` is the token's: the caller sends the
+    /// `token_expiring` warning for it.
+    pub(crate) fn take_warning(&self, exp: u64) -> bool {
+        let exp = exp & !WARNED;
+        self.token.compare_exchange(exp, exp | WARNED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Whether the stream was warned of its token's current `exp` already.
+    pub(crate) fn warned(&self) -> bool {
+        self.token.load(Ordering::Acquire) & WARNED != 0
+    }
+
     /// Where `channel` is in `channels` (and so in `per_channel` and the cursor positions).
     fn slot_of(&self, channel: &ChannelName) -> Option<usize> {
         self.channels.iter().position(|c| c == channel)
     }
 
-    /// The hub moved this stream from `from` to `to` in `channel`'s listener list.
+    /// The hub moved this stream from `from` to `to` in `channel`'s listener list (never a
+    /// channel it left: `from` is an index, never `NOT_LISTED`).
     pub(crate) fn relist(&self, channel: &ChannelName, from: usize, to: usize) {
         let slot = (0..self.channels.len()).find(|&k| self.channels[k] == *channel && self.listed_at(k) == from);
         if let Some(slot) = slot {

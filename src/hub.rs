@@ -10,6 +10,10 @@
 //! like any other, but what arrives live for it waits in its [`Hold`] (bounded like a queue)
 //! instead of its queue, so a replay of many pages is written before anything newer; the
 //! resume releases it ([`Hub::release`]) once the last page is queued.
+//!
+//! A stream's token is watched by the ticker: `token_expiring` once before its `exp`, the close
+//! at `exp` + leeway. A renewal ([`Hub::renew`]) moves the `exp` and takes the stream off the
+//! channels the new token no longer grants, leaving the rest of it untouched.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -46,6 +50,49 @@ pub struct Limits {
     pub max_lifetime: Duration,
     /// History is on: `id:` lines are resume cursors, so a producer's own envelope `id` is not written.
     pub history: bool,
+    /// How a stream's token ends it.
+    pub token: TokenLife,
+}
+
+/// When a stream's token warns and ends it, relative to its `exp`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenLife {
+    /// `SSE_JWT_LEEWAY`: the stream closes at `exp` + leeway, as its token was accepted with it.
+    pub leeway: Duration,
+    /// `SSE_TOKEN_EXPIRY_WARNING`: `token_expiring` this long before `exp`; zero: never.
+    pub warning: Duration,
+}
+
+impl TokenLife {
+    /// The unix second from which `exp` is warned of, if warnings are on. Rounded up to whole
+    /// seconds (the clock the ticker reads), so a warning never comes later than asked.
+    fn warn_from(&self, exp: u64) -> Option<u64> {
+        if self.warning.is_zero() {
+            return None;
+        }
+        let lead = self.warning.as_secs() + u64::from(self.warning.subsec_nanos() > 0);
+        Some(exp.saturating_sub(lead))
+    }
+
+    /// The unix second at which a stream with this `exp` is closed.
+    fn closes_at(&self, exp: u64) -> u64 {
+        exp.saturating_add(self.leeway.as_secs())
+    }
+}
+
+/// Work on the hub that must not interleave with a fan-out (a renewal): the dispatcher runs it
+/// between two deliveries.
+pub type HubWork = Box<dyn FnOnce(&Arc<Hub>) + Send>;
+
+/// What a renewal did ([`Hub::renew`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// The stream lives on under the new token; it left `left` (and was told so).
+    Applied { left: Vec<ChannelName> },
+    /// No open stream on this node has that id.
+    NotFound,
+    /// The stream belongs to another user.
+    OtherUser,
 }
 
 impl Limits {
@@ -94,6 +141,8 @@ pub struct HubStats {
 
 pub struct Hub {
     registry: RwLock<Registry>,
+    /// This node's name: a stream's id is `<node>:<n>` in the events that name it.
+    node_id: Arc<str>,
     bus: Arc<dyn Bus>,
     limits: Limits,
     metrics: HubMetrics,
@@ -150,6 +199,8 @@ struct Registry {
     channels: HashMap<ChannelName, ChannelEntry>,
     /// Each user's streams, oldest first.
     users: HashMap<UserId, Vec<Arc<Connection>>>,
+    /// Every stream by its number, for a renewal naming it.
+    by_id: HashMap<u64, Arc<Connection>>,
     connections: usize,
     draining: bool,
 }
@@ -258,9 +309,10 @@ pub struct Joined {
 }
 
 impl Hub {
-    pub fn new(bus: Arc<dyn Bus>, limits: Limits, metrics: HubMetrics) -> Arc<Self> {
+    pub fn new(bus: Arc<dyn Bus>, node_id: &str, limits: Limits, metrics: HubMetrics) -> Arc<Self> {
         Arc::new(Self {
             registry: RwLock::new(Registry::default()),
+            node_id: Arc::from(node_id),
             bus,
             limits,
             metrics,
@@ -290,13 +342,14 @@ impl Hub {
     }
 
     /// Adds a stream for `user` listening on `channels`, applying the node and user limits.
+    /// `token_exp` is its token's `exp`: the stream is warned before it and closed after it.
     pub fn join(
         self: &Arc<Self>,
         user: UserId,
         channels: Vec<ChannelName>,
-        token_expires_at: u64,
+        token_exp: u64,
     ) -> Result<Joined, JoinError> {
-        self.join_as(user, channels, token_expires_at, false)
+        self.join_as(user, channels, token_exp, false)
     }
 
     /// Like [`Hub::join`], but what arrives live for the stream is held until [`Hub::release`]
@@ -305,16 +358,16 @@ impl Hub {
         self: &Arc<Self>,
         user: UserId,
         channels: Vec<ChannelName>,
-        token_expires_at: u64,
+        token_exp: u64,
     ) -> Result<Joined, JoinError> {
-        self.join_as(user, channels, token_expires_at, true)
+        self.join_as(user, channels, token_exp, true)
     }
 
     fn join_as(
         self: &Arc<Self>,
         user: UserId,
         channels: Vec<ChannelName>,
-        token_expires_at: u64,
+        token_exp: u64,
         held: bool,
     ) -> Result<Joined, JoinError> {
         let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -330,7 +383,7 @@ impl Hub {
                 .into_iter()
                 .map(|c| registry.channels.get_key_value(&c).map_or(c, |(known, _)| known.clone()))
                 .collect();
-            connection = Arc::new(Connection::new(id, user.clone(), channels, token_expires_at, self.now()));
+            connection = Arc::new(Connection::new(id, user.clone(), channels, token_exp, self.now()));
             hold = held.then(|| {
                 Arc::new(Hold {
                     connection: connection.clone(),
@@ -359,6 +412,7 @@ impl Hub {
                 }
             }
             registry.users.entry(user).or_default().push(connection.clone());
+            registry.by_id.insert(id.0, connection.clone());
             registry.connections += 1;
             // Under the registry lock, so the journal's order is the registry's.
             self.journal().record(Change::Opened(connection.clone()));
@@ -465,18 +519,28 @@ impl Hub {
         if list.is_empty() {
             registry.users.remove(&connection.user);
         }
+        registry.by_id.remove(&connection.id.0);
         registry.connections -= 1;
         self.journal().record(Change::Closed { id: connection.id, user: connection.user.clone() });
-        for (slot, channel) in connection.channels.iter().enumerate() {
-            let Some(entry) = registry.channels.get_mut(channel) else { continue };
-            if let Some(at) = entry.held.iter().position(|h| Arc::ptr_eq(&h.connection, connection)) {
-                entry.held.swap_remove(at);
-                if entry.listeners.is_empty() && entry.held.is_empty() {
-                    registry.channels.remove(channel);
-                    self.bus.unsubscribe(channel.clone());
-                }
-                continue;
-            }
+        for slot in 0..connection.channels.len() {
+            self.leave_locked(registry, connection, slot);
+        }
+        self.metrics.channels.set(registry.channels.len() as f64);
+        self.metrics.active.decrement(1.0);
+        self.metrics.duration.record(connection.opened_at.elapsed().as_secs_f64());
+    }
+
+    /// Takes the stream off the lists of `channels[slot]` (held or listening); the channel's last
+    /// local listener leaving unsubscribes it on the bus. A no-op for a channel it left already.
+    fn leave_locked(&self, registry: &mut Registry, connection: &Arc<Connection>, slot: usize) {
+        if !connection.listens_at(slot) {
+            return;
+        }
+        let channel = &connection.channels[slot];
+        let Some(entry) = registry.channels.get_mut(channel) else { return };
+        if let Some(at) = entry.held.iter().position(|h| Arc::ptr_eq(&h.connection, connection)) {
+            entry.held.swap_remove(at);
+        } else {
             let at = connection.listed_at(slot);
             let kept = entry.listeners.get(at).is_some_and(|listed| Arc::ptr_eq(listed, connection));
             debug_assert!(kept, "{channel}: a listener's index was not kept");
@@ -489,14 +553,76 @@ impl Hub {
                     moved.relist(channel, listeners.len(), at);
                 }
             }
-            if entry.listeners.is_empty() && entry.held.is_empty() {
-                registry.channels.remove(channel);
-                self.bus.unsubscribe(channel.clone());
-            }
         }
-        self.metrics.channels.set(registry.channels.len() as f64);
-        self.metrics.active.decrement(1.0);
-        self.metrics.duration.record(connection.opened_at.elapsed().as_secs_f64());
+        if entry.listeners.is_empty() && entry.held.is_empty() {
+            registry.channels.remove(channel);
+            self.bus.unsubscribe(channel.clone());
+        }
+    }
+
+    /// Gives the open stream `id` of `user` a renewed token: it is closed at `exp` + leeway from
+    /// now on (and warned again before `exp`), and it leaves every channel `keeps` refuses (those
+    /// the new token no longer grants), after which it gets `notice(left)`. Channels are never
+    /// joined here: a renewal only narrows.
+    ///
+    /// Run by the dispatcher between two deliveries, so no fan-out is in flight: everything a
+    /// channel left delivered to the stream is written before the notice, and nothing after it.
+    pub fn renew(
+        &self,
+        id: ConnectionId,
+        user: &UserId,
+        exp: u64,
+        keeps: impl Fn(&ChannelName) -> bool,
+        notice: impl FnOnce(&[ChannelName]) -> Bytes,
+    ) -> Renewal {
+        let (connection, left, notice) = {
+            let mut registry = self.write();
+            let Some(connection) = registry.by_id.get(&id.0).filter(|c| !c.is_closed()).cloned() else {
+                return Renewal::NotFound;
+            };
+            if connection.user != *user {
+                return Renewal::OtherUser;
+            }
+            connection.renew_token(exp);
+            // A stream whose replay is still being written is held: its notice waits in its hold,
+            // behind what arrived live before it, like any event.
+            let hold = connection.channels.iter().find_map(|channel| {
+                let entry = registry.channels.get(channel)?;
+                entry.held.iter().find(|h| Arc::ptr_eq(&h.connection, &connection)).cloned()
+            });
+            let mut left = Vec::new();
+            for slot in 0..connection.channels.len() {
+                if connection.listens_at(slot) && !keeps(&connection.channels[slot]) {
+                    self.leave_locked(&mut registry, &connection, slot);
+                    connection.unlist(slot);
+                    left.push(connection.channels[slot].clone());
+                }
+            }
+            self.metrics.channels.set(registry.channels.len() as f64);
+            if left.is_empty() {
+                return Renewal::Applied { left };
+            }
+            // Presence shows the topics the stream still has: written again, as on open.
+            self.journal().record(Change::Opened(connection.clone()));
+            let notice = Item::Raw(notice(&left));
+            if let Some(hold) = hold {
+                hold.keep(&notice, self.limits.queue());
+                return Renewal::Applied { left };
+            }
+            (connection, left, notice)
+        };
+        // Written outside the registry lock, as a heartbeat is: it may be a system call.
+        match connection.push(&notice, self.limits.queue(), None) {
+            Pushed::Accepted | Pushed::Closed => {}
+            Pushed::Full => {
+                self.detach(&connection);
+                if connection.cut() {
+                    self.metrics.closed(CloseReason::SlowConsumer);
+                }
+            }
+            Pushed::Gone => self.metrics.closed(CloseReason::ClientClosed),
+        }
+        Renewal::Applied { left }
     }
 
     /// Ends a stream for `reason`: it leaves the hub now and its client reads `farewell` last.
@@ -510,8 +636,8 @@ impl Hub {
     /// Fans one payload from the bus out to this node's listeners on `channel`. `id` is its
     /// history id when it was published durably. False when no local stream listens on the
     /// channel (the bus may deliver a message or two after the last listener left, and the
-    /// node's canary channel never has one): the dispatcher looks at those, and only those,
-    /// for the canary's probes.
+    /// node's canary and control channels never have one): the dispatcher looks at those, and
+    /// only those, for the canary's probes and other nodes' renewals.
     pub async fn deliver(self: &Arc<Self>, channel: &str, id: Option<StreamId>, payload: &[u8]) -> bool {
         self.metrics.bus_messages.increment(1);
         let (listeners, item) = {
@@ -656,29 +782,49 @@ impl Hub {
         }
     }
 
-    /// Advances the clock; sends the heartbeat to this tick's share of the streams; closes
-    /// streams past their timeouts.
+    /// Advances the clock; sends the heartbeat to this tick's share of the streams and the
+    /// expiry warning to the streams whose token's `exp` is near; closes streams past their
+    /// timeouts.
     pub fn tick(&self, heartbeat: Option<&Heartbeat>) {
         let now = self.started.elapsed().as_secs() as u32;
         self.clock.store(now, Ordering::Relaxed);
         let unix = unix_now();
         let mut expired = Vec::new();
         let mut due = Vec::new();
+        let mut warn = Vec::new();
         {
             let registry = self.read();
             for connection in registry.users.values().flatten() {
                 if let Some(reason) = self.overdue(connection, now, unix) {
                     expired.push((connection.clone(), reason));
-                } else if heartbeat.is_some_and(|h| connection.id.0 % h.slots == h.slot) {
+                    continue;
+                }
+                let exp = connection.token_exp();
+                if self.limits.token.warn_from(exp).is_some_and(|from| unix >= from) && !connection.warned() {
+                    warn.push((connection.clone(), exp));
+                }
+                if heartbeat.is_some_and(|h| connection.id.0 % h.slots == h.slot) {
                     due.push(connection.clone());
                 }
             }
         }
         // Written outside the registry lock: a heartbeat may be a system call per stream.
+        let limit = self.limits.queue();
+        for (connection, exp) in warn {
+            // Not when a renewal moved `exp` since the scan: the new one is warned of in its time.
+            if !connection.take_warning(exp) {
+                continue;
+            }
+            match connection.push(&Item::Raw(self.expiry_warning(&connection, exp)), limit, None) {
+                Pushed::Accepted | Pushed::Closed => {}
+                Pushed::Full => expired.push((connection, CloseReason::SlowConsumer)),
+                Pushed::Gone => self.metrics.closed(CloseReason::ClientClosed),
+            }
+        }
         if let Some(heartbeat) = heartbeat {
             let ping = Item::Raw(heartbeat.frame.clone());
             for connection in due {
-                match connection.push(&ping, self.limits.queue(), None) {
+                match connection.push(&ping, limit, None) {
                     Pushed::Accepted | Pushed::Closed => {}
                     Pushed::Full => expired.push((connection, CloseReason::SlowConsumer)),
                     Pushed::Gone => self.metrics.closed(CloseReason::ClientClosed),
@@ -697,8 +843,21 @@ impl Hub {
         }
     }
 
+    /// `event: token_expiring` for `connection`, whose token expires at `exp`.
+    fn expiry_warning(&self, connection: &Connection, exp: u64) -> Bytes {
+        // Written by hand for the documented field order (`json!` sorts keys).
+        let id = serde_json::Value::String(self.connection_id(connection));
+        frame::event(Some("token_expiring"), None, &format!(r#"{{"exp":{exp},"connection_id":{id}}}"#))
+    }
+
+    /// How clients name a stream of this node (`connected`, `token_expiring`, the renewal URL):
+    /// `<node>:<n>`.
+    pub fn connection_id(&self, connection: &Connection) -> String {
+        connection.id.shown(&self.node_id)
+    }
+
     fn overdue(&self, connection: &Connection, now: u32, unix: u64) -> Option<CloseReason> {
-        if connection.token_expires_at <= unix {
+        if self.limits.token.closes_at(connection.token_exp()) <= unix {
             return Some(CloseReason::TokenExpired);
         }
         let lifetime = self.limits.max_lifetime;
@@ -798,8 +957,9 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            token: TokenLife::default(),
         };
-        Hub::new(bus, limits, HubMetrics::new())
+        Hub::new(bus, "n1", limits, HubMetrics::new())
     }
 
     fn channels(user: &str) -> Vec<ChannelName> {
@@ -948,8 +1108,9 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            token: TokenLife::default(),
         };
-        (Hub::new(bus, limits, metrics), handle)
+        (Hub::new(bus, "n1", limits, metrics), handle)
     }
 
     /// `sse_connections_closed_total` by reason, as the node would expose it.
@@ -1023,6 +1184,163 @@ mod tests {
         hub.tick(None);
         assert_eq!(drain(joined.membership.connection()), [CloseReason::TokenExpired.farewell()]);
         assert_eq!(hub.stats().connections, 0);
+    }
+
+    fn hub_with_token_life(token: TokenLife) -> Arc<Hub> {
+        let (bus, _inbound) = MemoryBus::new(ChannelNames::new("sse"), None);
+        let limits = Limits {
+            per_user: 0,
+            per_user_policy: PerUserPolicy::Reject,
+            per_node: 0,
+            queue_capacity: 16,
+            queue_max_bytes: u32::MAX,
+            inactivity_timeout: Duration::ZERO,
+            max_lifetime: Duration::ZERO,
+            history: false,
+            token,
+        };
+        Hub::new(bus, "n1", limits, HubMetrics::new())
+    }
+
+    fn warning_of(exp: u64, id: u64) -> Bytes {
+        frame::event(Some("token_expiring"), None, &format!(r#"{{"exp":{exp},"connection_id":"n1:{id}"}}"#))
+    }
+
+    #[test]
+    fn a_token_is_warned_of_once_before_its_exp_and_again_after_a_renewal() {
+        let token = TokenLife { leeway: Duration::from_secs(30), warning: Duration::from_millis(60_500) };
+        let hub = hub_with_token_life(token);
+        let user = UserId::new("a").expect("id");
+        let exp = unix_now() + 62; // the lead rounds up to 61 s: not due yet
+        let joined = hub.join(user.clone(), channels("a"), exp).expect("joins");
+        let stream = joined.membership.connection();
+        hub.tick(None);
+        assert!(drain(stream).is_empty(), "62 s before exp is earlier than the lead");
+        let exp = unix_now() + 61;
+        assert_eq!(hub.renew(stream.id, &user, exp, |_| true, |_| Bytes::new()), Renewal::Applied { left: vec![] });
+        hub.tick(None);
+        hub.tick(None);
+        assert_eq!(drain(stream), [warning_of(exp, stream.id.0)], "once, however many ticks");
+        // Renewed to an exp that is near too: warned again, of the new exp.
+        let renewed = unix_now() + 10;
+        assert_eq!(hub.renew(stream.id, &user, renewed, |_| true, |_| Bytes::new()), Renewal::Applied { left: vec![] });
+        hub.tick(None);
+        assert_eq!(drain(stream), [warning_of(renewed, stream.id.0)]);
+        // The same exp again (a page that sent its old token back): not warned again.
+        hub.renew(stream.id, &user, renewed, |_| true, |_| Bytes::new());
+        hub.tick(None);
+        assert!(drain(stream).is_empty());
+        // Past exp but within the leeway: open, warned of it once.
+        let lapsed = unix_now() - 5;
+        hub.renew(stream.id, &user, lapsed, |_| true, |_| Bytes::new());
+        hub.tick(None);
+        assert_eq!(drain(stream), [warning_of(lapsed, stream.id.0)]);
+        hub.tick(None);
+        assert!(drain(stream).is_empty());
+        assert!(!stream.is_closed(), "closed only at exp + leeway");
+        // Without warnings configured, nothing is sent before the close.
+        let quiet = hub_with_token_life(TokenLife { leeway: Duration::ZERO, warning: Duration::ZERO });
+        let joined = quiet.join(user, channels("a"), unix_now() + 1).expect("joins");
+        quiet.tick(None);
+        assert!(drain(joined.membership.connection()).is_empty());
+    }
+
+    #[test]
+    fn a_renewal_moves_the_close_to_the_new_exp_plus_the_leeway() {
+        let hub = hub_with_token_life(TokenLife { leeway: Duration::from_secs(2), warning: Duration::ZERO });
+        let user = UserId::new("a").expect("id");
+        let joined = hub.join(user.clone(), channels("a"), unix_now() - 2).expect("joins");
+        let stream = joined.membership.connection();
+        hub.renew(stream.id, &user, unix_now() + 60, |_| true, |_| Bytes::new());
+        hub.tick(None);
+        assert!(!stream.is_closed(), "renewed before its old exp + leeway");
+        hub.renew(stream.id, &user, unix_now() - 3, |_| true, |_| Bytes::new());
+        hub.tick(None);
+        assert_eq!(drain(stream), [CloseReason::TokenExpired.farewell()]);
+    }
+
+    #[test]
+    fn a_renewal_finds_only_an_open_stream_of_the_same_user() {
+        let hub = hub(5, PerUserPolicy::Reject);
+        let (a, b) = (UserId::new("a").expect("id"), UserId::new("b").expect("id"));
+        let joined = join(&hub, "a").expect("joins");
+        let id = joined.membership.connection().id;
+        assert_eq!(hub.renew(id, &b, u64::MAX, |_| true, |_| Bytes::new()), Renewal::OtherUser);
+        assert_eq!(hub.renew(ConnectionId(id.0 + 100), &a, u64::MAX, |_| true, |_| Bytes::new()), Renewal::NotFound);
+        assert_eq!(hub.renew(id, &a, u64::MAX, |_| true, |_| Bytes::new()), Renewal::Applied { left: vec![] });
+        // Closed (the drain reached it) but its body not dropped yet: gone all the same.
+        hub.close(&joined.membership.connection, CloseReason::Shutdown, CloseReason::Shutdown.farewell());
+        assert_eq!(hub.renew(id, &a, u64::MAX, |_| true, |_| Bytes::new()), Renewal::NotFound);
+        drop(joined);
+        assert_eq!(hub.renew(id, &a, u64::MAX, |_| true, |_| Bytes::new()), Renewal::NotFound);
+        assert!(hub.read().by_id.is_empty(), "a stream that left is forgotten by id");
+    }
+
+    #[tokio::test]
+    async fn a_narrowing_renewal_leaves_the_revoked_channels_and_says_so_last() {
+        let names = ChannelNames::new("sse");
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 16);
+        let user = UserId::new("a").expect("id");
+        let (kept, dropped) = (names.topic("kept"), names.topic("dropped"));
+        let mut all = channels("a");
+        all.extend([kept.clone(), dropped.clone()]);
+        let mine = hub.join(user.clone(), all.clone(), u64::MAX).expect("joins");
+        let other = hub.join(UserId::new("b").expect("id"), all, u64::MAX).expect("joins");
+        hub.deliver(dropped.as_str(), None, b"before").await;
+        let notice = Bytes::from_static(b"event: topics_revoked\ndata: dropped\n\n");
+        let stream = mine.membership.connection();
+        let renewed = hub.renew(
+            stream.id,
+            &user,
+            u64::MAX,
+            |c| *c != dropped,
+            |left| {
+                assert_eq!(left, std::slice::from_ref(&dropped));
+                notice.clone()
+            },
+        );
+        assert_eq!(renewed, Renewal::Applied { left: vec![dropped.clone()] });
+        for channel in [&dropped, &kept] {
+            hub.deliver(channel.as_str(), None, channel.as_str().as_bytes()).await;
+        }
+        let frames = |data: &[&str]| data.iter().map(|d| frame::event(None, None, d)).collect::<Vec<_>>();
+        let expected = [frames(&["before"]), vec![notice.clone()], frames(&["sse:topic:kept"])].concat();
+        assert_eq!(drain(stream), expected, "what came before, the notice, then kept topics only");
+        assert_eq!(drain(other.membership.connection()), frames(&["before", "sse:topic:dropped", "sse:topic:kept"]));
+        // Renewing again with the same grants changes nothing and sends no notice.
+        hub.renew(stream.id, &user, u64::MAX, |c| *c != dropped, |_| panic!("nothing left"));
+        // The last listener of a channel leaving unsubscribes it; leaving later does not again.
+        drop(other);
+        assert!(!hub.read().channels.contains_key(&dropped), "nobody listens to the revoked topic");
+        assert!(hub.read().channels.contains_key(&kept));
+        drop(mine);
+        let stats = hub.stats();
+        assert_eq!((stats.connections, stats.channels), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_held_streams_notice_waits_behind_what_was_held_for_it() {
+        let names = ChannelNames::new("sse");
+        let hub = hub_sized(0, PerUserPolicy::Reject, 0, 16);
+        let user = UserId::new("h").expect("id");
+        let dropped = names.topic("dropped");
+        let mut all = channels("h");
+        all.push(dropped.clone());
+        let joined = hub.join_held(user.clone(), all, u64::MAX).expect("joins");
+        let hold = joined.hold.clone().expect("held");
+        hub.deliver(dropped.as_str(), None, b"held").await;
+        let notice = Bytes::from_static(b"event: topics_revoked\n\n");
+        let stream = joined.membership.connection();
+        hub.renew(stream.id, &user, u64::MAX, |c| *c != dropped, |_| notice.clone());
+        hub.deliver(dropped.as_str(), None, b"after").await;
+        hub.deliver("sse:user:h", None, b"mine").await;
+        assert!(drain(stream).is_empty(), "still held");
+        stream.start_history(1, vec![StreamId::ZERO; 3], Vec::new());
+        assert!(hub.release(&hold));
+        let expected = [frame::event(None, None, "held"), notice, frame::event(None, None, "mine")];
+        assert_eq!(drain(stream), expected);
+        drop(joined);
+        assert_eq!(hub.stats().channels, 0);
     }
 
     #[test]

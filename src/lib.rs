@@ -4,6 +4,7 @@
 //! [`frame`]) → [`connection`] → [`wire`] → the socket. [`server`] builds a node and runs it;
 //! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol;
 //! [`auth`] checks tokens and [`auth_hook`] asks the operator's backend when a stream opens.
+//! [`renewal`] routes a stream's token renewal to the node that holds the stream.
 
 mod auth;
 mod auth_hook;
@@ -12,6 +13,7 @@ mod canary;
 mod channel;
 pub mod config;
 mod connection;
+mod control;
 mod dev_mode;
 mod dispatch;
 pub mod doctor;
@@ -26,6 +28,7 @@ pub mod logging;
 mod metrics;
 mod node;
 mod presence;
+mod renewal;
 mod resume;
 pub mod server;
 pub mod shutdown;

@@ -36,6 +36,7 @@ pub const REPLAY_ENTRIES: &str = "sse_replay_entries";
 pub const AUTH_HOOK: &str = "sse_auth_hook_total";
 pub const AUTH_HOOK_DURATION: &str = "sse_auth_hook_duration_seconds";
 pub const AUTH_HOOK_CACHE_HITS: &str = "sse_auth_hook_cache_hits_total";
+pub const TOKEN_RENEWALS: &str = "sse_token_renewals_total";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -129,6 +130,10 @@ fn describe() {
     );
     describe_histogram!(AUTH_HOOK_DURATION, metrics::Unit::Seconds, "How long calls to SSE_AUTH_HOOK_URL took");
     describe_counter!(AUTH_HOOK_CACHE_HITS, "Stream opens answered from the authorization hook's cache");
+    describe_counter!(
+        TOKEN_RENEWALS,
+        "Token renewals of open streams this node took (POST /api/connections/<id>/token), by outcome"
+    );
 }
 
 /// Counts connections and deliveries; owned by the hub.

@@ -20,12 +20,13 @@ use crate::http::ip_limits::IpLimits;
 use crate::hub::Hub;
 use crate::metrics::HubMetrics;
 use crate::presence::Presence;
+use crate::renewal::Renewals;
 use crate::resume::Resumer;
 
 pub struct Node {
     pub config: Config,
     pub node_id: String,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     /// The connect authorization hook (`SSE_AUTH_HOOK_URL`), when configured.
     pub auth_hook: Option<AuthHook>,
     pub channels: ChannelNames,
@@ -42,6 +43,8 @@ pub struct Node {
     pub started: Instant,
     /// Tokens and the demo page made up at start when no key is configured.
     pub dev: Option<DevMode>,
+    /// Token renewals of open streams, here or through their node.
+    pub renewals: Arc<Renewals>,
     /// Resume through history; `None` when history is off.
     pub resume: Option<Arc<Resumer>>,
     /// The delivery self-check `/readyz` reads; `None` when `SSE_CANARY_INTERVAL=0`.

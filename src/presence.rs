@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{UserId, unix_now};
-use crate::bus::{BusError, SubscriptionReady};
-use crate::channel::{ChannelKind, ChannelName, ChannelNames};
+use crate::bus::BusError;
+use crate::channel::{ChannelKind, ChannelNames};
 use crate::connection::{CloseReason, Connection};
 use crate::hub::{Change, Hub};
 
@@ -107,7 +107,7 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// Presence for a node; subscribes the node to the control channel. Needs a tokio runtime
+    /// Presence for a node. Needs a tokio runtime
     /// (the Redis connection is made lazily).
     pub fn new(
         node_id: String,
@@ -131,8 +131,6 @@ impl Presence {
                 )
             }
         };
-        // Not the hub's: no stream listens on it, and the hub never unsubscribes it.
-        hub.bus().subscribe(names.control(), Arc::new(SubscriptionReady::default()));
         Ok(Arc::new(Self {
             node_id,
             hub,
@@ -142,10 +140,6 @@ impl Presence {
             redis,
             clean_script: redis::Script::new(CLEAN_SCRIPT),
         }))
-    }
-
-    pub fn control_channel(&self) -> ChannelName {
-        self.names.control()
     }
 
     fn key(&self, rest: std::fmt::Arguments<'_>) -> String {
@@ -161,6 +155,10 @@ impl Presence {
             topics: connection
                 .channels
                 .iter()
+                .enumerate()
+                // A renewal may have taken the stream off some (it still names them).
+                .filter(|&(slot, _)| connection.listens_at(slot))
+                .map(|(_, c)| c)
                 .filter(|c| self.names.kind_of(c) == Some(ChannelKind::Topic))
                 .filter_map(|c| self.names.logical(c).strip_prefix("topic:"))
                 .map(str::to_owned)
@@ -457,7 +455,7 @@ mod tests {
     use super::*;
     use crate::bus::memory::MemoryBus;
     use crate::config::PerUserPolicy;
-    use crate::hub::Limits;
+    use crate::hub::{Limits, TokenLife};
     use crate::metrics::HubMetrics;
 
     fn presence() -> Arc<Presence> {
@@ -472,8 +470,9 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            token: TokenLife::default(),
         };
-        let hub = Hub::new(bus, limits, HubMetrics::new());
+        let hub = Hub::new(bus, "n1", limits, HubMetrics::new());
         Presence::new("n1".into(), hub, names, None, Duration::from_secs(30)).expect("presence")
     }
 

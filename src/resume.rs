@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::auth::unix_now;
 use crate::bus::{Bus, BusError, Epoched};
 use crate::channel::{ChannelName, ChannelNames};
 use crate::connection::{CloseReason, Connection, Item, Pushed, QueueLimit, Rebase};
@@ -41,13 +40,25 @@ pub struct Start {
     /// The epoch the positions belong to.
     pub epoch: u32,
     pub positions: Vec<(ChannelName, StreamId)>,
-    /// How long the client was away (from the cursor's issue time).
+    /// How long the client may have been away: from the start of the second its cursor was
+    /// issued in ([`away_since`]), never less than the truth.
     pub away: Duration,
     /// Set when `Last-Event-ID` cannot be used: every channel is reset, for this reason.
     pub reset_all: Option<ResetReason>,
     /// The client sent `Last-Event-ID` (counted in `sse_resumes_total`, its replay in
     /// `sse_replay_entries`); a new stream starts at the tails and replays nothing.
     pub resumed: bool,
+}
+
+/// How long a client whose cursor was issued at `issued_at` (UNIX seconds: the cursor keeps
+/// whole seconds) may have been away, to the millisecond and rounded up: counted from the start
+/// of that second. History decides from it whether entries may have come and expired by age
+/// after the client's position, so it must never be short: whole seconds on both sides made an
+/// absence up to a second longer than a channel's age look within it, and a resume then skipped
+/// what had expired meanwhile without a `reset`.
+fn away_since(issued_at: u64) -> Duration {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    now.saturating_sub(Duration::from_secs(issued_at))
 }
 
 /// One page of what history says a stream missed since its [`Start`].
@@ -162,7 +173,7 @@ impl Resumer {
         {
             // A resume that knows every channel needs no tails: the history read that follows
             // checks the epoch. In a reconnect storm that is one Redis call per stream saved.
-            let away = Duration::from_secs(unix_now().saturating_sub(cursor.issued_at));
+            let away = away_since(cursor.issued_at);
             return Ok(Start { epoch: cursor.epoch, positions, away, reset_all: None, resumed: true });
         }
         let Epoched { epoch: current, values: tails } = self.bus.tails(channels).await?;
@@ -176,9 +187,7 @@ impl Resumer {
                 (current, Duration::ZERO, Some(ResetReason::HistoryLost), None)
             }
             Some(Err(_)) => (current, Duration::ZERO, Some(ResetReason::InvalidCursor), None),
-            Some(Ok(cursor)) => {
-                (cursor.epoch, Duration::from_secs(unix_now().saturating_sub(cursor.issued_at)), None, Some(cursor))
-            }
+            Some(Ok(cursor)) => (cursor.epoch, away_since(cursor.issued_at), None, Some(cursor)),
         };
         let positions = channels
             .iter()

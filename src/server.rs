@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,13 +28,15 @@ use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::connection::CloseReason;
+use crate::control::NodeChannels;
 use crate::dev_mode::DevMode;
 use crate::http::cors::Origins;
 use crate::http::ip_limits::IpLimits;
-use crate::hub::{Heartbeat, Hub, Limits};
+use crate::hub::{Heartbeat, Hub, HubWork, Limits, TokenLife};
 use crate::metrics::HubMetrics;
 use crate::node::Node;
 use crate::presence::Presence;
+use crate::renewal::{self, Renewals};
 use crate::resume::Resumer;
 use crate::{dispatch, frame, http, shutdown};
 
@@ -66,6 +69,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
 pub struct Server {
     node: Arc<Node>,
     inbound: InboundReceiver,
+    /// Hub work for the dispatcher (renewals).
+    work: mpsc::Receiver<HubWork>,
     bus_owner: Option<tokio::task::JoinHandle<()>>,
     /// Cancelled last: stops the ticker, the metrics upkeep and the bus's task.
     background: CancellationToken,
@@ -77,7 +82,7 @@ impl Server {
         let prometheus = crate::metrics::install().context("installing the metrics recorder")?;
         let node_id =
             config.node_id.clone().unwrap_or_else(|| format!("node-{:06x}", rand::random::<u32>() & 0xff_ffff));
-        let auth = Authenticator::from_config(&config)?;
+        let auth = Arc::new(Authenticator::from_config(&config)?);
         let auth_hook = AuthHook::from_config(&config)?;
         let background = CancellationToken::new();
         let history = config.history();
@@ -96,10 +101,14 @@ impl Server {
             inactivity_timeout: config.connection_timeout,
             max_lifetime: config.max_connection_lifetime,
             history: history.is_some(),
+            token: TokenLife { leeway: config.jwt_leeway, warning: config.token_expiry_warning },
         };
         let canary = (!config.canary_interval.is_zero())
             .then(|| Arc::new(Canary::new(channels.canary(&node_id), config.canary_interval, config.canary_threshold)));
-        let hub = Hub::new(bus, limits, hub_metrics.clone());
+        let (work, work_rx) = tokio::sync::mpsc::channel(renewal::WORK_CAPACITY);
+        let renewals = Arc::new(Renewals::new(&node_id, channels.clone(), bus.clone(), auth.clone(), work));
+        NodeChannels::new(&channels, renewals.clone(), canary.clone()).subscribe(bus.as_ref());
+        let hub = Hub::new(bus, &node_id, limits, hub_metrics.clone());
         let presence = Presence::new(
             node_id.clone(),
             hub.clone(),
@@ -124,10 +133,11 @@ impl Server {
             dev,
             resume,
             canary,
+            renewals,
             failure: OnceLock::new(),
             config,
         });
-        Ok(Self { node, inbound, bus_owner: owner, background })
+        Ok(Self { node, inbound, work: work_rx, bus_owner: owner, background })
     }
 
     /// The node's shared state (for in-process tests of its routes).
@@ -145,16 +155,16 @@ impl Server {
         shutdown: impl Future<Output = ()>,
         hurry: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let Server { node, inbound, bus_owner, background } = self;
+        let Server { node, inbound, work, bus_owner, background } = self;
         let hub = node.hub.clone();
         // The tasks without which nothing is delivered; each returns the name of its failure.
         let mut vital: JoinSet<&'static str> = JoinSet::new();
         let dispatcher = tokio::spawn(dispatch::dispatch(
             inbound,
+            work,
             hub.clone(),
             node.resume.clone(),
-            node.canary.clone(),
-            node.presence.control_channel(),
+            NodeChannels::new(&node.channels, node.renewals.clone(), node.canary.clone()),
         ));
         let stop_dispatcher = dispatcher.abort_handle();
         vital.spawn(watch("dispatcher_stopped", dispatcher));

@@ -156,6 +156,62 @@ async fn the_connected_event_names_connection_node_user_and_topics() {
     assert!(data["connection_id"].as_str().expect("id").starts_with("edge-7:"));
 }
 
+/// Everything a stream carries, in order, until `done(items)` or the end; panics after 20 s.
+async fn read_items(stream: &mut SseClient, items: &mut Vec<Received>, done: impl Fn(&[Received]) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done(items) && items.last() != Some(&Received::End) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match stream.next(left).await {
+            Some(item) => items.push(item),
+            None => panic!("timed out; the stream so far: {items:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_is_sent_once_per_stream_and_again_only_with_the_drain_farewell() {
+    let mut node =
+        Node::start(&[("SSE_HEARTBEAT_INTERVAL", "1s"), ("SSE_RETRY_INTERVAL", "2s"), ("SSE_DRAIN_PERIOD", "1s")])
+            .await;
+    let mut stream = SseClient::open(&stream_url(&node, "rita", &["news"]), &[]).await;
+    assert_eq!(stream.status, 200);
+    let mut items = Vec::new();
+    // Events of every kind (durable with an `id:`, live without; user, topic, broadcast) and
+    // heartbeats between them.
+    let events = [
+        json!({"users": ["rita"], "event": "m", "data": "durable"}),
+        json!({"users": ["rita"], "event": "m", "data": "live", "durable": false}),
+        json!({"topics": ["news"], "event": "m", "data": "topic"}),
+        json!({"broadcast": true, "event": "m", "data": "broadcast"}),
+    ];
+    let is_event = |item: &Received| matches!(item, Received::Event(e) if e.event == "m");
+    let pings = |items: &[Received]| items.iter().filter(|i| matches!(i, Received::Comment(c) if c == "ping")).count();
+    read_items(&mut stream, &mut items, |items| items.iter().any(|i| matches!(i, Received::Event(_)))).await;
+    for (n, event) in events.iter().enumerate() {
+        assert_eq!(publish_api(&node, event.clone()).await.0, 202);
+        read_items(&mut stream, &mut items, |items| items.iter().filter(|i| is_event(i)).count() > n).await;
+        let seen = pings(&items);
+        read_items(&mut stream, &mut items, |items| pings(items) > seen).await;
+    }
+    node.signal("TERM");
+    read_items(&mut stream, &mut items, |_| false).await;
+    assert_eq!(node.wait_exit(Duration::from_secs(15)).await, Some(0));
+
+    let retries: Vec<usize> =
+        items.iter().enumerate().filter(|(_, i)| matches!(i, Received::Retry(_))).map(|(at, _)| at).collect();
+    let kinds: Vec<String> = items.iter().map(|i| format!("{i:?}").chars().take(60).collect()).collect();
+    assert_eq!(retries.len(), 2, "retry once at the start and once with the farewell: {kinds:#?}");
+    assert_eq!(items[0], Received::Retry(2000), "{kinds:#?}");
+    assert!(matches!(&items[1], Received::Event(e) if e.event == "connected"), "{kinds:#?}");
+    let Received::Event(farewell) = &items[retries[1] + 1] else {
+        panic!("the drain's retry precedes its farewell: {kinds:#?}")
+    };
+    assert_eq!((farewell.event.as_str(), farewell.data.as_str()), ("disconnected", r#"{"reason":"shutdown"}"#));
+    assert_eq!(&items[retries[1] + 2..], [Received::End], "the farewell is the last thing: {kinds:#?}");
+    assert_eq!(items.iter().filter(|i| is_event(i)).count(), events.len(), "{kinds:#?}");
+    assert!(pings(&items) >= events.len(), "{kinds:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_are_read_from_header_then_query_then_cookie() {
     let node = Node::start(&[]).await;
@@ -419,6 +475,9 @@ async fn a_stream_is_closed_when_its_token_expires() {
     let mut stream = SseClient::open(&node.url(&format!("/events?access_token={token}")), &[]).await;
     assert_eq!(stream.status, 200);
     stream.connected().await;
+    // Warned first: its exp is nearer than SSE_TOKEN_EXPIRY_WARNING (60 s).
+    let warning = stream.next_event(Duration::from_secs(3)).await.expect("token_expiring");
+    assert_eq!(warning.event, "token_expiring", "{warning:?}");
     let farewell = stream.next_event(Duration::from_secs(10)).await.expect("disconnected");
     assert_eq!(farewell.data, r#"{"reason":"token_expired"}"#);
     // Not before `exp` (same clock as the node's): a stream closed at once would fail here.
@@ -443,40 +502,59 @@ async fn a_stream_is_closed_after_its_lifetime_and_not_before() {
     node.wait_metric("sse_connections_closed_total", r#"reason="lifetime""#, 1.0).await;
 }
 
+/// `SSE_CONNECTION_TIMEOUT` in the inactivity test. The node checks timeouts on its one-second
+/// tick against a whole-second clock that the tick advances: on time, a stream is closed between
+/// `INACTIVITY - CLOCK_STEP` and `INACTIVITY` after its last event. A late tick closes it later
+/// (by up to [`TICK_MARGIN`] here), and leaves the clock stale for events meanwhile, which can
+/// close it earlier by as much (up to [`EARLY_MARGIN`] here).
+const INACTIVITY: Duration = Duration::from_secs(4);
+const CLOCK_STEP: Duration = Duration::from_secs(1);
+const EARLY_MARGIN: Duration = Duration::from_secs(1);
+/// How often the active stream gets an event: far below the soonest it could be closed
+/// (`INACTIVITY - CLOCK_STEP - EARLY_MARGIN`, 2 s).
+const KEEP_EVERY: Duration = Duration::from_millis(500);
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_inactive_stream_is_closed_and_events_keep_one_open() {
-    // 4 s on a whole-second clock: a stream is closed after 3-4 s without an event. Events every
-    // 500 ms keep the active one 2.5 s away from its timeout however the machine is loaded.
     let node = Node::start(&[("SSE_CONNECTION_TIMEOUT", "4s"), ("SSE_HEARTBEAT_INTERVAL", "1s")]).await;
     let asked = std::time::Instant::now();
     let mut inactive = subscribe(&node, "p2", &[]).await;
     let mut active = subscribe(&node, "p3", &[]).await;
-    let keep_alive = {
-        let url = node.url("/api/publish");
-        tokio::spawn(async move {
-            for _ in 0..14 {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let response = http()
-                    .post(&url)
-                    .bearer_auth(token("producer", &[], Some("publisher")))
-                    .json(&json!({"users": ["p3"], "data": "keep"}))
-                    .send()
-                    .await
-                    .expect("publish");
-                assert_eq!(response.status(), 202);
-            }
-        })
-    };
-    let farewell = inactive.next_event(Duration::from_secs(4) + TICK_MARGIN).await.expect("inactivity farewell");
-    assert_eq!(farewell.data, r#"{"reason":"inactive"}"#, "heartbeats do not count as activity");
-    let idle = asked.elapsed();
-    assert!(idle >= Duration::from_secs(2), "closed after {idle:?} of a 4 s inactivity timeout");
-    keep_alive.await.expect("publisher");
-    // 7 s of events, well past the timeout: every one arrived on the same open stream.
-    for _ in 0..14 {
-        assert_eq!(active.next_event(WAIT).await.expect("still open").data, "keep", "events keep a stream active");
+    // The inactive stream's end is waited for beside the keep-alive below.
+    let ended = tokio::spawn(async move {
+        let farewell = inactive.next_event(INACTIVITY + TICK_MARGIN).await;
+        (farewell, asked.elapsed(), inactive)
+    });
+    // An event for the active stream every KEEP_EVERY, each read back before the next is sent,
+    // until the inactive one was closed and the active one has outlived the latest moment its
+    // timeout could have closed it.
+    let mut kept = 0;
+    let mut longest_gap = Duration::ZERO;
+    let mut last = std::time::Instant::now();
+    while !ended.is_finished() || asked.elapsed() <= INACTIVITY + TICK_MARGIN {
+        tokio::time::sleep(KEEP_EVERY).await;
+        let data = format!("keep {kept}");
+        assert_eq!(publish_api(&node, json!({"users": ["p3"], "data": data})).await.0, 202);
+        let event = active.next_event(WAIT).await.unwrap_or_else(|e| {
+            panic!(
+                "the active stream ended after {:?} ({kept} events, {longest_gap:?} at most between two): {e:?}",
+                asked.elapsed()
+            )
+        });
+        assert_eq!(event.data, data, "events keep a stream active");
+        longest_gap = longest_gap.max(last.elapsed());
+        last = std::time::Instant::now();
+        kept += 1;
     }
+    let (farewell, idle, mut inactive) = ended.await.expect("the inactive stream's reader");
+    let farewell = farewell.expect("inactivity farewell");
+    assert_eq!(farewell.data, r#"{"reason":"inactive"}"#, "heartbeats do not count as activity");
+    // Measured from before the request, so never shorter than the node's own idle time.
+    let soonest = INACTIVITY - CLOCK_STEP - EARLY_MARGIN;
+    assert!(idle >= soonest, "closed after {idle:?} of a {INACTIVITY:?} inactivity timeout");
+    assert_eq!(inactive.next_event(WAIT).await, Err(NoEvent::End));
     node.wait_metric("sse_connections_closed_total", r#"reason="inactive""#, 1.0).await;
+    assert_eq!(node.metric("sse_active_connections", "").await, 1.0, "the active stream is open");
 }
 
 #[tokio::test(flavor = "multi_thread")]

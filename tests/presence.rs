@@ -2,7 +2,8 @@
 //! cluster (a user with streams on two nodes shows both), many users are asked about in one
 //! call, a node lists its own streams a page at a time, `/api/cluster` lists the live nodes,
 //! a revoke ends the user's streams on every node with `disconnected: revoked`, a node killed
-//! with SIGKILL drops out once its lease lapses, and only an admin token gets any of it.
+//! with SIGKILL drops out once its lease lapses, a renewal that drops a topic drops it from
+//! presence too, and only an admin token gets any of it.
 
 mod common;
 
@@ -181,4 +182,28 @@ async fn the_admin_api_needs_an_admin_token() {
         assert_eq!(request.send().await.expect("request").status().as_u16(), *status, "DELETE");
     }
     assert_eq!(get(&node, "/api/cluster").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_drops_a_topic_shows_in_presence() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_nodes(&redis, "30s").await;
+    let exp = common::unix_now() + 3600;
+    let first = common::token_with(json!({"sub": "dana", "exp": exp, "topics": ["keep", "drop"]}));
+    let mut stream = SseClient::open(&a.url(&format!("/events?access_token={first}&topic=keep&topic=drop")), &[]).await;
+    let id = stream.connected().await["connection_id"].as_str().expect("connection_id").to_owned();
+    let topics_of = |p: &Value| p["streams"][0]["topics"].clone();
+    until(&b, "/api/presence/dana", Duration::from_secs(5), |p| topics_of(p) == json!(["keep", "drop"])).await;
+
+    let narrower = common::token_with(json!({"sub": "dana", "exp": exp, "topics": ["keep"]}));
+    let response = http()
+        .post(b.url(&format!("/api/connections/{id}/token")))
+        .bearer_auth(narrower)
+        .send()
+        .await
+        .expect("renewal request");
+    assert_eq!(response.status().as_u16(), 204);
+    let notice = stream.next_event(Duration::from_secs(5)).await.expect("topics_revoked");
+    assert_eq!(notice.event, "topics_revoked");
+    until(&b, "/api/presence/dana", Duration::from_secs(5), |p| topics_of(p) == json!(["keep"])).await;
 }

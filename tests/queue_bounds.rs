@@ -17,6 +17,12 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A client that sends `request` and reads only until `connected`, then never again. Its
 /// receive buffer is small, so what the node writes piles up on the node's side.
 async fn non_reading_client(node: &Node, request: String) -> TcpStream {
+    non_reading_client_with_wire(node, request).await.0
+}
+
+/// [`non_reading_client`], with what it read (the response up to `connected`, and whatever
+/// came in the same reads after it).
+async fn non_reading_client_with_wire(node: &Node, request: String) -> (TcpStream, Vec<u8>) {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     let mut stream = socket.connect(([127, 0, 0, 1], node.port).into()).await.expect("connect");
@@ -30,7 +36,7 @@ async fn non_reading_client(node: &Node, request: String) -> TcpStream {
             other => panic!("no connected event ({other:?}): {}", String::from_utf8_lossy(&wire)),
         }
     }
-    stream
+    (stream, wire)
 }
 
 /// `GET /events` as the first request: served on the raw path.
@@ -163,6 +169,125 @@ async fn a_client_that_leaves_is_counted_as_client_closed_on_either_path() {
     drop(reader);
     wait_closed(&node, "client_closed", 3.0).await;
     assert_eq!(node.metric("sse_active_connections", "").await, 0.0);
+}
+
+/// `GET /events` with `Last-Event-ID` after another request on the same connection: served by hyper.
+fn hyper_path_resume(user: &str, last_event_id: &str) -> String {
+    format!(
+        "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\nGET /events?access_token={} HTTP/1.1\r\nHost: test\r\nLast-Event-ID: {last_event_id}\r\n\r\n",
+        token(user, &[], None)
+    )
+}
+
+/// Reads from `client` into `wire` until `done(wire)`; panics after `WAIT` or at the end.
+async fn read_until(client: &mut TcpStream, wire: &mut Vec<u8>, what: &str, done: impl Fn(&[u8]) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut buffer = vec![0u8; 1 << 16];
+    while !done(wire) {
+        match tokio::time::timeout_at(deadline, client.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => wire.extend_from_slice(&buffer[..n]),
+            other => panic!("no {what} ({other:?}) after {} bytes", wire.len()),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Publishes a live event to `user`, then one to the reader, and waits for the reader's: the
+/// dispatcher delivers in bus order, so the first one was pushed to `user`'s stream by then.
+async fn push_to(node: &Node, user: &str, data: &str, reader: &mut SseClient) {
+    assert_eq!(publish_api(node, json!({"users": [user], "data": data, "durable": false})).await.0, 202);
+    let mark = format!("after {}", &data[..data.len().min(20)]);
+    assert_eq!(publish_api(node, json!({"users": ["reader"], "data": mark, "durable": false})).await.0, 202);
+    assert_eq!(reader.next_event(WAIT).await.expect("the reader's mark").data, mark);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_hyper_path_a_queue_at_its_capacity_is_kept_one_more_frame_cuts_it_and_no_farewell_is_written() {
+    const CAPACITY: usize = 16;
+    let node = Node::start(&[
+        ("SSE_QUEUE_CAPACITY", "16"),
+        // The frame bound is the one under test.
+        ("SSE_QUEUE_MAX_BYTES", "64MiB"),
+        // No ping may join the queue behind the test's back.
+        ("SSE_HEARTBEAT_INTERVAL", "0"),
+        ("SSE_MAX_PUBLISH_BYTES", "16777216"),
+    ])
+    .await;
+    let mut sleeper = non_reading_client(&node, hyper_path_request("sleeper")).await;
+    let mut reader = subscribe(&node, "reader", &[]).await;
+    // One event of 8 MiB, more than the socket's buffers (its send buffer grows to 4 MiB at
+    // most) and hyper's own (about 400 KB) hold: hyper takes it from the queue whole, and,
+    // unable to write the rest, takes nothing more. From then on, the queue holds exactly what
+    // is pushed to it.
+    let big = "B".repeat(8 << 20);
+    push_to(&node, "sleeper", &big, &mut reader).await;
+    let mut wire = Vec::new();
+    read_until(&mut sleeper, &mut wire, "the big event's start", |w| find(w, b"data: BBBB").is_some()).await;
+
+    for i in 0..CAPACITY {
+        push_to(&node, "sleeper", &format!("queued {i}"), &mut reader).await;
+    }
+    assert_eq!(closed(&node, "slow_consumer").await, 0.0, "cut with {CAPACITY} frames queued, its capacity");
+    assert_eq!(node.metric("sse_active_connections", "").await, 2.0);
+    push_to(&node, "sleeper", "one too many", &mut reader).await;
+    wait_closed(&node, "slow_consumer", 1.0).await;
+
+    // The client reads on: the rest of the big event, then the body's end. What waited in the
+    // queue was dropped, and no farewell was written.
+    read_until(&mut sleeper, &mut wire, "end of the body", |w| w.ends_with(b"\r\n0\r\n\r\n")).await;
+    let first_b = find(&wire, b"data: B").expect("the big event") + b"data: ".len();
+    let end = first_b + big.len();
+    assert!(wire[first_b..end].iter().all(|&b| b == b'B'), "the big event whole");
+    assert_eq!(
+        String::from_utf8_lossy(&wire[end..]),
+        "\n\n\r\n0\r\n\r\n",
+        "after the big event, only the end of the body"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_hyper_path_a_replay_larger_than_the_queue_is_not_cut() {
+    let node = Node::start(&[
+        ("SSE_QUEUE_CAPACITY", "16"),
+        ("SSE_QUEUE_MAX_BYTES", "64KiB"),
+        ("SSE_HEARTBEAT_INTERVAL", "0"),
+        // The whole replay in one page: it is in the queue at once.
+        ("SSE_HISTORY_PAGE_BYTES", "16777216"),
+        ("SSE_HISTORY_USER_LENGTH", "1000"),
+    ])
+    .await;
+    let mut reader = subscribe(&node, "reader", &[]).await;
+    let url = common::stream_url(&node, "returner", &[]);
+    let (stream, cursor) = common::open_resumable(&url, None).await;
+    drop(stream);
+    // 200 events of 40 KB: 8 MB, more than the socket's buffers (4 MiB at most) and hyper's
+    // (about 400 KB) take, so most of the replay waits in the queue: far over its 16 frames
+    // and 64 KiB.
+    let padding = "p".repeat(40_000);
+    for i in 0..200 {
+        let body = json!({"users": ["returner"], "data": format!("r{i}-{padding}")});
+        assert_eq!(publish_api(&node, body).await.0, 202);
+    }
+    // The client does not read while the replay waits in the queue, and a live event joins it.
+    let (mut returner, mut wire) = non_reading_client_with_wire(&node, hyper_path_resume("returner", &cursor)).await;
+    push_to(&node, "returner", "live", &mut reader).await;
+    assert_eq!(closed(&node, "slow_consumer").await, 0.0, "the replay was cut by the queue's bounds");
+    read_until(&mut returner, &mut wire, "the live event", |w| find(w, b"data: live").is_some()).await;
+    let mut at = 0;
+    for i in 0..200 {
+        let marker = format!("data: r{i}-");
+        at += find(&wire[at..], marker.as_bytes()).unwrap_or_else(|| {
+            panic!(
+                "replayed event {i} missing or out of order: {}",
+                String::from_utf8_lossy(&wire[..wire.len().min(3000)])
+            )
+        });
+    }
+    assert!(find(&wire[at..], b"data: live").is_some(), "the live event after the replay");
+    assert_eq!(closed(&node, "slow_consumer").await, 0.0);
 }
 
 #[test]

@@ -16,7 +16,10 @@ async fn a_token_accepted_inside_the_leeway_is_closed_only_when_the_leeway_has_p
     let mut stream = SseClient::open(&node.url(&format!("/events?access_token={token}")), &[]).await;
     assert_eq!(stream.status, 200, "{:?}", stream.body);
     stream.connected().await;
-    // Before, the first tick (within a second) closed it with `token_expired`.
+    // Past its exp, it is warned at once that it must be renewed (SSE_TOKEN_EXPIRY_WARNING)...
+    let warning = stream.next_event(Duration::from_secs(3)).await.expect("token_expiring");
+    assert_eq!(warning.event, "token_expiring", "{warning:?}");
+    // ...but not closed: before, the first tick (within a second) closed it with `token_expired`.
     let early = stream.next(Duration::from_millis(1500)).await;
     assert_eq!(early, None, "the stream must stay open until exp + leeway, got {early:?}");
     let farewell = stream.next_event(Duration::from_secs(8)).await.expect("disconnected at exp + leeway");

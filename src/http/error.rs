@@ -17,6 +17,8 @@ pub enum ApiError {
     Unauthorized(AuthError),
     /// 403: the token is valid but does not allow this.
     Forbidden { code: &'static str, message: String },
+    /// 404: what the path names does not exist (here, or on any node).
+    NotFound { code: &'static str, message: String },
     /// 400: a request field is wrong; `field` names it.
     BadRequest { field: String, message: String },
     /// 413.
@@ -110,6 +112,7 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden { code, message } => {
                 (StatusCode::FORBIDDEN, json!({"error": code, "message": message}))
             }
+            ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, json!({"error": code, "message": message})),
             ApiError::BadRequest { field, message } => {
                 (StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "field": field, "message": message}))
             }

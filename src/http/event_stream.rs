@@ -119,8 +119,9 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: true,
+            token: Default::default(),
         };
-        Hub::new(bus, limits, HubMetrics::new())
+        Hub::new(bus, "n1", limits, HubMetrics::new())
     }
 
     /// The next data frame hyper would get, `Ready(None)` at the end of the body.

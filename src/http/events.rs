@@ -152,14 +152,13 @@ pub async fn open(
         None => None,
     };
 
-    // The token was accepted with the leeway, so it ends with it: closing a stream at once
-    // with `token_expired` after accepting its token would be a contradiction.
-    let closes_at = grant.expires_at.saturating_add(node.config.jwt_leeway.as_secs());
+    // The hub closes the stream at `exp` + leeway: its token was accepted with the leeway, so
+    // closing it at once with `token_expired` would be a contradiction.
     // With history, the stream joins held: what arrives live waits until its replay is queued.
     let joined = if node.resume.is_some() {
-        node.hub.join_held(grant.user.clone(), channels.clone(), closes_at)
+        node.hub.join_held(grant.user.clone(), channels.clone(), grant.expires_at)
     } else {
-        node.hub.join(grant.user.clone(), channels.clone(), closes_at)
+        node.hub.join(grant.user.clone(), channels.clone(), grant.expires_at)
     };
     let joined = joined.map_err(|e| {
         node.hub_metrics.rejected(e.label());
@@ -197,7 +196,7 @@ pub async fn open(
     };
 
     let connected = json!({
-        "connection_id": connection.id.shown(&node.node_id),
+        "connection_id": node.hub.connection_id(connection),
         "node_id": node.node_id,
         "user": grant.user.as_str(),
         "topics": topics,

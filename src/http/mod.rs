@@ -1,13 +1,15 @@
 //! HTTP routes, one file per concern, composed into one router here. The router is served by
 //! [`accept`]'s accept loop, not `axum::serve`, which measured twice the memory per connection.
 //! Who may call what is [`grant`]'s; which origins, [`cors`]'s; every error body, [`error`]'s;
-//! how a query string is decoded, [`query`]'s; spending a single-use query token, [`ticket`]'s.
+//! how a query string is decoded, [`query`]'s; spending a single-use query token, [`ticket`]'s;
+//! renewing an open stream's token, [`connections`]'.
 //! What a client may hold before it is authenticated is [`accept`]'s and [`pending`]'s; where a
 //! request comes from, [`client_ip`]'s; how many streams an address may open, [`ip_limits`]'s.
 
 pub mod accept;
 mod admin;
 mod client_ip;
+mod connections;
 pub mod cors;
 mod deadline;
 mod demo;
@@ -45,6 +47,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/connections", get(admin::connections))
         .route("/api/cluster", get(admin::cluster))
         .route("/api/users/{user}/connections", delete(admin::revoke))
+        .route("/api/connections/{connection_id}/token", post(connections::renew_token))
         .route("/api/history", get(history::history))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
