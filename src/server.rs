@@ -35,7 +35,7 @@ use crate::http::ip_limits::IpLimits;
 use crate::hub::{Heartbeat, Hub, HubWork, Limits, TokenLife};
 use crate::metrics::HubMetrics;
 use crate::node::Node;
-use crate::presence::Presence;
+use crate::presence::{EventSettings, Presence};
 use crate::renewal::{self, Renewals};
 use crate::resume::Resumer;
 use crate::{dispatch, frame, http, shutdown};
@@ -115,6 +115,10 @@ impl Server {
             channels.clone(),
             config.redis_url.as_deref(),
             config.presence_lease,
+            config.presence_events.then_some(EventSettings {
+                delay: config.presence_events_delay,
+                maxlen: config.presence_events_maxlen,
+            }),
         )?;
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
