@@ -41,7 +41,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{UserId, unix_now};
+use crate::auth::{UserId, unix_millis, unix_now};
 use crate::bus::BusError;
 use crate::channel::{ChannelKind, ChannelNames};
 use crate::connection::{CloseReason, Connection};
@@ -66,12 +66,14 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Deletes a node's entries. Keys of user hashes are built inside (fine on a single Redis, not
 /// on Redis Cluster, which this node does not support). Without `force` it does nothing while
 /// the node's lease exists: the node came back after another node decided it was dead. With
-/// events on (ARGV[4]), a user left without entries starts leaving at ARGV[5].
+/// events on (ARGV[4]), a user left without entries starts leaving at ARGV[5]. The streams'
+/// seats (ARGV[6] is the seats key prefix, [`crate::user_limit`]) go with them.
 const CLEAN_SCRIPT: &str = r"
 if ARGV[3] ~= 'force' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local streams = redis.call('HGETALL', KEYS[2])
 for i = 1, #streams, 2 do
   local user = ARGV[1] .. streams[i + 1]
+  redis.call('ZREM', ARGV[6] .. streams[i + 1], streams[i])
   if redis.call('HDEL', user, streams[i]) == 1 and ARGV[4] == '1' and redis.call('HLEN', user) == 0 then
     redis.call('ZADD', KEYS[4], 'NX', ARGV[5], streams[i + 1])
   end
@@ -83,12 +85,13 @@ return 1
 
 /// Writes a node's opens and closes in order (KEYS[1]: the node's streams hash) and, with events
 /// on (ARGV[2] = '1'), the users' transitions (KEYS[2]: the events stream, KEYS[3]: the leaving
-/// set), then sweeps the users away longer than the delay. ARGV: user key prefix, events, now
-/// (ms), delay (ms), maxlen, then per change `+`/`-`, user, connection id, entry (`+` only).
+/// set), then sweeps the users away longer than the delay. A closed stream's seat goes too
+/// ([`crate::user_limit`]). ARGV: user key prefix, events, now (ms), delay (ms), maxlen, seats
+/// key prefix, then per change `+`/`-`, user, connection id, entry (`+` only).
 const WRITE_SCRIPT: &str = r"
 local events = ARGV[2] == '1'
 local now = tonumber(ARGV[3])
-for i = 6, #ARGV, 4 do
+for i = 7, #ARGV, 4 do
   local user, id = ARGV[i + 1], ARGV[i + 2]
   local key = ARGV[1] .. user
   if ARGV[i] == '+' then
@@ -99,6 +102,7 @@ for i = 6, #ARGV, 4 do
     end
   else
     redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', ARGV[6] .. user, id)
     if redis.call('HDEL', key, id) == 1 and events and redis.call('HLEN', key) == 0 then
       redis.call('ZADD', KEYS[3], 'NX', now, user)
     end
@@ -210,6 +214,11 @@ impl Presence {
             clean_script: redis::Script::new(CLEAN_SCRIPT),
             write_script: redis::Script::new(WRITE_SCRIPT),
         }))
+    }
+
+    /// The connection to Redis presence uses (shared by the per-user limit's seats).
+    pub fn redis(&self) -> Option<ConnectionManager> {
+        self.redis.clone()
     }
 
     fn key(&self, rest: std::fmt::Arguments<'_>) -> String {
@@ -451,6 +460,7 @@ impl Presence {
             .arg(if force { "force" } else { "" })
             .arg(if self.events.is_some() { "1" } else { "" })
             .arg(unix_millis())
+            .arg(format!("{}:seats:", self.names.prefix()))
             .key(self.key(format_args!("leaving")));
         invocation
     }
@@ -483,7 +493,8 @@ impl Presence {
                 .arg(if self.events.is_some() { "1" } else { "" })
                 .arg(unix_millis())
                 .arg(events.delay.as_millis() as u64)
-                .arg(events.maxlen);
+                .arg(events.maxlen)
+                .arg(format!("{}:seats:", self.names.prefix()));
             for change in chunk {
                 match change {
                     Change::Opened(connection) => {
@@ -528,10 +539,6 @@ pub fn obey(hub: &Hub, payload: &[u8]) {
         }
         _ => tracing::warn!("ignored a control message this node does not understand"),
     }
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, PresenceError> {

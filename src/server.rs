@@ -38,6 +38,7 @@ use crate::node::Node;
 use crate::presence::{EventSettings, Presence};
 use crate::renewal::{self, Renewals};
 use crate::resume::Resumer;
+use crate::user_limit::Seats;
 use crate::{dispatch, frame, http, shutdown};
 
 /// Pending connections the listener queues before the kernel drops new SYNs (tokio's default
@@ -120,6 +121,13 @@ impl Server {
                 maxlen: config.presence_events_maxlen,
             }),
         )?;
+        let seats = Seats::new(
+            presence.redis(),
+            channels.clone(),
+            &node_id,
+            config.max_connections_per_user,
+            config.per_user_policy,
+        );
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
             origins: Origins::from_config(&config),
@@ -129,6 +137,7 @@ impl Server {
             auth_hook,
             channels,
             hub,
+            seats,
             presence,
             hub_metrics,
             prometheus,
