@@ -372,6 +372,10 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+pub fn unix_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Where a request carried its token. A browser attaches cookies to requests from any site,
 /// so a cookie-carried token proves less than one the page had to set itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -246,6 +246,20 @@ pub struct Config {
     #[arg(long, env = "SSE_PRESENCE_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub presence_lease: Duration,
 
+    /// With Redis: append each user's `online`/`offline` transitions (cluster-wide, per user,
+    /// not per stream) to the Redis stream `<prefix>:presence:events` for backends.
+    #[arg(long, env = "SSE_PRESENCE_EVENTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub presence_events: bool,
+
+    /// A user whose last stream closed is written `offline` only after staying away this long;
+    /// coming back within it writes nothing (a reconnect, a reload, a node's drain).
+    #[arg(long, env = "SSE_PRESENCE_EVENTS_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub presence_events_delay: Duration,
+
+    /// Entries the presence events stream keeps (older ones are trimmed).
+    #[arg(long, env = "SSE_PRESENCE_EVENTS_MAXLEN", default_value_t = 100_000)]
+    pub presence_events_maxlen: u64,
+
     /// On SIGTERM, close streams in batches spread over this period, then exit.
     #[arg(long, env = "SSE_DRAIN_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub drain_period: Duration,
@@ -424,6 +438,10 @@ pub enum ConfigError {
     RedisUrl,
     #[error("SSE_PRESENCE_LEASE must be at least 1s")]
     PresenceLeaseTooShort,
+    #[error("SSE_PRESENCE_EVENTS needs SSE_REDIS_URL (the events are a Redis stream)")]
+    PresenceEventsWithoutRedis,
+    #[error("SSE_PRESENCE_EVENTS_MAXLEN must be at least 1")]
+    PresenceEventsMaxlen,
     #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
     CorsOrigin(String),
     #[error("SSE_HEARTBEAT_INTERVAL must be at least 1s (or 0 to turn heartbeats off)")]
@@ -487,6 +505,12 @@ impl Config {
         }
         if self.presence_lease < Duration::from_secs(1) {
             return Err(ConfigError::PresenceLeaseTooShort);
+        }
+        if self.presence_events && self.redis_url.is_none() {
+            return Err(ConfigError::PresenceEventsWithoutRedis);
+        }
+        if self.presence_events_maxlen == 0 {
+            return Err(ConfigError::PresenceEventsMaxlen);
         }
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
@@ -743,6 +767,9 @@ mod tests {
         assert!(parse(&["--heartbeat-interval", "10x"]).is_err());
         assert!(parse(&["--heartbeat-interval", "10ms"]).unwrap_err().contains("at least 1s"));
         assert!(parse(&["--redis-url", "localhost:6379"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--presence-events", "true"]).unwrap_err().contains("SSE_PRESENCE_EVENTS needs SSE_REDIS_URL"));
+        let redis = ["--redis-url", "redis://127.0.0.1:6379", "--presence-events", "true"];
+        assert!(parse(&[&redis[..], &["--presence-events-maxlen", "0"]].concat()).unwrap_err().contains("MAXLEN"));
         assert!(parse(&["--node-id", "has space"]).is_err());
         assert!(parse(&["--channel-prefix", ""]).is_err());
         assert!(parse(&["--per-user-policy", "sometimes"]).is_err());

@@ -4,7 +4,7 @@
 //!
 //! - `<prefix>:control`, commands every node obeys (a revoke: [`crate::presence::obey`]);
 //! - `<prefix>:node:<node id>`, what other nodes send this one (token renewals and their
-//!   answers: [`Renewals::on_message`]);
+//!   answers: [`Renewals::on_message`]; streams that lost their seat: [`crate::user_limit::obey`]);
 //! - `<prefix>:canary:<node id>`, this node's delivery probes ([`Canary::arrived`]).
 //!
 //! The first two are subscribed here for the node's whole life; the canary subscribes its own
@@ -43,7 +43,9 @@ impl NodeChannels {
         if *channel == self.cluster {
             crate::presence::obey(hub, payload);
         } else if channel == self.renewals.node_channel() {
-            self.renewals.on_message(payload);
+            if !crate::user_limit::obey(hub, payload) {
+                self.renewals.on_message(payload);
+            }
         } else if let Some(canary) = &self.canary {
             canary.arrived(channel.as_str(), payload);
         }

@@ -349,7 +349,7 @@ impl Hub {
         channels: Vec<ChannelName>,
         token_exp: u64,
     ) -> Result<Joined, JoinError> {
-        self.join_as(user, channels, token_exp, false)
+        self.join_as(user, channels, token_exp, false, None)
     }
 
     /// Like [`Hub::join`], but what arrives live for the stream is held until [`Hub::release`]
@@ -360,7 +360,26 @@ impl Hub {
         channels: Vec<ChannelName>,
         token_exp: u64,
     ) -> Result<Joined, JoinError> {
-        self.join_as(user, channels, token_exp, true)
+        self.join_as(user, channels, token_exp, true, None)
+    }
+
+    /// A number for a stream that is yet to join: the seat it takes in the cluster
+    /// ([`crate::user_limit`]) is named after it before it joins.
+    pub fn reserve_id(&self) -> ConnectionId {
+        ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Like [`Hub::join`] (`held`: [`Hub::join_held`]) for a stream that took its seat in the
+    /// cluster as `id`: the per-user limit was applied there, across every node, so not here.
+    pub fn join_seated(
+        self: &Arc<Self>,
+        id: ConnectionId,
+        user: UserId,
+        channels: Vec<ChannelName>,
+        token_exp: u64,
+        held: bool,
+    ) -> Result<Joined, JoinError> {
+        self.join_as(user, channels, token_exp, held, Some(id))
     }
 
     fn join_as(
@@ -369,8 +388,9 @@ impl Hub {
         channels: Vec<ChannelName>,
         token_exp: u64,
         held: bool,
+        seated: Option<ConnectionId>,
     ) -> Result<Joined, JoinError> {
-        let id = ConnectionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let id = seated.unwrap_or_else(|| self.reserve_id());
         let mut evicted = None;
         let mut pending = Vec::new();
         let connection;
@@ -399,7 +419,7 @@ impl Hub {
                 return Err(JoinError::NodeFull);
             }
             let held = registry.users.get(&user).map_or(0, Vec::len);
-            if self.limits.per_user > 0 && held >= self.limits.per_user {
+            if seated.is_none() && self.limits.per_user > 0 && held >= self.limits.per_user {
                 match self.limits.per_user_policy {
                     PerUserPolicy::Reject => return Err(JoinError::UserLimit),
                     PerUserPolicy::EvictOldest => {
@@ -925,6 +945,14 @@ impl Hub {
             self.close(connection, reason, reason.farewell());
         }
         streams.len()
+    }
+
+    /// Ends this node's stream number `id` for `reason`, if it is open; true when it was.
+    pub fn close_id(&self, id: ConnectionId, reason: CloseReason) -> bool {
+        let connection = self.read().by_id.get(&id.0).cloned();
+        let Some(connection) = connection else { return false };
+        self.close(&connection, reason, reason.farewell());
+        true
     }
 
     /// Streams this user holds on this node.

@@ -32,6 +32,7 @@ mod renewal;
 mod resume;
 pub mod server;
 pub mod shutdown;
+mod user_limit;
 mod wire;
 
 /// A key that cannot be used: `main` tells it from other startup failures (exit 2).

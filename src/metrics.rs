@@ -37,6 +37,7 @@ pub const AUTH_HOOK: &str = "sse_auth_hook_total";
 pub const AUTH_HOOK_DURATION: &str = "sse_auth_hook_duration_seconds";
 pub const AUTH_HOOK_CACHE_HITS: &str = "sse_auth_hook_cache_hits_total";
 pub const TOKEN_RENEWALS: &str = "sse_token_renewals_total";
+pub const USER_LIMIT_CHECKS: &str = "sse_user_limit_checks_total";
 
 /// Installs the Prometheus recorder the first time, before any handle is created; later calls
 /// (several servers in one test process) share it.
@@ -133,6 +134,10 @@ fn describe() {
     describe_counter!(
         TOKEN_RENEWALS,
         "Token renewals of open streams this node took (POST /api/connections/<id>/token), by outcome"
+    );
+    describe_counter!(
+        USER_LIMIT_CHECKS,
+        "Seats taken in Redis for the cluster-wide per-user limit, by outcome (seated, full, evicted, fallback)"
     );
 }
 

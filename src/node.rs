@@ -22,6 +22,7 @@ use crate::metrics::HubMetrics;
 use crate::presence::Presence;
 use crate::renewal::Renewals;
 use crate::resume::Resumer;
+use crate::user_limit::Seats;
 
 pub struct Node {
     pub config: Config,
@@ -37,6 +38,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// Who is online across the cluster (the admin API), and the revoke command.
     pub presence: Arc<Presence>,
+    /// The per-user limit across the cluster; `None` without Redis or without a limit.
+    pub seats: Option<Arc<Seats>>,
     pub hub_metrics: HubMetrics,
     pub prometheus: PrometheusHandle,
     pub publish_requests: Counter,

@@ -15,7 +15,19 @@
 //! - `p:presence:nodes`: set of the node ids that wrote presence;
 //! - `p:presence:lease:<node>`: `{"version","started"}`, expiring after the lease;
 //! - `p:presence:streams:<node>`: hash connection id → user id, the node's streams;
-//! - `p:presence:user:<user>`: hash connection id → `{"node","connection_id","since","topics"}`.
+//! - `p:presence:user:<user>`: hash connection id → `{"node","connection_id","since","topics"}`;
+//! - `p:presence:leaving`, `p:presence:events`: see above.
+//!
+//! With `SSE_PRESENCE_EVENTS`, the same scripts that write the entries append a user's
+//! transitions to a bounded Redis stream, `p:presence:events` (fields `event` = `online` or
+//! `offline`, `user`, `at` in Unix milliseconds). A transition is the user's, not a stream's:
+//! `online` when the first entry of the user appears anywhere in the cluster, `offline` when the
+//! last one has been gone for `SSE_PRESENCE_EVENTS_DELAY`. Until then the user waits in the
+//! sorted set `p:presence:leaving` (scored with the time it left), and an entry that appears
+//! meanwhile takes it out without an event: a reconnect, a reload, a drained node's streams
+//! moving to the others, or a dead node's clients back elsewhere before its lease lapsed, write
+//! nothing. Every node sweeps the due ones each second; the scripts are atomic, so each
+//! transition is written once whichever node sees it.
 //!
 //! A revoke travels over the bus's control channel ([`Presence::revoke`], obeyed by every node
 //! in [`obey`]), so it works the same with either bus.
@@ -29,7 +41,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{UserId, unix_now};
+use crate::auth::{UserId, unix_millis, unix_now};
 use crate::bus::BusError;
 use crate::channel::{ChannelKind, ChannelNames};
 use crate::connection::{CloseReason, Connection};
@@ -45,19 +57,76 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Users one batch query may ask about.
 pub const MAX_BATCH_USERS: usize = 1000;
 
+/// Changes one write script carries at most.
+const WRITE_CHUNK: usize = 1000;
+
+/// How often due `offline` transitions are looked for (with presence events on).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Deletes a node's entries. Keys of user hashes are built inside (fine on a single Redis, not
 /// on Redis Cluster, which this node does not support). Without `force` it does nothing while
-/// the node's lease exists: the node came back after another node decided it was dead.
+/// the node's lease exists: the node came back after another node decided it was dead. With
+/// events on (ARGV[4]), a user left without entries starts leaving at ARGV[5]. The streams'
+/// seats (ARGV[6] is the seats key prefix, [`crate::user_limit`]) go with them.
 const CLEAN_SCRIPT: &str = r"
 if ARGV[3] ~= 'force' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local streams = redis.call('HGETALL', KEYS[2])
 for i = 1, #streams, 2 do
-  redis.call('HDEL', ARGV[1] .. streams[i + 1], streams[i])
+  local user = ARGV[1] .. streams[i + 1]
+  redis.call('ZREM', ARGV[6] .. streams[i + 1], streams[i])
+  if redis.call('HDEL', user, streams[i]) == 1 and ARGV[4] == '1' and redis.call('HLEN', user) == 0 then
+    redis.call('ZADD', KEYS[4], 'NX', ARGV[5], streams[i + 1])
+  end
 end
 redis.call('DEL', KEYS[2])
 if ARGV[3] ~= 'force' then redis.call('SREM', KEYS[3], ARGV[2]) end
 return 1
 ";
+
+/// Writes a node's opens and closes in order (KEYS[1]: the node's streams hash) and, with events
+/// on (ARGV[2] = '1'), the users' transitions (KEYS[2]: the events stream, KEYS[3]: the leaving
+/// set), then sweeps the users away longer than the delay. A closed stream's seat goes too
+/// ([`crate::user_limit`]). ARGV: user key prefix, events, now (ms), delay (ms), maxlen, seats
+/// key prefix, then per change `+`/`-`, user, connection id, entry (`+` only).
+const WRITE_SCRIPT: &str = r"
+local events = ARGV[2] == '1'
+local now = tonumber(ARGV[3])
+for i = 7, #ARGV, 4 do
+  local user, id = ARGV[i + 1], ARGV[i + 2]
+  local key = ARGV[1] .. user
+  if ARGV[i] == '+' then
+    redis.call('HSET', KEYS[1], id, user)
+    if redis.call('HSET', key, id, ARGV[i + 3]) == 1 and events and redis.call('HLEN', key) == 1
+      and redis.call('ZREM', KEYS[3], user) == 0 then
+      redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '*', 'event', 'online', 'user', user, 'at', ARGV[3])
+    end
+  else
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', ARGV[6] .. user, id)
+    if redis.call('HDEL', key, id) == 1 and events and redis.call('HLEN', key) == 0 then
+      redis.call('ZADD', KEYS[3], 'NX', now, user)
+    end
+  end
+end
+if not events then return 0 end
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[4]), 'WITHSCORES', 'LIMIT', 0, 1000)
+for i = 1, #due, 2 do
+  redis.call('ZREM', KEYS[3], due[i])
+  if redis.call('EXISTS', ARGV[1] .. due[i]) == 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], '*', 'event', 'offline', 'user', due[i], 'at', due[i + 1])
+  end
+end
+return #due / 2
+";
+
+/// `SSE_PRESENCE_EVENTS` on: how transitions are written.
+#[derive(Debug, Clone, Copy)]
+pub struct EventSettings {
+    /// `SSE_PRESENCE_EVENTS_DELAY`.
+    pub delay: Duration,
+    /// `SSE_PRESENCE_EVENTS_MAXLEN`.
+    pub maxlen: u64,
+}
 
 /// One open stream as presence shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +172,9 @@ pub struct Presence {
     lease: Duration,
     /// `None` with the embedded bus.
     redis: Option<ConnectionManager>,
+    events: Option<EventSettings>,
     clean_script: redis::Script,
+    write_script: redis::Script,
 }
 
 impl Presence {
@@ -115,6 +186,7 @@ impl Presence {
         names: ChannelNames,
         redis_url: Option<&str>,
         lease: Duration,
+        events: Option<EventSettings>,
     ) -> Result<Arc<Self>, PresenceError> {
         let redis = match redis_url {
             None => None,
@@ -138,8 +210,15 @@ impl Presence {
             started: unix_now(),
             lease,
             redis,
+            events,
             clean_script: redis::Script::new(CLEAN_SCRIPT),
+            write_script: redis::Script::new(WRITE_SCRIPT),
         }))
+    }
+
+    /// The connection to Redis presence uses (shared by the per-user limit's seats).
+    pub fn redis(&self) -> Option<ConnectionManager> {
+        self.redis.clone()
     }
 
     fn key(&self, rest: std::fmt::Arguments<'_>) -> String {
@@ -278,14 +357,17 @@ impl Presence {
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(FLUSH_INTERVAL);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // False until this node's entries are known to be whole in Redis.
         let mut synced = false;
         let mut failing = false;
         loop {
-            let renewal = tokio::select! {
+            let (renewal, sweeping) = tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = renew.tick() => true,
-                _ = flush.tick() => false,
+                _ = renew.tick() => (true, false),
+                _ = flush.tick() => (false, false),
+                _ = sweep.tick(), if self.events.is_some() => (false, true),
             };
             let result = async {
                 if renewal {
@@ -308,6 +390,9 @@ impl Presence {
                 if !synced {
                     self.resync(&mut redis).await?;
                     synced = true;
+                }
+                if sweeping {
+                    self.write(&mut redis, &[]).await?;
                 }
                 Ok::<(), PresenceError>(())
             }
@@ -372,7 +457,11 @@ impl Presence {
             .key(self.key(format_args!("nodes")))
             .arg(self.key(format_args!("user:")))
             .arg(node)
-            .arg(if force { "force" } else { "" });
+            .arg(if force { "force" } else { "" })
+            .arg(if self.events.is_some() { "1" } else { "" })
+            .arg(unix_millis())
+            .arg(format!("{}:seats:", self.names.prefix()))
+            .key(self.key(format_args!("leaving")));
         invocation
     }
 
@@ -386,36 +475,45 @@ impl Presence {
         Ok(())
     }
 
-    /// Writes opens and closes, in order, in one pipeline.
+    /// Writes opens and closes, in order, with the users' transitions when events are on (one
+    /// script call per [`WRITE_CHUNK`] changes, so a storm's flush never holds Redis long); with
+    /// no change it only sweeps the due `offline`s.
     async fn write(&self, redis: &mut ConnectionManager, changes: &[Change]) -> Result<(), PresenceError> {
-        let streams = self.key(format_args!("streams:{}", self.node_id));
         let unix = unix_now();
-        let mut calls = redis::pipe();
-        for change in changes {
-            match change {
-                Change::Opened(connection) => {
-                    let entry = self.entry(connection, unix);
-                    let json = serde_json::to_string(&entry).unwrap_or_default();
-                    calls.cmd("HSET").arg(&streams).arg(&entry.connection_id).arg(connection.user.as_str()).ignore();
-                    calls
-                        .cmd("HSET")
-                        .arg(self.key(format_args!("user:{}", connection.user.as_str())))
-                        .arg(&entry.connection_id)
-                        .arg(json)
-                        .ignore();
-                }
-                Change::Closed { id, user } => {
-                    let connection_id = id.shown(&self.node_id);
-                    calls.cmd("HDEL").arg(&streams).arg(&connection_id).ignore();
-                    calls
-                        .cmd("HDEL")
-                        .arg(self.key(format_args!("user:{}", user.as_str())))
-                        .arg(&connection_id)
-                        .ignore();
+        let events = self.events.unwrap_or(EventSettings { delay: Duration::ZERO, maxlen: 1 });
+        let mut chunks = changes.chunks(WRITE_CHUNK);
+        let mut next = Some(chunks.next().unwrap_or(&[]));
+        while let Some(chunk) = next.take() {
+            let mut invocation = self.write_script.prepare_invoke();
+            invocation
+                .key(self.key(format_args!("streams:{}", self.node_id)))
+                .key(self.key(format_args!("events")))
+                .key(self.key(format_args!("leaving")))
+                .arg(self.key(format_args!("user:")))
+                .arg(if self.events.is_some() { "1" } else { "" })
+                .arg(unix_millis())
+                .arg(events.delay.as_millis() as u64)
+                .arg(events.maxlen)
+                .arg(format!("{}:seats:", self.names.prefix()));
+            for change in chunk {
+                match change {
+                    Change::Opened(connection) => {
+                        let entry = self.entry(connection, unix);
+                        let json = serde_json::to_string(&entry).unwrap_or_default();
+                        invocation.arg("+").arg(connection.user.as_str()).arg(&entry.connection_id).arg(json);
+                    }
+                    Change::Closed { id, user } => {
+                        invocation.arg("-").arg(user.as_str()).arg(id.shown(&self.node_id)).arg("");
+                    }
                 }
             }
+            let swept: i64 = timed(invocation.invoke_async(&mut *redis)).await?;
+            if swept > 0 {
+                tracing::debug!(users = swept, "presence: offline transitions due");
+            }
+            next = chunks.next();
         }
-        timed(calls.query_async::<()>(redis)).await
+        Ok(())
     }
 
     /// Removes this node from presence (a clean stop).
@@ -473,7 +571,7 @@ mod tests {
             token: TokenLife::default(),
         };
         let hub = Hub::new(bus, "n1", limits, HubMetrics::new());
-        Presence::new("n1".into(), hub, names, None, Duration::from_secs(30)).expect("presence")
+        Presence::new("n1".into(), hub, names, None, Duration::from_secs(30), None).expect("presence")
     }
 
     #[tokio::test]

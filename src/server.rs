@@ -35,9 +35,10 @@ use crate::http::ip_limits::IpLimits;
 use crate::hub::{Heartbeat, Hub, HubWork, Limits, TokenLife};
 use crate::metrics::HubMetrics;
 use crate::node::Node;
-use crate::presence::Presence;
+use crate::presence::{EventSettings, Presence};
 use crate::renewal::{self, Renewals};
 use crate::resume::Resumer;
+use crate::user_limit::Seats;
 use crate::{dispatch, frame, http, shutdown};
 
 /// Pending connections the listener queues before the kernel drops new SYNs (tokio's default
@@ -115,7 +116,18 @@ impl Server {
             channels.clone(),
             config.redis_url.as_deref(),
             config.presence_lease,
+            config.presence_events.then_some(EventSettings {
+                delay: config.presence_events_delay,
+                maxlen: config.presence_events_maxlen,
+            }),
         )?;
+        let seats = Seats::new(
+            presence.redis(),
+            channels.clone(),
+            &node_id,
+            config.max_connections_per_user,
+            config.per_user_policy,
+        );
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
             origins: Origins::from_config(&config),
@@ -125,6 +137,7 @@ impl Server {
             auth_hook,
             channels,
             hub,
+            seats,
             presence,
             hub_metrics,
             prometheus,

@@ -39,8 +39,9 @@ use crate::auth::Grant;
 use crate::auth_hook::{AuthHook, Decision, HookRequest};
 use crate::channel::{ChannelName, check_name, topic_allowed};
 use crate::frame;
-use crate::hub::JoinError;
+use crate::hub::{JoinError, Joined};
 use crate::node::Node;
+use crate::user_limit::Seat;
 
 /// Topics one stream may join; more is a client bug, and each costs a subscription.
 pub const MAX_TOPICS_PER_STREAM: usize = 64;
@@ -155,23 +156,37 @@ pub async fn open(
     // The hub closes the stream at `exp` + leeway: its token was accepted with the leeway, so
     // closing it at once with `token_expired` would be a contradiction.
     // With history, the stream joins held: what arrives live waits until its replay is queued.
-    let joined = if node.resume.is_some() {
-        node.hub.join_held(grant.user.clone(), channels.clone(), grant.expires_at)
-    } else {
-        node.hub.join(grant.user.clone(), channels.clone(), grant.expires_at)
+    // With Redis the per-user limit counts the user's streams on every node: the stream takes
+    // its seat there first (and falls back to this node's count when Redis does not answer).
+    let held = node.resume.is_some();
+    let (joined, evicted) = match &node.seats {
+        Some(seats) => {
+            let id = node.hub.reserve_id();
+            match seats.take(&grant.user, id).await {
+                Seat::Taken { evicted } => {
+                    (node.hub.join_seated(id, grant.user.clone(), channels.clone(), grant.expires_at, held), evicted)
+                }
+                Seat::Full => (Err(JoinError::UserLimit), Vec::new()),
+                Seat::Unknown => (join_here(node, &grant, &channels, held), Vec::new()),
+            }
+        }
+        None => (join_here(node, &grant, &channels, held), Vec::new()),
     };
     let joined = joined.map_err(|e| {
         node.hub_metrics.rejected(e.label());
         match e {
             JoinError::UserLimit => ApiError::TooManyRequests {
                 code: "user_limit",
-                message: format!("user {} holds the maximum number of streams on this node", grant.user),
+                message: format!("user {} holds the maximum number of streams", grant.user),
                 retry_after: None,
             },
             JoinError::NodeFull => ApiError::unavailable("node_full", "this node holds its maximum number of streams"),
             JoinError::Draining => ApiError::unavailable("draining", "this node is shutting down; reconnect elsewhere"),
         }
     })?;
+    if let Some(seats) = node.seats.as_ref().filter(|_| !evicted.is_empty()) {
+        seats.evict(&node.hub, &evicted).await;
+    }
     let waited = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
         for ready in &joined.pending {
             ready.wait().await;
@@ -209,6 +224,15 @@ pub async fn open(
         preamble.put(reset);
     }
     Ok(Opened { membership: joined.membership, preamble: preamble.freeze(), ip_slot })
+}
+
+/// Joins the hub with this node's own per-user limit.
+fn join_here(node: &Node, grant: &Grant, channels: &[ChannelName], held: bool) -> Result<Joined, JoinError> {
+    if held {
+        node.hub.join_held(grant.user.clone(), channels.to_vec(), grant.expires_at)
+    } else {
+        node.hub.join(grant.user.clone(), channels.to_vec(), grant.expires_at)
+    }
 }
 
 /// A stream request whose token and topics were checked (and, with a hook, allowed by it).

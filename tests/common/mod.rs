@@ -481,12 +481,22 @@ fn parse(parser: &mut sse_wire::SseParser, chunk: &[u8]) -> Vec<sse_wire::Item> 
     items
 }
 
-/// A parsed event stream, following the WHATWG EventSource rules.
+/// A parsed event stream, following the WHATWG EventSource rules. Dropping it closes the
+/// connection at once, as a browser closing its tab does.
 pub struct SseClient {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
     pub body: Option<String>,
     rx: mpsc::UnboundedReceiver<Received>,
+    reader: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for SseClient {
+    fn drop(&mut self) {
+        if let Some(reader) = &self.reader {
+            reader.abort();
+        }
+    }
 }
 
 impl SseClient {
@@ -502,9 +512,9 @@ impl SseClient {
         let (tx, rx) = mpsc::unbounded_channel();
         if status != 200 {
             let body = response.text().await.ok();
-            return Self { status, headers: response_headers, body, rx };
+            return Self { status, headers: response_headers, body, rx, reader: None };
         }
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut bytes = response.bytes_stream();
             let mut parser = sse_wire::SseParser::new();
             while let Some(chunk) = bytes.next().await {
@@ -523,7 +533,7 @@ impl SseClient {
             }
             let _ = tx.send(Received::End);
         });
-        Self { status, headers: response_headers, body: None, rx }
+        Self { status, headers: response_headers, body: None, rx, reader: Some(reader.abort_handle()) }
     }
 
     /// The next event (comments and retries skipped), or why there is none.
