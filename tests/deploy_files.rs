@@ -561,7 +561,8 @@ fn cluster_template_carries_the_same_proxy_settings() {
     let shared = |d: &[Directive]| -> BTreeSet<Directive> {
         d.iter()
             .filter(|d| d.context.iter().any(|c| c == "server" || c.starts_with("upstream")))
-            .filter(|d| !matches!(d.name(), "listen" | "server"))
+            // `include` names the TLS drop-in's directory, a path like the addresses.
+            .filter(|d| !matches!(d.name(), "listen" | "server" | "include"))
             .cloned()
             .collect()
     };
@@ -572,6 +573,12 @@ fn cluster_template_carries_the_same_proxy_settings() {
         missing.is_empty() && extra.is_empty(),
         "nginx.conf and cluster.conf.template differ:\n only in nginx.conf: {missing:?}\n only in the template: {extra:?}"
     );
+
+    // Both take the TLS + HTTP/2 drop-in (nginx/tls.conf.template) inside their server block.
+    for (file, d) in [("nginx/nginx.conf", &production), ("nginx/cluster.conf.template", &template)] {
+        let include = single_arg(d, "server", "include");
+        assert!(include.ends_with("/tls/*.conf"), "{file}: the server block should include tls/*.conf: {include}");
+    }
 
     let text = read("nginx/cluster.conf.template");
     for placeholder in ["@STATE_DIR@", "@LISTEN@", "@UPSTREAM_SERVERS@", "@RLIMIT_NOFILE@", "@WORKER_CONNECTIONS@"] {
