@@ -405,8 +405,16 @@ async fn eventsource_gives_up_on_every_status_but_200_and_retries_network_errors
     let context = Context::new().await;
     let page = context.app_page().await;
     // (url, what it answers); same-origin on the driver's page server, then the real node.
-    let stops =
-        ["/status/204", "/status/401", "/status/403", "/status/500", "/status/502", "/status/503", "/wrong-type"];
+    let stops = [
+        "/status/204",
+        "/status/401",
+        "/status/403",
+        "/status/429",
+        "/status/500",
+        "/status/502",
+        "/status/503",
+        "/wrong-type",
+    ];
     let mut closed = Vec::new();
     for path in stops {
         closed.push((path.to_owned(), page.open(path, false, &[]).await));

@@ -65,7 +65,8 @@ impl Driver {
              Debian's chromium and playwright-core), or set SSE_NODE_MODULES",
             modules.display()
         );
-        let log = artifacts_dir().join(format!("driver-{}.log", std::process::id()));
+        // One test binary drives the browser at a time; the last run's log is the one to read.
+        let log = artifacts_dir().join("driver.log");
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/driver.cjs");
         let mut child = Command::new("node")
             .arg(&script)
