@@ -50,11 +50,11 @@ pub enum Command {
     Doctor(DoctorArgs),
 }
 
-/// What `sse-fanout doctor` checks and with which tokens. It speaks plain HTTP/1.1 only
-/// (no TLS): run it against the proxy's http:// side, or against a node.
+/// What `sse-fanout doctor` checks and with which tokens. It speaks HTTP/1.1, over TLS for
+/// https:// URLs (and then also reports whether the edge offers browsers HTTP/2).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {
-    /// The stream URL, e.g. `http://127.0.0.1:8080/events?topic=news` (http:// only).
+    /// The stream URL, e.g. `http://127.0.0.1:8080/events?topic=news` or `https://edge.example/events`.
     pub url: String,
 
     /// Subscriber token (JWT), sent as `Authorization: Bearer`. Its `sub` (read without
@@ -66,7 +66,7 @@ pub struct DoctorArgs {
     #[arg(long, env = "SSE_DOCTOR_PUBLISHER_TOKEN", hide_env_values = true)]
     pub publisher_token: Option<String>,
 
-    /// Where to `POST` the probe (http:// only). Default: the stream URL's origin + `/api/publish`.
+    /// Where to `POST` the probe. Default: the stream URL's origin + `/api/publish`.
     #[arg(long)]
     pub publish_url: Option<String>,
 
@@ -78,6 +78,16 @@ pub struct DoctorArgs {
     /// e.g. by a proxy idle timeout. Unset: not checked.
     #[arg(long, value_parser = parse_duration)]
     pub idle: Option<Duration>,
+
+    /// For https:// URLs: trust only certificates issued by one in this PEM file (a private CA,
+    /// or a self-signed certificate such as `scripts/cluster up --tls` writes) instead of the
+    /// system's trust store.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
+
+    /// For https:// URLs: accept any certificate (encrypted, not authenticated).
+    #[arg(long, conflicts_with = "ca_file")]
+    pub insecure: bool,
 }
 
 /// What a node is configured with. Durations take a unit (`500ms`, `30s`, `5m`, `1h`);

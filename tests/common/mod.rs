@@ -650,6 +650,8 @@ pub fn render_nginx_conf(
 pub struct Nginx {
     pub port: u16,
     reserved: ReservedPort,
+    /// The TLS + HTTP/2 listener (`nginx/tls.conf.template`), when started with one.
+    tls: Option<ReservedPort>,
     child: Option<Child>,
     dir: PathBuf,
 }
@@ -661,15 +663,37 @@ impl Nginx {
 
     /// Like [`Nginx::start`], with `edit` applied to the rendered config (to break it on purpose).
     pub async fn start_with(upstream_ports: &[u16], edit: impl Fn(String) -> String) -> Self {
+        Self::launch(upstream_ports, &edit, false).await
+    }
+
+    /// Like [`Nginx::start`], plus the TLS + HTTP/2 listener of `nginx/tls.conf.template` with a
+    /// self-signed certificate made on the spot, as `scripts/cluster up --tls` runs it.
+    pub async fn start_tls(upstream_ports: &[u16]) -> Self {
+        Self::launch(upstream_ports, &|conf| conf, true).await
+    }
+
+    async fn launch(upstream_ports: &[u16], edit: &impl Fn(String) -> String, tls: bool) -> Self {
         for _ in 0..5 {
             let reserved = reserve_port();
             let dir = scratch_dir("nginx");
-            let mut nginx = Self { port: reserved.port, reserved, child: None, dir };
-            if nginx.spawn(upstream_ports, &edit).await {
+            let tls = tls.then(reserve_port);
+            let mut nginx = Self { port: reserved.port, reserved, tls, child: None, dir };
+            if nginx.spawn(upstream_ports, edit).await {
                 return nginx;
             }
         }
         panic!("nginx could not bind any of 5 reserved ports");
+    }
+
+    /// `https://127.0.0.1:<tls port><path>`; panics without a TLS listener.
+    pub fn tls_url(&self, path: &str) -> String {
+        let port = self.tls.as_ref().expect("nginx was started with start_tls").port;
+        format!("https://127.0.0.1:{port}{path}")
+    }
+
+    /// The self-signed certificate of the TLS listener (its own trust anchor).
+    pub fn tls_cert(&self) -> PathBuf {
+        self.dir.join("tls/tls.crt")
     }
 
     /// Starts nginx and waits until it answers `/healthz` through to a node; false when it
@@ -681,6 +705,23 @@ impl Nginx {
         // Far below the 20k per-process limit of the test machines, far above what a test opens.
         let conf = render_nginx_conf(dir, &format!("127.0.0.1:{}", self.port), 8192, 8000, &upstreams);
         let conf = edit(conf);
+        if let Some(tls) = &self.tls {
+            // scripts/lib/nginx-conf.sh makes the certificate and renders the TLS listener into
+            // the directory the server block includes, exactly as scripts/cluster does.
+            let out = Command::new("bash")
+                .arg("-c")
+                .arg(
+                    r#"source scripts/lib/nginx-conf.sh && make_self_signed_cert "$1" \
+                       && render_nginx_tls_conf "$2" "$1/tls.crt" "$1/tls.key" >"$1/tls.conf""#,
+                )
+                .arg("tls")
+                .arg(dir.join("tls"))
+                .arg(format!("127.0.0.1:{}", tls.port))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .expect("run bash");
+            assert!(out.status.success(), "TLS setup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
         let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"]
