@@ -77,11 +77,17 @@ pub fn start(settings: &TraceSettings) -> anyhow::Result<(Tracing, TraceLayer)> 
         .with_level(false)
         .with_tracked_inactivity(false)
         // Only this module's spans, and the warnings and errors logged inside them (as span
-        // events): the SDK's own logs never come back into it.
+        // events). Never the SDK's own logs: one (a full queue) is logged while a span ends,
+        // inside this very layer.
         .with_filter(
-            filter_fn(|meta| meta.target() == TARGET || (meta.is_event() && *meta.level() <= tracing::Level::WARN))
-                // Every span here is `info`: debug and trace callsites stay off by level alone.
-                .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
+            filter_fn(|meta| {
+                meta.target() == TARGET
+                    || (meta.is_event()
+                        && *meta.level() <= tracing::Level::WARN
+                        && !meta.target().starts_with("opentelemetry"))
+            })
+            // Every span here is `info`: debug and trace callsites stay off by level alone.
+            .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
         )
         .boxed();
     Ok((Tracing { provider }, layer))
