@@ -158,23 +158,14 @@ async fn receive(State(received): State<Arc<Mutex<Received>>>, request: axum::ex
     (StatusCode::OK, Bytes::from(ExportTraceServiceResponse::default().encode_to_vec()))
 }
 
-/// Name, ids and attributes of each span, for failure messages.
+/// Name, ids and attributes of a span, for failure messages.
+fn one(s: &Exported) -> String {
+    let attrs: Vec<String> = s.span.attributes.iter().map(|kv| format!("{}={:?}", kv.key, s.attr(&kv.key))).collect();
+    format!("{} trace={} id={} parent={} [{}]", s.name(), s.trace_id(), s.span_id(), s.parent_id(), attrs.join(" "))
+}
+
 fn summary(spans: &[Exported]) -> Vec<String> {
-    spans
-        .iter()
-        .map(|s| {
-            let attrs: Vec<String> =
-                s.span.attributes.iter().map(|kv| format!("{}={:?}", kv.key, s.attr(&kv.key))).collect();
-            format!(
-                "{} trace={} id={} parent={} [{}]",
-                s.name(),
-                s.trace_id(),
-                s.span_id(),
-                s.parent_id(),
-                attrs.join(" ")
-            )
-        })
-        .collect()
+    spans.iter().map(one).collect()
 }
 
 fn named<'a>(spans: &'a [Exported], name: &str) -> Vec<&'a Exported> {
@@ -197,7 +188,7 @@ fn connect_of<'a>(spans: &'a [Exported], id: &str) -> &'a Exported {
 fn assert_connect_children(spans: &[Exported], connect: &Exported) {
     let mut names: Vec<&str> = children(spans, connect).iter().map(|s| s.name()).collect();
     names.sort();
-    assert_eq!(names, ["auth", "resume", "subscribe"], "children of {:?}", summary(&[connect.clone()]));
+    assert_eq!(names, ["auth", "resume", "subscribe"], "children of {:?}", one(connect));
 }
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -277,7 +268,7 @@ async fn connect_publish_and_drain_are_exported_with_their_attributes_and_parent
         ("resume.outcome", "new"),
         ("http.response.status_code", "200"),
     ] {
-        assert_eq!(connect.attr(key).as_deref(), Some(value), "{key} of {:?}", summary(&[connect.clone()]));
+        assert_eq!(connect.attr(key).as_deref(), Some(value), "{key} of {:?}", one(connect));
     }
     assert_eq!(connect.attr("refusal.reason"), None);
     assert_connect_children(&spans, connect);
@@ -340,7 +331,7 @@ async fn connect_publish_and_drain_are_exported_with_their_attributes_and_parent
         ("channels.count", "1"),
         ("http.response.status_code", "202"),
     ] {
-        assert_eq!(publish.attr(key).as_deref(), Some(value), "{key} of {:?}", summary(&[publish.clone()]));
+        assert_eq!(publish.attr(key).as_deref(), Some(value), "{key} of {:?}", one(publish));
     }
     assert_eq!(named(&spans, "drain").len(), 0, "no drain before SIGTERM");
 
@@ -360,7 +351,7 @@ async fn connect_publish_and_drain_are_exported_with_their_attributes_and_parent
     for (key, value) in
         [("node.id", "trace-node"), ("drain.streams", "2"), ("drain.period_ms", "300"), ("drain.outcome", "completed")]
     {
-        assert_eq!(drains[0].attr(key).as_deref(), Some(value), "{key} of {:?}", summary(&[drains[0].clone()]));
+        assert_eq!(drains[0].attr(key).as_deref(), Some(value), "{key} of {:?}", one(drains[0]));
     }
     assert!(collector.requests().iter().all(|(path, kind)| path == "/v1/traces" && kind == "application/x-protobuf"));
     // The log is as without tracing: no span prefixes on its lines.
