@@ -367,6 +367,61 @@ pub struct Config {
     /// Log filter (`info`, `debug`, `sse_fanout=debug,info`, ...).
     #[arg(long, env = "SSE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// OpenTelemetry: base URL of an OTLP/HTTP collector (`http://collector:4318`); traces go to
+    /// `<url>/v1/traces`. Unset (and no traces endpoint): no spans are exported nor built.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
+
+    /// OpenTelemetry: full URL traces are posted to, used as is; wins over OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otel_traces_endpoint: Option<String>,
+
+    /// OpenTelemetry: OTLP protocol; only `http/protobuf` is built in (checked only when traces are on).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "http/protobuf")]
+    pub otel_protocol: String,
+
+    /// OpenTelemetry: OTLP protocol for traces; wins over OTEL_EXPORTER_OTLP_PROTOCOL.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")]
+    pub otel_traces_protocol: Option<String>,
+
+    /// OpenTelemetry: `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "sse-fanout")]
+    pub otel_service_name: String,
+
+    /// OpenTelemetry: sampler (`parentbased_always_on`, `parentbased_traceidratio`,
+    /// `traceidratio`, `always_on`, `always_off`, `parentbased_always_off`).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", default_value = "parentbased_always_on")]
+    pub otel_traces_sampler: String,
+
+    /// OpenTelemetry: the ratio (0.0-1.0) of the `*traceidratio` samplers. Default 1.0.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub otel_traces_sampler_arg: Option<String>,
+
+    /// OpenTelemetry: `true` turns tracing off whatever the endpoint says.
+    #[arg(long, env = "OTEL_SDK_DISABLED", default_value = "false")]
+    pub otel_sdk_disabled: String,
+}
+
+/// Where and how spans are exported, once [`Config::traces`] found tracing on and valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// The URL spans are posted to (OTLP/HTTP with protobuf bodies).
+    pub url: String,
+    pub service_name: String,
+    pub sampler: TraceSampler,
+}
+
+/// `OTEL_TRACES_SAMPLER` (with its ratio): which traces are kept. `ParentBased` samplers follow
+/// the decision of an incoming `traceparent` and apply the inner rule only to new traces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TraceSampler {
+    AlwaysOn,
+    AlwaysOff,
+    Ratio(f64),
+    ParentBasedAlwaysOn,
+    ParentBasedAlwaysOff,
+    ParentBasedRatio(f64),
 }
 
 /// `SSE_TRUSTED_PROXIES`: the networks whose `X-Forwarded-For` is believed.
@@ -468,6 +523,18 @@ pub enum ConfigError {
     CanaryTooShort,
     #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
     TokenName(&'static str, String),
+    #[error("{0}={1:?} is not an http:// or https:// URL")]
+    OtelEndpoint(&'static str, String),
+    #[error("{0}={1:?}: this node exports traces over OTLP/HTTP only; use http/protobuf (port 4318 on a collector)")]
+    OtelProtocol(&'static str, String),
+    #[error(
+        "OTEL_TRACES_SAMPLER={0:?} is not one of always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio"
+    )]
+    OtelSampler(String),
+    #[error("OTEL_TRACES_SAMPLER_ARG={0:?} is not a ratio from 0.0 to 1.0")]
+    OtelSamplerArg(String),
+    #[error("OTEL_SDK_DISABLED={0:?} is not true or false")]
+    OtelDisabled(String),
 }
 
 impl Config {
@@ -555,7 +622,54 @@ impl Config {
         if !self.canary_interval.is_zero() && (self.canary_interval < least || self.canary_threshold < least) {
             return Err(ConfigError::CanaryTooShort);
         }
+        self.traces()?;
         Ok(())
+    }
+
+    /// The trace export settings, `None` when tracing is off: no OTLP endpoint is set, or
+    /// `OTEL_SDK_DISABLED=true`. The other `OTEL_*` settings are checked only when it is on, so a
+    /// variable meant for other services (`OTEL_EXPORTER_OTLP_PROTOCOL=grpc`) does not stop a
+    /// node that exports nothing. Endpoint rules are the OTLP exporter specification's: the
+    /// traces endpoint is used as is, the base endpoint gets `/v1/traces` appended.
+    pub fn traces(&self) -> Result<Option<TraceSettings>, ConfigError> {
+        let disabled = match self.otel_sdk_disabled.trim().to_ascii_lowercase().as_str() {
+            "" | "false" => false,
+            "true" => true,
+            _ => return Err(ConfigError::OtelDisabled(self.otel_sdk_disabled.clone())),
+        };
+        let url = match (&self.otel_traces_endpoint, &self.otel_endpoint) {
+            _ if disabled => return Ok(None),
+            (Some(url), _) => checked_otel_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)?.to_owned(),
+            (None, Some(base)) => {
+                format!("{}/v1/traces", checked_otel_url("OTEL_EXPORTER_OTLP_ENDPOINT", base)?.trim_end_matches('/'))
+            }
+            (None, None) => return Ok(None),
+        };
+        let (variable, protocol) = match &self.otel_traces_protocol {
+            Some(protocol) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol),
+            None => ("OTEL_EXPORTER_OTLP_PROTOCOL", &self.otel_protocol),
+        };
+        if protocol.trim() != "http/protobuf" {
+            return Err(ConfigError::OtelProtocol(variable, protocol.clone()));
+        }
+        let ratio = || -> Result<f64, ConfigError> {
+            let Some(arg) = &self.otel_traces_sampler_arg else { return Ok(1.0) };
+            arg.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| ConfigError::OtelSamplerArg(arg.clone()))
+        };
+        let sampler = match self.otel_traces_sampler.trim() {
+            "always_on" => TraceSampler::AlwaysOn,
+            "always_off" => TraceSampler::AlwaysOff,
+            "traceidratio" => TraceSampler::Ratio(ratio()?),
+            "parentbased_always_on" => TraceSampler::ParentBasedAlwaysOn,
+            "parentbased_always_off" => TraceSampler::ParentBasedAlwaysOff,
+            "parentbased_traceidratio" => TraceSampler::ParentBasedRatio(ratio()?),
+            other => return Err(ConfigError::OtelSampler(other.to_owned())),
+        };
+        Ok(Some(TraceSettings { url, service_name: self.otel_service_name.clone(), sampler }))
     }
 
     /// The query parameters a token is read from, without empty entries.
@@ -595,6 +709,15 @@ impl Config {
     /// Development mode: no key configured, so the node makes up a secret and prints tokens.
     pub fn is_development(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key.is_none() && self.jwt_jwks_url.is_none()
+    }
+}
+
+/// `url` when it is an http:// or https:// URL with a host, else the error naming `variable`.
+fn checked_otel_url<'a>(variable: &'static str, url: &'a str) -> Result<&'a str, ConfigError> {
+    let url = url.trim();
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => Ok(url),
+        _ => Err(ConfigError::OtelEndpoint(variable, url.to_owned())),
     }
 }
 
@@ -715,6 +838,57 @@ mod tests {
         assert_eq!(warning("off"), Ok(Duration::ZERO));
         assert_eq!(warning("OFF"), Ok(Duration::ZERO));
         assert!(warning("soon").unwrap_err().contains("--token-expiry-warning"));
+    }
+
+    #[test]
+    fn traces_are_off_without_an_endpoint_and_follow_the_otlp_endpoint_rules() {
+        let traces = |args: &[&str]| parse(args).map(|c| c.traces().expect("checked by validate"));
+        assert_eq!(traces(&[]), Ok(None));
+        // Other OTEL_* settings are not even checked while tracing is off.
+        assert_eq!(traces(&["--otel-protocol", "grpc", "--otel-traces-sampler", "x"]), Ok(None));
+        let on = traces(&["--otel-endpoint", "http://collector:4318"]).expect("valid").expect("on");
+        assert_eq!(on.url, "http://collector:4318/v1/traces");
+        assert_eq!((on.service_name.as_str(), on.sampler), ("sse-fanout", TraceSampler::ParentBasedAlwaysOn));
+        let url = |args: &[&str]| traces(args).expect("valid").expect("on").url;
+        assert_eq!(url(&["--otel-endpoint", "https://c.example/otlp/"]), "https://c.example/otlp/v1/traces");
+        assert_eq!(
+            url(&["--otel-endpoint", "http://a:4318", "--otel-traces-endpoint", "http://b:9/custom"]),
+            "http://b:9/custom",
+            "the traces endpoint is used as is and wins"
+        );
+        assert_eq!(traces(&["--otel-endpoint", "http://a:4318", "--otel-sdk-disabled", "true"]), Ok(None));
+        for (args, named) in [
+            (&["--otel-endpoint", "collector:4318"][..], "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            (&["--otel-traces-endpoint", "ftp://c/x"][..], "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            (&["--otel-endpoint", "http://c:4317", "--otel-protocol", "grpc"][..], "OTEL_EXPORTER_OTLP_PROTOCOL"),
+            (
+                &["--otel-endpoint", "http://c", "--otel-traces-protocol", "http/json"][..],
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            ),
+            (&["--otel-endpoint", "http://c", "--otel-traces-sampler", "jaeger_remote"][..], "OTEL_TRACES_SAMPLER"),
+            (
+                &[
+                    "--otel-endpoint",
+                    "http://c",
+                    "--otel-traces-sampler",
+                    "traceidratio",
+                    "--otel-traces-sampler-arg",
+                    "1.5",
+                ][..],
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (&["--otel-sdk-disabled", "maybe"][..], "OTEL_SDK_DISABLED"),
+        ] {
+            let error = parse(args).expect_err(named);
+            assert!(error.contains(named), "{args:?}: {error}");
+        }
+        let sampler = |name: &str, arg: &str| {
+            let args = ["--otel-endpoint", "http://c", "--otel-traces-sampler", name, "--otel-traces-sampler-arg", arg];
+            traces(&args).expect("valid").expect("on").sampler
+        };
+        assert_eq!(sampler("traceidratio", "0.25"), TraceSampler::Ratio(0.25));
+        assert_eq!(sampler("parentbased_traceidratio", "0"), TraceSampler::ParentBasedRatio(0.0));
+        assert_eq!(sampler("always_off", "junk is ignored"), TraceSampler::AlwaysOff);
     }
 
     #[test]
