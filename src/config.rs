@@ -92,7 +92,8 @@ pub struct Config {
     #[arg(long, env = "SSE_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`). Unset: the embedded in-memory bus (a single node).
+    /// Redis URL (`redis://host:port/db`), or a Redis Cluster's seed nodes
+    /// (`redis+cluster://host1:port1,host2:port2`). Unset: the embedded in-memory bus (a single node).
     #[arg(long, env = "SSE_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -415,8 +416,10 @@ pub enum ConfigError {
     AuthHookUrl,
     #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
     AuthHookTimeout,
-    #[error("SSE_REDIS_URL is not a redis:// or rediss:// URL")]
+    #[error("SSE_REDIS_URL is not a redis://, rediss:// or redis+cluster://host:port,host:port URL")]
     RedisUrl,
+    #[error("SSE_CHANNEL_PREFIX must not contain '{{' or '}}' with a Redis Cluster (the braces are the hash tag)")]
+    ClusterPrefix,
     #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
     CorsOrigin(String),
     #[error("SSE_HEARTBEAT_INTERVAL must be at least 1s (or 0 to turn heartbeats off)")]
@@ -478,10 +481,17 @@ impl Config {
             }
             _ => {}
         }
-        if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
-            return Err(ConfigError::RedisUrl);
+        if let Some(url) = &self.redis_url {
+            if url.starts_with(crate::bus::cluster::SCHEME) {
+                crate::bus::cluster::seeds(url).map_err(|_| ConfigError::RedisUrl)?;
+                // Every key and channel of a channel is `{<channel>}`: a brace in the prefix would
+                // move the hash tag (and `{}` would hash stream and epoch apart).
+                if p.contains(['{', '}']) {
+                    return Err(ConfigError::ClusterPrefix);
+                }
+            } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::RedisUrl);
+            }
         }
         for (setting, names) in
             [("SSE_TOKEN_QUERY_PARAMS", self.token_query_params()), ("SSE_TOKEN_COOKIES", self.token_cookies())]
@@ -733,6 +743,12 @@ mod tests {
         assert!(parse(&["--heartbeat-interval", "10x"]).is_err());
         assert!(parse(&["--heartbeat-interval", "10ms"]).unwrap_err().contains("at least 1s"));
         assert!(parse(&["--redis-url", "localhost:6379"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "redis+cluster://"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "redis+cluster://a:1,b"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "redis+cluster://a:1,b:2"]).is_ok());
+        let braces = parse(&["--redis-url", "redis+cluster://a:1", "--channel-prefix", "s{x}"]).unwrap_err();
+        assert!(braces.contains("SSE_CHANNEL_PREFIX"), "{braces}");
+        assert!(parse(&["--redis-url", "redis://a:1", "--channel-prefix", "s{x}"]).is_ok(), "single Redis: as before");
         assert!(parse(&["--node-id", "has space"]).is_err());
         assert!(parse(&["--channel-prefix", ""]).is_err());
         assert!(parse(&["--per-user-policy", "sometimes"]).is_err());

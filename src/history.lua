@@ -3,6 +3,16 @@
 local PREFIX = '%PREFIX%'
 local LIMITS = { user = %USER%, topic = %TOPIC%, broadcast = %BROADCAST% }
 local EPOCH_KEY = PREFIX .. ':epoch'
+-- Redis Cluster (README "Redis Cluster"): a channel's stream and its sharded pub/sub channel are
+-- both `{<channel>}`, so one slot holds everything a call touches. There is no key for a global
+-- epoch there: the epoch is the library's own (CLUSTER_EPOCH), and each history keeps the id of
+-- its first entry in `{<channel>}:epoch` (same slot), so a history that began again after a
+-- position (its shard lost its data) resets that position instead of continuing silently.
+local CLUSTER = %CLUSTER%
+local CLUSTER_EPOCH = '%EPOCH%'
+-- How much longer than its history an era marker lives (ms): an idle history expires after its
+-- age, and a client resuming a day later still finds whether it began again meanwhile.
+local ERA_GRACE = 86400000
 -- The secret live ids are tagged with (history.rs, LiveKey). It lives here rather than in a key:
 -- callers of the functions never read it, and FLUSHALL leaves it alone.
 local KEY = '%KEY%'
@@ -27,6 +37,7 @@ local function hmac(message)
 end
 
 local function limits_of(channel)
+  if CLUSTER then channel = string.sub(channel, 2, -2) end
   local rest = string.sub(channel, #PREFIX + 2)
   if rest == 'broadcast' then return LIMITS.broadcast end
   if string.sub(rest, 1, 5) == 'user:' then return LIMITS.user end
@@ -41,6 +52,7 @@ end
 -- Changes whenever Redis loses its data (restart without persistence, FLUSHALL, failover to an
 -- empty replica): every cursor of the old epoch then gets an explicit reset.
 local function epoch()
+  if CLUSTER then return CLUSTER_EPOCH end
   local e = redis.call('GET', EPOCH_KEY)
   if not e then
     -- Seconds mod 4096 and microseconds: below 2^32, and different at every creation.
@@ -86,9 +98,15 @@ local function publish(keys, args)
     redis.call('XTRIM', channel, 'MINID', '~', now_ms() - limits.age)
     redis.call('PEXPIRE', channel, limits.age)
   end
+  if CLUSTER then
+    local era = channel .. ':epoch'
+    redis.call('SET', era, id, 'NX')
+    if limits.age > 0 then redis.call('PEXPIRE', era, limits.age + ERA_GRACE) end
+  end
   -- The mark: 0x1F <id> <tag> 0x1F. Nodes trust the id only if the tag verifies, so a plain
-  -- PUBLISH cannot move any stream's position, whatever bytes it carries.
-  redis.call('PUBLISH', channel, '\31' .. id .. ' ' .. hmac(channel .. '\n' .. id) .. '\31' .. args[1])
+  -- PUBLISH cannot move any stream's position, whatever bytes it carries. In a cluster, SPUBLISH:
+  -- only the shard that owns the channel's slot carries it.
+  redis.call(CLUSTER and 'SPUBLISH' or 'PUBLISH', channel, '\31' .. id .. ' ' .. hmac(channel .. '\n' .. id) .. '\31' .. args[1])
   return id
 end
 
@@ -141,6 +159,13 @@ end
 -- entry is still there (then everything after it is too). Redis does not advance
 -- max-deleted-entry-id on MAXLEN/MINID trimming, so presence is the proof. A position of 0-0
 -- ("empty when I looked") is continuous while nothing was ever trimmed.
+-- Cluster: whether the history at `key` began after `pos` or is gone with its era marker (its
+-- shard restarted empty or was flushed): `pos` then names history that is lost.
+local function began_after(key, pos)
+  local era = redis.call('GET', key .. ':epoch')
+  return not era or cmp(pos, era) < 0
+end
+
 local function since(keys, args)
   local current = epoch()
   local same_epoch = args[1] == current
@@ -158,7 +183,7 @@ local function since(keys, args)
     local limits = limits_of(key)
     local window_passed = limits.age > 0 and away > limits.age
     local result
-    if not same_epoch then
+    if not same_epoch or (CLUSTER and pos ~= '0-0' and began_after(key, pos)) then
       result = { 'reset', tail_of(key) }
     elseif redis.call('EXISTS', key) == 0 then
       local pos_ms = parse_id(pos)
