@@ -29,9 +29,22 @@ async fn read(client: &mut SseClient, n: usize) -> Vec<SseEvent> {
     events
 }
 
-/// `FCALL sse_publish 1 {<channel>} <payload>` on the cluster, as a producer does it.
-async fn durable(cluster: &mut redis::cluster_async::ClusterConnection, channel: &str, payload: &str) -> redis::RedisResult<String> {
-    redis::cmd("FCALL").arg("sse_publish").arg(1).arg(format!("{{{channel}}}")).arg(payload).query_async(cluster).await
+/// `FCALL sse_publish 2 {<channel>} {<channel>}:epoch <payload>` on the cluster, as the README
+/// tells producers to.
+async fn durable(
+    cluster: &mut redis::cluster_async::ClusterConnection,
+    channel: &str,
+    payload: &str,
+) -> redis::RedisResult<String> {
+    let key = format!("{{{channel}}}");
+    redis::cmd("FCALL")
+        .arg("sse_publish")
+        .arg(2)
+        .arg(&key)
+        .arg(format!("{key}:epoch"))
+        .arg(payload)
+        .query_async(cluster)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -60,14 +73,24 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
     let (status, body) = publish_api(&b, json!({"users": users, "event": "m", "data": "durable"})).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["ids"].as_array().map(Vec::len), Some(users.len()), "{body}");
-    let (status, body) = publish_api(&a, json!({"users": users, "event": "m", "data": "plain", "durable": false})).await;
+    let (status, body) =
+        publish_api(&a, json!({"users": users, "event": "m", "data": "plain", "durable": false})).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["receivers"], json!(users.len()), "one sharded subscriber per channel: {body}");
     let (status, _) = publish_api(&a, json!({"topics": ["news"], "event": "m", "data": "topic"})).await;
     assert_eq!(status, 202);
     let mut producer = cluster.client().await;
     for user in &users {
-        durable(&mut producer, &format!("sse:user:{user}"), &envelope("fcall")).await.expect("FCALL");
+        // The one-key form.
+        let id: String = redis::cmd("FCALL")
+            .arg("sse_publish")
+            .arg(1)
+            .arg(format!("{{sse:user:{user}}}"))
+            .arg(envelope("fcall"))
+            .query_async(&mut producer)
+            .await
+            .expect("FCALL");
+        assert!(id.contains('-'), "{id}");
         let receivers: i64 = redis::cmd("SPUBLISH")
             .arg(format!("{{sse:user:{user}}}"))
             .arg(envelope("spublish"))
@@ -91,7 +114,9 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
     }
     for (i, _) in &cursors {
         for n in 0..3 {
-            durable(&mut producer, &format!("sse:user:{}", users[*i]), &envelope(&format!("missed-{n}"))).await.expect("FCALL");
+            durable(&mut producer, &format!("sse:user:{}", users[*i]), &envelope(&format!("missed-{n}")))
+                .await
+                .expect("FCALL");
         }
     }
     let (status, _) = publish_api(&a, json!({"topics": ["news"], "event": "m", "data": "topic-missed"})).await;
@@ -119,7 +144,9 @@ fn publish_until(
         let mut n = 0;
         while !stop.load(Ordering::Acquire) {
             let payload = format!("m-{n}");
-            match tokio::time::timeout(Duration::from_secs(2), durable(&mut producer, &channel, &envelope(&payload))).await {
+            match tokio::time::timeout(Duration::from_secs(2), durable(&mut producer, &channel, &envelope(&payload)))
+                .await
+            {
                 Ok(Ok(_)) => {
                     acknowledged.push(payload);
                     n += 1;
@@ -155,6 +182,10 @@ async fn all_arrived(seen: &Mutex<Vec<SseEvent>>, acknowledged: &[String], reset
         let got: HashSet<&str> = events.iter().filter(|e| e.event == "m").map(|e| e.data.as_str()).collect();
         let missing: Vec<&String> = acknowledged.iter().filter(|p| !got.contains(p.as_str())).collect();
         if missing.is_empty() {
+            if reset {
+                let at = events.iter().position(|e| e.event == "reset").unwrap_or_default();
+                eprintln!("around the reset: {:?}", &events[at.saturating_sub(2)..(at + 3).min(events.len())]);
+            }
             // In order: each payload after the one before it.
             let order: Vec<usize> = events
                 .iter()
@@ -168,7 +199,12 @@ async fn all_arrived(seen: &Mutex<Vec<SseEvent>>, acknowledged: &[String], reset
             eprintln!("lost with the failed primary, and reset: {missing:?}");
             return true;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{} of {} acknowledged never arrived: {missing:?}", missing.len(), acknowledged.len());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} acknowledged never arrived: {missing:?}",
+            missing.len(),
+            acknowledged.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -198,7 +234,11 @@ async fn a_slot_migrated_under_load_loses_nothing() {
         if count.trim_end().ends_with(":1") {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "not subscribed on the new owner: {count:?}\n{}", node.log_text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not subscribed on the new owner: {count:?}\n{}",
+            node.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -206,8 +206,10 @@ struct NodeConnection {
 impl NodeConnection {
     fn new(connection: ClusterConnection, address: &str) -> Option<Self> {
         let (host, port) = address.rsplit_once(':')?;
-        let routing =
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port: port.parse().ok()? });
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_owned(),
+            port: port.parse().ok()?,
+        });
         Some(Self { connection, routing })
     }
 }
@@ -296,7 +298,12 @@ impl ClusterBus {
             commands: command_rx,
             events: events_rx,
             events_tx,
-            shared: shard::Shared { inbound: inbound_tx, overflowed: overflowed.clone(), metrics: metrics.clone(), key: key.clone() },
+            shared: shard::Shared {
+                inbound: inbound_tx,
+                overflowed: overflowed.clone(),
+                metrics: metrics.clone(),
+                key: key.clone(),
+            },
             ready: ready.clone(),
             metrics,
             library: library.clone(),
@@ -351,11 +358,7 @@ impl ClusterBus {
 
 /// Loads the library on every primary with the cluster's key: the first primary by address
 /// decides it ([`ensure_library`] adopts whatever it holds), the others get exactly that code.
-async fn ensure_everywhere(
-    connection: &ClusterConnection,
-    library: &Library,
-    key: &SharedKey,
-) -> Result<(), BusError> {
+async fn ensure_everywhere(connection: &ClusterConnection, library: &Library, key: &SharedKey) -> Result<(), BusError> {
     let mut slots = connection.clone();
     let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut slots).await.map_err(bus_error)?;
     let map = SlotMap::parse(&reply).ok_or_else(malformed)?;
@@ -487,14 +490,17 @@ impl Owner {
             ShardEvent::Confirmed(shard, name) => {
                 if let Some(state) = self.states.get_mut(&name)
                     && matches!(state, State::Requested(at, _) if *at == shard)
+                    && let State::Requested(_, waiters) = std::mem::replace(state, State::Subscribed(shard))
                 {
-                    if let State::Requested(_, waiters) = std::mem::replace(state, State::Subscribed(shard)) {
-                        waiters.iter().for_each(|w| w.set());
-                    }
+                    waiters.iter().for_each(|w| w.set());
                 }
             }
             ShardEvent::Lost(shard, name) => {
-                tracing::info!(channel = channel_of(&name), shard, "a cluster slot moved; subscribing on its new owner");
+                tracing::info!(
+                    channel = channel_of(&name),
+                    shard,
+                    "a cluster slot moved; subscribing on its new owner"
+                );
                 self.repend(&shard, std::iter::once(name));
                 self.refresh = true;
             }
@@ -515,7 +521,9 @@ impl Owner {
                 let on_shard: Vec<String> = self
                     .states
                     .iter()
-                    .filter(|(_, state)| matches!(state, State::Requested(at, _) | State::Subscribed(at) if *at == shard))
+                    .filter(
+                        |(_, state)| matches!(state, State::Requested(at, _) | State::Subscribed(at) if *at == shard),
+                    )
                     .map(|(name, _)| name.clone())
                     .collect();
                 self.repend(&shard, on_shard.into_iter());
@@ -593,7 +601,13 @@ impl Owner {
             return connection.clone();
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = shard::Shard::new(shard.to_owned(), self.credentials.clone(), rx, self.events_tx.clone(), self.shared.clone());
+        let task = shard::Shard::new(
+            shard.to_owned(),
+            self.credentials.clone(),
+            rx,
+            self.events_tx.clone(),
+            self.shared.clone(),
+        );
         tokio::spawn(task.run());
         self.shards.insert(shard.to_owned(), tx.clone());
         tx
@@ -606,7 +620,9 @@ impl Owner {
         self.metrics.ready.set(if alive { 1.0 } else { 0.0 });
         match (was, alive) {
             (false, true) => tracing::info!(channels = self.states.len(), "redis cluster bus ready"),
-            (true, false) => tracing::warn!("redis cluster bus not ready (unreachable, slots uncovered, or a primary without the library)"),
+            (true, false) => tracing::warn!(
+                "redis cluster bus not ready (unreachable, slots uncovered, or a primary without the library)"
+            ),
             _ => {}
         }
     }
@@ -664,7 +680,11 @@ impl Owner {
         let mut slots = redis::cmd("CLUSTER");
         slots.arg("SLOTS");
         let ask = slots.query_async::<Value>(&mut connection);
-        let Some(map) = tokio::time::timeout(COMMAND_TIMEOUT, ask).await.ok().and_then(Result::ok).and_then(|reply| SlotMap::parse(&reply))
+        let Some(map) = tokio::time::timeout(COMMAND_TIMEOUT, ask)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|reply| SlotMap::parse(&reply))
         else {
             return false;
         };
@@ -700,7 +720,10 @@ fn by_slot(names: Vec<String>) -> Vec<Vec<String>> {
     for name in names {
         groups.entry(slot(name.as_bytes())).or_default().push(name);
     }
-    groups.into_values().flat_map(|g| g.chunks(CHANNELS_PER_COMMAND).map(<[String]>::to_vec).collect::<Vec<_>>()).collect()
+    groups
+        .into_values()
+        .flat_map(|g| g.chunks(CHANNELS_PER_COMMAND).map(<[String]>::to_vec).collect::<Vec<_>>())
+        .collect()
 }
 
 /// `MOVED <slot> <host:port>` → where the slot is now.
@@ -733,15 +756,15 @@ impl Bus for ClusterBus {
                 .iter()
                 .map(|channel| {
                     let name = bus_name(channel.as_str());
-                    let mut call = if durable {
+                    if durable {
                         let mut call = redis::cmd("FCALL");
-                        call.arg("sse_publish").arg(1);
+                        call.arg("sse_publish").arg(2).arg(&name).arg(format!("{name}:epoch")).arg(payload.as_ref());
                         call
                     } else {
-                        redis::cmd("SPUBLISH")
-                    };
-                    call.arg(name).arg(payload.as_ref());
-                    call
+                        let mut call = redis::cmd("SPUBLISH");
+                        call.arg(name).arg(payload.as_ref());
+                        call
+                    }
                 })
                 .collect();
             let replies = self.calls(&calls).await?;
@@ -800,11 +823,18 @@ impl Bus for ClusterBus {
                 .iter()
                 .map(|(_, members)| {
                     let mut call = redis::cmd("FCALL");
-                    call.arg("sse_since").arg(members.len());
+                    // The channels, then their era markers (every key the call reads, declared).
+                    call.arg("sse_since").arg(members.len() * 2);
                     for &i in members {
                         call.arg(bus_name(positions[i].0.as_str()));
                     }
-                    call.arg(epoch.to_string()).arg(away.as_millis() as u64).arg(share(page.entries)).arg(share(page.bytes));
+                    for &i in members {
+                        call.arg(format!("{}:epoch", bus_name(positions[i].0.as_str())));
+                    }
+                    call.arg(epoch.to_string())
+                        .arg(away.as_millis() as u64)
+                        .arg(share(page.entries))
+                        .arg(share(page.bytes));
                     for &i in members {
                         call.arg(positions[i].1.to_string());
                     }
@@ -897,7 +927,9 @@ mod tests {
         assert_eq!(credentials("redis+cluster://u:p@a:1,b:2"), Some((Some("u".into()), "p".into())));
         assert_eq!(credentials("redis+cluster://:p@a:1"), Some((None, "p".into())));
         assert_eq!(credentials("redis+cluster://a:1"), None);
-        for bad in ["redis+cluster://", "redis+cluster://a", "redis+cluster://a:1,", "redis+cluster://a:x", "redis://a:1"] {
+        for bad in
+            ["redis+cluster://", "redis+cluster://a", "redis+cluster://a:1,", "redis+cluster://a:x", "redis://a:1"]
+        {
             assert!(seeds(bad).is_err(), "{bad}");
         }
     }

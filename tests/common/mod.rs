@@ -261,7 +261,8 @@ impl RedisCluster {
             "0",
         ];
         let count = primaries * (1 + replicas);
-        let nodes: Vec<RedisServer> = futures_util::future::join_all((0..count).map(|_| RedisServer::start_with(&args))).await;
+        let nodes: Vec<RedisServer> =
+            futures_util::future::join_all((0..count).map(|_| RedisServer::start_with(&args))).await;
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for node in &nodes {
@@ -315,17 +316,15 @@ impl RedisCluster {
     pub async fn client(&self) -> redis::cluster_async::ClusterConnection {
         let seeds: Vec<String> =
             self.nodes.iter().filter(|n| n.child.is_some()).map(|n| format!("redis://127.0.0.1:{}", n.port)).collect();
-        let client = redis::cluster::ClusterClientBuilder::new(seeds)
-            .retries(20)
-            .build()
-            .expect("cluster client");
+        let client = redis::cluster::ClusterClientBuilder::new(seeds).retries(20).build().expect("cluster client");
         client.get_async_connection().await.expect("connect to the cluster")
     }
 
     /// The port of the primary that serves `slot`, as a live node sees it now.
     pub async fn owner(&self, slot: u16) -> u16 {
         let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a live node");
-        let mut connection = redis::Client::open(node.url()).expect("url").get_multiplexed_async_connection().await.expect("connect");
+        let mut connection =
+            redis::Client::open(node.url()).expect("url").get_multiplexed_async_connection().await.expect("connect");
         let ranges: Vec<(i64, i64, Vec<redis::Value>)> = redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query_async::<Vec<Vec<redis::Value>>>(&mut connection)
@@ -358,11 +357,14 @@ impl RedisCluster {
     /// way `redis-cli --cluster reshard` does: IMPORTING, MIGRATING, MIGRATE, then SETSLOT NODE.
     pub async fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
         let (from_id, to_id, slot) = (self.id(from).await, self.id(to).await, slot.to_string());
-        let ok = |reply: Option<String>, what: &str| assert!(reply.as_deref().is_some_and(|r| r.starts_with("+OK")), "{what}: {reply:?}");
+        let ok = |reply: Option<String>, what: &str| {
+            assert!(reply.as_deref().is_some_and(|r| r.starts_with("+OK")), "{what}: {reply:?}")
+        };
         ok(self.node(to).command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]).await, "IMPORTING");
         ok(self.node(from).command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]).await, "MIGRATING");
         loop {
-            let keys = self.node(from).command(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]).await.expect("GETKEYSINSLOT");
+            let keys =
+                self.node(from).command(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]).await.expect("GETKEYSINSLOT");
             let keys: Vec<&str> = keys.lines().skip(1).filter(|l| !l.starts_with('$')).collect();
             if keys.is_empty() {
                 break;

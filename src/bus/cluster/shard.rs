@@ -212,7 +212,8 @@ impl Shard {
             Frame::Array(items) => {
                 let mut items = items.into_iter();
                 let Some(kind) = items.next() else { return };
-                let name = items.next().and_then(|f| f.bytes().and_then(|b| std::str::from_utf8(b).ok()).map(str::to_owned));
+                let name =
+                    items.next().and_then(|f| f.bytes().and_then(|b| std::str::from_utf8(b).ok()).map(str::to_owned));
                 match (kind.bytes().unwrap_or_default(), name) {
                     (b"smessage", Some(name)) => {
                         if let Some(Frame::Bulk(Some(payload))) = items.next() {
