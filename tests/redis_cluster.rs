@@ -103,6 +103,22 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
         let got: Vec<String> = read(stream, 5).await.into_iter().map(|e| e.data).collect();
         assert_eq!(got, ["durable", "plain", "topic", "fcall", "spublish"], "{user}");
     }
+    // A classic PUBLISH reaches no node in cluster mode (the README says so and why).
+    let classic = cluster.nodes[0].publish(&format!("sse:user:{}", users[0]), &envelope("classic")).await;
+    assert_eq!(classic, 0);
+
+    // A primary that lost the function library gets it back: at the first durable publish that
+    // needs it, and from the nodes' health check.
+    let emptied = cluster.owner(key_slot(&format!("{{sse:user:{}}}", users[1]))).await;
+    let flushed = cluster.node(emptied).command(&["FUNCTION", "FLUSH"]).await;
+    assert_eq!(flushed.as_deref(), Some("+OK\r\n"));
+    let (status, body) = publish_api(&a, json!({"users": [users[1]], "event": "m", "data": "reloaded"})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(read(&mut streams[1].0, 1).await[0].data, "reloaded");
+    for node in &cluster.nodes {
+        let listed = node.command(&["FUNCTION", "LIST", "LIBRARYNAME", "sse_fanout"]).await.unwrap_or_default();
+        assert!(listed.contains("sse_publish"), "every primary holds the library: {listed}");
+    }
 
     // Exact resume on the other node: what a user missed on every shard, in order, once.
     let mut cursors = Vec::new();
