@@ -140,6 +140,12 @@ impl ChannelNames {
         ChannelName(Arc::from(format!("{}:broadcast", self.prefix)))
     }
 
+    /// The cluster's control channel (operator commands every node obeys, such as a revoke).
+    /// No user, topic or broadcast name can take this form.
+    pub fn control(&self) -> ChannelName {
+        ChannelName(Arc::from(format!("{}:control", self.prefix)))
+    }
+
     /// The node's own canary channel (`<prefix>:canary:<node id>`, see [`crate::canary`]). No
     /// stream can listen on it: a stream joins only the names built by [`Self::user`],
     /// [`Self::topic`] and [`Self::broadcast`], which all differ from it after the prefix, and

@@ -242,6 +242,11 @@ pub struct Config {
     #[arg(long, env = "SSE_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
     pub cors_origins: Vec<String>,
 
+    /// With Redis: how long a node's presence entries outlive it. A node renews its lease every
+    /// third of this; a node that dies is cleaned up by the others once it lapses.
+    #[arg(long, env = "SSE_PRESENCE_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub presence_lease: Duration,
+
     /// On SIGTERM, close streams in batches spread over this period, then exit.
     #[arg(long, env = "SSE_DRAIN_PERIOD", default_value = "10s", value_parser = parse_duration)]
     pub drain_period: Duration,
@@ -420,6 +425,8 @@ pub enum ConfigError {
     RedisUrl,
     #[error("SSE_CHANNEL_PREFIX must not contain '{{' or '}}' with a Redis Cluster (the braces are the hash tag)")]
     ClusterPrefix,
+    #[error("SSE_PRESENCE_LEASE must be at least 1s")]
+    PresenceLeaseTooShort,
     #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
     CorsOrigin(String),
     #[error("SSE_HEARTBEAT_INTERVAL must be at least 1s (or 0 to turn heartbeats off)")]
@@ -480,6 +487,9 @@ impl Config {
                 return Err(ConfigError::AlgorithmNeedsKey("ES256", "SSE_JWT_PUBLIC_KEY or SSE_JWT_JWKS_URL"));
             }
             _ => {}
+        }
+        if self.presence_lease < Duration::from_secs(1) {
+            return Err(ConfigError::PresenceLeaseTooShort);
         }
         if let Some(url) = &self.redis_url {
             if url.starts_with(crate::bus::cluster::SCHEME) {

@@ -37,6 +37,13 @@ use crate::wire::{self, Framing, MAX_BATCH, MAX_BATCH_BYTES, Sent};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnectionId(pub u64);
 
+impl ConnectionId {
+    /// How clients and operators see it: `<node>:<n>`, unique in the cluster.
+    pub fn shown(self, node_id: &str) -> String {
+        format!("{node_id}:{}", self.0)
+    }
+}
+
 /// Why the node ended a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -59,6 +66,8 @@ pub enum CloseReason {
     /// The client's socket took no byte for the write stall timeout while the stream had
     /// something to write: it stopped reading.
     WriteStalled,
+    /// An operator disconnected the user everywhere (`DELETE /api/users/<user>/connections`).
+    Revoked,
 }
 
 impl CloseReason {
@@ -73,6 +82,7 @@ impl CloseReason {
             CloseReason::Overflow => "overflow",
             CloseReason::ClientClosed => "client_closed",
             CloseReason::WriteStalled => "write_stalled",
+            CloseReason::Revoked => "revoked",
         }
     }
 

@@ -2,8 +2,9 @@
 //! order, starts the backfill of every channel that had a gap when the bus reconnects, and
 //! runs the hub work that must fall between two deliveries (token renewals).
 //!
-//! It is also where the canary's probes come back ([`crate::canary`]): they travel the same
-//! queue as client messages, so a dispatcher that is behind makes them late.
+//! It is also where the node's own messages arrive ([`crate::control`]): commands, renewals
+//! and the canary's probes travel the same queue as client messages, so a dispatcher that is
+//! behind makes the probes late.
 //!
 //! Nothing here awaits a client socket: delivering is pushing shared frames into streams
 //! (see [`crate::hub`]). The task ends only when its input ends (the bus is gone), which the
@@ -14,10 +15,9 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::bus::{Inbound, InboundReceiver};
-use crate::canary::Canary;
 use crate::connection::CloseReason;
+use crate::control::NodeChannels;
 use crate::hub::{Hub, HubWork};
-use crate::renewal::Renewals;
 use crate::resume::{Gap, Resumer};
 
 /// Messages one wake-up of the dispatcher takes at most.
@@ -30,15 +30,14 @@ const BATCH: usize = 256;
 ///
 /// `work` (renewals) runs between two batches, never during a fan-out: what a renewal takes a
 /// stream off is then delivered to it entirely before the renewal's notice, or not at all.
-/// A message on a channel no stream listens on goes to `renewals` (this node's control channel)
-/// and to the canary (its probes).
+/// A message on a channel no stream listens on goes to `node_channels` (commands, renewals,
+/// canary probes).
 pub async fn dispatch(
     mut inbound: InboundReceiver,
     mut work: mpsc::Receiver<HubWork>,
     hub: Arc<Hub>,
     resumer: Option<Arc<Resumer>>,
-    renewals: Arc<Renewals>,
-    canary: Option<Arc<Canary>>,
+    node_channels: NodeChannels,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -59,10 +58,7 @@ pub async fn dispatch(
                 Inbound::Message { channel, id, payload } => {
                     // Only a channel without streams goes further: no cost per delivered message.
                     if !hub.deliver(channel.as_str(), *id, payload).await {
-                        renewals.on_message(channel.as_str(), payload);
-                        if let Some(canary) = &canary {
-                            canary.arrived(channel.as_str(), payload);
-                        }
+                        node_channels.route(&hub, channel, payload);
                     }
                 }
                 Inbound::Disconnected => {

@@ -153,6 +153,42 @@ pub struct Hub {
     refusal_log: LogLimiter,
     /// Runtime workers a large fan-out is split over.
     fan_out_workers: usize,
+    /// Opens and closes not yet written to the cluster's presence ([`crate::presence`]).
+    journal: Mutex<Journal>,
+}
+
+/// Most changes the journal keeps between two presence flushes. Beyond it (Redis down for a
+/// long while) it forgets them and says so: presence then rewrites this node's entries whole.
+const JOURNAL_MAX: usize = 100_000;
+
+/// A stream opened or closed, for presence.
+pub enum Change {
+    Opened(Arc<Connection>),
+    Closed { id: ConnectionId, user: UserId },
+}
+
+/// What the hub recorded for presence since it was last asked. Kept only once presence asks
+/// for it ([`Hub::keep_journal`]): the embedded bus answers presence from the registry.
+#[derive(Default)]
+pub struct Journal {
+    kept: bool,
+    pub changes: Vec<Change>,
+    /// Changes were forgotten (more than [`JOURNAL_MAX`]): the reader must resynchronise.
+    pub lost: bool,
+}
+
+impl Journal {
+    fn record(&mut self, change: Change) {
+        if !self.kept || self.lost {
+            return;
+        }
+        if self.changes.len() >= JOURNAL_MAX {
+            self.changes = Vec::new();
+            self.lost = true;
+            return;
+        }
+        self.changes.push(change);
+    }
 }
 
 /// Listeners per worker below which a fan-out is not worth splitting.
@@ -285,6 +321,7 @@ impl Hub {
             clock: AtomicU32::new(0),
             refusal_log: LogLimiter::default(),
             fan_out_workers: tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()),
+            journal: Mutex::new(Journal::default()),
         })
     }
 
@@ -377,6 +414,8 @@ impl Hub {
             registry.users.entry(user).or_default().push(connection.clone());
             registry.by_id.insert(id.0, connection.clone());
             registry.connections += 1;
+            // Under the registry lock, so the journal's order is the registry's.
+            self.journal().record(Change::Opened(connection.clone()));
             for (slot, channel) in connection.channels.iter().enumerate() {
                 let entry = registry.channels.entry(channel.clone()).or_insert_with(|| {
                     let ready = Arc::new(SubscriptionReady::default());
@@ -482,6 +521,7 @@ impl Hub {
         }
         registry.by_id.remove(&connection.id.0);
         registry.connections -= 1;
+        self.journal().record(Change::Closed { id: connection.id, user: connection.user.clone() });
         for slot in 0..connection.channels.len() {
             self.leave_locked(registry, connection, slot);
         }
@@ -562,6 +602,8 @@ impl Hub {
             if left.is_empty() {
                 return Renewal::Applied { left };
             }
+            // Presence shows the topics the stream still has: written again, as on open.
+            self.journal().record(Change::Opened(connection.clone()));
             let notice = Item::Raw(notice(&left));
             if let Some(hold) = hold {
                 hold.keep(&notice, self.limits.queue());
@@ -819,7 +861,7 @@ impl Hub {
     /// How clients name a stream of this node (`connected`, `token_expiring`, the renewal URL):
     /// `<node>:<n>`.
     pub fn connection_id(&self, connection: &Connection) -> String {
-        format!("{}:{}", self.node_id, connection.id.0)
+        connection.id.shown(&self.node_id)
     }
 
     fn overdue(&self, connection: &Connection, now: u32, unix: u64) -> Option<CloseReason> {
@@ -851,6 +893,46 @@ impl Hub {
     pub fn stats(&self) -> HubStats {
         let registry = self.read();
         HubStats { connections: registry.connections, users: registry.users.len(), channels: registry.channels.len() }
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts recording opens and closes for [`Hub::take_journal`]; returns every stream open
+    /// now, in the same instant, so the caller misses none.
+    pub fn keep_journal(&self) -> Vec<Arc<Connection>> {
+        let registry = self.read();
+        let mut journal = self.journal();
+        *journal = Journal { kept: true, ..Journal::default() };
+        registry.users.values().flatten().cloned().collect()
+    }
+
+    /// What was recorded since the last call (the journal keeps recording).
+    pub fn take_journal(&self) -> Journal {
+        let mut journal = self.journal();
+        let taken = std::mem::take(&mut journal.changes);
+        let lost = std::mem::replace(&mut journal.lost, false);
+        Journal { kept: true, changes: taken, lost }
+    }
+
+    /// Every open stream of this node.
+    pub fn streams(&self) -> Vec<Arc<Connection>> {
+        self.read().users.values().flatten().cloned().collect()
+    }
+
+    /// This user's open streams on this node, oldest first.
+    pub fn streams_of(&self, user: &UserId) -> Vec<Arc<Connection>> {
+        self.read().users.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Closes every stream of `user` on this node for `reason`; returns how many.
+    pub fn close_user(&self, user: &UserId, reason: CloseReason) -> usize {
+        let streams = self.streams_of(user);
+        for connection in &streams {
+            self.close(connection, reason, reason.farewell());
+        }
+        streams.len()
     }
 
     /// Streams this user holds on this node.

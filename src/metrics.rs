@@ -154,7 +154,7 @@ pub struct HubMetrics {
 
 /// Every reason a stream is closed for, in declaration order: `HubMetrics::closed` is indexed
 /// by `reason as usize`.
-const CLOSE_REASONS: [CloseReason; 9] = [
+const CLOSE_REASONS: [CloseReason; 10] = [
     CloseReason::Replaced,
     CloseReason::SlowConsumer,
     CloseReason::Inactive,
@@ -164,6 +164,7 @@ const CLOSE_REASONS: [CloseReason; 9] = [
     CloseReason::Overflow,
     CloseReason::ClientClosed,
     CloseReason::WriteStalled,
+    CloseReason::Revoked,
 ];
 
 impl HubMetrics {

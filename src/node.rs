@@ -19,6 +19,7 @@ use crate::http::cors::Origins;
 use crate::http::ip_limits::IpLimits;
 use crate::hub::Hub;
 use crate::metrics::HubMetrics;
+use crate::presence::Presence;
 use crate::renewal::Renewals;
 use crate::resume::Resumer;
 
@@ -34,6 +35,8 @@ pub struct Node {
     /// Stream opens and open streams per client address (`SSE_IP_*`).
     pub ip_limits: Arc<IpLimits>,
     pub hub: Arc<Hub>,
+    /// Who is online across the cluster (the admin API), and the revoke command.
+    pub presence: Arc<Presence>,
     pub hub_metrics: HubMetrics,
     pub prometheus: PrometheusHandle,
     pub publish_requests: Counter,

@@ -131,7 +131,7 @@ impl Renewals {
     }
 
     /// The channel this node must be subscribed to for renewals to reach it.
-    pub fn control_channel(&self) -> &ChannelName {
+    pub fn node_channel(&self) -> &ChannelName {
         &self.control
     }
 
@@ -193,10 +193,7 @@ impl Renewals {
 
     /// Something arrived on a channel no stream listens on: a message for this node when it is
     /// its control channel (anything else is a channel just left, and is dropped).
-    pub fn on_message(self: &Arc<Self>, channel: &str, payload: &[u8]) {
-        if channel != self.control.as_str() {
-            return;
-        }
+    pub fn on_message(self: &Arc<Self>, payload: &[u8]) {
         match serde_json::from_slice::<Message>(payload) {
             Ok(Message::Renew { request, reply_to, connection, token }) => {
                 let renewals = self.clone();

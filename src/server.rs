@@ -23,17 +23,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::auth_hook::AuthHook;
-use crate::bus::{self, InboundReceiver, Running, SubscriptionReady};
+use crate::bus::{self, InboundReceiver, Running};
 use crate::canary::Canary;
 use crate::channel::ChannelNames;
 use crate::config::Config;
 use crate::connection::CloseReason;
+use crate::control::NodeChannels;
 use crate::dev_mode::DevMode;
 use crate::http::cors::Origins;
 use crate::http::ip_limits::IpLimits;
 use crate::hub::{Heartbeat, Hub, HubWork, Limits, TokenLife};
 use crate::metrics::HubMetrics;
 use crate::node::Node;
+use crate::presence::Presence;
 use crate::renewal::{self, Renewals};
 use crate::resume::Resumer;
 use crate::{dispatch, frame, http, shutdown};
@@ -105,9 +107,15 @@ impl Server {
             .then(|| Arc::new(Canary::new(channels.canary(&node_id), config.canary_interval, config.canary_threshold)));
         let (work, work_rx) = tokio::sync::mpsc::channel(renewal::WORK_CAPACITY);
         let renewals = Arc::new(Renewals::new(&node_id, channels.clone(), bus.clone(), auth.clone(), work));
-        // Renewals for this node's streams arrive there; subscribed for the node's whole life.
-        bus.subscribe(renewals.control_channel().clone(), Arc::new(SubscriptionReady::default()));
+        NodeChannels::new(&channels, renewals.clone(), canary.clone()).subscribe(bus.as_ref());
         let hub = Hub::new(bus, &node_id, limits, hub_metrics.clone());
+        let presence = Presence::new(
+            node_id.clone(),
+            hub.clone(),
+            channels.clone(),
+            config.redis_url.as_deref(),
+            config.presence_lease,
+        )?;
         let dev = if config.is_development() { DevMode::start(&auth) } else { None };
         let node = Arc::new(Node {
             origins: Origins::from_config(&config),
@@ -117,6 +125,7 @@ impl Server {
             auth_hook,
             channels,
             hub,
+            presence,
             hub_metrics,
             prometheus,
             publish_requests: metrics::counter!(crate::metrics::PUBLISH_REQUESTS),
@@ -155,8 +164,7 @@ impl Server {
             work,
             hub.clone(),
             node.resume.clone(),
-            node.renewals.clone(),
-            node.canary.clone(),
+            NodeChannels::new(&node.channels, node.renewals.clone(), node.canary.clone()),
         ));
         let stop_dispatcher = dispatcher.abort_handle();
         vital.spawn(watch("dispatcher_stopped", dispatcher));
@@ -169,6 +177,7 @@ impl Server {
         if let Some(jwks) = node.auth.jwks() {
             helpers.spawn(jwks.clone().run(background.clone()));
         }
+        helpers.spawn(node.presence.clone().run(background.clone()));
         helpers.spawn(ip_limits_upkeep(node.ip_limits.clone(), background.clone()));
         if let Some(canary) = &node.canary {
             helpers.spawn(canary.clone().run(hub.bus().clone(), background.clone()));

@@ -1,7 +1,7 @@
 //! What the README promises of the node's Redis subscriptions: many streams connecting at once
 //! share a handful of SUBSCRIBE commands (the subscription owner batches them), and once every
 //! stream is gone the node holds no stream's subscription (`PUBSUB NUMSUB` back to 0): only its
-//! own control channel (`sse:node:<id>`, token renewals), which it holds for its whole life.
+//! own channels (`sse:node:<id>`, `sse:canary:<id>`, `sse:control`), held for its whole life.
 
 mod common;
 
@@ -22,12 +22,13 @@ async fn numsub(redis: &RedisServer, channel: &str) -> i64 {
 }
 
 /// Channels of streams (`sse:user:*`, `sse:topic:*`, `sse:broadcast`) that this Redis has any
-/// subscriber on (`PUBSUB CHANNELS`): all but the nodes' control channels (`sse:node:<node>`) and
-/// canary channels (`sse:canary:<node>`), held as long as a node runs.
+/// subscriber on (`PUBSUB CHANNELS`): all but the nodes' own channels (`sse:node:<node>`,
+/// `sse:canary:<node>` and the cluster's `sse:control`), held as long as a node runs.
 async fn subscribed_channels(redis: &RedisServer) -> usize {
     channels_matching(redis, "sse:*").await
         - channels_matching(redis, "sse:node:*").await
         - channels_matching(redis, "sse:canary:*").await
+        - channels_matching(redis, "sse:control").await
 }
 
 async fn channels_matching(redis: &RedisServer, pattern: &str) -> usize {

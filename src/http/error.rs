@@ -54,6 +54,11 @@ pub fn history_unavailable(e: BusError) -> ApiError {
     ApiError::unavailable("not_ready", format!("history is unavailable: {e}"))
 }
 
+/// Presence could not be read from Redis.
+pub fn presence_unavailable(e: crate::presence::PresenceError) -> ApiError {
+    ApiError::unavailable("presence_unavailable", e.to_string())
+}
+
 /// A publish the bus did not take.
 pub fn publish_failed(e: BusError) -> ApiError {
     let code = if e.is_transient() { "bus_unavailable" } else { "bus_refused" };

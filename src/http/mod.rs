@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
 use crate::node::Node;
 
@@ -42,6 +42,11 @@ pub fn router(node: Arc<Node>) -> Router {
             post(publish::publish).layer(DefaultBodyLimit::max(node.config.max_publish_bytes as usize)),
         )
         .route("/api/stats", get(admin::stats))
+        .route("/api/presence", get(admin::presence_many))
+        .route("/api/presence/{user}", get(admin::presence_of))
+        .route("/api/connections", get(admin::connections))
+        .route("/api/cluster", get(admin::cluster))
+        .route("/api/users/{user}/connections", delete(admin::revoke))
         .route("/api/connections/{connection_id}/token", post(connections::renew_token))
         .route("/api/history", get(history::history))
         .route("/healthz", get(health::healthz))
