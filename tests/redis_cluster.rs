@@ -120,6 +120,17 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
         assert!(listed.contains("sse_publish"), "every primary holds the library: {listed}");
     }
 
+    // The nodes' control channel is sharded too: a revoke asked of node a ends a stream on b.
+    let revoked = http()
+        .delete(a.url(&format!("/api/users/{}/connections", users[1])))
+        .bearer_auth(token("ops", &[], Some("admin")))
+        .send()
+        .await
+        .expect("revoke");
+    assert!(revoked.status().is_success(), "{}", revoked.status());
+    let event = streams[1].0.next_event(WAIT).await.expect("a disconnected event");
+    assert_eq!((event.event.as_str(), event.data.as_str()), ("disconnected", r#"{"reason":"revoked"}"#));
+
     // Exact resume on the other node: what a user missed on every shard, in order, once.
     let mut cursors = Vec::new();
     for (i, (mut stream, _)) in streams.drain(..).enumerate().filter(|(i, _)| i % 4 == 0) {
