@@ -308,3 +308,97 @@ async fn read_frame(reader: &mut tokio::net::tcp::OwnedReadHalf, buffer: &mut By
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(text: &str) -> Frame {
+        Frame::Bulk(Some(text.as_bytes().to_vec()))
+    }
+
+    fn push(kind: &str, name: &str) -> Frame {
+        Frame::Array(vec![bulk(kind), bulk(name), Frame::Int(1)])
+    }
+
+    struct Setup {
+        shard: Shard,
+        inbound: mpsc::Receiver<Inbound>,
+        events: mpsc::UnboundedReceiver<ShardEvent>,
+    }
+
+    fn setup() -> Setup {
+        let (inbound_tx, inbound) = mpsc::channel(64);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (_commands_tx, commands) = mpsc::unbounded_channel();
+        let shared = Shared {
+            inbound: inbound_tx,
+            overflowed: Arc::default(),
+            metrics: BusMetrics::new(),
+            key: SharedKey::default(),
+        };
+        Setup { shard: Shard::new("h:1".into(), None, commands, events_tx, shared), inbound, events }
+    }
+
+    fn subscribe(shard: &mut Shard, sequence: u64, names: &[&str]) {
+        let mut out = Vec::new();
+        shard.encode(ShardCommand::Subscribe(sequence, names.iter().map(|n| (*n).to_owned()).collect()), &mut out);
+        assert!(out.starts_with(b"*"));
+    }
+
+    #[test]
+    fn a_confirmation_comes_before_messages_and_an_unasked_sunsubscribe_is_a_lost_channel() {
+        let Setup { mut shard, mut inbound, mut events } = setup();
+        subscribe(&mut shard, 1, &["{sse:user:1}"]);
+        shard.on_frame(push("ssubscribe", "{sse:user:1}"));
+        shard.on_frame(Frame::Array(vec![bulk("smessage"), bulk("{sse:user:1}"), bulk("hi")]));
+        assert!(matches!(inbound.try_recv(), Ok(Inbound::Subscribed(c)) if c.as_str() == "sse:user:1"));
+        assert!(
+            matches!(inbound.try_recv(), Ok(Inbound::Message { channel, id: None, payload }) if channel.as_str() == "sse:user:1" && payload == "hi")
+        );
+        assert!(matches!(events.try_recv(), Ok(ShardEvent::Confirmed(_, n)) if n == "{sse:user:1}"));
+
+        // The slot moved: the shard gives the channel up by itself.
+        shard.on_frame(push("sunsubscribe", "{sse:user:1}"));
+        assert!(matches!(inbound.try_recv(), Ok(Inbound::Unsubscribed(c)) if c.as_str() == "sse:user:1"));
+        assert!(matches!(events.try_recv(), Ok(ShardEvent::Lost(_, n)) if n == "{sse:user:1}"));
+    }
+
+    #[test]
+    fn an_asked_sunsubscribe_is_quiet_and_only_the_latest_subscribe_confirms() {
+        let Setup { mut shard, mut inbound, mut events } = setup();
+        subscribe(&mut shard, 1, &["{a}"]);
+        let mut out = Vec::new();
+        shard.encode(ShardCommand::Unsubscribe(2, vec!["{a}".into()]), &mut out);
+        subscribe(&mut shard, 3, &["{a}"]);
+        // The first confirmation answers the first SSUBSCRIBE, which the SUNSUBSCRIBE undoes.
+        shard.on_frame(push("ssubscribe", "{a}"));
+        shard.on_frame(push("sunsubscribe", "{a}"));
+        assert!(inbound.try_recv().is_err(), "nothing confirmed, nothing lost");
+        assert!(events.try_recv().is_err());
+        shard.on_frame(push("ssubscribe", "{a}"));
+        assert!(matches!(inbound.try_recv(), Ok(Inbound::Subscribed(_))));
+        assert!(matches!(events.try_recv(), Ok(ShardEvent::Confirmed(_, n)) if n == "{a}"));
+    }
+
+    #[test]
+    fn an_error_refuses_the_oldest_command_waiting_and_pongs_clear_pings() {
+        let Setup { mut shard, mut inbound, mut events } = setup();
+        shard.expected.push_back(Expected { kind: Kind::Ping, sequence: 0, remaining: HashSet::new() });
+        shard.unanswered_pings = 1;
+        subscribe(&mut shard, 1, &["{b}", "{b}:x"]);
+        shard.on_frame(Frame::Array(vec![bulk("pong"), bulk("")]));
+        assert_eq!(shard.unanswered_pings, 0);
+        shard.on_frame(Frame::Error("MOVED 3300 h:2".into()));
+        match events.try_recv() {
+            Ok(ShardEvent::Refused(_, mut names, error)) => {
+                names.sort();
+                assert_eq!(names, ["{b}", "{b}:x"]);
+                assert_eq!(error, "MOVED 3300 h:2");
+            }
+            _ => panic!("refused"),
+        }
+        assert!(inbound.try_recv().is_err());
+        assert!(shard.expected.is_empty());
+    }
+}
