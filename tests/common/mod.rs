@@ -259,6 +259,9 @@ impl RedisCluster {
             "1000",
             "--cluster-replica-validity-factor",
             "0",
+            // Replicas sync at once (the default waits 5 s for more replicas to share a transfer).
+            "--repl-diskless-sync-delay",
+            "0",
         ];
         let count = primaries * (1 + replicas);
         let nodes: Vec<RedisServer> =
@@ -280,7 +283,7 @@ impl RedisCluster {
     }
 
     /// Waits until every live node says the cluster is ok and knows `known` nodes, and every
-    /// slot has a primary in the view of each.
+    /// replica is in sync with its primary (before that, a failover loses everything).
     pub async fn wait_ok(&self, known: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -288,6 +291,8 @@ impl RedisCluster {
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
                 let info = node.command(&["CLUSTER", "INFO"]).await.unwrap_or_default();
                 ok &= info.contains("cluster_state:ok") && info.contains(&format!("cluster_known_nodes:{known}"));
+                let replication = node.command(&["INFO", "replication"]).await.unwrap_or_default();
+                ok &= !replication.contains("role:slave") || replication.contains("master_link_status:up");
             }
             if ok {
                 return;
