@@ -102,7 +102,8 @@ pub struct Config {
     #[arg(long, env = "SSE_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`). Unset: the embedded in-memory bus (a single node).
+    /// Redis URL (`redis://host:port/db`), or a Redis Cluster's seed nodes
+    /// (`redis+cluster://host1:port1,host2:port2`). Unset: the embedded in-memory bus (a single node).
     #[arg(long, env = "SSE_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -499,12 +500,16 @@ pub enum ConfigError {
     AuthHookUrl,
     #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
     AuthHookTimeout,
-    #[error("SSE_REDIS_URL is not a redis:// or rediss:// URL")]
+    #[error("SSE_REDIS_URL is not a redis://, rediss:// or redis+cluster://host:port,host:port URL")]
     RedisUrl,
+    #[error("SSE_CHANNEL_PREFIX must not contain '{{' or '}}' with a Redis Cluster (the braces are the hash tag)")]
+    ClusterPrefix,
     #[error("SSE_PRESENCE_LEASE must be at least 1s")]
     PresenceLeaseTooShort,
     #[error("SSE_PRESENCE_EVENTS needs SSE_REDIS_URL (the events are a Redis stream)")]
     PresenceEventsWithoutRedis,
+    #[error("SSE_PRESENCE_EVENTS is not available on a Redis Cluster yet (presence is node-local there)")]
+    PresenceEventsOnCluster,
     #[error("SSE_PRESENCE_EVENTS_MAXLEN must be at least 1")]
     PresenceEventsMaxlen,
     #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
@@ -586,13 +591,24 @@ impl Config {
         if self.presence_events && self.redis_url.is_none() {
             return Err(ConfigError::PresenceEventsWithoutRedis);
         }
+        if self.presence_events && self.redis_url.as_deref().is_some_and(|u| u.starts_with(crate::bus::cluster::SCHEME))
+        {
+            return Err(ConfigError::PresenceEventsOnCluster);
+        }
         if self.presence_events_maxlen == 0 {
             return Err(ConfigError::PresenceEventsMaxlen);
         }
-        if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
-            return Err(ConfigError::RedisUrl);
+        if let Some(url) = &self.redis_url {
+            if url.starts_with(crate::bus::cluster::SCHEME) {
+                crate::bus::cluster::seeds(url).map_err(|_| ConfigError::RedisUrl)?;
+                // Every key and channel of a channel is `{<channel>}`: a brace in the prefix would
+                // move the hash tag (and `{}` would hash stream and epoch apart).
+                if p.contains(['{', '}']) {
+                    return Err(ConfigError::ClusterPrefix);
+                }
+            } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::RedisUrl);
+            }
         }
         for (setting, names) in
             [("SSE_TOKEN_QUERY_PARAMS", self.token_query_params()), ("SSE_TOKEN_COOKIES", self.token_cookies())]
@@ -954,6 +970,14 @@ mod tests {
         assert!(parse(&["--presence-events", "true"]).unwrap_err().contains("SSE_PRESENCE_EVENTS needs SSE_REDIS_URL"));
         let redis = ["--redis-url", "redis://127.0.0.1:6379", "--presence-events", "true"];
         assert!(parse(&[&redis[..], &["--presence-events-maxlen", "0"]].concat()).unwrap_err().contains("MAXLEN"));
+        assert!(parse(&["--redis-url", "redis+cluster://"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "redis+cluster://a:1,b"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "redis+cluster://a:1,b:2"]).is_ok());
+        let braces = parse(&["--redis-url", "redis+cluster://a:1", "--channel-prefix", "s{x}"]).unwrap_err();
+        assert!(braces.contains("SSE_CHANNEL_PREFIX"), "{braces}");
+        assert!(parse(&["--redis-url", "redis://a:1", "--channel-prefix", "s{x}"]).is_ok(), "single Redis: as before");
+        let cluster = ["--redis-url", "redis+cluster://a:1,b:2", "--presence-events", "true"];
+        assert!(parse(&cluster).unwrap_err().contains("Redis Cluster"));
         assert!(parse(&["--node-id", "has space"]).is_err());
         assert!(parse(&["--channel-prefix", ""]).is_err());
         assert!(parse(&["--per-user-policy", "sometimes"]).is_err());
