@@ -50,11 +50,11 @@ pub enum Command {
     Doctor(DoctorArgs),
 }
 
-/// What `sse-fanout doctor` checks and with which tokens. It speaks plain HTTP/1.1 only
-/// (no TLS): run it against the proxy's http:// side, or against a node.
+/// What `sse-fanout doctor` checks and with which tokens. It speaks HTTP/1.1, over TLS for
+/// https:// URLs (and then also reports whether the edge offers browsers HTTP/2).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {
-    /// The stream URL, e.g. `http://127.0.0.1:8080/events?topic=news` (http:// only).
+    /// The stream URL, e.g. `http://127.0.0.1:8080/events?topic=news` or `https://edge.example/events`.
     pub url: String,
 
     /// Subscriber token (JWT), sent as `Authorization: Bearer`. Its `sub` (read without
@@ -66,7 +66,7 @@ pub struct DoctorArgs {
     #[arg(long, env = "SSE_DOCTOR_PUBLISHER_TOKEN", hide_env_values = true)]
     pub publisher_token: Option<String>,
 
-    /// Where to `POST` the probe (http:// only). Default: the stream URL's origin + `/api/publish`.
+    /// Where to `POST` the probe. Default: the stream URL's origin + `/api/publish`.
     #[arg(long)]
     pub publish_url: Option<String>,
 
@@ -78,6 +78,16 @@ pub struct DoctorArgs {
     /// e.g. by a proxy idle timeout. Unset: not checked.
     #[arg(long, value_parser = parse_duration)]
     pub idle: Option<Duration>,
+
+    /// For https:// URLs: trust only certificates issued by one in this PEM file (a private CA,
+    /// or a self-signed certificate such as `scripts/cluster up --tls` writes) instead of the
+    /// system's trust store.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
+
+    /// For https:// URLs: accept any certificate (encrypted, not authenticated).
+    #[arg(long, conflicts_with = "ca_file")]
+    pub insecure: bool,
 }
 
 /// What a node is configured with. Durations take a unit (`500ms`, `30s`, `5m`, `1h`);
@@ -92,7 +102,8 @@ pub struct Config {
     #[arg(long, env = "SSE_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`). Unset: the embedded in-memory bus (a single node).
+    /// Redis URL (`redis://host:port/db`), or a Redis Cluster's seed nodes
+    /// (`redis+cluster://host1:port1,host2:port2`). Unset: the embedded in-memory bus (a single node).
     #[arg(long, env = "SSE_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -357,6 +368,61 @@ pub struct Config {
     /// Log filter (`info`, `debug`, `sse_fanout=debug,info`, ...).
     #[arg(long, env = "SSE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// OpenTelemetry: base URL of an OTLP/HTTP collector (`http://collector:4318`); traces go to
+    /// `<url>/v1/traces`. Unset (and no traces endpoint): no spans are exported nor built.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
+
+    /// OpenTelemetry: full URL traces are posted to, used as is; wins over OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otel_traces_endpoint: Option<String>,
+
+    /// OpenTelemetry: OTLP protocol; only `http/protobuf` is built in (checked only when traces are on).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "http/protobuf")]
+    pub otel_protocol: String,
+
+    /// OpenTelemetry: OTLP protocol for traces; wins over OTEL_EXPORTER_OTLP_PROTOCOL.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")]
+    pub otel_traces_protocol: Option<String>,
+
+    /// OpenTelemetry: `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "sse-fanout")]
+    pub otel_service_name: String,
+
+    /// OpenTelemetry: sampler (`parentbased_always_on`, `parentbased_traceidratio`,
+    /// `traceidratio`, `always_on`, `always_off`, `parentbased_always_off`).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", default_value = "parentbased_always_on")]
+    pub otel_traces_sampler: String,
+
+    /// OpenTelemetry: the ratio (0.0-1.0) of the `*traceidratio` samplers. Default 1.0.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub otel_traces_sampler_arg: Option<String>,
+
+    /// OpenTelemetry: `true` turns tracing off whatever the endpoint says.
+    #[arg(long, env = "OTEL_SDK_DISABLED", default_value = "false")]
+    pub otel_sdk_disabled: String,
+}
+
+/// Where and how spans are exported, once [`Config::traces`] found tracing on and valid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// The URL spans are posted to (OTLP/HTTP with protobuf bodies).
+    pub url: String,
+    pub service_name: String,
+    pub sampler: TraceSampler,
+}
+
+/// `OTEL_TRACES_SAMPLER` (with its ratio): which traces are kept. `ParentBased` samplers follow
+/// the decision of an incoming `traceparent` and apply the inner rule only to new traces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TraceSampler {
+    AlwaysOn,
+    AlwaysOff,
+    Ratio(f64),
+    ParentBasedAlwaysOn,
+    ParentBasedAlwaysOff,
+    ParentBasedRatio(f64),
 }
 
 /// `SSE_TRUSTED_PROXIES`: the networks whose `X-Forwarded-For` is believed.
@@ -434,12 +500,16 @@ pub enum ConfigError {
     AuthHookUrl,
     #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
     AuthHookTimeout,
-    #[error("SSE_REDIS_URL is not a redis:// or rediss:// URL")]
+    #[error("SSE_REDIS_URL is not a redis://, rediss:// or redis+cluster://host:port,host:port URL")]
     RedisUrl,
+    #[error("SSE_CHANNEL_PREFIX must not contain '{{' or '}}' with a Redis Cluster (the braces are the hash tag)")]
+    ClusterPrefix,
     #[error("SSE_PRESENCE_LEASE must be at least 1s")]
     PresenceLeaseTooShort,
     #[error("SSE_PRESENCE_EVENTS needs SSE_REDIS_URL (the events are a Redis stream)")]
     PresenceEventsWithoutRedis,
+    #[error("SSE_PRESENCE_EVENTS is not available on a Redis Cluster yet (presence is node-local there)")]
+    PresenceEventsOnCluster,
     #[error("SSE_PRESENCE_EVENTS_MAXLEN must be at least 1")]
     PresenceEventsMaxlen,
     #[error("SSE_CORS_ORIGINS entry {0:?} is not `*` or an origin like https://app.example.com")]
@@ -458,6 +528,18 @@ pub enum ConfigError {
     CanaryTooShort,
     #[error("{0} entry {1:?} is not a name of 1-64 letters, digits, '_', '-' or '.'")]
     TokenName(&'static str, String),
+    #[error("{0}={1:?} is not an http:// or https:// URL")]
+    OtelEndpoint(&'static str, String),
+    #[error("{0}={1:?}: this node exports traces over OTLP/HTTP only; use http/protobuf (port 4318 on a collector)")]
+    OtelProtocol(&'static str, String),
+    #[error(
+        "OTEL_TRACES_SAMPLER={0:?} is not one of always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio"
+    )]
+    OtelSampler(String),
+    #[error("OTEL_TRACES_SAMPLER_ARG={0:?} is not a ratio from 0.0 to 1.0")]
+    OtelSamplerArg(String),
+    #[error("OTEL_SDK_DISABLED={0:?} is not true or false")]
+    OtelDisabled(String),
 }
 
 impl Config {
@@ -509,13 +591,24 @@ impl Config {
         if self.presence_events && self.redis_url.is_none() {
             return Err(ConfigError::PresenceEventsWithoutRedis);
         }
+        if self.presence_events && self.redis_url.as_deref().is_some_and(|u| u.starts_with(crate::bus::cluster::SCHEME))
+        {
+            return Err(ConfigError::PresenceEventsOnCluster);
+        }
         if self.presence_events_maxlen == 0 {
             return Err(ConfigError::PresenceEventsMaxlen);
         }
-        if let Some(url) = &self.redis_url
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
-        {
-            return Err(ConfigError::RedisUrl);
+        if let Some(url) = &self.redis_url {
+            if url.starts_with(crate::bus::cluster::SCHEME) {
+                crate::bus::cluster::seeds(url).map_err(|_| ConfigError::RedisUrl)?;
+                // Every key and channel of a channel is `{<channel>}`: a brace in the prefix would
+                // move the hash tag (and `{}` would hash stream and epoch apart).
+                if p.contains(['{', '}']) {
+                    return Err(ConfigError::ClusterPrefix);
+                }
+            } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::RedisUrl);
+            }
         }
         for (setting, names) in
             [("SSE_TOKEN_QUERY_PARAMS", self.token_query_params()), ("SSE_TOKEN_COOKIES", self.token_cookies())]
@@ -545,7 +638,54 @@ impl Config {
         if !self.canary_interval.is_zero() && (self.canary_interval < least || self.canary_threshold < least) {
             return Err(ConfigError::CanaryTooShort);
         }
+        self.traces()?;
         Ok(())
+    }
+
+    /// The trace export settings, `None` when tracing is off: no OTLP endpoint is set, or
+    /// `OTEL_SDK_DISABLED=true`. The other `OTEL_*` settings are checked only when it is on, so a
+    /// variable meant for other services (`OTEL_EXPORTER_OTLP_PROTOCOL=grpc`) does not stop a
+    /// node that exports nothing. Endpoint rules are the OTLP exporter specification's: the
+    /// traces endpoint is used as is, the base endpoint gets `/v1/traces` appended.
+    pub fn traces(&self) -> Result<Option<TraceSettings>, ConfigError> {
+        let disabled = match self.otel_sdk_disabled.trim().to_ascii_lowercase().as_str() {
+            "" | "false" => false,
+            "true" => true,
+            _ => return Err(ConfigError::OtelDisabled(self.otel_sdk_disabled.clone())),
+        };
+        let url = match (&self.otel_traces_endpoint, &self.otel_endpoint) {
+            _ if disabled => return Ok(None),
+            (Some(url), _) => checked_otel_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)?.to_owned(),
+            (None, Some(base)) => {
+                format!("{}/v1/traces", checked_otel_url("OTEL_EXPORTER_OTLP_ENDPOINT", base)?.trim_end_matches('/'))
+            }
+            (None, None) => return Ok(None),
+        };
+        let (variable, protocol) = match &self.otel_traces_protocol {
+            Some(protocol) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", protocol),
+            None => ("OTEL_EXPORTER_OTLP_PROTOCOL", &self.otel_protocol),
+        };
+        if protocol.trim() != "http/protobuf" {
+            return Err(ConfigError::OtelProtocol(variable, protocol.clone()));
+        }
+        let ratio = || -> Result<f64, ConfigError> {
+            let Some(arg) = &self.otel_traces_sampler_arg else { return Ok(1.0) };
+            arg.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| ConfigError::OtelSamplerArg(arg.clone()))
+        };
+        let sampler = match self.otel_traces_sampler.trim() {
+            "always_on" => TraceSampler::AlwaysOn,
+            "always_off" => TraceSampler::AlwaysOff,
+            "traceidratio" => TraceSampler::Ratio(ratio()?),
+            "parentbased_always_on" => TraceSampler::ParentBasedAlwaysOn,
+            "parentbased_always_off" => TraceSampler::ParentBasedAlwaysOff,
+            "parentbased_traceidratio" => TraceSampler::ParentBasedRatio(ratio()?),
+            other => return Err(ConfigError::OtelSampler(other.to_owned())),
+        };
+        Ok(Some(TraceSettings { url, service_name: self.otel_service_name.clone(), sampler }))
     }
 
     /// The query parameters a token is read from, without empty entries.
@@ -585,6 +725,15 @@ impl Config {
     /// Development mode: no key configured, so the node makes up a secret and prints tokens.
     pub fn is_development(&self) -> bool {
         self.jwt_secret.is_none() && self.jwt_public_key.is_none() && self.jwt_jwks_url.is_none()
+    }
+}
+
+/// `url` when it is an http:// or https:// URL with a host, else the error naming `variable`.
+fn checked_otel_url<'a>(variable: &'static str, url: &'a str) -> Result<&'a str, ConfigError> {
+    let url = url.trim();
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => Ok(url),
+        _ => Err(ConfigError::OtelEndpoint(variable, url.to_owned())),
     }
 }
 
@@ -708,6 +857,57 @@ mod tests {
     }
 
     #[test]
+    fn traces_are_off_without_an_endpoint_and_follow_the_otlp_endpoint_rules() {
+        let traces = |args: &[&str]| parse(args).map(|c| c.traces().expect("checked by validate"));
+        assert_eq!(traces(&[]), Ok(None));
+        // Other OTEL_* settings are not even checked while tracing is off.
+        assert_eq!(traces(&["--otel-protocol", "grpc", "--otel-traces-sampler", "x"]), Ok(None));
+        let on = traces(&["--otel-endpoint", "http://collector:4318"]).expect("valid").expect("on");
+        assert_eq!(on.url, "http://collector:4318/v1/traces");
+        assert_eq!((on.service_name.as_str(), on.sampler), ("sse-fanout", TraceSampler::ParentBasedAlwaysOn));
+        let url = |args: &[&str]| traces(args).expect("valid").expect("on").url;
+        assert_eq!(url(&["--otel-endpoint", "https://c.example/otlp/"]), "https://c.example/otlp/v1/traces");
+        assert_eq!(
+            url(&["--otel-endpoint", "http://a:4318", "--otel-traces-endpoint", "http://b:9/custom"]),
+            "http://b:9/custom",
+            "the traces endpoint is used as is and wins"
+        );
+        assert_eq!(traces(&["--otel-endpoint", "http://a:4318", "--otel-sdk-disabled", "true"]), Ok(None));
+        for (args, named) in [
+            (&["--otel-endpoint", "collector:4318"][..], "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            (&["--otel-traces-endpoint", "ftp://c/x"][..], "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            (&["--otel-endpoint", "http://c:4317", "--otel-protocol", "grpc"][..], "OTEL_EXPORTER_OTLP_PROTOCOL"),
+            (
+                &["--otel-endpoint", "http://c", "--otel-traces-protocol", "http/json"][..],
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            ),
+            (&["--otel-endpoint", "http://c", "--otel-traces-sampler", "jaeger_remote"][..], "OTEL_TRACES_SAMPLER"),
+            (
+                &[
+                    "--otel-endpoint",
+                    "http://c",
+                    "--otel-traces-sampler",
+                    "traceidratio",
+                    "--otel-traces-sampler-arg",
+                    "1.5",
+                ][..],
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (&["--otel-sdk-disabled", "maybe"][..], "OTEL_SDK_DISABLED"),
+        ] {
+            let error = parse(args).expect_err(named);
+            assert!(error.contains(named), "{args:?}: {error}");
+        }
+        let sampler = |name: &str, arg: &str| {
+            let args = ["--otel-endpoint", "http://c", "--otel-traces-sampler", name, "--otel-traces-sampler-arg", arg];
+            traces(&args).expect("valid").expect("on").sampler
+        };
+        assert_eq!(sampler("traceidratio", "0.25"), TraceSampler::Ratio(0.25));
+        assert_eq!(sampler("parentbased_traceidratio", "0"), TraceSampler::ParentBasedRatio(0.0));
+        assert_eq!(sampler("always_off", "junk is ignored"), TraceSampler::AlwaysOff);
+    }
+
+    #[test]
     fn sizes_are_bytes_kib_or_mib() {
         assert_eq!(parse_byte_size("262144"), Ok(262_144));
         assert_eq!(parse_byte_size("256KiB"), Ok(262_144));
@@ -770,6 +970,14 @@ mod tests {
         assert!(parse(&["--presence-events", "true"]).unwrap_err().contains("SSE_PRESENCE_EVENTS needs SSE_REDIS_URL"));
         let redis = ["--redis-url", "redis://127.0.0.1:6379", "--presence-events", "true"];
         assert!(parse(&[&redis[..], &["--presence-events-maxlen", "0"]].concat()).unwrap_err().contains("MAXLEN"));
+        assert!(parse(&["--redis-url", "redis+cluster://"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "redis+cluster://a:1,b"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "redis+cluster://a:1,b:2"]).is_ok());
+        let braces = parse(&["--redis-url", "redis+cluster://a:1", "--channel-prefix", "s{x}"]).unwrap_err();
+        assert!(braces.contains("SSE_CHANNEL_PREFIX"), "{braces}");
+        assert!(parse(&["--redis-url", "redis://a:1", "--channel-prefix", "s{x}"]).is_ok(), "single Redis: as before");
+        let cluster = ["--redis-url", "redis+cluster://a:1,b:2", "--presence-events", "true"];
+        assert!(parse(&cluster).unwrap_err().contains("Redis Cluster"));
         assert!(parse(&["--node-id", "has space"]).is_err());
         assert!(parse(&["--channel-prefix", ""]).is_err());
         assert!(parse(&["--per-user-policy", "sometimes"]).is_err());

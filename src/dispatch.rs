@@ -65,6 +65,10 @@ pub async fn dispatch(
                     hub.mark_gaps();
                     rest_backfilled = false;
                 }
+                Inbound::Unsubscribed(channel) => {
+                    hub.mark_gap(channel.as_str());
+                    rest_backfilled = false;
+                }
                 Inbound::Subscribed(_) => {
                     let Some(resumer) = resumer.as_ref().filter(|_| !rest_backfilled) else { continue };
                     rest_backfilled = true;

@@ -5,16 +5,20 @@
 //! parsing) rather than with an HTTP library, because what it must see is exactly what a proxy
 //! delivers and when: a library that buffers or decompresses would hide the very faults the
 //! command exists to find (proxy buffering, compression, idle cuts). Every buffer is bounded
-//! and every wait has a deadline, since the peer may be any server. It speaks plain `http://`
-//! only; point it at the proxy's plain-HTTP side or a node.
+//! and every wait has a deadline, since the peer may be any server. It speaks HTTP/1.1, over
+//! plain TCP for `http://` and over TLS for `https://` ([`tls`]: trust, the socket type, and
+//! the ALPN probe that reports whether the edge offers browsers HTTP/2).
 //!
 //! `check` runs the checks in order, one function each, over one `Session` (the stream's
 //! head, its first bytes, a published probe, a heartbeat, and optionally an idle wait).
 //! It does not own the node's behaviour: it only reads what `/events` and `/api/publish` answer.
 
+mod tls;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -24,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::DoctorArgs;
+use tls::{Socket, Trust};
 
 /// Largest SSE line and largest event data; the node caps publishes at 256 KiB by default.
 const MAX_SSE_LINE: usize = 256 * 1024;
@@ -44,15 +49,19 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why the doctor could not run at all (exit 2), as opposed to a finding (exit 1).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DoctorError {
-    #[error("{0:?} is not an http:// URL (https is not spoken; use the proxy's plain-HTTP side or a node)")]
+    #[error("{0:?} is not an http:// or https:// URL")]
     Url(String),
+    #[error("{0}")]
+    Tls(String),
     #[error("the token is not a JWT with a string `sub` claim ({0})")]
     Token(&'static str),
 }
 
-/// An `http://host[:port]/path?query` URL, split for a raw request.
+/// An `http(s)://host[:port]/path?query` URL, split for a raw request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
+    /// `https://`: TLS to the host.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub path_and_query: String,
@@ -61,7 +70,11 @@ pub struct HttpUrl {
 impl HttpUrl {
     pub fn parse(url: &str) -> Result<Self, DoctorError> {
         let bad = || DoctorError::Url(url.to_owned());
-        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+        let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (None, Some(rest)) => (true, rest),
+            (None, None) => return Err(bad()),
+        };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -82,18 +95,28 @@ impl HttpUrl {
         };
         let port = match port {
             Some(p) => p.parse().map_err(|_| bad())?,
+            None if tls => 443,
             None => 80,
         };
         if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
             return Err(bad());
         }
-        Ok(Self { host: host.to_owned(), port, path_and_query: path })
+        Ok(Self { tls, host: host.to_owned(), port, path_and_query: path })
+    }
+
+    fn default_port(&self) -> u16 {
+        if self.tls { 443 } else { 80 }
+    }
+
+    /// `http(s)://host[:port]`, for what the doctor prints.
+    pub fn origin(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.authority())
     }
 
     /// `host[:port]` as sent in `Host` and used for the default publish URL.
     pub fn authority(&self) -> String {
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        if self.port == 80 { host } else { format!("{host}:{}", self.port) }
+        if self.port == self.default_port() { host } else { format!("{host}:{}", self.port) }
     }
 }
 
@@ -124,7 +147,7 @@ enum Next {
 
 /// An open event stream: the socket, its body framing and the SSE parser.
 struct EventStream {
-    socket: TcpStream,
+    socket: Socket,
     framing: Framing,
     body: BodyDecoder,
     parser: SseParser,
@@ -137,7 +160,7 @@ struct EventStream {
 
 impl EventStream {
     /// The stream after its head; `leftover` is what came with the head.
-    fn new(socket: TcpStream, head: &ResponseHead, leftover: &[u8]) -> Self {
+    fn new(socket: Socket, head: &ResponseHead, leftover: &[u8]) -> Self {
         let framing = head.framing();
         let mut stream = Self {
             socket,
@@ -203,14 +226,48 @@ impl EventStream {
     }
 }
 
-/// Connects and sends one request; returns the socket.
-async fn send_request(url: &HttpUrl, request: &[u8]) -> Result<TcpStream, String> {
-    let mut socket = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((url.host.as_str(), url.port)))
-        .await
-        .map_err(|_| format!("no TCP connection to {} within {CONNECT_TIMEOUT:?}", url.authority()))?
-        .map_err(|e| format!("cannot connect to {}: {e}", url.authority()))?;
-    socket.write_all(request).await.map_err(|e| format!("cannot send the request: {e}"))?;
-    Ok(socket)
+/// How the doctor connects: the TLS client configurations for `https://` URLs.
+struct Connector {
+    /// For the checks: ALPN `http/1.1`, the protocol they speak.
+    http1: Arc<rustls::ClientConfig>,
+    /// For the protocol probe: what a browser offers, HTTP/2 first.
+    browser: Arc<rustls::ClientConfig>,
+}
+
+impl Connector {
+    fn new(trust: &Trust) -> Result<Self, DoctorError> {
+        Ok(Self {
+            http1: tls::client_config(trust, &[b"http/1.1"]).map_err(DoctorError::Tls)?,
+            browser: tls::client_config(trust, &[b"h2", b"http/1.1"]).map_err(DoctorError::Tls)?,
+        })
+    }
+
+    /// A TCP connection to `url`, with TLS over it for `https://` (using `config`).
+    async fn connect(
+        &self,
+        url: &HttpUrl,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> Result<(Socket, Option<tls::Negotiated>), String> {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let tcp = tokio::time::timeout_at(deadline, TcpStream::connect((url.host.as_str(), url.port)))
+            .await
+            .map_err(|_| format!("no TCP connection to {} within {CONNECT_TIMEOUT:?}", url.authority()))?
+            .map_err(|e| format!("cannot connect to {}: {e}", url.authority()))?;
+        if !url.tls {
+            return Ok((Socket::Plain(tcp), None));
+        }
+        let (socket, negotiated) = tokio::time::timeout_at(deadline, tls::handshake(tcp, &url.host, config.clone()))
+            .await
+            .map_err(|_| format!("no TLS handshake with {} within {CONNECT_TIMEOUT:?}", url.authority()))??;
+        Ok((socket, Some(negotiated)))
+    }
+
+    /// Connects and sends one request; returns the socket.
+    async fn send_request(&self, url: &HttpUrl, request: &[u8]) -> Result<Socket, String> {
+        let (mut socket, _) = self.connect(url, &self.http1).await?;
+        socket.write_all(request).await.map_err(|e| format!("cannot send the request: {e}"))?;
+        Ok(socket)
+    }
 }
 
 /// Why no response head was read.
@@ -230,7 +287,7 @@ impl fmt::Display for NoHead {
 }
 
 /// Reads a response head; returns it with the body bytes that came along.
-async fn read_head(socket: &mut TcpStream, deadline: Instant) -> Result<(ResponseHead, Vec<u8>), NoHead> {
+async fn read_head(socket: &mut Socket, deadline: Instant) -> Result<(ResponseHead, Vec<u8>), NoHead> {
     let mut reader = HeadReader::new();
     loop {
         let mut chunk = [0u8; 4096];
@@ -249,7 +306,7 @@ async fn read_head(socket: &mut TcpStream, deadline: Instant) -> Result<(Respons
 
 /// A stream request that got its response head.
 struct Opened {
-    socket: TcpStream,
+    socket: Socket,
     head: ResponseHead,
     leftover: Vec<u8>,
     /// When the request was sent; the stream's timings count from here.
@@ -263,7 +320,12 @@ enum OpenError {
 }
 
 /// Sends `GET <url>` as an EventSource would, with or without `Accept-Encoding`.
-async fn open_stream(url: &HttpUrl, token: &str, accept_encoding: bool) -> Result<Opened, OpenError> {
+async fn open_stream(
+    connector: &Connector,
+    url: &HttpUrl,
+    token: &str,
+    accept_encoding: bool,
+) -> Result<Opened, OpenError> {
     let encoding = if accept_encoding { "Accept-Encoding: gzip, deflate, br\r\n" } else { "" };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{encoding}\
@@ -273,13 +335,13 @@ async fn open_stream(url: &HttpUrl, token: &str, accept_encoding: bool) -> Resul
         token.trim()
     );
     let sent = Instant::now();
-    let mut socket = send_request(url, request.as_bytes()).await.map_err(OpenError::Connect)?;
+    let mut socket = connector.send_request(url, request.as_bytes()).await.map_err(OpenError::Connect)?;
     let (head, leftover) = read_head(&mut socket, sent + HEAD_TIMEOUT).await.map_err(OpenError::Head)?;
     Ok(Opened { socket, head, leftover, sent, head_after: sent.elapsed() })
 }
 
 /// `POST`s `body` as JSON and returns the status and (a bounded prefix of) the answer.
-async fn post_json(url: &HttpUrl, token: &str, body: &str) -> Result<(u16, String), String> {
+async fn post_json(connector: &Connector, url: &HttpUrl, token: &str, body: &str) -> Result<(u16, String), String> {
     let request = format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\nUser-Agent: sse-fanout-doctor\r\n\r\n{body}",
@@ -288,7 +350,7 @@ async fn post_json(url: &HttpUrl, token: &str, body: &str) -> Result<(u16, Strin
         body.len()
     );
     let deadline = Instant::now() + PUBLISH_TIMEOUT;
-    let mut socket = send_request(url, request.as_bytes()).await?;
+    let mut socket = connector.send_request(url, request.as_bytes()).await?;
     let (head, leftover) = read_head(&mut socket, deadline).await.map_err(|e| e.to_string())?;
     let mut decoder = BodyDecoder::new(head.framing());
     let mut answer = Vec::new();
@@ -489,16 +551,25 @@ impl Session {
 /// Runs the checks in order; each prints its lines as it finishes.
 async fn check(args: &DoctorArgs) -> Result<Report, DoctorError> {
     let target = Target::from_args(args)?;
+    let trust = match (&args.ca_file, args.insecure) {
+        (Some(path), _) => Trust::CaFile(path.clone()),
+        (None, true) => Trust::Insecure,
+        (None, false) => Trust::Platform,
+    };
+    let connector = Connector::new(&trust)?;
     let mut report = Report::default();
-    println!("doctor: http://{}{} as user {:?}", target.url.authority(), target.url.path_and_query, target.user);
-    let Some(opened) = check_open(&target.url, &args.token, &mut report).await else {
+    println!("doctor: {}{} as user {:?}", target.url.origin(), target.url.path_and_query, target.user);
+    if target.url.tls {
+        check_protocol(&connector, &target.url, &mut report).await;
+    }
+    let Some(opened) = check_open(&connector, &target.url, &args.token, &mut report).await else {
         return Ok(report);
     };
     let Some(mut session) = check_head(opened, &mut report) else {
         return Ok(report);
     };
     check_first_bytes(&mut session, &mut report).await;
-    check_probe(&mut session, &target, args.publisher_token.as_deref(), &mut report).await;
+    check_probe(&connector, &mut session, &target, args.publisher_token.as_deref(), &mut report).await;
     check_heartbeat(&mut session, args.heartbeat_wait, &mut report).await;
     if let Some(idle) = args.idle {
         check_idle(&mut session, idle, &mut report).await;
@@ -506,11 +577,39 @@ async fn check(args: &DoctorArgs) -> Result<Report, DoctorError> {
     Ok(report)
 }
 
+/// What a browser gets from a TLS edge: the TLS version and the protocol ALPN settles when HTTP/2
+/// is offered first, as browsers do. The checks after it speak HTTP/1.1 on their own connection.
+async fn check_protocol(connector: &Connector, url: &HttpUrl, report: &mut Report) {
+    match connector.connect(url, &connector.browser).await {
+        Err(e) => report.line(Verdict::Fail, "tls", e),
+        Ok((_, negotiated)) => {
+            let negotiated = negotiated.unwrap_or(tls::Negotiated { version: String::new(), alpn: None });
+            report.line(Verdict::Ok, "tls", &negotiated.version);
+            match negotiated.alpn.as_deref() {
+                Some("h2") => report.line(
+                    Verdict::Ok,
+                    "protocol",
+                    "h2 (ALPN): a browser multiplexes every stream to this origin on one connection",
+                ),
+                other => report.line(
+                    Verdict::Warn,
+                    "protocol",
+                    format!(
+                        "{} (ALPN, h2 offered first): HTTP/1.1 only, so a browser holds at most six streams to \
+                         this origin per profile and a seventh tab waits (nginx: nginx/tls.conf.template)",
+                        other.unwrap_or("none")
+                    ),
+                ),
+            }
+        }
+    }
+}
+
 /// Opens the stream, first as a browser asks (`Accept-Encoding` invites a compressing proxy to
 /// show itself); if the head does not come, asks again without it to tell compression apart
 /// from other buffering. `None` when there is no stream to read.
-async fn check_open(url: &HttpUrl, token: &str, report: &mut Report) -> Option<Opened> {
-    match open_stream(url, token, true).await {
+async fn check_open(connector: &Connector, url: &HttpUrl, token: &str, report: &mut Report) -> Option<Opened> {
+    match open_stream(connector, url, token, true).await {
         Ok(opened) => Some(opened),
         Err(OpenError::Connect(e)) => {
             report.line(Verdict::Fail, "connect", e);
@@ -528,7 +627,7 @@ async fn check_open(url: &HttpUrl, token: &str, report: &mut Report) -> Option<O
             );
             // A compressor holds even the head until its buffer fills; without Accept-Encoding
             // it stays out of the way, which tells it apart from other buffering.
-            match open_stream(url, token, false).await {
+            match open_stream(connector, url, token, false).await {
                 Ok(plain) if plain.head.status == 200 && plain.head_after < FIRST_BYTES_WAIT => {
                     report.line(
                         Verdict::Fail,
@@ -609,7 +708,13 @@ async fn check_first_bytes(session: &mut Session, report: &mut Report) {
 }
 
 /// A probe published to the token's own user arrives on the stream, and how fast.
-async fn check_probe(session: &mut Session, target: &Target, publisher: Option<&str>, report: &mut Report) {
+async fn check_probe(
+    connector: &Connector,
+    session: &mut Session,
+    target: &Target,
+    publisher: Option<&str>,
+    report: &mut Report,
+) {
     let Some(publisher) = publisher else {
         report.line(Verdict::Warn, "probe", "not run: no --publisher-token");
         return;
@@ -625,7 +730,7 @@ async fn check_probe(session: &mut Session, target: &Target, publisher: Option<&
     })
     .to_string();
     let published = Instant::now();
-    match post_json(&target.publish_url, publisher.trim(), &body).await {
+    match post_json(connector, &target.publish_url, publisher.trim(), &body).await {
         Ok((202, _)) => {
             session.pump(published + PROBE_WAIT, |s| s.probe.is_some()).await;
             match (session.seen.probe, &session.seen.ended) {
@@ -647,8 +752,8 @@ async fn check_probe(session: &mut Session, target: &Target, publisher: Option<&
             Verdict::Fail,
             "probe",
             format!(
-                "POST http://{}{} answered {status}: {}",
-                target.publish_url.authority(),
+                "POST {}{} answered {status}: {}",
+                target.publish_url.origin(),
                 target.publish_url.path_and_query,
                 answer.trim()
             ),
@@ -710,9 +815,22 @@ mod tests {
         assert_eq!((url.port, url.path_and_query.as_str(), url.authority().as_str()), (80, "/?x=1", "edge.example"));
         let url = HttpUrl::parse("http://[::1]:9000/events").expect("valid");
         assert_eq!((url.host.as_str(), url.authority().as_str()), ("::1", "[::1]:9000"));
-        for bad in
-            ["https://a/events", "a:80/events", "http://", "http://a:x/", "http://u@a/", "http://a/ b", "http://[::1/"]
-        {
+        let url = HttpUrl::parse("https://edge.example/events").expect("valid");
+        assert_eq!((url.tls, url.port, url.authority().as_str()), (true, 443, "edge.example"));
+        assert_eq!(url.origin(), "https://edge.example");
+        let url = HttpUrl::parse("https://127.0.0.1:8443/events").expect("valid");
+        assert_eq!((url.tls, url.origin().as_str()), (true, "https://127.0.0.1:8443"));
+        assert!(!HttpUrl::parse("http://a/").expect("valid").tls);
+        for bad in [
+            "ftp://a/events",
+            "a:80/events",
+            "http://",
+            "https://",
+            "http://a:x/",
+            "http://u@a/",
+            "http://a/ b",
+            "http://[::1/",
+        ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad}");
         }
     }

@@ -3,6 +3,16 @@
 local PREFIX = '%PREFIX%'
 local LIMITS = { user = %USER%, topic = %TOPIC%, broadcast = %BROADCAST% }
 local EPOCH_KEY = PREFIX .. ':epoch'
+-- Redis Cluster (README "Redis Cluster"): a channel's stream and its sharded pub/sub channel are
+-- both `{<channel>}`, so one slot holds everything a call touches. There is no key for a global
+-- epoch there: the epoch is the library's own (CLUSTER_EPOCH), and each history keeps the id of
+-- its first entry in `{<channel>}:epoch` (same slot), so a history that began again after a
+-- position (its shard lost its data) resets that position instead of continuing silently.
+local CLUSTER = %CLUSTER%
+local CLUSTER_EPOCH = '%EPOCH%'
+-- How much longer than its history an era marker lives (ms): an idle history expires after its
+-- age, and a client resuming a day later still finds whether it began again meanwhile.
+local ERA_GRACE = 86400000
 -- The secret live ids are tagged with (history.rs, LiveKey). It lives here rather than in a key:
 -- callers of the functions never read it, and FLUSHALL leaves it alone.
 local KEY = '%KEY%'
@@ -27,6 +37,7 @@ local function hmac(message)
 end
 
 local function limits_of(channel)
+  if CLUSTER then channel = string.sub(channel, 2, -2) end
   local rest = string.sub(channel, #PREFIX + 2)
   if rest == 'broadcast' then return LIMITS.broadcast end
   if string.sub(rest, 1, 5) == 'user:' then return LIMITS.user end
@@ -41,6 +52,7 @@ end
 -- Changes whenever Redis loses its data (restart without persistence, FLUSHALL, failover to an
 -- empty replica): every cursor of the old epoch then gets an explicit reset.
 local function epoch()
+  if CLUSTER then return CLUSTER_EPOCH end
   local e = redis.call('GET', EPOCH_KEY)
   if not e then
     -- Seconds mod 4096 and microseconds: below 2^32, and different at every creation.
@@ -77,18 +89,30 @@ local function tail_of(key)
 end
 
 -- FCALL sse_publish 1 <channel> <payload>  ->  the history id
+-- In a cluster: FCALL sse_publish 2 {<channel>} {<channel>}:epoch <payload> (the era marker
+-- declared, as a cluster wants every key; the one-key form derives it).
 local function publish(keys, args)
   local channel = keys[1]
   local limits = limits_of(channel)
   epoch()
+  -- A history that starts now is a new era: positions before it cannot continue into it. Only
+  -- then is the marker written, so a call redirected to a slot's importing node, where the stream
+  -- already is but its marker may not be yet, never starts an era of its own.
+  local fresh = CLUSTER and redis.call('EXISTS', channel) == 0
   local id = redis.call('XADD', channel, 'MAXLEN', '~', limits.len, '*', 'd', args[1])
   if limits.age > 0 then
     redis.call('XTRIM', channel, 'MINID', '~', now_ms() - limits.age)
     redis.call('PEXPIRE', channel, limits.age)
   end
+  if CLUSTER then
+    local era = keys[2] or (channel .. ':epoch')
+    if fresh then redis.call('SET', era, id) end
+    if limits.age > 0 then redis.call('PEXPIRE', era, limits.age + ERA_GRACE) end
+  end
   -- The mark: 0x1F <id> <tag> 0x1F. Nodes trust the id only if the tag verifies, so a plain
-  -- PUBLISH cannot move any stream's position, whatever bytes it carries.
-  redis.call('PUBLISH', channel, '\31' .. id .. ' ' .. hmac(channel .. '\n' .. id) .. '\31' .. args[1])
+  -- PUBLISH cannot move any stream's position, whatever bytes it carries. In a cluster, SPUBLISH:
+  -- only the shard that owns the channel's slot carries it.
+  redis.call(CLUSTER and 'SPUBLISH' or 'PUBLISH', channel, '\31' .. id .. ' ' .. hmac(channel .. '\n' .. id) .. '\31' .. args[1])
   return id
 end
 
@@ -141,7 +165,17 @@ end
 -- entry is still there (then everything after it is too). Redis does not advance
 -- max-deleted-entry-id on MAXLEN/MINID trimming, so presence is the proof. A position of 0-0
 -- ("empty when I looked") is continuous while nothing was ever trimmed.
+-- Cluster: whether the history of era marker `marker` began after `pos`, or is gone with its
+-- marker (its shard restarted empty or was flushed): `pos` then names history that is lost.
+local function began_after(marker, pos)
+  local era = redis.call('GET', marker)
+  return not era or cmp(pos, era) < 0
+end
+
+-- In a cluster, KEYS are the channels followed by their era markers, in the same order: every key
+-- a call reads is declared, so a slot in migration answers TRYAGAIN rather than a missing marker.
 local function since(keys, args)
+  local n = CLUSTER and math.floor(#keys / 2) or #keys
   local current = epoch()
   local same_epoch = args[1] == current
   local away = tonumber(args[2]) or 0
@@ -149,16 +183,17 @@ local function since(keys, args)
     entries = tonumber(args[3]) or 0,
     bytes = tonumber(args[4]) or 0,
     taken = 0,
-    strict = args[#keys + 5] == 'strict',
+    strict = args[n + 5] == 'strict',
   }
   local now = now_ms()
   local out = { current }
-  for i, key in ipairs(keys) do
+  for i = 1, n do
+    local key = keys[i]
     local pos = args[i + 4]
     local limits = limits_of(key)
     local window_passed = limits.age > 0 and away > limits.age
     local result
-    if not same_epoch then
+    if not same_epoch or (CLUSTER and pos ~= '0-0' and began_after(keys[n + i], pos)) then
       result = { 'reset', tail_of(key) }
     elseif redis.call('EXISTS', key) == 0 then
       local pos_ms = parse_id(pos)

@@ -510,6 +510,14 @@ impl LiveKey {
         hex(&self.mac(&[b"sse-fanout key id"]))[..16].to_owned()
     }
 
+    /// The history epoch of a Redis Cluster: the library's, derived from its key, since a cluster
+    /// has no key outside one slot to keep a shared epoch in. Every node derives the same, and
+    /// it changes when the key does (a cluster that lost its library and every node).
+    pub fn cluster_epoch(&self) -> u32 {
+        let mac = self.mac(&[b"sse-fanout cluster epoch"]);
+        u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]])
+    }
+
     /// The cursor key derived from this one: every node of a cluster derives the same.
     pub fn cursor_key(&self) -> (u64, u64) {
         let mac = self.mac(&[b"sse-fanout cursor key"]);
@@ -531,11 +539,19 @@ fn hex(bytes: &[u8]) -> String {
 pub struct Library {
     prefix: String,
     config: HistoryConfig,
+    /// For a Redis Cluster: `{<channel>}` keys, SPUBLISH, per-history era markers and the
+    /// library's epoch (see history.lua).
+    cluster: bool,
 }
 
 impl Library {
     pub fn new(prefix: &str, config: HistoryConfig) -> Self {
-        Self { prefix: prefix.to_owned(), config }
+        Self { prefix: prefix.to_owned(), config, cluster: false }
+    }
+
+    /// The same library for a Redis Cluster.
+    pub fn for_cluster(self) -> Self {
+        Self { cluster: true, ..self }
     }
 
     /// The library's code with `key` in it.
@@ -546,6 +562,8 @@ impl Library {
             .replace("%USER%", &limits(self.config.user))
             .replace("%TOPIC%", &limits(self.config.topic))
             .replace("%BROADCAST%", &limits(self.config.broadcast))
+            .replace("%CLUSTER%", if self.cluster { "true" } else { "false" })
+            .replace("%EPOCH%", &if self.cluster { key.cluster_epoch() } else { 0 }.to_string())
             .replace("%KEY%", key.as_str())
     }
 }
@@ -679,9 +697,14 @@ mod tests {
         assert!(lua.starts_with("#!lua name=sse_fanout\n"));
         assert!(lua.contains(r"local PREFIX = 'app\'s'"));
         assert!(lua.contains("user = {len = 100, age = 3600000}"));
-        for placeholder in ["%PREFIX%", "%USER%", "%TOPIC%", "%BROADCAST%", "%KEY%"] {
+        for placeholder in ["%PREFIX%", "%USER%", "%TOPIC%", "%BROADCAST%", "%KEY%", "%CLUSTER%", "%EPOCH%"] {
             assert!(!lua.contains(placeholder), "{placeholder} is filled");
         }
+        assert!(lua.contains("local CLUSTER = false\n") && lua.contains("local CLUSTER_EPOCH = '0'"), "single Redis");
+        let clustered = library.clone().for_cluster().render(&key());
+        assert!(clustered.contains("local CLUSTER = true\n"));
+        assert!(clustered.contains(&format!("local CLUSTER_EPOCH = '{}'", key().cluster_epoch())));
+        assert_eq!(LiveKey::in_library(&clustered), Some(key()));
         assert_eq!(LiveKey::in_library(&lua), Some(key()));
         assert_eq!(LiveKey::in_library(LUA_LIBRARY), None, "an unfilled library has no key");
     }

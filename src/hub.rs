@@ -782,6 +782,14 @@ impl Hub {
         }
     }
 
+    /// The bus lost `channel`'s subscription alone (a cluster slot moved): it has a gap until it
+    /// is resubscribed.
+    pub fn mark_gap(&self, channel: &str) {
+        if let Some(entry) = self.read().channels.get(channel) {
+            entry.gap.store(true, Ordering::Release);
+        }
+    }
+
     /// After a resubscription: where to backfill `channel` from, if it had a gap and has
     /// delivered history before (a channel that joined during the outage replayed on its own).
     pub fn take_gap(&self, channel: &str) -> Option<StreamId> {

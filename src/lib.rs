@@ -5,6 +5,7 @@
 //! [`node`] is the state its [`http`] routes share; [`resume`] is the history protocol;
 //! [`auth`] checks tokens and [`auth_hook`] asks the operator's backend when a stream opens.
 //! [`renewal`] routes a stream's token renewal to the node that holds the stream.
+//! [`telemetry`] owns the trace spans and their OTLP export.
 
 mod auth;
 mod auth_hook;
@@ -32,6 +33,7 @@ mod renewal;
 mod resume;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
 mod user_limit;
 mod wire;
 

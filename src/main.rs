@@ -3,7 +3,7 @@
 
 use sse_fanout::KeyError;
 use sse_fanout::config::{Cli, Command, Config, DoctorArgs};
-use sse_fanout::{server, shutdown};
+use sse_fanout::{server, shutdown, telemetry};
 
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
@@ -21,9 +21,22 @@ fn serve(config: Config) -> std::process::ExitCode {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
-    if let Err(e) = sse_fanout::logging::init(config.log_format, &config.log_level) {
+    // Checked by `validate`; the exporter is built before the runtime, because its blocking
+    // HTTP client is made on a thread of its own.
+    let settings = config.traces().ok().flatten();
+    let (exporter, layer) = match settings.as_ref().map(telemetry::start).transpose() {
+        Ok(started) => started.unzip(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Err(e) = sse_fanout::logging::init(config.log_format, &config.log_level, layer) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::from(2);
+    }
+    if let Some(settings) = &settings {
+        tracing::info!(url = %settings.url, service = %settings.service_name, sampler = ?settings.sampler, "exporting traces");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -32,7 +45,12 @@ fn serve(config: Config) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config));
+    // After the drain (the last span): what the batch still holds goes out before the exit.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // A key that cannot be read or used is a wrong setting like any other: exit 2, which
         // supervisors and operators read as "fix the configuration", not "restart".

@@ -190,6 +190,15 @@ impl Presence {
     ) -> Result<Arc<Self>, PresenceError> {
         let redis = match redis_url {
             None => None,
+            // The presence keys and the cleaning script span slots: not ported to a Redis Cluster
+            // yet. The node answers for its own streams, as with the embedded bus; a revoke still
+            // reaches every node (it travels over the bus).
+            Some(url) if url.starts_with(crate::bus::cluster::SCHEME) => {
+                tracing::warn!(
+                    "presence on a Redis Cluster is not implemented yet: the admin API lists this node's streams only"
+                );
+                None
+            }
             Some(url) => {
                 let client = redis::Client::open(url).map_err(|e| PresenceError::Config(e.to_string()))?;
                 let config = ConnectionManagerConfig::new()

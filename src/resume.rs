@@ -50,6 +50,37 @@ pub struct Start {
     pub resumed: bool,
 }
 
+/// How a stream's history continued, as [`Resumer::replay`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// No `Last-Event-ID`: the stream starts at the current end of every channel.
+    New,
+    /// Every channel continues exactly where the client was.
+    Exact,
+    /// At least one channel continues without its past, for this reason.
+    Reset(ResetReason),
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::New => "new",
+            Outcome::Exact => "exact",
+            Outcome::Reset(_) => "reset",
+        }
+    }
+}
+
+/// What [`Resumer::replay`] queued on a held stream.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The `reset` event to send after `connected`, if any channel lost continuity.
+    pub reset: Option<Bytes>,
+    pub outcome: Outcome,
+    /// Entries queued by the first page (a longer replay goes on in a [`CatchUp`] task).
+    pub first_page: u32,
+}
+
 /// How long a client whose cursor was issued at `issued_at` (UNIX seconds: the cursor keeps
 /// whole seconds) may have been away, to the millisecond and rounded up: counted from the start
 /// of that second. History decides from it whether entries may have come and expired by age
@@ -252,13 +283,13 @@ impl Resumer {
     /// Reads the first page past the start positions and queues it on the held stream; a
     /// longer replay goes on in a [`CatchUp`] task, and the stream is released (what arrived
     /// live is queued behind the replay) once its last page is queued. Returns the `reset`
-    /// event to send after `connected`, if any channel lost continuity.
+    /// event to send after `connected`, if any channel lost continuity, and the outcome.
     pub async fn replay(
         self: &Arc<Self>,
         hub: &Arc<Hub>,
         hold: &Arc<Hold>,
         start: Start,
-    ) -> Result<Option<Bytes>, BusError> {
+    ) -> Result<Replayed, BusError> {
         let channels: Vec<ChannelName> = start.positions.iter().map(|(c, _)| c.clone()).collect();
         let resumed = start.resumed;
         let first = self.first_since(&start, self.page(self.limits.max_replay)).await?;
@@ -266,6 +297,13 @@ impl Resumer {
         if resumed {
             self.metrics.resumed((!missed.reset.is_empty()).then_some(missed.reason));
         }
+        let outcome = if !missed.reset.is_empty() {
+            Outcome::Reset(missed.reason)
+        } else if resumed {
+            Outcome::Exact
+        } else {
+            Outcome::New
+        };
         let replayed = missed.entries.len() as u32;
         let replay = items(&channels, missed.entries.into_iter().map(|m| (m.channel, m.entry)));
         let queued = written_after(&channels, (missed.epoch, missed.from.clone()), &replay);
@@ -297,7 +335,7 @@ impl Resumer {
             };
             tokio::spawn(catch_up.run());
         }
-        Ok(reset)
+        Ok(Replayed { reset, outcome, first_page: replayed })
     }
 
     /// Delivers what channels missed while the bus was disconnected, from history, a page per

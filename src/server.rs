@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::auth_hook::AuthHook;
@@ -39,7 +40,7 @@ use crate::presence::{EventSettings, Presence};
 use crate::renewal::{self, Renewals};
 use crate::resume::Resumer;
 use crate::user_limit::Seats;
-use crate::{dispatch, frame, http, shutdown};
+use crate::{dispatch, frame, http, shutdown, telemetry};
 
 /// Pending connections the listener queues before the kernel drops new SYNs (tokio's default
 /// is 1,024). After a node fails, thousands of clients come back within their retry jitter, and
@@ -220,10 +221,17 @@ impl Server {
             None => {
                 tracing::info!("shutting down");
                 // Keep accepting while draining: probes and new requests get their 503 and move on.
-                tokio::select! {
-                    () = shutdown::drain(&hub, node.config.drain_period, node.config.retry_interval) => {}
-                    () = hurry => tracing::warn!("asked again: skipping the rest of the drain"),
-                }
+                let period = node.config.drain_period;
+                let span = telemetry::drain_span(&node.node_id, period.as_millis() as u64);
+                let drain = shutdown::drain(&hub, period, node.config.retry_interval).instrument(span.clone());
+                let outcome = tokio::select! {
+                    () = drain => "completed",
+                    () = hurry => {
+                        tracing::warn!("asked again: skipping the rest of the drain");
+                        "hurried"
+                    }
+                };
+                span.record("drain.outcome", outcome);
             }
             Some(reason) => {
                 node.fail(reason);

@@ -49,6 +49,8 @@ pub fn batch_size(total: usize, period: Duration) -> usize {
 pub async fn drain(hub: &Arc<Hub>, period: Duration, retry: Duration) {
     let connections = hub.start_draining();
     let total = connections.len();
+    // On the `drain` span the caller runs this in (crate::telemetry), when tracing is on.
+    tracing::Span::current().record("drain.streams", total as u64);
     tracing::info!(streams = total, period_ms = period.as_millis() as u64, "draining");
     let per_step = batch_size(total, period);
     let mut ticker = tokio::time::interval(DRAIN_STEP);

@@ -477,3 +477,39 @@ async fn doctor_reports_a_buffering_proxy_and_passes_ours() {
     let (code, usage) = doctor(vec![node.url("/events"), "--token".to_owned(), "garbage".to_owned()]).await;
     assert_eq!(code, Some(2), "{usage}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_an_https_edge_and_reports_http2() {
+    let node = Node::start(&[("SSE_HEARTBEAT_INTERVAL", "1s")]).await;
+    let nginx = Nginx::start_tls(&[node.port]).await;
+    let cert = nginx.tls_cert().to_string_lossy().into_owned();
+    let args = |trust: &[&str]| {
+        let mut args = vec![
+            nginx.tls_url("/events"),
+            "--token".to_owned(),
+            token("doc-tls", &[], None),
+            "--publisher-token".to_owned(),
+            token("producer", &[], Some("publisher")),
+            "--heartbeat-wait".to_owned(),
+            "3s".to_owned(),
+        ];
+        args.extend(trust.iter().map(|a| a.to_string()));
+        args
+    };
+    let ((code, trusted), (insecure_code, insecure), (untrusted_code, untrusted)) =
+        tokio::join!(doctor(args(&["--ca-file", &cert])), doctor(args(&["--insecure"])), doctor(args(&[])));
+    assert_eq!(code, Some(0), "doctor over TLS with the edge's certificate:\n{trusted}");
+    assert!(trusted.starts_with(&format!("doctor: {}", nginx.tls_url("/events"))), "{trusted}");
+    for (check, detail) in [("tls", "TLSv1_3"), ("protocol", "h2"), ("probe", "publish"), ("heartbeat", "")] {
+        assert!(
+            trusted.lines().any(|l| l.starts_with("OK") && l.contains(check) && l.contains(detail)),
+            "no OK {check} {detail} line:\n{trusted}"
+        );
+    }
+    assert_eq!(insecure_code, Some(0), "--insecure:\n{insecure}");
+    // A self-signed certificate is in no system trust store.
+    assert_eq!(untrusted_code, Some(1), "{untrusted}");
+    assert!(untrusted.lines().any(|l| l.starts_with("FAIL") && l.contains("certificate")), "{untrusted}");
+    let (code, usage) = doctor(args(&["--ca-file", "/nonexistent.pem"])).await;
+    assert_eq!(code, Some(2), "{usage}");
+}

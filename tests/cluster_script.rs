@@ -1,6 +1,7 @@
 //! scripts/cluster end to end: `up` starts redis, two nodes and nginx; a stream opened through
 //! nginx receives what a producer publishes to Redis and what the publish API sends with the
 //! token `up` minted; `status` sees every process; `down` stops exactly the recorded PIDs.
+//! `up --tls` adds nginx's TLS + HTTP/2 listener with a certificate made on the spot.
 //!
 //! Needs redis-server and nginx (the script installs them with apt-get when missing; so does
 //! scripts/test) and uses the node binary this test was built with.
@@ -210,4 +211,41 @@ async fn cluster_up_streams_through_nginx_and_down_stops_every_process() {
     }
     let after = cluster(&dir.path, &["status"]);
     assert!(!after.status.success(), "status after down should report no cluster: {}", describe(&after));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_up_tls_serves_http2_with_a_fresh_self_signed_certificate() {
+    let dir = ClusterDir::new();
+    let up = cluster(&dir.path, &["up", "--nodes", "1", "--tls"]);
+    assert!(up.status.success(), "scripts/cluster up --tls failed: {}", describe(&up));
+    let printed = String::from_utf8_lossy(&up.stdout).into_owned();
+    let line = printed.lines().find(|l| l.trim_start().starts_with("TLS + HTTP/2:")).unwrap_or_else(|| {
+        panic!("up --tls printed no TLS URL:\n{printed}");
+    });
+    let url = line.split_whitespace().find(|w| w.starts_with("https://")).expect("an https URL").to_owned();
+    let cert = dir.path.join("nginx/tls/tls.crt");
+    assert!(cert.is_file() && printed.contains(&cert.display().to_string()), "{printed}");
+
+    // doctor through the TLS listener, trusting the certificate `up` made: h2, and a stream
+    // that carries a probe published through the same edge.
+    let read = |name: &str| std::fs::read_to_string(dir.path.join("tokens").join(name)).expect("token");
+    let out = Command::new(env!("CARGO_BIN_EXE_sse-fanout"))
+        .args(["doctor", &format!("{url}/events"), "--heartbeat-wait", "0", "--ca-file"])
+        .arg(&cert)
+        .args(["--token", read("subscriber.jwt").trim(), "--publisher-token", read("publisher.jwt").trim()])
+        .env_clear()
+        .output()
+        .expect("run doctor");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.lines().any(|l| l.starts_with("OK") && l.contains("protocol") && l.contains("h2")), "{report}");
+    assert!(report.lines().any(|l| l.starts_with("OK") && l.contains("probe")), "{report}");
+
+    // Without --tls again, the same state dir serves plain HTTP only: the drop-in is gone.
+    let down = cluster(&dir.path, &["down"]);
+    assert!(down.status.success(), "{}", describe(&down));
+    let up = cluster(&dir.path, &["up", "--nodes", "1"]);
+    assert!(up.status.success(), "{}", describe(&up));
+    assert!(!dir.path.join("nginx/tls").exists(), "a previous --tls run's listener is left behind");
+    assert!(!String::from_utf8_lossy(&up.stdout).contains("https://"));
 }

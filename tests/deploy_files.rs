@@ -561,7 +561,8 @@ fn cluster_template_carries_the_same_proxy_settings() {
     let shared = |d: &[Directive]| -> BTreeSet<Directive> {
         d.iter()
             .filter(|d| d.context.iter().any(|c| c == "server" || c.starts_with("upstream")))
-            .filter(|d| !matches!(d.name(), "listen" | "server"))
+            // `include` names the TLS drop-in's directory, a path like the addresses.
+            .filter(|d| !matches!(d.name(), "listen" | "server" | "include"))
             .cloned()
             .collect()
     };
@@ -572,6 +573,12 @@ fn cluster_template_carries_the_same_proxy_settings() {
         missing.is_empty() && extra.is_empty(),
         "nginx.conf and cluster.conf.template differ:\n only in nginx.conf: {missing:?}\n only in the template: {extra:?}"
     );
+
+    // Both take the TLS + HTTP/2 drop-in (nginx/tls.conf.template) inside their server block.
+    for (file, d) in [("nginx/nginx.conf", &production), ("nginx/cluster.conf.template", &template)] {
+        let include = single_arg(d, "server", "include");
+        assert!(include.ends_with("/tls/*.conf"), "{file}: the server block should include tls/*.conf: {include}");
+    }
 
     let text = read("nginx/cluster.conf.template");
     for placeholder in ["@STATE_DIR@", "@LISTEN@", "@UPSTREAM_SERVERS@", "@RLIMIT_NOFILE@", "@WORKER_CONNECTIONS@"] {
@@ -662,6 +669,26 @@ fn nginx_accepts_both_configs() {
     let state = dir.0.join("cluster");
     std::fs::create_dir_all(state.join("tmp")).expect("create state dir");
     nginx_test(&nginx, &dir, "cluster.conf", &render_cluster_template(&state));
+
+    // With the TLS + HTTP/2 drop-in rendered where the server block includes it, as
+    // `scripts/cluster up --tls` does (certificate made by the same library function).
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(
+            r#"source scripts/lib/nginx-conf.sh && make_self_signed_cert "$1" \
+               && render_nginx_tls_conf 127.0.0.1:18443 "$1/tls.crt" "$1/tls.key" >"$1/tls.conf""#,
+        )
+        .arg("tls")
+        .arg(state.join("tls"))
+        .current_dir(repo())
+        .output()
+        .expect("run bash");
+    assert!(out.status.success(), "TLS drop-in: {}", String::from_utf8_lossy(&out.stderr));
+    let tls = std::fs::read_to_string(state.join("tls/tls.conf")).expect("tls.conf");
+    assert!(tls.contains("listen 127.0.0.1:18443 ssl http2"), "{tls}");
+    let leftover = tls.match_indices('@').any(|(i, _)| tls[i + 1..].starts_with(|c: char| c.is_ascii_uppercase()));
+    assert!(!leftover, "a placeholder is left in the TLS drop-in:\n{tls}");
+    nginx_test(&nginx, &dir, "cluster-tls.conf", &render_cluster_template(&state));
 }
 
 /// The template filled in by scripts/lib/nginx-conf.sh, as scripts/cluster fills it, for two nodes.

@@ -1,11 +1,13 @@
 //! The bus: how a node hears what producers publish and how it publishes itself.
 //!
-//! One trait, two implementations: [`memory::MemoryBus`] (embedded, a single node, the
-//! default) and [`redis::RedisBus`] (one subscriber connection per node, shared by every
-//! local stream). The hub tells the bus which channels have local listeners; the bus sends
+//! One trait, three implementations: [`memory::MemoryBus`] (embedded, a single node, the
+//! default), [`redis::RedisBus`] (one subscriber connection per node, shared by every
+//! local stream) and [`cluster::ClusterBus`] (Redis Cluster: one subscriber connection per
+//! shard, sharded pub/sub). The hub tells the bus which channels have local listeners; the bus sends
 //! what arrives on them as [`Inbound`] events into one bounded queue that the node's
 //! dispatcher drains. Nothing here knows about connections.
 
+pub mod cluster;
 pub mod memory;
 pub mod redis;
 
@@ -36,6 +38,9 @@ pub enum Inbound {
     Subscribed(ChannelName),
     /// The bus lost its connection: messages published meanwhile are not delivered live.
     Disconnected,
+    /// The bus lost one channel's subscription (a Redis Cluster slot moved, or the connection
+    /// to its shard dropped): until it is `Subscribed` again, like `Disconnected` for it alone.
+    Unsubscribed(ChannelName),
 }
 
 pub type InboundReceiver = mpsc::Receiver<Inbound>;
@@ -48,7 +53,8 @@ pub struct Running {
     pub owner: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// Starts the bus the configuration asks for: Redis when `redis_url` is set, else embedded.
+/// Starts the bus the configuration asks for: Redis when `redis_url` is set (a Redis Cluster
+/// when it is `redis+cluster://`), else embedded.
 pub fn start(
     redis_url: Option<&str>,
     names: &ChannelNames,
@@ -56,6 +62,10 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<Running, BusError> {
     match redis_url {
+        Some(url) if url.starts_with(cluster::SCHEME) => {
+            let library = history.map(|h| Library::new(names.prefix(), h).for_cluster());
+            cluster::ClusterBus::start(url, library, BusMetrics::new(), shutdown)
+        }
         Some(url) => {
             let library = history.map(|h| Library::new(names.prefix(), h));
             redis::RedisBus::start(url, library, BusMetrics::new(), shutdown)

@@ -41,35 +41,35 @@ use crate::history::{
 use crate::metrics::BusMetrics;
 
 /// How long one SUBSCRIBE/UNSUBSCRIBE/PING may take before the owner retries later.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Channels per SUBSCRIBE command; keeps one reply from growing without bound.
-const CHANNELS_PER_COMMAND: usize = 1000;
-const PING_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const CHANNELS_PER_COMMAND: usize = 1000;
+pub(super) const PING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The cluster's live key as this node last read it from the library (`None` until then, and
 /// always with history off).
 #[derive(Clone, Default)]
-struct SharedKey(Arc<RwLock<Option<LiveKey>>>);
+pub(super) struct SharedKey(Arc<RwLock<Option<LiveKey>>>);
 
 impl SharedKey {
-    fn get(&self) -> Option<LiveKey> {
+    pub(super) fn get(&self) -> Option<LiveKey> {
         self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    fn fingerprint(&self) -> Option<String> {
+    pub(super) fn fingerprint(&self) -> Option<String> {
         self.0.read().unwrap_or_else(PoisonError::into_inner).as_ref().map(LiveKey::fingerprint)
     }
 
     /// Reads a live message under the key (on the push path: a read lock, nobody writes it but
     /// when the key changes).
-    fn read(&self, channel: &[u8], message: &Bytes) -> Live {
+    pub(super) fn read(&self, channel: &[u8], message: &Bytes) -> Live {
         if message.first() != Some(&LIVE_ID_MARK) {
             return Live::Plain(message.clone()); // Most messages: no lock.
         }
         read_live(channel, message, self.0.read().unwrap_or_else(PoisonError::into_inner).as_ref())
     }
 
-    fn adopt(&self, key: LiveKey) {
+    pub(super) fn adopt(&self, key: LiveKey) {
         let mut held = self.0.write().unwrap_or_else(PoisonError::into_inner);
         if held.as_ref() != Some(&key) {
             tracing::info!(key = %key.fingerprint(), "using the history key of the function library");
@@ -79,7 +79,7 @@ impl SharedKey {
     }
 }
 
-enum Command {
+pub(super) enum Command {
     Subscribe(ChannelName, Arc<SubscriptionReady>),
     Unsubscribe(ChannelName),
 }
@@ -208,7 +208,7 @@ impl RedisBus {
 
 /// A restarted Redis without persistence has forgotten the library. Redis says so only in its
 /// error text (`ERR Function not found`), so this is the one place that reads it.
-fn is_function_missing(e: &redis::RedisError) -> bool {
+pub(super) fn is_function_missing(e: &redis::RedisError) -> bool {
     // Every call goes through a pipeline, whose failure lists each failed command's error (and
     // has no code or detail of its own); a single command's error is a list of one.
     e.clone().into_server_errors().is_some_and(|errors| {
@@ -218,7 +218,7 @@ fn is_function_missing(e: &redis::RedisError) -> bool {
     })
 }
 
-fn bus_error(e: redis::RedisError) -> BusError {
+pub(super) fn bus_error(e: redis::RedisError) -> BusError {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         BusError::Unavailable(e.to_string())
     } else {
@@ -226,7 +226,7 @@ fn bus_error(e: redis::RedisError) -> BusError {
     }
 }
 
-async fn load_library(
+pub(super) async fn load_library(
     connection: &mut impl redis::aio::ConnectionLike,
     code: &str,
     replace: bool,
@@ -242,7 +242,7 @@ async fn load_library(
 }
 
 /// The code of the library Redis holds, if any.
-async fn library_code(connection: &mut impl redis::aio::ConnectionLike) -> Result<Option<String>, BusError> {
+pub(super) async fn library_code(connection: &mut impl redis::aio::ConnectionLike) -> Result<Option<String>, BusError> {
     let reply: Value = redis::cmd("FUNCTION")
         .arg("LIST")
         .arg("LIBRARYNAME")
@@ -281,7 +281,7 @@ fn field_of(reply: Value, field: &str) -> Option<String> {
 /// replaces the code, never the key). Only a Redis without the library gets a key from a node,
 /// the one that node holds if it has one, so a Redis restart under running nodes changes
 /// nothing; nodes racing to load it all adopt whichever load won, since each reads it back.
-async fn ensure_library(
+pub(super) async fn ensure_library(
     connection: &mut impl redis::aio::ConnectionLike,
     library: &Library,
     key: &SharedKey,
@@ -317,7 +317,7 @@ async fn ensure_library(
 }
 
 /// Logs a forged id at most once a second (a flood must not become a flood of log lines).
-fn log_forged(channel: &str) {
+pub(super) fn log_forged(channel: &str) {
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = crate::auth::unix_now();
     if LAST.swap(now, Ordering::Relaxed) != now {
@@ -379,11 +379,11 @@ fn on_push(
     }
 }
 
-fn malformed() -> BusError {
+pub(super) fn malformed() -> BusError {
     BusError::MalformedReply
 }
 
-fn text(value: &Value) -> Option<String> {
+pub(super) fn text(value: &Value) -> Option<String> {
     match value {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -393,7 +393,7 @@ fn text(value: &Value) -> Option<String> {
 }
 
 /// `{epoch, per channel {'ok', {{id, {'d', payload}}...}} or {'reset', tail}}`
-fn parse_since(reply: Vec<Value>, expected: usize) -> Result<Epoched<Since>, BusError> {
+pub(super) fn parse_since(reply: Vec<Value>, expected: usize) -> Result<Epoched<Since>, BusError> {
     let mut values = reply.into_iter();
     let epoch = values.next().and_then(|v| text(&v)).and_then(|e| parse_epoch(&e)).ok_or_else(malformed)?;
     let mut results = Vec::with_capacity(expected);

@@ -47,6 +47,41 @@ impl ApiError {
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         ApiError::Unavailable { code, message: message.into() }
     }
+
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Denied { status, .. } => *status,
+        }
+    }
+
+    /// The body's `error` code: what a client (and a trace) reads as the reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized(AuthError::Missing) => "missing_token",
+            ApiError::Unauthorized(AuthError::BearerRequired) => "bearer_required",
+            ApiError::Unauthorized(AuthError::Replayed) => "token_replayed",
+            ApiError::Unauthorized(_) => "invalid_token",
+            ApiError::BadRequest { .. } => "invalid_request",
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            ApiError::RequestTimeout { .. } => "request_timeout",
+            ApiError::Forbidden { code, .. }
+            | ApiError::NotFound { code, .. }
+            | ApiError::TooManyRequests { code, .. }
+            | ApiError::Unavailable { code, .. }
+            | ApiError::Denied { code, .. } => code,
+        }
+    }
 }
 
 /// A history read failed: the stream cannot be positioned now; the client retries.
@@ -96,55 +131,37 @@ impl From<IpRefusal> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, body) = match self {
+        let (status, code) = (self.status(), self.code());
+        let mut headers = Vec::new();
+        let body = match self {
             ApiError::Unauthorized(e) => {
-                let code = match e {
-                    AuthError::Missing => "missing_token",
-                    AuthError::BearerRequired => "bearer_required",
-                    AuthError::Replayed => "token_replayed",
-                    _ => "invalid_token",
-                };
-                let mut response =
-                    (StatusCode::UNAUTHORIZED, Json(json!({"error": code, "message": e.to_string()}))).into_response();
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return response;
+                headers.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+                json!({"error": code, "message": e.to_string()})
             }
-            ApiError::Forbidden { code, message } => {
-                (StatusCode::FORBIDDEN, json!({"error": code, "message": message}))
+            ApiError::BadRequest { field, message } => json!({"error": code, "field": field, "message": message}),
+            ApiError::TooLarge { limit } => {
+                json!({"error": code, "message": format!("body is larger than {limit} bytes")})
             }
-            ApiError::NotFound { code, message } => (StatusCode::NOT_FOUND, json!({"error": code, "message": message})),
-            ApiError::BadRequest { field, message } => {
-                (StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "field": field, "message": message}))
+            ApiError::UnsupportedMediaType { expected } => {
+                json!({"error": code, "message": format!("the body must be {expected}")})
             }
-            ApiError::TooLarge { limit } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"error": "too_large", "message": format!("body is larger than {limit} bytes")}),
-            ),
-            ApiError::UnsupportedMediaType { expected } => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": "unsupported_media_type", "message": format!("the body must be {expected}")}),
-            ),
             ApiError::RequestTimeout { after } => {
-                let message = format!("the request did not arrive within {} ms", after.as_millis());
-                let mut response =
-                    (StatusCode::REQUEST_TIMEOUT, Json(json!({"error": "request_timeout", "message": message})))
-                        .into_response();
-                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return response;
+                headers.push((header::CONNECTION, HeaderValue::from_static("close")));
+                json!({"error": code, "message": format!("the request did not arrive within {} ms", after.as_millis())})
             }
-            ApiError::TooManyRequests { code, message, retry_after } => {
-                let mut response =
-                    (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": code, "message": message}))).into_response();
+            ApiError::TooManyRequests { message, retry_after, .. } => {
                 if let Some(seconds) = retry_after {
-                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+                    headers.push((header::RETRY_AFTER, HeaderValue::from(seconds.max(1))));
                 }
-                return response;
+                json!({"error": code, "message": message})
             }
-            ApiError::Unavailable { code, message } => {
-                (StatusCode::SERVICE_UNAVAILABLE, json!({"error": code, "message": message}))
-            }
-            ApiError::Denied { status, code, message } => (status, json!({"error": code, "message": message})),
+            ApiError::Forbidden { message, .. }
+            | ApiError::NotFound { message, .. }
+            | ApiError::Unavailable { message, .. }
+            | ApiError::Denied { message, .. } => json!({"error": code, "message": message}),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        response.headers_mut().extend(headers);
+        response
     }
 }

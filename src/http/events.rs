@@ -27,6 +27,7 @@ use axum::response::Response;
 use bytes::{BufMut, BytesMut};
 use serde_json::json;
 use serde_json::value::RawValue;
+use tracing::{Instrument, Span};
 
 use super::client_ip::{Peer, client_address};
 use super::error::{ApiError, history_unavailable};
@@ -41,6 +42,7 @@ use crate::channel::{ChannelName, check_name, topic_allowed};
 use crate::frame;
 use crate::hub::{JoinError, Joined};
 use crate::node::Node;
+use crate::telemetry;
 use crate::user_limit::Seat;
 
 /// Topics one stream may join; more is a client bug, and each costs a subscription.
@@ -118,12 +120,34 @@ pub struct Opened {
 /// connection is still pending (hyper's path). A stream request has no body to wait for, so the
 /// connection leaves the pending set as soon as the token verifies: waiting for the bus is no
 /// reason to be dropped as a slow client.
+///
+/// Traced as `connect` (continuing the request's `traceparent`), with `auth`, `subscribe` and
+/// `resume` inside ([`telemetry`]).
 pub async fn open(
     node: &Node,
     headers: &HeaderMap,
     query: Option<&str>,
     peer: IpAddr,
     pending: Option<&RequestMark>,
+) -> Result<Opened, ApiError> {
+    let span = telemetry::connect_span(&node.node_id);
+    telemetry::continue_trace(&span, headers);
+    let opened = open_stream(node, headers, query, peer, pending, &span).instrument(span.clone()).await;
+    match &opened {
+        Ok(_) => telemetry::record_answer(&span, 200, None),
+        Err(e) => telemetry::record_answer(&span, e.status().as_u16(), Some(e.code())),
+    }
+    opened
+}
+
+/// [`open`] inside its `connect` span.
+async fn open_stream(
+    node: &Node,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    peer: IpAddr,
+    pending: Option<&RequestMark>,
+    span: &Span,
 ) -> Result<Opened, ApiError> {
     // First and cheapest: an address over its rate is refused before its token costs a verify.
     let client = client_address(peer, headers, &node.config.trusted_proxies);
@@ -134,7 +158,11 @@ pub async fn open(
     // Stricter than for other routes: with an allow-list, a stream is refused to any foreign
     // page, whatever carries its token (CORS alone would open it and only hide it).
     check_origin(node, headers).inspect_err(|_| node.hub_metrics.rejected("origin_not_allowed"))?;
-    let Authorized { grant, topics, channels, query } = authorize(node, headers, query, client, pending).await?;
+    let Authorized { grant, topics, channels, query } = authorize(node, headers, query, client, pending)
+        .instrument(telemetry::auth_span(node.auth_hook.is_some()))
+        .await?;
+    span.record("enduser.id", grant.user.as_str());
+    span.record("topics.count", topics.len());
     if let Some(pending) = pending {
         pending.authenticated();
     }
@@ -148,11 +176,60 @@ pub async fn open(
         .map(str::to_owned)
         .or(query.last_event_id)
         .filter(|id| !id.is_empty());
+    // Disabled (and never entered) when history is off.
+    let resume_span = if node.resume.is_some() { telemetry::resume_span() } else { Span::none() };
     let start = match &node.resume {
-        Some(resume) => Some(resume.position(&channels, last_event_id.as_deref()).await.map_err(history_unavailable)?),
+        Some(resume) => Some(
+            resume
+                .position(&channels, last_event_id.as_deref())
+                .instrument(resume_span.clone())
+                .await
+                .map_err(history_unavailable)?,
+        ),
         None => None,
     };
 
+    let subscribe = telemetry::subscribe_span(channels.len());
+    let joined = subscribe_stream(node, &grant, channels).instrument(subscribe).await?;
+    let connection = joined.membership.connection();
+    let connection_id = node.hub.connection_id(connection);
+    span.record("connection.id", connection_id.as_str());
+    let resets = match (&node.resume, start, &joined.hold) {
+        (Some(resume), Some(start), Some(hold)) => {
+            match resume.replay(&node.hub, hold, start).instrument(resume_span.clone()).await {
+                Ok(replayed) => {
+                    telemetry::record_resume(&resume_span, span, replayed.outcome, replayed.first_page);
+                    replayed.reset
+                }
+                Err(error) => {
+                    joined.membership.refuse();
+                    return Err(history_unavailable(error));
+                }
+            }
+        }
+        _ => None,
+    };
+    drop(resume_span);
+
+    let connected = json!({
+        "connection_id": connection_id,
+        "node_id": node.node_id,
+        "user": grant.user.as_str(),
+        "topics": topics,
+    });
+    let mut preamble = BytesMut::new();
+    preamble.put(frame::retry(node.config.retry_interval));
+    let cursor = connection.cursor();
+    preamble.put(frame::event(Some("connected"), cursor.as_deref(), &connected.to_string()));
+    if let Some(reset) = resets {
+        preamble.put(reset);
+    }
+    Ok(Opened { membership: joined.membership, preamble: preamble.freeze(), ip_slot })
+}
+
+/// Joins the hub (held, with history: what arrives live waits until the replay is queued) and
+/// waits until the bus confirmed every channel, or refuses the stream.
+async fn subscribe_stream(node: &Node, grant: &Grant, channels: Vec<ChannelName>) -> Result<Joined, ApiError> {
     // The hub closes the stream at `exp` + leeway: its token was accepted with the leeway, so
     // closing it at once with `token_expired` would be a contradiction.
     // With history, the stream joins held: what arrives live waits until its replay is queued.
@@ -164,13 +241,13 @@ pub async fn open(
             let id = node.hub.reserve_id();
             match seats.take(&grant.user, id).await {
                 Seat::Taken { evicted } => {
-                    (node.hub.join_seated(id, grant.user.clone(), channels.clone(), grant.expires_at, held), evicted)
+                    (node.hub.join_seated(id, grant.user.clone(), channels, grant.expires_at, held), evicted)
                 }
                 Seat::Full => (Err(JoinError::UserLimit), Vec::new()),
-                Seat::Unknown => (join_here(node, &grant, &channels, held), Vec::new()),
+                Seat::Unknown => (join_here(node, grant, channels, held), Vec::new()),
             }
         }
-        None => (join_here(node, &grant, &channels, held), Vec::new()),
+        None => (join_here(node, grant, channels, held), Vec::new()),
     };
     let joined = joined.map_err(|e| {
         node.hub_metrics.rejected(e.label());
@@ -198,40 +275,15 @@ pub async fn open(
         joined.membership.refuse();
         return Err(ApiError::unavailable("not_ready", "subscribing took too long; retry shortly"));
     }
-    let connection = joined.membership.connection();
-    let resets = match (&node.resume, start, &joined.hold) {
-        (Some(resume), Some(start), Some(hold)) => match resume.replay(&node.hub, hold, start).await {
-            Ok(resets) => resets,
-            Err(error) => {
-                joined.membership.refuse();
-                return Err(history_unavailable(error));
-            }
-        },
-        _ => None,
-    };
-
-    let connected = json!({
-        "connection_id": node.hub.connection_id(connection),
-        "node_id": node.node_id,
-        "user": grant.user.as_str(),
-        "topics": topics,
-    });
-    let mut preamble = BytesMut::new();
-    preamble.put(frame::retry(node.config.retry_interval));
-    let cursor = connection.cursor();
-    preamble.put(frame::event(Some("connected"), cursor.as_deref(), &connected.to_string()));
-    if let Some(reset) = resets {
-        preamble.put(reset);
-    }
-    Ok(Opened { membership: joined.membership, preamble: preamble.freeze(), ip_slot })
+    Ok(joined)
 }
 
 /// Joins the hub with this node's own per-user limit.
-fn join_here(node: &Node, grant: &Grant, channels: &[ChannelName], held: bool) -> Result<Joined, JoinError> {
+fn join_here(node: &Node, grant: &Grant, channels: Vec<ChannelName>, held: bool) -> Result<Joined, JoinError> {
     if held {
-        node.hub.join_held(grant.user.clone(), channels.to_vec(), grant.expires_at)
+        node.hub.join_held(grant.user.clone(), channels, grant.expires_at)
     } else {
-        node.hub.join(grant.user.clone(), channels.to_vec(), grant.expires_at)
+        node.hub.join(grant.user.clone(), channels, grant.expires_at)
     }
 }
 

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::error::Category;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tracing::{Instrument, Span};
 
 use super::error::{ApiError, publish_failed};
 use super::grant::Access;
@@ -21,6 +22,7 @@ use crate::auth::Role;
 use crate::channel::{ChannelName, ChannelNames, check_name};
 use crate::envelope::{Refusal, checked_event_name, checked_id};
 use crate::node::Node;
+use crate::telemetry;
 
 /// Targets one request may name; a larger fan-out should publish to a topic instead.
 pub const MAX_TARGETS: usize = 10_000;
@@ -151,18 +153,40 @@ fn names(fields: &mut Fields<'_>, field: &'static str) -> Result<Vec<String>, Ap
 /// may not publish is answered at once instead of being waited for while it sends a body (up
 /// to `SSE_REQUEST_TIMEOUT`). Only a Bearer token and a JSON body are taken: a form a page on
 /// another site could send without CORS asking first (`text/plain`, a cookie) never publishes.
+///
+/// Traced as `publish`, continuing the request's `traceparent` ([`telemetry`]); the token's
+/// refusal is taken here rather than by the extractor so that it is traced too.
 pub async fn publish(
     State(node): State<Arc<Node>>,
-    access: Access,
+    access: Result<Access, ApiError>,
     headers: HeaderMap,
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    access.bearer_only()?.require(Role::Publisher)?;
-    if !is_json(&headers) {
+    let span = telemetry::publish_span(&node.node_id);
+    telemetry::continue_trace(&span, &headers);
+    let answer = publish_traced(&node, access, &headers, request, &span).instrument(span.clone()).await;
+    match &answer {
+        Ok((status, _)) => telemetry::record_answer(&span, status.as_u16(), None),
+        Err(e) => telemetry::record_answer(&span, e.status().as_u16(), Some(e.code())),
+    }
+    answer
+}
+
+/// [`publish`] inside its span.
+async fn publish_traced(
+    node: &Arc<Node>,
+    access: Result<Access, ApiError>,
+    headers: &HeaderMap,
+    request: Request,
+    span: &Span,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let grant = access?.bearer_only()?.require(Role::Publisher)?;
+    span.record("enduser.id", grant.user.as_str());
+    if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType { expected: "application/json" });
     }
     // Within the route's DefaultBodyLimit, which the request carries.
-    let body = Bytes::from_request(request, &node).await.map_err(|rejection| {
+    let body = Bytes::from_request(request, node).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit: node.config.max_publish_bytes as usize }
         } else {
@@ -171,8 +195,13 @@ pub async fn publish(
     })?;
     let request = PublishRequest::parse(&body)?;
     let channels = request.channels(&node.channels);
+    span.record("publish.users", request.users.len());
+    span.record("publish.topics", request.topics.len());
+    span.record("publish.broadcast", request.broadcast);
+    span.record("channels.count", channels.len());
     let payload = Bytes::from(request.envelope);
     let durable = request.durable && node.resume.is_some();
+    span.record("publish.durable", durable);
     let receipt = node.hub.bus().publish(&channels, payload, durable).await.map_err(publish_failed)?;
     node.publish_requests.increment(1);
     let body = serde_json::to_value(&receipt).unwrap_or_else(|_| json!({"channels": receipt.channels}));

@@ -116,13 +116,21 @@ pub struct RedisServer {
     reserved: ReservedPort,
     child: Option<Child>,
     dir: PathBuf,
+    /// Arguments beyond the defaults (a cluster node's).
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A server with extra `redis-server` arguments.
+    pub async fn start_with(args: &[&str]) -> Self {
         for _ in 0..5 {
             let reserved = reserve_port();
-            let mut server = Self { port: reserved.port, reserved, child: None, dir: scratch_dir("redis") };
+            let args = args.iter().map(|a| (*a).to_owned()).collect();
+            let mut server = Self { port: reserved.port, reserved, child: None, dir: scratch_dir("redis"), args };
             if server.spawn().await {
                 return server;
             }
@@ -150,6 +158,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", self.dir.to_str().expect("utf8 path")])
+            .args(&self.args)
             .stdout(std::fs::File::create(self.dir.join("redis.log")).expect("redis log"))
             .stderr(Stdio::null())
             .spawn()
@@ -230,6 +239,170 @@ impl RedisServer {
             let _ = child.wait();
         }
     }
+}
+
+/// A Redis Cluster of `redis-server --cluster-enabled yes` processes joined with
+/// `redis-cli --cluster create`: `primaries` primaries with `replicas` replicas each, a 1 s node
+/// timeout (a failover takes a few seconds) and no persistence.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(primaries: usize, replicas: usize) -> Self {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+            "--cluster-replica-validity-factor",
+            "0",
+            // Replicas sync at once (the default waits 5 s for more replicas to share a transfer).
+            "--repl-diskless-sync-delay",
+            "0",
+        ];
+        let count = primaries * (1 + replicas);
+        let nodes: Vec<RedisServer> =
+            futures_util::future::join_all((0..count).map(|_| RedisServer::start_with(&args))).await;
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let output = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(output.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&output.stdout));
+        let cluster = Self { nodes };
+        cluster.wait_ok(count).await;
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is ok and knows `known` nodes, and every
+    /// replica is in sync with its primary (before that, a failover loses everything).
+    pub async fn wait_ok(&self, known: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let info = node.command(&["CLUSTER", "INFO"]).await.unwrap_or_default();
+                ok &= info.contains("cluster_state:ok") && info.contains(&format!("cluster_known_nodes:{known}"));
+                let replication = node.command(&["INFO", "replication"]).await.unwrap_or_default();
+                ok &= !replication.contains("role:slave") || replication.contains("master_link_status:up");
+            }
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the redis cluster did not become ok");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `redis+cluster://` with two of the nodes as seeds.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.nodes.iter().take(2).map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// A live node other than those on `ports`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes.iter().find(|n| n.port == port).expect("a node of the cluster")
+    }
+
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes.iter_mut().find(|n| n.port == port).expect("a node of the cluster")
+    }
+
+    /// A client of the whole cluster (it follows MOVED and ASK).
+    pub async fn client(&self) -> redis::cluster_async::ClusterConnection {
+        let seeds: Vec<String> =
+            self.nodes.iter().filter(|n| n.child.is_some()).map(|n| format!("redis://127.0.0.1:{}", n.port)).collect();
+        let client = redis::cluster::ClusterClientBuilder::new(seeds).retries(20).build().expect("cluster client");
+        client.get_async_connection().await.expect("connect to the cluster")
+    }
+
+    /// The port of the primary that serves `slot`, as a live node sees it now.
+    pub async fn owner(&self, slot: u16) -> u16 {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a live node");
+        let mut connection =
+            redis::Client::open(node.url()).expect("url").get_multiplexed_async_connection().await.expect("connect");
+        let ranges: Vec<(i64, i64, Vec<redis::Value>)> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Vec<Vec<redis::Value>>>(&mut connection)
+            .await
+            .expect("CLUSTER SLOTS")
+            .into_iter()
+            .map(|r| {
+                let int = |v: &redis::Value| if let redis::Value::Int(n) = v { *n } else { -1 };
+                let primary = if let redis::Value::Array(p) = &r[2] { p.clone() } else { Vec::new() };
+                (int(&r[0]), int(&r[1]), primary)
+            })
+            .collect();
+        let (_, _, primary) = ranges
+            .into_iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&i64::from(slot)))
+            .expect("the slot is served");
+        match primary.get(1) {
+            Some(redis::Value::Int(port)) => *port as u16,
+            other => panic!("a primary's port: {other:?}"),
+        }
+    }
+
+    /// `CLUSTER MYID` of the node on `port`.
+    pub async fn id(&self, port: u16) -> String {
+        let reply = self.node(port).command(&["CLUSTER", "MYID"]).await.expect("CLUSTER MYID");
+        reply.lines().nth(1).expect("an id").trim().to_owned()
+    }
+
+    /// Moves `slot` (and every key in it) from the primary on `from` to the one on `to`, the
+    /// way `redis-cli --cluster reshard` does: IMPORTING, MIGRATING, MIGRATE, then SETSLOT NODE.
+    pub async fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
+        let (from_id, to_id, slot) = (self.id(from).await, self.id(to).await, slot.to_string());
+        let ok = |reply: Option<String>, what: &str| {
+            assert!(reply.as_deref().is_some_and(|r| r.starts_with("+OK")), "{what}: {reply:?}")
+        };
+        ok(self.node(to).command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]).await, "IMPORTING");
+        ok(self.node(from).command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]).await, "MIGRATING");
+        loop {
+            let keys =
+                self.node(from).command(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]).await.expect("GETKEYSINSLOT");
+            let keys: Vec<&str> = keys.lines().skip(1).filter(|l| !l.starts_with('$')).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = vec!["MIGRATE", "127.0.0.1", "", "", "0", "5000", "KEYS"];
+            let port = to.to_string();
+            migrate[2] = &port;
+            migrate.extend(keys.iter().copied());
+            let reply = self.node(from).command(&migrate).await;
+            assert!(reply.as_deref().is_some_and(|r| r.starts_with('+')), "MIGRATE: {reply:?}");
+        }
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            // Replicas refuse SETSLOT; the primaries are what matters.
+            let _ = node.command(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]).await;
+        }
+    }
+}
+
+/// The cluster slot of a key (CRC16 of its `{hash tag}`), as `CLUSTER KEYSLOT` says.
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &bytes[open + 1..];
+        rest.iter().position(|&b| b == b'}').filter(|&len| len > 0).map(|len| &rest[..len])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(bytes) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
 }
 
 /// The length of the complete RESP reply at the start of `buf`, or None while it is incomplete.
@@ -650,6 +823,8 @@ pub fn render_nginx_conf(
 pub struct Nginx {
     pub port: u16,
     reserved: ReservedPort,
+    /// The TLS + HTTP/2 listener (`nginx/tls.conf.template`), when started with one.
+    tls: Option<ReservedPort>,
     child: Option<Child>,
     dir: PathBuf,
 }
@@ -661,15 +836,37 @@ impl Nginx {
 
     /// Like [`Nginx::start`], with `edit` applied to the rendered config (to break it on purpose).
     pub async fn start_with(upstream_ports: &[u16], edit: impl Fn(String) -> String) -> Self {
+        Self::launch(upstream_ports, &edit, false).await
+    }
+
+    /// Like [`Nginx::start`], plus the TLS + HTTP/2 listener of `nginx/tls.conf.template` with a
+    /// self-signed certificate made on the spot, as `scripts/cluster up --tls` runs it.
+    pub async fn start_tls(upstream_ports: &[u16]) -> Self {
+        Self::launch(upstream_ports, &|conf| conf, true).await
+    }
+
+    async fn launch(upstream_ports: &[u16], edit: &impl Fn(String) -> String, tls: bool) -> Self {
         for _ in 0..5 {
             let reserved = reserve_port();
             let dir = scratch_dir("nginx");
-            let mut nginx = Self { port: reserved.port, reserved, child: None, dir };
-            if nginx.spawn(upstream_ports, &edit).await {
+            let tls = tls.then(reserve_port);
+            let mut nginx = Self { port: reserved.port, reserved, tls, child: None, dir };
+            if nginx.spawn(upstream_ports, edit).await {
                 return nginx;
             }
         }
         panic!("nginx could not bind any of 5 reserved ports");
+    }
+
+    /// `https://127.0.0.1:<tls port><path>`; panics without a TLS listener.
+    pub fn tls_url(&self, path: &str) -> String {
+        let port = self.tls.as_ref().expect("nginx was started with start_tls").port;
+        format!("https://127.0.0.1:{port}{path}")
+    }
+
+    /// The self-signed certificate of the TLS listener (its own trust anchor).
+    pub fn tls_cert(&self) -> PathBuf {
+        self.dir.join("tls/tls.crt")
     }
 
     /// Starts nginx and waits until it answers `/healthz` through to a node; false when it
@@ -681,6 +878,23 @@ impl Nginx {
         // Far below the 20k per-process limit of the test machines, far above what a test opens.
         let conf = render_nginx_conf(dir, &format!("127.0.0.1:{}", self.port), 8192, 8000, &upstreams);
         let conf = edit(conf);
+        if let Some(tls) = &self.tls {
+            // scripts/lib/nginx-conf.sh makes the certificate and renders the TLS listener into
+            // the directory the server block includes, exactly as scripts/cluster does.
+            let out = Command::new("bash")
+                .arg("-c")
+                .arg(
+                    r#"source scripts/lib/nginx-conf.sh && make_self_signed_cert "$1" \
+                       && render_nginx_tls_conf "$2" "$1/tls.crt" "$1/tls.key" >"$1/tls.conf""#,
+                )
+                .arg("tls")
+                .arg(dir.join("tls"))
+                .arg(format!("127.0.0.1:{}", tls.port))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .expect("run bash");
+            assert!(out.status.success(), "TLS setup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("write nginx.conf");
         let bin = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"]
