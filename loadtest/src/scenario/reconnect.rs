@@ -74,6 +74,7 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
             run.pool.snapshot(false, None).await?;
         }
         let at = Instant::now();
+        let at_unix_ms = crate::payload::now_nanos() / 1_000_000;
         match a.kill_pid {
             Some(pid) => kill(pid)?,
             None => run.pool.send(&Command::DropAll { reconnect: true }).await?,
@@ -98,11 +99,11 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
                 break;
             }
         }
-        anyhow::Ok((all_back, last))
+        anyhow::Ok((all_back, last, at_unix_ms))
     };
     let (stats, storm) = tokio::join!(publishing, storm);
     let stats = stats?;
-    let (all_back, at_back) = storm?;
+    let (all_back, at_back, storm_unix_ms) = storm?;
 
     // Let every client catch up, then check each one against what was sent.
     let expect = seq.expect();
@@ -127,6 +128,9 @@ pub async fn run(mut a: ReconnectArgs) -> Result<()> {
             "published": stats.sent,
             "publish_errors": stats.errors,
             "all_back_after_s": all_back.map(r3),
+            // When the streams were dropped (or the node killed), to line the storm up with
+            // samples taken outside the tool (scripts/bench-presence).
+            "storm_unix_ms": storm_unix_ms,
             "back": agg.back,
             "reconnect_ms": reconnect,
             "clients_checked": v.clients,
