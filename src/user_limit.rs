@@ -14,11 +14,11 @@
 //! presence lease is gone and every seat older than [`SEAT_GRACE`] that presence does not know,
 //! so a seat lost on the way (a failed write, a node cut off) never keeps a user out for long.
 //!
-//! While Redis does not answer, the limit falls back to each node's own streams (the hub's
-//! check) and a warning is logged once per outage.
+//! While Redis does not answer within [`TAKE_TIMEOUT`], the limit falls back to each node's own
+//! streams (the hub's check), counted, and logged at most once a second. A node saturated by a
+//! reconnect storm can time out too (measured: docs/benchmarks.md, "Presence cost").
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,11 +26,12 @@ use metrics::Counter;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 
-use crate::auth::{UserId, unix_millis};
+use crate::auth::{UserId, unix_millis, unix_now};
 use crate::channel::ChannelNames;
 use crate::config::PerUserPolicy;
 use crate::connection::{CloseReason, ConnectionId};
 use crate::hub::Hub;
+use crate::log_limit::LogLimiter;
 use crate::renewal::parse_connection_id;
 
 /// Redis answers within this or the node decides alone.
@@ -83,8 +84,8 @@ pub struct Seats {
     limit: usize,
     policy: PerUserPolicy,
     script: redis::Script,
-    /// Set while Redis fails, so the fallback is logged once per outage.
-    falling_back: AtomicBool,
+    /// At most a line a second: in a storm on a saturated node, thousands of seats can fail.
+    fallback_log: LogLimiter,
     seated: Counter,
     full: Counter,
     evicted: Counter,
@@ -109,7 +110,7 @@ impl Seats {
             limit,
             policy,
             script: redis::Script::new(TAKE_SCRIPT),
-            falling_back: AtomicBool::new(false),
+            fallback_log: LogLimiter::default(),
             seated: outcome("seated"),
             full: outcome("full"),
             evicted: outcome("evicted"),
@@ -138,9 +139,6 @@ impl Seats {
             Ok(Err(e)) => return self.fall_back(&e.to_string()),
             Err(_) => return self.fall_back("timed out"),
         };
-        if self.falling_back.swap(false, Ordering::Relaxed) {
-            tracing::info!("the per-user limit applies across the cluster again");
-        }
         let mut answer = answer.into_iter();
         match answer.next().as_deref() {
             Some("seated") => {
@@ -175,9 +173,10 @@ impl Seats {
 
     fn fall_back(&self, why: &str) -> Seat {
         self.fallback.increment(1);
-        if !self.falling_back.swap(true, Ordering::Relaxed) {
+        if let Some(held_back) = self.fallback_log.allow(unix_now() as u32) {
             tracing::warn!(
                 error = why,
+                held_back,
                 "redis did not seat a stream: the per-user limit counts this node's streams only"
             );
         }
