@@ -1,4 +1,4 @@
-//! The shell scripts in `scripts/`: every one parses, and the helpers they share behave.
+//! The scripts in `scripts/`: every one parses (shell with bash, Python with python3), and the helpers they share behave.
 
 use std::path::Path;
 use std::process::Command;
@@ -20,7 +20,13 @@ fn every_script_parses() {
     {
         let path = entry.expect("readable entry").path();
         if path.is_file() {
-            let status = Command::new("bash").arg("-n").arg(&path).status().expect("bash runs");
+            // Python helpers (the benchmarks' samplers) are compiled, the rest read by bash.
+            let status = if path.extension().is_some_and(|e| e == "py") {
+                let parse = "import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])";
+                Command::new("python3").args(["-c", parse]).arg(&path).status().expect("python3 runs")
+            } else {
+                Command::new("bash").arg("-n").arg(&path).status().expect("bash runs")
+            };
             assert!(status.success(), "{} does not parse", path.display());
             checked += 1;
         }
