@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -694,7 +694,7 @@ impl Hub {
         if let Some(id) = id {
             // Once per message, not per stream: one clock read. The id's time is Redis's clock
             // (or this node's with the embedded bus); a skew between the two shifts every value.
-            let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let now_ms = crate::auth::unix_millis();
             self.metrics.delivery_latency.record(Duration::from_millis(now_ms.saturating_sub(id.ms)));
         }
         true

@@ -128,6 +128,16 @@ pub struct EventSettings {
     pub maxlen: u64,
 }
 
+/// `p:presence:user:<user>`, the user's streams in the cluster.
+pub fn user_key(names: &ChannelNames, user: &UserId) -> String {
+    format!("{}:presence:user:{}", names.prefix(), user.as_str())
+}
+
+/// `p:presence:lease:`, followed by a node id: that node's lease.
+pub fn lease_key_prefix(names: &ChannelNames) -> String {
+    format!("{}:presence:lease:", names.prefix())
+}
+
 /// One open stream as presence shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamEntry {
@@ -469,7 +479,7 @@ impl Presence {
             .arg(if force { "force" } else { "" })
             .arg(if self.events.is_some() { "1" } else { "" })
             .arg(unix_millis())
-            .arg(format!("{}:seats:", self.names.prefix()))
+            .arg(crate::user_limit::seats_key_prefix(&self.names))
             .key(self.key(format_args!("leaving")));
         invocation
     }
@@ -503,7 +513,7 @@ impl Presence {
                 .arg(unix_millis())
                 .arg(events.delay.as_millis() as u64)
                 .arg(events.maxlen)
-                .arg(format!("{}:seats:", self.names.prefix()));
+                .arg(crate::user_limit::seats_key_prefix(&self.names));
             for change in chunk {
                 match change {
                     Change::Opened(connection) => {

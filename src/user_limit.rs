@@ -32,6 +32,7 @@ use crate::config::PerUserPolicy;
 use crate::connection::{CloseReason, ConnectionId};
 use crate::hub::Hub;
 use crate::log_limit::LogLimiter;
+use crate::presence;
 use crate::renewal::parse_connection_id;
 
 /// Redis answers within this or the node decides alone.
@@ -65,6 +66,11 @@ end
 redis.call('ZADD', KEYS[1], now, ARGV[4])
 return answer
 ";
+
+/// `<prefix>:seats:`, followed by a user id: that user's seats.
+pub fn seats_key_prefix(names: &ChannelNames) -> String {
+    format!("{}:seats:", names.prefix())
+}
 
 /// What taking a seat decided.
 #[derive(Debug, PartialEq, Eq)]
@@ -120,12 +126,11 @@ impl Seats {
 
     /// Takes a seat for `user`'s stream `id`.
     pub async fn take(&self, user: &UserId, id: ConnectionId) -> Seat {
-        let prefix = self.names.prefix();
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .key(format!("{prefix}:seats:{}", user.as_str()))
-            .key(format!("{prefix}:presence:user:{}", user.as_str()))
-            .arg(format!("{prefix}:presence:lease:"))
+            .key(format!("{}{}", seats_key_prefix(&self.names), user.as_str()))
+            .key(presence::user_key(&self.names, user))
+            .arg(presence::lease_key_prefix(&self.names))
             .arg(self.limit)
             .arg(if self.policy == PerUserPolicy::EvictOldest { "evict" } else { "reject" })
             .arg(id.shown(&self.node_id))

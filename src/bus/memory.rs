@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -124,7 +124,7 @@ impl Bus for MemoryBus {
         Box::pin(async move {
             let history = self.history()?;
             let mut store = history.store();
-            let now = now_ms();
+            let now = crate::auth::unix_millis();
             Ok(Epoched {
                 epoch: history.epoch,
                 values: channels.iter().map(|c| store.live(c, now).map_or(StreamId::ZERO, |s| s.last)).collect(),
@@ -157,7 +157,7 @@ impl Bus for MemoryBus {
 
     fn claim_once<'a>(&'a self, key: &'a str, lifetime: Duration) -> BusFuture<'a, bool> {
         Box::pin(async move {
-            let now = now_ms();
+            let now = crate::auth::unix_millis();
             let until = now.saturating_add(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX));
             Ok(self.claimed.lock().unwrap_or_else(PoisonError::into_inner).claim(key, now, until))
         })
@@ -218,7 +218,7 @@ impl MemoryHistory {
 
     fn append(&self, channel: &ChannelName, payload: &Bytes) -> StreamId {
         let retention = self.retention(channel);
-        let now = now_ms();
+        let now = crate::auth::unix_millis();
         let mut store = self.store();
         if now >= store.last_sweep_ms + SWEEP_INTERVAL_MS {
             store.last_sweep_ms = now;
@@ -271,7 +271,7 @@ impl MemoryHistory {
     ) -> Since {
         let age = self.retention(channel).age.as_millis() as u64;
         let window_passed = age > 0 && away.as_millis() as u64 > age;
-        let now = now_ms();
+        let now = crate::auth::unix_millis();
         let mut store = self.store();
         let stream = store.live(channel, now);
         if epoch != self.epoch {
@@ -306,10 +306,6 @@ impl MemoryHistory {
         }
         Since::Entries { entries, more: false }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
