@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{UserId, unix_millis, unix_now};
 use crate::bus::BusError;
 use crate::channel::{ChannelKind, ChannelNames};
+use crate::redis_tls::RedisTls;
 use crate::connection::{CloseReason, Connection};
 use crate::hub::{Change, Hub};
 
@@ -195,6 +196,7 @@ impl Presence {
         hub: Arc<Hub>,
         names: ChannelNames,
         redis_url: Option<&str>,
+        tls: &RedisTls,
         lease: Duration,
         events: Option<EventSettings>,
     ) -> Result<Arc<Self>, PresenceError> {
@@ -203,14 +205,14 @@ impl Presence {
             // The presence keys and the cleaning script span slots: not ported to a Redis Cluster
             // yet. The node answers for its own streams, as with the embedded bus; a revoke still
             // reaches every node (it travels over the bus).
-            Some(url) if url.starts_with(crate::bus::cluster::SCHEME) => {
+            Some(url) if crate::bus::cluster::is_cluster_url(url) => {
                 tracing::warn!(
                     "presence on a Redis Cluster is not implemented yet: the admin API lists this node's streams only"
                 );
                 None
             }
             Some(url) => {
-                let client = redis::Client::open(url).map_err(|e| PresenceError::Config(e.to_string()))?;
+                let client = tls.client(url).map_err(|e| PresenceError::Config(e.to_string()))?;
                 let config = ConnectionManagerConfig::new()
                     .set_number_of_retries(usize::MAX)
                     .set_max_delay(Duration::from_secs(2))
@@ -590,7 +592,7 @@ mod tests {
             token: TokenLife::default(),
         };
         let hub = Hub::new(bus, "n1", limits, HubMetrics::new());
-        Presence::new("n1".into(), hub, names, None, Duration::from_secs(30), None).expect("presence")
+        Presence::new("n1".into(), hub, names, None, &RedisTls::default(), Duration::from_secs(30), None).expect("presence")
     }
 
     #[tokio::test]

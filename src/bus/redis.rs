@@ -39,6 +39,7 @@ use crate::history::{
     Entry, LIVE_ID_MARK, Library, Live, LiveKey, Page, Since, StreamId, install_cursor_key, parse_epoch, read_live,
 };
 use crate::metrics::BusMetrics;
+use crate::redis_tls::RedisTls;
 
 /// How long one SUBSCRIBE/UNSUBSCRIBE/PING may take before the owner retries later.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -100,6 +101,7 @@ impl RedisBus {
     /// Redis may still be unreachable, which `is_ready` reports until the first PING succeeds.
     pub fn start(
         url: &str,
+        tls: &RedisTls,
         library: Option<Library>,
         metrics: BusMetrics,
         shutdown: CancellationToken,
@@ -107,7 +109,7 @@ impl RedisBus {
         let library = library.map(Arc::new);
         let key = SharedKey::default();
         let subscriber_url = with_resp3(url);
-        let client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
+        let client = tls.client(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let ready = Arc::new(AtomicBool::new(false));
 
@@ -129,18 +131,18 @@ impl RedisBus {
         let manager =
             ConnectionManager::new_lazy_with_config(client, config).map_err(|e| BusError::Config(e.to_string()))?;
 
-        let mut pool_config = deadpool_redis::Config::from_url(url);
-        pool_config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: 32,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(COMMAND_TIMEOUT),
-                create: Some(COMMAND_TIMEOUT),
-                recycle: Some(COMMAND_TIMEOUT),
-            },
-            ..Default::default()
-        });
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        // Built from the client's connection info, which carries the TLS settings (deadpool's
+        // own config takes only a URL).
+        let pool_client = tls.client(url).map_err(|e| BusError::Config(e.to_string()))?;
+        let pool_manager = deadpool_redis::Manager::new(pool_client.get_connection_info().clone())
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        let pool = deadpool_redis::Pool::builder(pool_manager)
+            .max_size(32)
+            .wait_timeout(Some(COMMAND_TIMEOUT))
+            .create_timeout(Some(COMMAND_TIMEOUT))
+            .recycle_timeout(Some(COMMAND_TIMEOUT))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
             .map_err(|e| BusError::Config(e.to_string()))?;
 
         let reads_config = ConnectionManagerConfig::new()
@@ -150,7 +152,7 @@ impl RedisBus {
             .set_response_timeout(Some(COMMAND_TIMEOUT));
         // RESP3 here too: the manager then hears of a dropped connection and reconnects before
         // the next read needs it.
-        let reads_client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
+        let reads_client = tls.client(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
         let reads = ConnectionManager::new_lazy_with_config(reads_client, reads_config)
             .map_err(|e| BusError::Config(e.to_string()))?;
 
