@@ -610,8 +610,7 @@ impl Config {
         if self.presence_events && self.redis_url.is_none() {
             return Err(ConfigError::PresenceEventsWithoutRedis);
         }
-        if self.presence_events && self.redis_url.as_deref().is_some_and(crate::bus::cluster::is_cluster_url)
-        {
+        if self.presence_events && self.redis_url.as_deref().is_some_and(crate::bus::cluster::is_cluster_url) {
             return Err(ConfigError::PresenceEventsOnCluster);
         }
         if self.presence_events_maxlen == 0 {

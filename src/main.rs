@@ -2,8 +2,8 @@
 //! `doctor` check, which needs neither the node's settings nor its logging.
 
 use sse_fanout::KeyError;
-use sse_fanout::redis_tls::RedisTlsError;
 use sse_fanout::config::{Cli, Command, Config, DoctorArgs};
+use sse_fanout::redis_tls::RedisTlsError;
 use sse_fanout::{server, shutdown, telemetry};
 
 #[cfg(feature = "jemalloc")]

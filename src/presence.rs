@@ -44,9 +44,9 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{UserId, unix_millis, unix_now};
 use crate::bus::BusError;
 use crate::channel::{ChannelKind, ChannelNames};
-use crate::redis_tls::RedisTls;
 use crate::connection::{CloseReason, Connection};
 use crate::hub::{Change, Hub};
+use crate::redis_tls::RedisTls;
 
 /// How often the journal of opens and closes is written: a stream shows up cluster-wide within
 /// this, and a storm of opens costs one pipeline per interval.
@@ -592,7 +592,8 @@ mod tests {
             token: TokenLife::default(),
         };
         let hub = Hub::new(bus, "n1", limits, HubMetrics::new());
-        Presence::new("n1".into(), hub, names, None, &RedisTls::default(), Duration::from_secs(30), None).expect("presence")
+        Presence::new("n1".into(), hub, names, None, &RedisTls::default(), Duration::from_secs(30), None)
+            .expect("presence")
     }
 
     #[tokio::test]

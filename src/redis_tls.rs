@@ -60,11 +60,7 @@ pub fn is_tls_url(url: &str) -> bool {
 impl RedisTls {
     /// Reads the files once. With a plain `redis://` URL (or none) there is nothing to load;
     /// the settings are refused with such a URL by the configuration's check.
-    pub fn load(
-        url: Option<&str>,
-        ca: Option<&Path>,
-        identity: Option<(&Path, &Path)>,
-    ) -> Result<Self, RedisTlsError> {
+    pub fn load(url: Option<&str>, ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Result<Self, RedisTlsError> {
         if !url.is_some_and(is_tls_url) {
             return Ok(Self::default());
         }
@@ -82,8 +78,8 @@ impl RedisTls {
                 (Some(pem), builder.with_root_certificates(roots))
             }
             None => {
-                let verifier =
-                    rustls_platform_verifier::Verifier::new(provider).map_err(|e| RedisTlsError::Setup(e.to_string()))?;
+                let verifier = rustls_platform_verifier::Verifier::new(provider)
+                    .map_err(|e| RedisTlsError::Setup(e.to_string()))?;
                 (None, builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)))
             }
         };
@@ -97,7 +93,8 @@ impl RedisTls {
                     path: key_path.to_owned(),
                     what: "private key",
                 })?;
-                let config = builder.with_client_auth_cert(chain, key).map_err(|e| RedisTlsError::Setup(e.to_string()))?;
+                let config =
+                    builder.with_client_auth_cert(chain, key).map_err(|e| RedisTlsError::Setup(e.to_string()))?;
                 (Some(ClientTlsConfig { client_cert: cert_pem, client_key: key_pem }), config)
             }
             None => (None, builder.with_no_client_auth()),
@@ -142,11 +139,7 @@ fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, RedisTlsError> {
     std::fs::read(path).map_err(|source| RedisTlsError::Read { setting, path: path.to_owned(), source })
 }
 
-fn certificates(
-    setting: &'static str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, RedisTlsError> {
+fn certificates(setting: &'static str, path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, RedisTlsError> {
     let not_pem = || RedisTlsError::NotPem { setting, path: path.to_owned(), what: "certificate" };
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|_| not_pem())?;
     if certs.is_empty() {

@@ -63,8 +63,7 @@ async fn a_node_on_rediss_delivers_resumes_and_answers_presence_with_a_private_c
     let admin = token("ops", &[], Some("admin"));
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let response =
-            http().get(node.url("/api/presence/ann")).bearer_auth(&admin).send().await.expect("request");
+        let response = http().get(node.url("/api/presence/ann")).bearer_auth(&admin).send().await.expect("request");
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if status == 200 && body["streams"].as_array().is_some_and(|s| s.len() == 2) {
@@ -96,13 +95,19 @@ async fn a_certificate_from_an_untrusted_ca_or_no_client_certificate_keeps_the_n
         Node::launch(&[("SSE_JWT_SECRET", SECRET), ("SSE_REDIS_URL", &url), ("SSE_REDIS_TLS_CA_FILE", ca)]).await;
     // A node with the full settings becomes ready meanwhile: the others had the time.
     let good = Node::start(&env_of(&url, &tls)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for node in [&no_ca, &no_cert] {
+    // The reason is logged once (the connection manager retries forever and never says).
+    for (node, says) in [(&no_ca, "invalid peer certificate: UnknownIssuer"), (&no_cert, "CertificateRequired")] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !node.log_text().contains(says) {
+            assert!(tokio::time::Instant::now() < deadline, "no {says:?} in the log:\n{}", node.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let response = http().get(node.url("/readyz")).send().await.expect("readyz");
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
         assert_eq!(status, 503, "{body}; log:\n{}", node.log_text());
         assert!(body.contains("bus_unavailable"), "{body}");
+        assert_eq!(node.log_text().matches("PING failed").count(), 1, "logged once:\n{}", node.log_text());
     }
     good.wait_readyz(200, WAIT).await;
 }
@@ -114,10 +119,22 @@ fn unusable_tls_settings_are_a_usage_error() {
     std::fs::write(&junk, "not a certificate").expect("write");
     let missing = dir.join("missing.pem");
     let cases: [(&[(&str, &str)], &str); 4] = [
-        (&[("SSE_REDIS_URL", "rediss://127.0.0.1:1"), ("SSE_REDIS_TLS_CA_FILE", missing.to_str().expect("utf8"))], "cannot read SSE_REDIS_TLS_CA_FILE"),
-        (&[("SSE_REDIS_URL", "rediss://127.0.0.1:1"), ("SSE_REDIS_TLS_CA_FILE", junk.to_str().expect("utf8"))], "no certificate in PEM form"),
-        (&[("SSE_REDIS_URL", "redis://127.0.0.1:1"), ("SSE_REDIS_TLS_CA_FILE", junk.to_str().expect("utf8"))], "apply to TLS connections only"),
-        (&[("SSE_REDIS_URL", "rediss://127.0.0.1:1"), ("SSE_REDIS_TLS_CERT_FILE", junk.to_str().expect("utf8"))], "redis-tls-key-file"),
+        (
+            &[("SSE_REDIS_URL", "rediss://127.0.0.1:1"), ("SSE_REDIS_TLS_CA_FILE", missing.to_str().expect("utf8"))],
+            "cannot read SSE_REDIS_TLS_CA_FILE",
+        ),
+        (
+            &[("SSE_REDIS_URL", "rediss://127.0.0.1:1"), ("SSE_REDIS_TLS_CA_FILE", junk.to_str().expect("utf8"))],
+            "no certificate in PEM form",
+        ),
+        (
+            &[("SSE_REDIS_URL", "redis://127.0.0.1:1"), ("SSE_REDIS_TLS_CA_FILE", junk.to_str().expect("utf8"))],
+            "apply to TLS connections only",
+        ),
+        (
+            &[("SSE_REDIS_URL", "rediss://127.0.0.1:1"), ("SSE_REDIS_TLS_CERT_FILE", junk.to_str().expect("utf8"))],
+            "redis-tls-key-file",
+        ),
     ];
     for (env, says) in cases {
         let output = Command::new(env!("CARGO_BIN_EXE_sse-fanout"))

@@ -302,9 +302,7 @@ impl ClusterBus {
         if let Some(certificates) = tls.certificates() {
             builder = builder.certs(certificates);
         }
-        let client = builder
-            .build()
-            .map_err(|e| BusError::Config(e.to_string()))?;
+        let client = builder.build().map_err(|e| BusError::Config(e.to_string()))?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();

@@ -128,8 +128,8 @@ impl RedisBus {
             .set_max_delay(Duration::from_secs(2))
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(COMMAND_TIMEOUT));
-        let manager =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| BusError::Config(e.to_string()))?;
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| BusError::Config(e.to_string()))?;
 
         // Built from the client's connection info, which carries the TLS settings (deadpool's
         // own config takes only a URL).
@@ -159,6 +159,7 @@ impl RedisBus {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let owner = SubscriptionOwner {
             manager,
+            probe: client,
             commands: command_rx,
             ready: ready.clone(),
             metrics,
@@ -166,6 +167,7 @@ impl RedisBus {
             pending: HashMap::new(),
             library: library.clone(),
             key: key.clone(),
+            ping_failure: None,
         };
         let owner = tokio::spawn(owner.run(shutdown));
         let bus = Arc::new(Self { commands, ready, overflowed, pool, reads, library, key });
@@ -466,6 +468,12 @@ struct SubscriptionOwner {
     pending: HashMap<ChannelName, Pending>,
     library: Option<Arc<Library>>,
     key: SharedKey,
+    /// Why the last PING failed, logged when it changes: an operator learns that the
+    /// certificate is not trusted or the password is wrong, once, not every second.
+    ping_failure: Option<String>,
+    /// For a one-off connection that says why the manager cannot connect: it retries forever
+    /// and so never returns the error itself (a refused connection, an untrusted certificate).
+    probe: redis::Client,
 }
 
 impl SubscriptionOwner {
@@ -507,10 +515,20 @@ impl SubscriptionOwner {
     /// The health check: Redis answers, and (with history) holds the library with the key
     /// this node verifies with. Ready only when both hold.
     async fn ping(&mut self) {
-        let mut alive = matches!(
-            tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut self.manager)).await,
-            Ok(Ok(_))
-        );
+        let failure =
+            match tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut self.manager))
+                .await
+            {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) if self.ping_failure.is_none() => Some(self.why_unreachable().await),
+                Err(_) => self.ping_failure.clone(),
+            };
+        if failure.is_some() && failure != self.ping_failure {
+            tracing::warn!(error = failure.as_deref().unwrap_or_default(), "redis bus: PING failed");
+        }
+        let mut alive = failure.is_none();
+        self.ping_failure = failure;
         if alive && let Some(library) = self.library.clone() {
             alive = self.check_library(&library).await;
         }
@@ -520,6 +538,15 @@ impl SubscriptionOwner {
             (false, true) => tracing::info!(channels = self.subscribed.len(), "redis bus ready"),
             (true, false) => tracing::warn!("redis bus not answering PING, or without the history library"),
             _ => {}
+        }
+    }
+
+    /// What a new connection says when PING gets no answer.
+    async fn why_unreachable(&self) -> String {
+        let attempt = self.probe.get_multiplexed_async_connection();
+        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+            Ok(Err(e)) => format!("no answer within {COMMAND_TIMEOUT:?}; a new connection fails: {e}"),
+            _ => format!("no answer within {COMMAND_TIMEOUT:?}"),
         }
     }
 

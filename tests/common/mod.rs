@@ -105,7 +105,14 @@ impl TestPki {
             assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         };
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-        openssl(&[&["req", "-x509"], &ec[..], &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=sse-fanout test CA"]].concat());
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=sse-fanout test CA"],
+            ]
+            .concat(),
+        );
         openssl(&[&["req"], &ec[..], &["-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1"]].concat());
         std::fs::write(
             dir.join("ext"),
@@ -113,8 +120,21 @@ impl TestPki {
         )
         .expect("write ext");
         openssl(&[
-            "x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "node.crt",
-            "-days", "2", "-extfile", "ext",
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "node.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
         ]);
         Self { ca: dir.join("ca.crt"), cert: dir.join("node.crt"), key: dir.join("node.key") }
     }

@@ -362,7 +362,11 @@ mod tests {
             metrics: BusMetrics::new(),
             key: SharedKey::default(),
         };
-        Setup { shard: Shard::new("h:1".into(), None, RedisTls::default(), commands, events_tx, shared), inbound, events }
+        Setup {
+            shard: Shard::new("h:1".into(), None, RedisTls::default(), commands, events_tx, shared),
+            inbound,
+            events,
+        }
     }
 
     #[test]
