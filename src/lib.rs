@@ -29,6 +29,7 @@ pub mod logging;
 mod metrics;
 mod node;
 mod presence;
+pub mod redis_tls;
 mod renewal;
 mod resume;
 pub mod server;

@@ -89,8 +89,9 @@ impl Server {
         let background = CancellationToken::new();
         let history = config.history();
         let channels = ChannelNames::new(&config.channel_prefix);
+        let redis_tls = config.redis_tls()?;
         let Running { bus, inbound, owner } =
-            bus::start(config.redis_url.as_deref(), &channels, history, background.clone())?;
+            bus::start(config.redis_url.as_deref(), &redis_tls, &channels, history, background.clone())?;
         let resume =
             history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone(), config.replay_limits())));
         let hub_metrics = HubMetrics::new();
@@ -116,6 +117,7 @@ impl Server {
             hub.clone(),
             channels.clone(),
             config.redis_url.as_deref(),
+            &redis_tls,
             config.presence_lease,
             config.presence_events.then_some(EventSettings {
                 delay: config.presence_events_delay,
