@@ -220,6 +220,16 @@ pub struct Config {
     #[arg(long, env = "SSE_WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub write_stall_timeout: Duration,
 
+    /// gzip event streams for clients that send `Accept-Encoding: gzip`. Each event is compressed
+    /// once and the same bytes go to every such stream; a stream keeps only its trailer's CRC.
+    #[arg(long, env = "SSE_ENABLE_COMPRESSION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_compression: bool,
+
+    /// Events (framed, in bytes) smaller than this go to gzip streams as stored blocks, not
+    /// deflated: compressed on its own, a small event barely shrinks.
+    #[arg(long, env = "SSE_COMPRESSION_MIN_SIZE", default_value_t = 512)]
+    pub compression_min_size: u32,
+
     /// Largest accepted body of `POST /api/publish`, in bytes. The default takes a 64 KiB `data`
     /// string even when every character needs a JSON escape (`\"`, `\\`: twice the bytes), plus
     /// the envelope and targets.

@@ -589,6 +589,7 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            compress_from: 512,
             token: TokenLife::default(),
         };
         let hub = Hub::new(bus, "n1", limits, HubMetrics::new());
