@@ -151,7 +151,7 @@ impl Stream {
     }
 
     /// Reads to the end of the body (its last chunk); the node closes the connection after it.
-    async fn to_end(&mut self) {
+    async fn read_to_end_of_stream(&mut self) {
         while !self.ended {
             let mut buf = vec![0u8; 64 * 1024];
             let n = tokio::time::timeout(WAIT, self.socket.read(&mut buf)).await.expect("the body ends").expect("read");
@@ -260,7 +260,7 @@ async fn a_gzip_stream_is_the_plain_stream_compressed(path: Path) {
     node.signal("TERM");
     for stream in [&mut plain, &mut gzip] {
         stream.until("event: disconnected\ndata: {\"reason\":\"shutdown\"}\n\n").await;
-        stream.to_end().await;
+        stream.read_to_end_of_stream().await;
     }
     let whole = gzip.gunzip_whole().expect("the whole body is a valid gzip member (CRC and length checked)");
     assert_eq!(whole, gzip.text());
@@ -297,7 +297,7 @@ async fn a_stream_that_ends_at_its_tokens_exp_ends_its_gzip_member() {
         assert_eq!(publish_api(&node, json!({"users": ["exp"], "data": json_of(2000, "x")})).await.0, 202);
         stream.until("\"tag\":\"x\"").await;
         stream.until("event: disconnected\ndata: {\"reason\":\"token_expired\"}\n\n").await;
-        stream.to_end().await;
+        stream.read_to_end_of_stream().await;
         let whole = stream.gunzip_whole().unwrap_or_else(|e| panic!("{path:?}: not a valid gzip member: {e}"));
         assert_eq!(whole, stream.text());
     }
@@ -340,7 +340,7 @@ async fn a_resumed_gzip_stream_replays_what_a_plain_one_does() {
     node.signal("TERM");
     for stream in [&mut plain, &mut gzip] {
         stream.until("event: disconnected\n").await;
-        stream.to_end().await;
+        stream.read_to_end_of_stream().await;
     }
     let whole = gzip.gunzip_whole().expect("a valid gzip member");
     // Cursors carry the second they were made: compare the events, not the `id:` lines.
