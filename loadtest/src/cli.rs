@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 
+use crate::payload::Fill;
 use crate::publisher::{PublishSpec, Via};
 use crate::server_stats::Server;
 use crate::target::SubscribeSpec;
@@ -85,6 +86,17 @@ pub struct Common {
     /// another core; a reader that stays awake through a burst is never woken.
     #[arg(long, default_value_t = 0)]
     pub stay_awake_ms: u64,
+    /// Ask for a compressed stream (`Accept-Encoding: gzip`; sse-fanout answers it with
+    /// SSE_ENABLE_COMPRESSION=true) and decode it as it comes, so that every delivery check
+    /// works unchanged. Delivery results then count bytes on the wire and decoded bytes apart.
+    #[arg(long, value_enum)]
+    pub accept_encoding: Option<AcceptEncoding>,
+}
+
+/// A content coding subscribers ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AcceptEncoding {
+    Gzip,
 }
 
 impl Common {
@@ -110,6 +122,7 @@ impl Common {
         s.source_ips = self.source_ips.max(1);
         s.head_timeout_ms = self.head_timeout_ms;
         s.stay_awake_ms = self.stay_awake_ms;
+        s.accept_gzip = self.accept_encoding == Some(AcceptEncoding::Gzip);
         s.resume = resume;
         Ok(s)
     }
@@ -153,6 +166,10 @@ pub struct Publish {
     /// Pad each event's data to at least this many bytes.
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// What the padding is: `x` repeated, or varied JSON objects (for runs where how well
+    /// events compress matters; sse-fanout publishers only).
+    #[arg(long, value_enum, default_value = "x")]
+    pub payload_fill: Fill,
 }
 
 /// Pushpin's GRIP publish item: the SSE event is written into the stream as-is.
@@ -208,6 +225,7 @@ impl Publish {
             user_prefix: common.user_prefix.clone(),
             event: self.event.clone(),
             payload_bytes: self.payload_bytes,
+            payload_fill: self.payload_fill,
             concurrency: self.publish_conns,
         })
     }

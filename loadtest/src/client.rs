@@ -5,8 +5,8 @@
 //! Built to be cheap with 10,000 streams per process on one thread: a client is one task
 //! with no timer while it streams, it reads into the worker's single shared buffer (the
 //! runtime is single-threaded and nothing awaits while the buffer is borrowed), and a
-//! stream's only own memory is its parser state. Counters live in `Shared`, borrowed once
-//! per read, not per event.
+//! stream's only own memory is its parser state (and, for a gzip-coded stream, its inflater:
+//! see `gunzip`). Counters live in `Shared`, borrowed once per read, not per event.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -23,6 +23,7 @@ use tokio::time::{Instant, timeout};
 use sse_wire::{BodyDecoder, HeadReader, ItemRef, SseParser};
 
 use crate::awake::Awake;
+use crate::gunzip::Gunzip;
 use crate::jwt::Minter;
 use crate::payload::{self, now_nanos};
 use crate::protocol::Counters;
@@ -47,6 +48,8 @@ pub struct Shared {
     pub watching_losses: Cell<bool>,
     pub awake: Awake,
     buf: RefCell<Vec<u8>>,
+    /// Where gzip-coded streams are decoded to, one read at a time.
+    inflated: RefCell<Vec<u8>>,
 }
 
 impl Shared {
@@ -62,6 +65,7 @@ impl Shared {
             watching_losses: Cell::new(false),
             awake: Awake::default(),
             buf: RefCell::new(vec![0; READ_BUF]),
+            inflated: RefCell::new(vec![0; READ_BUF]),
         }
     }
 
@@ -202,8 +206,17 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
     }
     let _open = OpenGuard(shared);
 
-    let mut body =
-        Body { decoder: BodyDecoder::new(head.framing()), parser: SseParser::new().with_last_event_id(&last_id) };
+    let gunzip = match head.header("content-encoding").map(str::trim) {
+        None => None,
+        Some(coding) if coding.eq_ignore_ascii_case("identity") => None,
+        Some(coding) if coding.eq_ignore_ascii_case("gzip") => Some(Gunzip::default()),
+        Some(_) => return Err("unknown_content_coding"),
+    };
+    let mut body = Body {
+        decoder: BodyDecoder::new(head.framing()),
+        gunzip,
+        parser: SseParser::new().with_last_event_id(&last_id),
+    };
     if body.process(shared, held.then_some(local), head_reader.body())? {
         return if held { Err("closed_by_server") } else { Ok(()) };
     }
@@ -240,6 +253,8 @@ async fn stream_once(shared: &Shared, client: u64, role: Role) -> Result<(), &'s
 /// The body side of an open stream.
 struct Body {
     decoder: BodyDecoder,
+    /// Present when the body is gzip-coded.
+    gunzip: Option<Gunzip>,
     parser: SseParser,
 }
 
@@ -251,6 +266,8 @@ impl Body {
         }
         let now = now_nanos();
         let mut counters = shared.counters.borrow_mut();
+        counters.wire_bytes += input.len() as u64;
+        let mut decoded = 0u64;
         let mut tracks = shared.tracks.borrow_mut();
         let mut track = held.and_then(|i| tracks.get_mut(i));
         let mut on_item = |item: ItemRef<'_>| {
@@ -264,18 +281,37 @@ impl Body {
                 }
             }
         };
-        // Body bytes go straight from the socket buffer to the parser, chunk by chunk; the
-        // first parse error stops both (the decoder cannot return it from inside its callback).
-        let parser = &mut self.parser;
-        let mut parsed = Ok(());
+        // Body bytes go straight from the socket buffer to the parser, chunk by chunk (through
+        // the inflater if gzip-coded); the first error stops all (the decoder cannot return it
+        // from inside its callback).
+        let (parser, gunzip) = (&mut self.parser, &mut self.gunzip);
+        let mut scratch = shared.inflated.borrow_mut();
+        let mut parsed: Result<(), &'static str> = Ok(());
         self.decoder
             .decode(input, |body| {
-                if parsed.is_ok() {
-                    parsed = parser.feed(body, &mut on_item);
+                if parsed.is_err() {
+                    return;
                 }
+                let mut parse = |plain: &[u8]| {
+                    decoded += plain.len() as u64;
+                    parser.feed(plain, &mut on_item).map_err(|_| "bad_sse")
+                };
+                parsed = match gunzip {
+                    None => parse(body),
+                    Some(gunzip) => {
+                        let mut sse = Ok(());
+                        let coded = gunzip.feed(body, &mut scratch, |plain| {
+                            if sse.is_ok() {
+                                sse = parse(plain);
+                            }
+                        });
+                        coded.and(sse)
+                    }
+                };
             })
             .map_err(|_| "bad_chunking")?;
-        parsed.map_err(|_| "bad_sse")?;
+        parsed?;
+        counters.decoded_bytes += decoded;
         if let Some(t) = track
             && t.last_id != parser.last_event_id()
         {

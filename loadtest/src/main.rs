@@ -10,6 +10,7 @@ mod awake;
 mod cli;
 mod client;
 mod floor;
+mod gunzip;
 mod histogram;
 mod http_stream;
 mod jwt;

@@ -4,7 +4,9 @@
 //!
 //! Format: `<seq>:<unix nanos>:<padding>` — ASCII digits only, so it survives every server's
 //! framing (our JSON envelope, Nchan's raw body, Pushpin's `http-stream` content) unescaped.
-//! The padding (`x` repeated) lets a run choose the payload size.
+//! The padding lets a run choose the payload size: `x` repeated, or JSON objects that vary
+//! (ids, numbers, words) for runs where how well the payload compresses matters
+//! (`--payload-fill json`: a run of `x` would compress to almost nothing).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,13 +25,76 @@ pub struct Stamp {
     pub sent_nanos: u64,
 }
 
-/// Writes the data string for `stamp`, padded with `x` to at least `min_len` bytes.
-pub fn encode(stamp: Stamp, min_len: usize) -> String {
+/// What a payload is padded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Fill {
+    /// `x` repeated.
+    #[default]
+    X,
+    /// A JSON array of objects with varying ids, timestamps, amounts and words, as a
+    /// notification feed carries (different in every event). Its quotes need a publisher
+    /// that escapes the data (sse-fanout's envelope does; Pushpin's body template does not).
+    Json,
+}
+
+/// Writes the data string for `stamp`, padded to `min_len` bytes (or not at all when the stamp
+/// alone is that long).
+pub fn encode(stamp: Stamp, min_len: usize, fill: Fill) -> String {
     let mut s = format!("{}:{}:", stamp.seq, stamp.sent_nanos);
-    if s.len() < min_len {
-        s.extend(std::iter::repeat_n('x', min_len - s.len()));
+    if s.len() >= min_len {
+        return s;
+    }
+    match fill {
+        Fill::X => s.extend(std::iter::repeat_n('x', min_len - s.len())),
+        Fill::Json => {
+            json_fill(&mut s, stamp.seq, min_len);
+            s.truncate(min_len - 1);
+            s.push(']');
+        }
     }
     s
+}
+
+/// Appends `[` and JSON objects to `s` until it holds at least `len` bytes; the values come
+/// from a generator seeded with `seed`, so that events differ from each other.
+fn json_fill(s: &mut String, seed: u64, len: usize) {
+    const WORDS: [&str; 16] = [
+        "order",
+        "shipped",
+        "payment",
+        "received",
+        "alice",
+        "bob",
+        "refund",
+        "pending",
+        "item",
+        "delivered",
+        "warehouse",
+        "berlin",
+        "lisbon",
+        "express",
+        "cancelled",
+        "review",
+    ];
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    s.push('[');
+    while s.len() < len {
+        let text: Vec<&str> = (0..6).map(|_| WORDS[next() as usize % WORDS.len()]).collect();
+        s.push_str(&format!(
+            r#"{{"id":"{:08x}{:08x}","at":{},"user":{},"text":"{}","amount":{}.{:02}}},"#,
+            next() & 0xffff_ffff,
+            next() & 0xffff_ffff,
+            1_795_000_000_000 + next() % 1_000_000,
+            next() % 100_000,
+            text.join(" "),
+            next() % 10_000,
+            next() % 100
+        ));
+    }
 }
 
 /// Reads a stamp back from an event's data; `None` for anything else (the `connected`
@@ -63,10 +128,18 @@ mod tests {
     #[test]
     fn round_trips_with_and_without_padding() {
         let st = Stamp { seq: 42, sent_nanos: 1_700_000_000_123_456_789 };
-        assert_eq!(decode(encode(st, 0).as_bytes()), Some(st));
-        let padded = encode(st, 100);
-        assert_eq!(padded.len(), 100);
-        assert_eq!(decode(padded.as_bytes()), Some(st));
+        assert_eq!(decode(encode(st, 0, Fill::X).as_bytes()), Some(st));
+        for fill in [Fill::X, Fill::Json] {
+            for len in [100, 256, 4096] {
+                let padded = encode(st, len, fill);
+                assert_eq!(padded.len(), len);
+                assert_eq!(decode(padded.as_bytes()), Some(st));
+                assert!(!padded.contains('\n'));
+            }
+        }
+        let json = encode(st, 300, Fill::Json);
+        assert!(json.contains(r#":[{"id":""#) && json.ends_with(']'), "{json}");
+        assert_ne!(json[40..], encode(Stamp { seq: 43, ..st }, 300, Fill::Json)[40..], "events differ");
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub struct Counters {
     pub latency: Latency,
     /// Interval: connect-to-response-head time.
     pub connect: Latency,
+    /// Interval: stream body bytes as read off the sockets (compressed, with the chunk framing)
+    /// and as the SSE parser got them (decoded); equal but for the framing on plain streams.
+    pub wire_bytes: u64,
+    pub decoded_bytes: u64,
     /// Since the last `DropAll` or `WatchLosses`: held streams lost, how many of them are open
     /// again, and the time each took.
     pub streams_lost: u64,
@@ -96,6 +100,8 @@ impl Counters {
         self.received += s.received;
         self.latency.merge(&s.latency);
         self.connect.merge(&s.connect);
+        self.wire_bytes += s.wire_bytes;
+        self.decoded_bytes += s.decoded_bytes;
         self.streams_lost += s.streams_lost;
         self.back += s.back;
         self.reconnect.merge(&s.reconnect);

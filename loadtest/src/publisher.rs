@@ -56,6 +56,7 @@ pub struct PublishSpec {
     pub user_prefix: String,
     pub event: String,
     pub payload_bytes: usize,
+    pub payload_fill: payload::Fill,
     /// Concurrent HTTP connections (HTTP publishers) or in-flight pipelines (Redis).
     pub concurrency: usize,
 }
@@ -186,7 +187,7 @@ impl Publisher {
                     .map(|_| {
                         let dest = pick();
                         let stamp = Stamp { seq: seq.next(dest), sent_nanos: now };
-                        Msg { dest, data: payload::encode(stamp, self.spec.payload_bytes) }
+                        Msg { dest, data: payload::encode(stamp, self.spec.payload_bytes, self.spec.payload_fill) }
                     })
                     .collect();
                 sent = due;
@@ -423,6 +424,7 @@ mod tests {
             user_prefix: "u".into(),
             event: "bench".into(),
             payload_bytes: 0,
+            payload_fill: payload::Fill::X,
             concurrency: 1,
         };
         let m = Msg { dest: Dest::User(7), data: "1:2:".into() };
@@ -443,6 +445,7 @@ mod tests {
             user_prefix: "u".into(),
             event: "bench".into(),
             payload_bytes: 0,
+            payload_fill: payload::Fill::X,
             concurrency: 1,
         };
         assert_eq!(spec.envelope("1:2:"), r#"{"data":"1:2:","event":"bench"}"#);

@@ -39,6 +39,9 @@ pub struct SubscribeSpec {
     pub resume: bool,
     /// A worker keeps polling without sleeping for this long after its last read (0: never).
     pub stay_awake_ms: u64,
+    /// Send `Accept-Encoding: gzip` (a gzip-coded answer is decoded whether asked for or not).
+    #[serde(default)]
+    pub accept_gzip: bool,
 }
 
 impl SubscribeSpec {
@@ -58,6 +61,7 @@ impl SubscribeSpec {
             head_timeout_ms: 15_000,
             resume: false,
             stay_awake_ms: 0,
+            accept_gzip: false,
         })
     }
 
@@ -88,6 +92,9 @@ impl SubscribeSpec {
             render(&self.path),
             self.host
         );
+        if self.accept_gzip {
+            req.push_str("Accept-Encoding: gzip\r\n");
+        }
         for h in &self.headers {
             req.push_str(&render(h));
             req.push_str("\r\n");
@@ -168,6 +175,10 @@ mod tests {
         assert!(r.ends_with("Last-Event-ID: 9:0\r\n\r\n"));
         let r = String::from_utf8(s.request(None, 4, b"").unwrap()).unwrap();
         assert!(!r.contains("Last-Event-ID"));
+        assert!(!r.contains("Accept-Encoding"));
+        s.accept_gzip = true;
+        let r = String::from_utf8(s.request(None, 4, b"").unwrap()).unwrap();
+        assert!(r.contains("\r\nAccept-Encoding: gzip\r\n"), "{r}");
     }
 
     #[test]

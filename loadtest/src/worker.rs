@@ -180,6 +180,8 @@ fn snapshot(
     c.verdict = None;
     if reset {
         c.received = 0;
+        c.wire_bytes = 0;
+        c.decoded_bytes = 0;
         c.latency.reset();
         c.connect.reset();
     }

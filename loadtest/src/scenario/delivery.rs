@@ -120,6 +120,8 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
         let server_cpu = cpu_secs(&s0, &s1);
         let deliveries_per_s = agg.received as f64 / publish_secs;
         let cpu_per_million = if agg.received > 0 { server_cpu / agg.received as f64 * 1e6 } else { 0.0 };
+        // Everything the streams carried in the step (heartbeats too) over the bench events.
+        let per_delivery = |bytes: u64| if agg.received > 0 { bytes as f64 / agg.received as f64 } else { 0.0 };
         let lg_cpu = (agg.cpu_ticks - lg_ticks) as f64 / ticks_per_sec() as f64;
         lg_ticks = agg.cpu_ticks;
         let behind = stats.achieved_rate < rate * 0.97;
@@ -143,6 +145,10 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
                 "server_cpu_pct": r3(server_cpu / publish_secs * 100.0),
                 "server_cpu_s_per_million_deliveries": r3(cpu_per_million),
                 "server_rss_kib": s1.rss_kib,
+                "wire_bytes": agg.wire_bytes,
+                "decoded_bytes": agg.decoded_bytes,
+                "wire_bytes_per_delivery": r3(per_delivery(agg.wire_bytes)),
+                "decoded_bytes_per_delivery": r3(per_delivery(agg.decoded_bytes)),
                 "loadgen_worker_cpu_pct": r3(lg_cpu / publish_secs * 100.0),
                 "stream_failures": failure_delta(&prev, &agg),
                 "slo_p99_ms": a.slo_p99_ms,
@@ -150,7 +156,7 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
             }),
         )?;
         run.rep.say(&format!(
-            "{rate:>8}/s: {:>10.0} deliv/s, lost {lost}, p50 {:.2} p99 {:.2} p999 {:.2} max {:.2} ms, server CPU {:.0}% ({:.2} s/M deliv), loadgen {:.0}% {}",
+            "{rate:>8}/s: {:>10.0} deliv/s, lost {lost}, p50 {:.2} p99 {:.2} p999 {:.2} max {:.2} ms, server CPU {:.0}% ({:.2} s/M deliv), {:.0} B/deliv on the wire ({:.0} decoded), loadgen {:.0}% {}",
             deliveries_per_s,
             lat.p50_ms,
             lat.p99_ms,
@@ -158,6 +164,8 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
             lat.max_ms,
             server_cpu / publish_secs * 100.0,
             cpu_per_million,
+            per_delivery(agg.wire_bytes),
+            per_delivery(agg.decoded_bytes),
             lg_cpu / publish_secs * 100.0,
             if met { "ok" } else { "MISSED" }
         ));
