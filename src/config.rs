@@ -102,8 +102,10 @@ pub struct Config {
     #[arg(long, env = "SSE_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`), or a Redis Cluster's seed nodes
-    /// (`redis+cluster://host1:port1,host2:port2`). Unset: the embedded in-memory bus (a single node).
+    /// Redis URL (`redis://host:port/db`), a Redis Cluster's seed nodes
+    /// (`redis+cluster://host1:port1,host2:port2`), or Redis Sentinel's sentinels and master name
+    /// (`redis+sentinel://[user:password@]host1:port1,host2:port2/<master-name>[/<db>]`, the
+    /// credentials and db being the data nodes'). Unset: the embedded in-memory bus (a single node).
     #[arg(long, env = "SSE_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -500,7 +502,9 @@ pub enum ConfigError {
     AuthHookUrl,
     #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
     AuthHookTimeout,
-    #[error("SSE_REDIS_URL is not a redis://, rediss:// or redis+cluster://host:port,host:port URL")]
+    #[error(
+        "SSE_REDIS_URL is not a redis://, rediss://, redis+cluster://host:port,host:port or redis+sentinel://host:port,host:port/<master-name> URL"
+    )]
     RedisUrl,
     #[error("SSE_CHANNEL_PREFIX must not contain '{{' or '}}' with a Redis Cluster (the braces are the hash tag)")]
     ClusterPrefix,
@@ -606,6 +610,8 @@ impl Config {
                 if p.contains(['{', '}']) {
                     return Err(ConfigError::ClusterPrefix);
                 }
+            } else if url.starts_with(crate::bus::sentinel::SCHEME) {
+                crate::bus::sentinel::parse(url).map_err(|_| ConfigError::RedisUrl)?;
             } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(ConfigError::RedisUrl);
             }
@@ -973,6 +979,9 @@ mod tests {
         assert!(parse(&["--redis-url", "redis+cluster://"]).unwrap_err().contains("SSE_REDIS_URL"));
         assert!(parse(&["--redis-url", "redis+cluster://a:1,b"]).unwrap_err().contains("SSE_REDIS_URL"));
         assert!(parse(&["--redis-url", "redis+cluster://a:1,b:2"]).is_ok());
+        assert!(parse(&["--redis-url", "redis+sentinel://a:1,b:2/mymaster"]).is_ok());
+        assert!(parse(&["--redis-url", "redis+sentinel://a:1,b:2"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "rediss+sentinel://a:1/m"]).unwrap_err().contains("SSE_REDIS_URL"));
         let braces = parse(&["--redis-url", "redis+cluster://a:1", "--channel-prefix", "s{x}"]).unwrap_err();
         assert!(braces.contains("SSE_CHANNEL_PREFIX"), "{braces}");
         assert!(parse(&["--redis-url", "redis://a:1", "--channel-prefix", "s{x}"]).is_ok(), "single Redis: as before");

@@ -89,7 +89,7 @@ impl Server {
         let background = CancellationToken::new();
         let history = config.history();
         let channels = ChannelNames::new(&config.channel_prefix);
-        let Running { bus, inbound, owner } =
+        let Running { bus, inbound, owner, target } =
             bus::start(config.redis_url.as_deref(), &channels, history, background.clone())?;
         let resume =
             history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone(), config.replay_limits())));
@@ -116,6 +116,7 @@ impl Server {
             hub.clone(),
             channels.clone(),
             config.redis_url.as_deref(),
+            target.as_ref(),
             config.presence_lease,
             config.presence_events.then_some(EventSettings {
                 delay: config.presence_events_delay,
