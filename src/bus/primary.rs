@@ -7,7 +7,7 @@
 //! for a plain `ConnectionManager`, for the parts that need nothing more (presence, seats).
 //! A fixed URL never moves, so with one Redis all of this is one clone per call.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use deadpool_redis::redis::{self, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
