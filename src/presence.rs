@@ -205,18 +205,17 @@ impl Presence {
             // The presence keys and the cleaning script span slots: not ported to a Redis Cluster
             // yet. The node answers for its own streams, as with the embedded bus; a revoke still
             // reaches every node (it travels over the bus).
-            Some(url) if url.starts_with(crate::bus::cluster::SCHEME) => {
+            Some(url) if crate::bus::cluster::is_cluster_url(url) => {
                 tracing::warn!(
                     "presence on a Redis Cluster is not implemented yet: the admin API lists this node's streams only"
                 );
                 None
             }
             Some(url) => {
-                // The bus's target when there is one (with sentinels it must be: one watcher per
-                // node), else the URL itself.
-                let target = match target {
-                    Some(target) => target.clone(),
-                    None => Target::fixed(url),
+                // The bus's target (with sentinels there must be one watcher per node; it also
+                // carries the TLS settings of a `rediss://` URL).
+                let Some(target) = target.cloned() else {
+                    return Err(PresenceError::Config(format!("no redis target for {url}")));
                 };
                 let config = || {
                     ConnectionManagerConfig::new()
@@ -606,6 +605,7 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            compress_from: 512,
             token: TokenLife::default(),
         };
         let hub = Hub::new(bus, "n1", limits, HubMetrics::new());

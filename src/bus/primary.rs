@@ -12,24 +12,34 @@ use std::sync::{Mutex, PoisonError};
 use deadpool_redis::redis::{self, aio::ConnectionManager, aio::ConnectionManagerConfig};
 
 use super::sentinel::{self, Located, Primary};
+use crate::redis_tls::RedisTls;
 
 #[derive(Clone)]
 pub enum Target {
-    /// One Redis (generation 0 for ever).
-    Fixed(Located),
+    /// One Redis (generation 0 for ever), with the TLS settings of a `rediss://` URL.
+    Fixed(Located, RedisTls),
     /// The primary the sentinels name.
     Sentinel(Primary),
 }
 
 impl Target {
-    pub fn fixed(url: &str) -> Self {
-        Target::Fixed(Located { generation: 0, url: url.into() })
+    pub fn fixed(url: &str, tls: RedisTls) -> Self {
+        Target::Fixed(Located { generation: 0, url: url.into() }, tls)
+    }
+
+    /// A client for `url` (the located primary's), with TLS when the URL asks for it. Sentinel
+    /// URLs are plain (`rediss+sentinel://` is not supported).
+    pub fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match self {
+            Target::Fixed(_, tls) => tls.client(url),
+            Target::Sentinel(_) => redis::Client::open(url),
+        }
     }
 
     /// Where to connect now; `None` while the sentinels have named no primary yet.
     pub fn current(&self) -> Option<Located> {
         match self {
-            Target::Fixed(located) => Some(located.clone()),
+            Target::Fixed(located, _) => Some(located.clone()),
             Target::Sentinel(primary) => primary.current(),
         }
     }
@@ -37,7 +47,7 @@ impl Target {
     /// Resolves when the primary moved since this handle last looked (never for a fixed URL).
     pub async fn changed(&mut self) {
         match self {
-            Target::Fixed(_) => std::future::pending().await,
+            Target::Fixed(..) => std::future::pending().await,
             Target::Sentinel(primary) => primary.changed().await,
         }
     }
@@ -85,8 +95,8 @@ impl Follow {
     pub fn new(target: Target, config: fn() -> ConnectionManagerConfig) -> Result<Self, redis::RedisError> {
         let follow = Self { target, config, current: Mutex::new(None) };
         // A fixed URL is checked at once, as before there were sentinels.
-        if let Target::Fixed(located) = &follow.target {
-            let manager = connect(located, config())?;
+        if let Target::Fixed(located, _) = &follow.target {
+            let manager = connect(&follow.target, located, config())?;
             *follow.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((0, manager));
         }
         Ok(follow)
@@ -105,7 +115,7 @@ impl Follow {
         match current.as_ref() {
             Some((generation, manager)) if *generation == located.generation => Some((*generation, manager.clone())),
             _ => {
-                let manager = connect(&located, (self.config)())
+                let manager = connect(&self.target, &located, (self.config)())
                     .inspect_err(|e| tracing::warn!(error = %e, "cannot use the primary's address"))
                     .ok()?;
                 *current = Some((located.generation, manager.clone()));
@@ -119,17 +129,21 @@ impl Follow {
     }
 }
 
-fn connect(located: &Located, config: ConnectionManagerConfig) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(&*located.url)?;
+fn connect(
+    target: &Target,
+    located: &Located,
+    config: ConnectionManagerConfig,
+) -> Result<ConnectionManager, redis::RedisError> {
+    let client = target.client(&located.url)?;
     ConnectionManager::new_lazy_with_config(client, config)
 }
 
 /// The target `url` names and, with sentinels, the task that follows them.
-pub fn target_of(url: &str) -> Result<(Target, Option<sentinel::Watcher>), super::BusError> {
+pub fn target_of(url: &str, tls: &RedisTls) -> Result<(Target, Option<sentinel::Watcher>), super::BusError> {
     if url.starts_with(sentinel::SCHEME) {
         let (primary, watcher) = sentinel::follow(url)?;
         Ok((primary.into(), Some(watcher)))
     } else {
-        Ok((Target::fixed(url), None))
+        Ok((Target::fixed(url, tls.clone()), None))
     }
 }

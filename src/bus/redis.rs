@@ -115,19 +115,19 @@ struct Links {
 
 impl Links {
     /// Lazy: nothing connects before the first call.
-    fn to(located: &Located) -> Result<Self, BusError> {
-        let mut pool_config = deadpool_redis::Config::from_url(&*located.url);
-        pool_config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: 32,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(COMMAND_TIMEOUT),
-                create: Some(COMMAND_TIMEOUT),
-                recycle: Some(COMMAND_TIMEOUT),
-            },
-            ..Default::default()
-        });
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    fn to(target: &Target, located: &Located) -> Result<Self, BusError> {
+        // Built from the client's connection info, which carries the TLS settings (deadpool's
+        // own config takes only a URL).
+        let pool_client = target.client(&located.url).map_err(|e| BusError::Config(e.to_string()))?;
+        let pool_manager = deadpool_redis::Manager::new(pool_client.get_connection_info().clone())
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        let pool = deadpool_redis::Pool::builder(pool_manager)
+            .max_size(32)
+            .wait_timeout(Some(COMMAND_TIMEOUT))
+            .create_timeout(Some(COMMAND_TIMEOUT))
+            .recycle_timeout(Some(COMMAND_TIMEOUT))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
             .map_err(|e| BusError::Config(e.to_string()))?;
 
         let reads_config = ConnectionManagerConfig::new()
@@ -137,8 +137,7 @@ impl Links {
             .set_response_timeout(Some(COMMAND_TIMEOUT));
         // RESP3 here too: the manager then hears of a dropped connection and reconnects before
         // the next read needs it.
-        let reads_client =
-            redis::Client::open(with_resp3(&located.url).as_str()).map_err(|e| BusError::Config(e.to_string()))?;
+        let reads_client = target.client(&with_resp3(&located.url)).map_err(|e| BusError::Config(e.to_string()))?;
         let reads = ConnectionManager::new_lazy_with_config(reads_client, reads_config)
             .map_err(|e| BusError::Config(e.to_string()))?;
         Ok(Self { generation: located.generation, pool, reads })
@@ -157,8 +156,13 @@ struct PushContext {
 }
 
 /// The subscriber connection: a RESP3 manager that reconnects for ever and re-subscribes by itself.
-fn subscriber(located: &Located, context: &PushContext) -> Result<(ConnectionManager, Arc<AtomicBool>), BusError> {
-    let client = redis::Client::open(with_resp3(&located.url).as_str()).map_err(|e| BusError::Config(e.to_string()))?;
+/// Also returns the client, for a one-off connection that says why the manager cannot connect.
+fn subscriber(
+    target: &Target,
+    located: &Located,
+    context: &PushContext,
+) -> Result<(ConnectionManager, Arc<AtomicBool>, redis::Client), BusError> {
+    let client = target.client(&with_resp3(&located.url)).map_err(|e| BusError::Config(e.to_string()))?;
     let retired = Arc::new(AtomicBool::new(false));
     let push_retired = retired.clone();
     let context = context.clone();
@@ -177,8 +181,8 @@ fn subscriber(located: &Located, context: &PushContext) -> Result<(ConnectionMan
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(COMMAND_TIMEOUT));
     let manager =
-        ConnectionManager::new_lazy_with_config(client, config).map_err(|e| BusError::Config(e.to_string()))?;
-    Ok((manager, retired))
+        ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| BusError::Config(e.to_string()))?;
+    Ok((manager, retired, client))
 }
 
 impl RedisBus {
@@ -205,9 +209,12 @@ impl RedisBus {
             key: key.clone(),
         };
         // A fixed URL is checked now, as it always was; a primary is connected to once named.
-        let (manager, links) = match target.current() {
-            Some(located) => (Some(subscriber(&located, &context)?), Some(Arc::new(Links::to(&located)?))),
-            None => (None, None),
+        let (manager, probe, links) = match target.current() {
+            Some(located) => {
+                let (manager, retired, probe) = subscriber(&target, &located, &context)?;
+                (Some((manager, retired)), Some(probe), Some(Arc::new(Links::to(&target, &located)?)))
+            }
+            None => (None, None, None),
         };
         let generation = links.as_ref().map_or(0, |l| l.generation);
 
@@ -217,6 +224,8 @@ impl RedisBus {
             generation,
             target: target.clone(),
             context,
+            probe,
+            ping_failure: None,
             commands: command_rx,
             ready: ready.clone(),
             metrics,
@@ -224,6 +233,7 @@ impl RedisBus {
             pending: HashMap::new(),
             library: library.clone(),
             key: key.clone(),
+            ping_failure: None,
         };
         let owner = match watcher {
             None => tokio::spawn(owner.run(shutdown)),
@@ -260,7 +270,7 @@ impl RedisBus {
             // Another caller made them meanwhile.
             Some(links) if links.generation == located.generation => Ok(links.clone()),
             _ => {
-                let links = Arc::new(Links::to(&located)?);
+                let links = Arc::new(Links::to(&self.target, &located)?);
                 *held = Some(links.clone());
                 Ok(links)
             }
@@ -570,6 +580,12 @@ struct SubscriptionOwner {
     pending: HashMap<ChannelName, Pending>,
     library: Option<Arc<Library>>,
     key: SharedKey,
+    /// Why the last PING failed, logged when it changes: an operator learns that the
+    /// certificate is not trusted or the password is wrong, once, not every second.
+    ping_failure: Option<String>,
+    /// For a one-off connection that says why the manager cannot connect: it retries forever
+    /// and so never returns the error itself (a refused connection, an untrusted certificate).
+    probe: Option<redis::Client>,
 }
 
 impl SubscriptionOwner {
@@ -622,8 +638,12 @@ impl SubscriptionOwner {
             retired.store(true, Ordering::Relaxed);
         }
         self.generation = located.generation;
-        match subscriber(&located, &self.context) {
-            Ok(manager) => self.manager = Some(manager),
+        match subscriber(&self.target, &located, &self.context) {
+            Ok((manager, retired, probe)) => {
+                self.manager = Some((manager, retired));
+                self.probe = Some(probe);
+                self.ping_failure = None;
+            }
             Err(e) => tracing::warn!(error = %e, "cannot use the primary the sentinels name"),
         }
         if self.ready.swap(false, Ordering::AcqRel) {
@@ -657,13 +677,22 @@ impl SubscriptionOwner {
     /// The health check: Redis answers, and (with history) holds the library with the key
     /// this node verifies with. Ready only when both hold.
     async fn ping(&mut self) {
-        let mut alive = match self.manager.as_mut() {
-            Some((manager, _)) => matches!(
-                tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(manager)).await,
-                Ok(Ok(_))
-            ),
-            None => false,
+        let failure = match self.manager.as_mut() {
+            None => Some("no primary known yet".to_owned()),
+            Some((manager, _)) => {
+                match tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(manager)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) if self.ping_failure.is_none() => Some(self.why_unreachable().await),
+                    Err(_) => self.ping_failure.clone(),
+                }
+            }
         };
+        if failure.is_some() && failure != self.ping_failure {
+            tracing::warn!(error = failure.as_deref().unwrap_or_default(), "redis bus: PING failed");
+        }
+        let mut alive = failure.is_none();
+        self.ping_failure = failure;
         if !alive {
             // With sentinels: the primary may have failed over.
             self.target.recheck();
@@ -677,6 +706,16 @@ impl SubscriptionOwner {
             (false, true) => tracing::info!(channels = self.subscribed.len(), "redis bus ready"),
             (true, false) => tracing::warn!("redis bus not answering PING, or without the history library"),
             _ => {}
+        }
+    }
+
+    /// What a new connection says when PING gets no answer.
+    async fn why_unreachable(&self) -> String {
+        let Some(probe) = &self.probe else { return "no primary known yet".to_owned() };
+        let attempt = probe.get_multiplexed_async_connection();
+        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+            Ok(Err(e)) => format!("no answer within {COMMAND_TIMEOUT:?}; a new connection fails: {e}"),
+            _ => format!("no answer within {COMMAND_TIMEOUT:?}"),
         }
     }
 
