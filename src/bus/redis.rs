@@ -233,7 +233,6 @@ impl RedisBus {
             pending: HashMap::new(),
             library: library.clone(),
             key: key.clone(),
-            ping_failure: None,
         };
         let owner = match watcher {
             None => tokio::spawn(owner.run(shutdown)),
