@@ -102,10 +102,25 @@ pub struct Config {
     #[arg(long, env = "SSE_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`), or a Redis Cluster's seed nodes
-    /// (`redis+cluster://host1:port1,host2:port2`). Unset: the embedded in-memory bus (a single node).
+    /// Redis URL (`redis://host:port/db`, `rediss://` for TLS), or a Redis Cluster's seed nodes
+    /// (`redis+cluster://host1:port1,host2:port2`, `rediss+cluster://` for TLS). Unset: the
+    /// embedded in-memory bus (a single node).
     #[arg(long, env = "SSE_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// PEM file of the CA certificates a `rediss` Redis's certificate must chain to. Unset: the
+    /// system's trusted roots.
+    #[arg(long, env = "SSE_REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate (chain) shown to a `rediss` Redis that asks for one
+    /// (`tls-auth-clients yes`); needs SSE_REDIS_TLS_KEY_FILE.
+    #[arg(long, env = "SSE_REDIS_TLS_CERT_FILE", requires = "redis_tls_key_file")]
+    pub redis_tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of SSE_REDIS_TLS_CERT_FILE.
+    #[arg(long, env = "SSE_REDIS_TLS_KEY_FILE", requires = "redis_tls_cert_file")]
+    pub redis_tls_key_file: Option<PathBuf>,
 
     /// Prefix of every Redis channel name: `<prefix>:user:<id>`, `<prefix>:topic:<t>`, `<prefix>:broadcast`.
     #[arg(long, env = "SSE_CHANNEL_PREFIX", default_value = "sse")]
@@ -204,6 +219,16 @@ pub struct Config {
     /// with something left to write. At least 1s.
     #[arg(long, env = "SSE_WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub write_stall_timeout: Duration,
+
+    /// gzip event streams for clients that send `Accept-Encoding: gzip`. Each event is compressed
+    /// once and the same bytes go to every such stream; a stream keeps only its trailer's CRC.
+    #[arg(long, env = "SSE_ENABLE_COMPRESSION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_compression: bool,
+
+    /// Events (framed, in bytes) smaller than this go to gzip streams as stored blocks, not
+    /// deflated: compressed on its own, a small event barely shrinks.
+    #[arg(long, env = "SSE_COMPRESSION_MIN_SIZE", default_value_t = 512)]
+    pub compression_min_size: u32,
 
     /// Largest accepted body of `POST /api/publish`, in bytes. The default takes a 64 KiB `data`
     /// string even when every character needs a JSON escape (`\"`, `\\`: twice the bytes), plus
@@ -500,8 +525,12 @@ pub enum ConfigError {
     AuthHookUrl,
     #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
     AuthHookTimeout,
-    #[error("SSE_REDIS_URL is not a redis://, rediss:// or redis+cluster://host:port,host:port URL")]
+    #[error(
+        "SSE_REDIS_URL is not a redis:// or rediss:// URL, or a redis+cluster:// or rediss+cluster://host:port,host:port URL"
+    )]
     RedisUrl,
+    #[error("SSE_REDIS_TLS_* apply to TLS connections only: SSE_REDIS_URL must be rediss:// or rediss+cluster://")]
+    RedisTlsWithoutTls,
     #[error("SSE_CHANNEL_PREFIX must not contain '{{' or '}}' with a Redis Cluster (the braces are the hash tag)")]
     ClusterPrefix,
     #[error("SSE_PRESENCE_LEASE must be at least 1s")]
@@ -591,15 +620,18 @@ impl Config {
         if self.presence_events && self.redis_url.is_none() {
             return Err(ConfigError::PresenceEventsWithoutRedis);
         }
-        if self.presence_events && self.redis_url.as_deref().is_some_and(|u| u.starts_with(crate::bus::cluster::SCHEME))
-        {
+        if self.presence_events && self.redis_url.as_deref().is_some_and(crate::bus::cluster::is_cluster_url) {
             return Err(ConfigError::PresenceEventsOnCluster);
         }
         if self.presence_events_maxlen == 0 {
             return Err(ConfigError::PresenceEventsMaxlen);
         }
+        let tls_files = self.redis_tls_ca_file.is_some() || self.redis_tls_cert_file.is_some();
+        if tls_files && !self.redis_url.as_deref().is_some_and(crate::redis_tls::is_tls_url) {
+            return Err(ConfigError::RedisTlsWithoutTls);
+        }
         if let Some(url) = &self.redis_url {
-            if url.starts_with(crate::bus::cluster::SCHEME) {
+            if crate::bus::cluster::is_cluster_url(url) {
                 crate::bus::cluster::seeds(url).map_err(|_| ConfigError::RedisUrl)?;
                 // Every key and channel of a channel is `{<channel>}`: a brace in the prefix would
                 // move the hash tag (and `{}` would hash stream and epoch apart).
@@ -701,6 +733,15 @@ impl Config {
     /// Configured origins without the empty entries a trailing comma or an empty variable leaves.
     pub fn cors_origins(&self) -> impl Iterator<Item = &str> {
         self.cors_origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty())
+    }
+
+    /// The TLS settings for Redis, their files read (a `rediss` URL only).
+    pub fn redis_tls(&self) -> Result<crate::redis_tls::RedisTls, crate::redis_tls::RedisTlsError> {
+        crate::redis_tls::RedisTls::load(
+            self.redis_url.as_deref(),
+            self.redis_tls_ca_file.as_deref(),
+            self.redis_tls_cert_file.as_deref().zip(self.redis_tls_key_file.as_deref()),
+        )
     }
 
     /// History retention per channel kind, or `None` when history is off.
@@ -972,6 +1013,15 @@ mod tests {
         assert!(parse(&[&redis[..], &["--presence-events-maxlen", "0"]].concat()).unwrap_err().contains("MAXLEN"));
         assert!(parse(&["--redis-url", "redis+cluster://"]).unwrap_err().contains("SSE_REDIS_URL"));
         assert!(parse(&["--redis-url", "redis+cluster://a:1,b"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "rediss+cluster://a:1,b:2"]).is_ok());
+        assert!(parse(&["--redis-url", "rediss://a:1", "--redis-tls-ca-file", "/ca.pem"]).is_ok());
+        assert!(
+            parse(&["--redis-url", "redis://a:1", "--redis-tls-ca-file", "/ca.pem"])
+                .unwrap_err()
+                .contains("SSE_REDIS_TLS_* apply to TLS connections only")
+        );
+        assert!(parse(&["--redis-tls-ca-file", "/ca.pem"]).unwrap_err().contains("SSE_REDIS_TLS_*"));
+        assert!(parse(&["--redis-url", "rediss://a:1", "--redis-tls-cert-file", "/c.pem"]).is_err());
         assert!(parse(&["--redis-url", "redis+cluster://a:1,b:2"]).is_ok());
         let braces = parse(&["--redis-url", "redis+cluster://a:1", "--channel-prefix", "s{x}"]).unwrap_err();
         assert!(braces.contains("SSE_CHANNEL_PREFIX"), "{braces}");

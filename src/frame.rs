@@ -2,8 +2,72 @@
 //! writes as it is. Framing is the only place that writes field names, so it is the only
 //! place that must get line breaks right: data is split on `\r\n`, `\r` and `\n` into
 //! `data:` lines, and event names and ids have been checked by [`crate::envelope`] to hold none.
+//!
+//! A [`Frame`] is what the hub shares between streams: the framed bytes, and, made on first use
+//! by a stream that asked for gzip and then shared by all such streams, their gzip
+//! [`Piece`] (see [`crate::gzip`]). Nothing is compressed per stream.
+
+use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::gzip::Piece;
+
+/// One framed message as streams share it (cloning is a reference count).
+#[derive(Clone)]
+pub struct Frame(Arc<Shared>);
+
+struct Shared {
+    plain: Bytes,
+    /// Whether gzip streams get it deflated (it is at least `SSE_COMPRESSION_MIN_SIZE` bytes)
+    /// rather than stored.
+    deflate: bool,
+    gzip: OnceLock<Piece>,
+}
+
+impl Frame {
+    /// `plain` framed bytes, deflated for gzip streams if they are at least `deflate_from` bytes.
+    pub fn new(plain: Bytes, deflate_from: usize) -> Self {
+        let deflate = !plain.is_empty() && plain.len() >= deflate_from;
+        Self(Arc::new(Shared { plain, deflate, gzip: OnceLock::new() }))
+    }
+
+    /// The bytes a plain stream writes.
+    #[inline]
+    pub fn plain(&self) -> &Bytes {
+        &self.0.plain
+    }
+
+    /// What a gzip stream writes: made by the first stream that needs it (compressing once per
+    /// message), shared by the others.
+    #[inline]
+    pub fn gzip(&self) -> &Piece {
+        self.0
+            .gzip
+            .get_or_init(|| if self.0.deflate { Piece::deflated(&self.0.plain) } else { Piece::stored(&self.0.plain) })
+    }
+}
+
+/// A frame of one stream's own (a farewell, a notice): small, so gzip streams get it stored.
+impl From<Bytes> for Frame {
+    fn from(plain: Bytes) -> Self {
+        Frame::new(plain, usize::MAX)
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.plain() == other.plain()
+    }
+}
+
+impl Eq for Frame {}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.plain().fmt(f)
+    }
+}
 
 /// Frames one event. `event` and `id` must hold no line break (see `envelope::checked_*`).
 pub fn event(event: Option<&str>, id: Option<&str>, data: &str) -> Bytes {

@@ -28,7 +28,7 @@ use crate::channel::ChannelName;
 use crate::config::PerUserPolicy;
 use crate::connection::{CloseReason, Connection, ConnectionId, Item, Pushed, QueueLimit, Rebase};
 use crate::envelope;
-use crate::frame;
+use crate::frame::{self, Frame};
 use crate::history::StreamId;
 use crate::log_limit::LogLimiter;
 use crate::metrics::HubMetrics;
@@ -52,6 +52,9 @@ pub struct Limits {
     pub history: bool,
     /// How a stream's token ends it.
     pub token: TokenLife,
+    /// Frames of at least this many bytes are deflated for gzip streams, smaller ones stored
+    /// (`SSE_COMPRESSION_MIN_SIZE`); irrelevant while no stream asks for gzip.
+    pub compress_from: usize,
 }
 
 /// When a stream's token warns and ends it, relative to its `exp`.
@@ -126,7 +129,7 @@ impl JoinError {
 /// group, so 10k streams are not all woken in the same instant (a burst that showed up as
 /// 100-200 ms latency spikes for the events around it); each still gets one ping per interval.
 pub struct Heartbeat {
-    pub frame: Bytes,
+    pub frame: Frame,
     pub slot: u64,
     pub slots: u64,
 }
@@ -624,7 +627,7 @@ impl Hub {
             }
             // Presence shows the topics the stream still has: written again, as on open.
             self.journal().record(Change::Opened(connection.clone()));
-            let notice = Item::Raw(notice(&left));
+            let notice = Item::Raw(notice(&left).into());
             if let Some(hold) = hold {
                 hold.keep(&notice, self.limits.queue());
                 return Renewal::Applied { left };
@@ -643,6 +646,12 @@ impl Hub {
             Pushed::Gone => self.metrics.closed(CloseReason::ClientClosed),
         }
         Renewal::Applied { left }
+    }
+
+    /// Shares `plain` as this node encodes frames for gzip streams (deflated from
+    /// [`Limits::compress_from`] bytes on).
+    pub fn frame(&self, plain: Bytes) -> Frame {
+        Frame::new(plain, self.limits.compress_from)
     }
 
     /// Ends a stream for `reason`: it leaves the hub now and its client reads `farewell` last.
@@ -682,8 +691,8 @@ impl Hub {
                 *last = (*last).max(id);
             }
             let item = match id {
-                Some(id) => Item::Event { channel: name.clone(), id, frame: framed },
-                None => Item::Raw(framed),
+                Some(id) => Item::Event { channel: name.clone(), id, frame: self.frame(framed) },
+                None => Item::Raw(self.frame(framed)),
             };
             for hold in &entry.held {
                 hold.keep(&item, self.limits.queue());
@@ -707,7 +716,7 @@ impl Hub {
             let registry = self.read();
             let Some((name, entry)) = registry.channels.get_key_value(channel) else { return };
             *entry.last_id.lock().unwrap_or_else(PoisonError::into_inner) = tail;
-            let item = Item::Rebase(Arc::new(Rebase { epoch, channel: name.clone(), tail, frame }));
+            let item = Item::Rebase(Arc::new(Rebase { epoch, channel: name.clone(), tail, frame: self.frame(frame) }));
             for hold in &entry.held {
                 hold.keep(&item, self.limits.queue());
             }
@@ -843,7 +852,7 @@ impl Hub {
             if !connection.take_warning(exp) {
                 continue;
             }
-            match connection.push(&Item::Raw(self.expiry_warning(&connection, exp)), limit, None) {
+            match connection.push(&Item::Raw(self.expiry_warning(&connection, exp).into()), limit, None) {
                 Pushed::Accepted | Pushed::Closed => {}
                 Pushed::Full => expired.push((connection, CloseReason::SlowConsumer)),
                 Pushed::Gone => self.metrics.closed(CloseReason::ClientClosed),
@@ -993,6 +1002,7 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            compress_from: 512,
             token: TokenLife::default(),
         };
         Hub::new(bus, "n1", limits, HubMetrics::new())
@@ -1144,6 +1154,7 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            compress_from: 512,
             token: TokenLife::default(),
         };
         (Hub::new(bus, "n1", limits, metrics), handle)
@@ -1233,6 +1244,7 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            compress_from: 512,
             token,
         };
         Hub::new(bus, "n1", limits, HubMetrics::new())
@@ -1386,7 +1398,7 @@ mod tests {
         let frame = Bytes::from_static(b": ping\n\n");
         let mut pinged = vec![0; 3];
         for slot in 0..3 {
-            hub.tick(Some(&Heartbeat { frame: frame.clone(), slot, slots: 3 }));
+            hub.tick(Some(&Heartbeat { frame: frame.clone().into(), slot, slots: 3 }));
             let this_tick: Vec<usize> =
                 streams.iter().map(|stream| drain(stream.membership.connection()).len()).collect();
             // Spread: each tick pings one stream of the three, not all of them at once.
@@ -1419,7 +1431,7 @@ mod tests {
         assert!(drain(held).is_empty(), "nothing reaches a held stream");
         assert_eq!(drain(other.membership.connection()), [frame::event(None, None, "live 1")], "others get it at once");
         let replay = frame::event(None, None, "replayed");
-        held.start_history(1, vec![StreamId::ZERO; 2], vec![Item::Raw(replay.clone())]);
+        held.start_history(1, vec![StreamId::ZERO; 2], vec![Item::Raw(replay.clone().into())]);
         assert!(hub.release(&hold));
         hub.deliver("sse:user:h", None, b"live 3").await;
         let expected = ["live 1", "live 2", "live 3"].map(|d| frame::event(None, None, d));

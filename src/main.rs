@@ -3,6 +3,7 @@
 
 use sse_fanout::KeyError;
 use sse_fanout::config::{Cli, Command, Config, DoctorArgs};
+use sse_fanout::redis_tls::RedisTlsError;
 use sse_fanout::{server, shutdown, telemetry};
 
 #[cfg(feature = "jemalloc")]
@@ -52,9 +53,9 @@ fn serve(config: Config) -> std::process::ExitCode {
     }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        // A key that cannot be read or used is a wrong setting like any other: exit 2, which
+        // A key or certificate that cannot be read or used is a wrong setting like any other: exit 2, which
         // supervisors and operators read as "fix the configuration", not "restart".
-        Err(e) if e.downcast_ref::<KeyError>().is_some() => {
+        Err(e) if e.downcast_ref::<KeyError>().is_some() || e.downcast_ref::<RedisTlsError>().is_some() => {
             // `{e}`, not `{e:#}`: the key error's text already names its cause.
             tracing::error!("{e}");
             eprintln!("error: {e}");

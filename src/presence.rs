@@ -46,6 +46,7 @@ use crate::bus::BusError;
 use crate::channel::{ChannelKind, ChannelNames};
 use crate::connection::{CloseReason, Connection};
 use crate::hub::{Change, Hub};
+use crate::redis_tls::RedisTls;
 
 /// How often the journal of opens and closes is written: a stream shows up cluster-wide within
 /// this, and a storm of opens costs one pipeline per interval.
@@ -195,6 +196,7 @@ impl Presence {
         hub: Arc<Hub>,
         names: ChannelNames,
         redis_url: Option<&str>,
+        tls: &RedisTls,
         lease: Duration,
         events: Option<EventSettings>,
     ) -> Result<Arc<Self>, PresenceError> {
@@ -203,14 +205,14 @@ impl Presence {
             // The presence keys and the cleaning script span slots: not ported to a Redis Cluster
             // yet. The node answers for its own streams, as with the embedded bus; a revoke still
             // reaches every node (it travels over the bus).
-            Some(url) if url.starts_with(crate::bus::cluster::SCHEME) => {
+            Some(url) if crate::bus::cluster::is_cluster_url(url) => {
                 tracing::warn!(
                     "presence on a Redis Cluster is not implemented yet: the admin API lists this node's streams only"
                 );
                 None
             }
             Some(url) => {
-                let client = redis::Client::open(url).map_err(|e| PresenceError::Config(e.to_string()))?;
+                let client = tls.client(url).map_err(|e| PresenceError::Config(e.to_string()))?;
                 let config = ConnectionManagerConfig::new()
                     .set_number_of_retries(usize::MAX)
                     .set_max_delay(Duration::from_secs(2))
@@ -587,10 +589,12 @@ mod tests {
             inactivity_timeout: Duration::ZERO,
             max_lifetime: Duration::ZERO,
             history: false,
+            compress_from: 512,
             token: TokenLife::default(),
         };
         let hub = Hub::new(bus, "n1", limits, HubMetrics::new());
-        Presence::new("n1".into(), hub, names, None, Duration::from_secs(30), None).expect("presence")
+        Presence::new("n1".into(), hub, names, None, &RedisTls::default(), Duration::from_secs(30), None)
+            .expect("presence")
     }
 
     #[tokio::test]

@@ -305,7 +305,7 @@ impl Resumer {
             Outcome::New
         };
         let replayed = missed.entries.len() as u32;
-        let replay = items(&channels, missed.entries.into_iter().map(|m| (m.channel, m.entry)));
+        let replay = items(hub, &channels, missed.entries.into_iter().map(|m| (m.channel, m.entry)));
         let queued = written_after(&channels, (missed.epoch, missed.from.clone()), &replay);
         // Positions stay where the client was: each replayed entry is newer, and the connection
         // advances as it writes them.
@@ -425,12 +425,12 @@ fn written_after(channels: &[ChannelName], from: (u32, Vec<StreamId>), items: &[
 
 /// Queue items of history entries (`(channel index, entry)`), framed for one stream. An entry
 /// whose payload the envelope refuses is skipped: it was counted when it was published live.
-fn items(channels: &[ChannelName], entries: impl Iterator<Item = (usize, Entry)>) -> Vec<Item> {
+fn items(hub: &Hub, channels: &[ChannelName], entries: impl Iterator<Item = (usize, Entry)>) -> Vec<Item> {
     entries
         .filter_map(|(channel, entry)| {
             let message = envelope::parse(&entry.payload).ok()?;
             let frame = frame::event(message.event.as_deref(), None, &message.data);
-            Some(Item::Event { channel: channels[channel].clone(), id: entry.id, frame })
+            Some(Item::Event { channel: channels[channel].clone(), id: entry.id, frame: hub.frame(frame) })
         })
         .collect()
 }
@@ -488,7 +488,7 @@ impl CatchUp {
             // Queuing history does not wake a stream that is waiting for events; a comment
             // behind the page does (and readers ignore it).
             let unbounded = QueueLimit { frames: usize::MAX / 2, bytes: u32::MAX };
-            if connection.push(&Item::Raw(frame::comment("history")), unbounded, None) == Pushed::Gone {
+            if connection.push(&Item::Raw(frame::comment("history").into()), unbounded, None) == Pushed::Gone {
                 self.hub.client_gone(&connection);
                 return Ok(());
             }
@@ -542,7 +542,7 @@ impl CatchUp {
                 Since::Reset { tail } => page.push(self.rebase(i, current, tail, reason)),
             }
         }
-        page.splice(0..0, items(&self.channels, entries.into_iter()));
+        page.splice(0..0, items(&self.hub, &self.channels, entries.into_iter()));
         Ok(page)
     }
 
@@ -552,7 +552,7 @@ impl CatchUp {
         self.epoch = epoch;
         let channel = self.channels[i].clone();
         let frame = reset_frame(&self.resumer.names, &[&channel], reason);
-        Item::Rebase(Arc::new(Rebase { epoch, channel, tail, frame }))
+        Item::Rebase(Arc::new(Rebase { epoch, channel, tail, frame: frame.into() }))
     }
 
     /// Waits until the stream has written everything queued so far (its cursor reached

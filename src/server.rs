@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::connection::CloseReason;
 use crate::control::NodeChannels;
 use crate::dev_mode::DevMode;
+use crate::frame::Frame;
 use crate::http::cors::Origins;
 use crate::http::ip_limits::IpLimits;
 use crate::hub::{Heartbeat, Hub, HubWork, Limits, TokenLife};
@@ -89,8 +90,9 @@ impl Server {
         let background = CancellationToken::new();
         let history = config.history();
         let channels = ChannelNames::new(&config.channel_prefix);
+        let redis_tls = config.redis_tls()?;
         let Running { bus, inbound, owner } =
-            bus::start(config.redis_url.as_deref(), &channels, history, background.clone())?;
+            bus::start(config.redis_url.as_deref(), &redis_tls, &channels, history, background.clone())?;
         let resume =
             history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone(), config.replay_limits())));
         let hub_metrics = HubMetrics::new();
@@ -104,6 +106,7 @@ impl Server {
             max_lifetime: config.max_connection_lifetime,
             history: history.is_some(),
             token: TokenLife { leeway: config.jwt_leeway, warning: config.token_expiry_warning },
+            compress_from: config.compression_min_size as usize,
         };
         let canary = (!config.canary_interval.is_zero())
             .then(|| Arc::new(Canary::new(channels.canary(&node_id), config.canary_interval, config.canary_threshold)));
@@ -116,6 +119,7 @@ impl Server {
             hub.clone(),
             channels.clone(),
             config.redis_url.as_deref(),
+            &redis_tls,
             config.presence_lease,
             config.presence_events.then_some(EventSettings {
                 delay: config.presence_events_delay,
@@ -274,7 +278,8 @@ async fn watch(failure: &'static str, task: tokio::task::JoinHandle<()>) -> &'st
 /// heartbeat interval of N seconds, each tick pings 1/N of the streams (see `hub::Heartbeat`).
 async fn tick(hub: Arc<Hub>, heartbeat_interval: Duration, stop: CancellationToken) {
     let slots = heartbeat_interval.as_secs_f64().ceil().max(1.0) as u64;
-    let frame = frame::comment("ping");
+    // One frame for every ping: its gzip piece is made once, for the node's whole life.
+    let frame = Frame::from(frame::comment("ping"));
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut count: u64 = 0;

@@ -438,7 +438,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 /// streams resume from before the first one at once, 3 GB of replay in all. Before history was
 /// read in pages, one such resume made Redis copy the whole 60 MB in one call (15 of them held
 /// PING for 11 s) and one `/api/history` raised the node to 192 MB. Now: Redis answers PING in
-/// under 100 ms throughout, `/readyz` stays 200, the node's peak RSS stays under 96 MiB (each
+/// under a second throughout (30 ms when the machine is not overloaded), `/readyz` stays 200, the node's peak RSS stays under 96 MiB (each
 /// stream holds at most two 256 KiB pages, and the node has 2 MiB of reads in flight), and every
 /// stream gets all 1,000 entries in order. Measured on the 2-core test machine under a load
 /// average of 7: 22 s for the 3 GB, Redis's slowest PING 30 ms, the node's peak RSS 12 MiB.
@@ -518,8 +518,10 @@ async fn a_resume_storm_over_a_large_history_keeps_redis_and_the_node_responsive
         now / 1024
     );
     let slowlog = redis.command(&["SLOWLOG", "GET", "5"]).await.unwrap_or_default();
+    // The stall this guards against held PING for 11 s; the margin is for a loaded machine
+    // (368 ms was seen once under a load average of 19, with Redis itself fine).
     assert!(
-        slowest_ping < Duration::from_millis(100) && failed_pings == 0,
+        slowest_ping < Duration::from_secs(1) && failed_pings == 0,
         "Redis PING took {slowest_ping:?} ({failed_pings} failed); its slow log:\n{slowlog}"
     );
     assert_eq!(not_ready, 0, "/readyz did not answer 200 {not_ready} times");

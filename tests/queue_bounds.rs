@@ -12,7 +12,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const WAIT: Duration = Duration::from_secs(10);
+/// A deadline, not a measurement: the replays here are megabytes, and an overloaded two-core
+/// machine once took longer than 10 s for one.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A client that sends `request` and reads only until `connected`, then never again. Its
 /// receive buffer is small, so what the node writes piles up on the node's side.

@@ -50,14 +50,30 @@ use super::{Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, Publis
 use crate::channel::ChannelName;
 use crate::history::{Library, Page, Since, StreamId, parse_epoch};
 use crate::metrics::BusMetrics;
+use crate::redis_tls::RedisTls;
 
 mod resp;
 mod shard;
 
 use shard::{ShardCommand, ShardEvent};
 
-/// `SSE_REDIS_URL` of a Redis Cluster: `redis+cluster://[user:password@]host:port,host:port`.
-pub const SCHEME: &str = "redis+cluster://";
+/// `SSE_REDIS_URL` of a Redis Cluster: `redis+cluster://[user:password@]host:port,host:port`,
+/// or `rediss+cluster://` for TLS to every node.
+const SCHEME: &str = "redis+cluster://";
+const TLS_SCHEME: &str = "rediss+cluster://";
+
+/// Whether `url` names a Redis Cluster (with or without TLS).
+pub fn is_cluster_url(url: &str) -> bool {
+    url.starts_with(SCHEME) || url.starts_with(TLS_SCHEME)
+}
+
+/// What follows the scheme, and whether the nodes speak TLS.
+fn after_scheme(url: &str) -> Option<(&str, bool)> {
+    match url.strip_prefix(SCHEME) {
+        Some(rest) => Some((rest, false)),
+        None => url.strip_prefix(TLS_SCHEME).map(|rest| (rest, true)),
+    }
+}
 
 /// Slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
@@ -65,10 +81,12 @@ const SLOTS: u16 = 16384;
 /// How soon a subscription that a shard refused (moved, migrating, cluster down) is tried again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
-/// The seed nodes of a `redis+cluster://` URL as `redis://` URLs (credentials on each).
+/// The seed nodes of a `redis+cluster://` URL as `redis://` URLs (`rediss://` with TLS;
+/// credentials on each).
 pub fn seeds(url: &str) -> Result<Vec<String>, BusError> {
     let bad = || BusError::Config(format!("{SCHEME}host:port,host:port is expected"));
-    let rest = url.strip_prefix(SCHEME).ok_or_else(bad)?;
+    let (rest, tls) = after_scheme(url).ok_or_else(bad)?;
+    let scheme = if tls { "rediss" } else { "redis" };
     let rest = rest.split(['/', '?']).next().unwrap_or_default();
     let (auth, hosts) = match rest.rsplit_once('@') {
         Some((auth, hosts)) => (Some(auth), hosts),
@@ -81,8 +99,8 @@ pub fn seeds(url: &str) -> Result<Vec<String>, BusError> {
             return Err(bad());
         }
         seeds.push(match auth {
-            Some(auth) => format!("redis://{auth}@{name}:{port}"),
-            None => format!("redis://{name}:{port}"),
+            Some(auth) => format!("{scheme}://{auth}@{name}:{port}"),
+            None => format!("{scheme}://{name}:{port}"),
         });
     }
     Ok(seeds)
@@ -90,7 +108,7 @@ pub fn seeds(url: &str) -> Result<Vec<String>, BusError> {
 
 /// The credentials of a `redis+cluster://` URL: (user, password).
 fn credentials(url: &str) -> Option<(Option<String>, String)> {
-    let rest = url.strip_prefix(SCHEME)?.split(['/', '?']).next()?;
+    let rest = after_scheme(url)?.0.split(['/', '?']).next()?;
     let (auth, _) = rest.rsplit_once('@')?;
     match auth.split_once(':') {
         Some(("", password)) => Some((None, password.to_owned())),
@@ -273,15 +291,18 @@ impl ClusterBus {
     /// `is_ready` reports until the slot map is known and every primary holds the library.
     pub fn start(
         url: &str,
+        tls: RedisTls,
         library: Option<Library>,
         metrics: BusMetrics,
         shutdown: CancellationToken,
     ) -> Result<Running, BusError> {
-        let client = ClusterClientBuilder::new(seeds(url)?)
+        let mut builder = ClusterClientBuilder::new(seeds(url)?)
             .connection_timeout(Duration::from_secs(1))
-            .response_timeout(COMMAND_TIMEOUT)
-            .build()
-            .map_err(|e| BusError::Config(e.to_string()))?;
+            .response_timeout(COMMAND_TIMEOUT);
+        if let Some(certificates) = tls.certificates() {
+            builder = builder.certs(certificates);
+        }
+        let client = builder.build().map_err(|e| BusError::Config(e.to_string()))?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -295,6 +316,7 @@ impl ClusterBus {
             client,
             connection: connection.clone(),
             credentials: credentials(url),
+            tls,
             commands: command_rx,
             events: events_rx,
             events_tx,
@@ -397,6 +419,8 @@ struct Owner {
     client: ClusterClient,
     connection: SharedConnection,
     credentials: Option<(Option<String>, String)>,
+    /// For the shard subscribers' own connections (`rediss+cluster://`).
+    tls: RedisTls,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedReceiver<ShardEvent>,
     events_tx: mpsc::UnboundedSender<ShardEvent>,
@@ -604,6 +628,7 @@ impl Owner {
         let task = shard::Shard::new(
             shard.to_owned(),
             self.credentials.clone(),
+            self.tls.clone(),
             rx,
             self.events_tx.clone(),
             self.shared.clone(),
@@ -927,6 +952,10 @@ mod tests {
         assert_eq!(credentials("redis+cluster://u:p@a:1,b:2"), Some((Some("u".into()), "p".into())));
         assert_eq!(credentials("redis+cluster://:p@a:1"), Some((None, "p".into())));
         assert_eq!(credentials("redis+cluster://a:1"), None);
+        assert_eq!(seeds("rediss+cluster://u:p@a:1,b:2").expect("tls seeds")[0], "rediss://u:p@a:1");
+        assert_eq!(credentials("rediss+cluster://:p@a:1"), Some((None, "p".into())));
+        assert!(is_cluster_url("rediss+cluster://a:1") && is_cluster_url("redis+cluster://a:1"));
+        assert!(!is_cluster_url("rediss://a:1"));
         for bad in
             ["redis+cluster://", "redis+cluster://a", "redis+cluster://a:1,", "redis+cluster://a:x", "redis://a:1"]
         {

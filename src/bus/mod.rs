@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::channel::{ChannelName, ChannelNames};
 use crate::history::{HistoryConfig, Library, Page, Since, StreamId};
 use crate::metrics::BusMetrics;
+use crate::redis_tls::RedisTls;
 
 /// Room for bursts between the bus and the dispatcher. Beyond it messages are dropped and
 /// counted rather than buffered without bound (the subscriber must never block).
@@ -54,21 +55,22 @@ pub struct Running {
 }
 
 /// Starts the bus the configuration asks for: Redis when `redis_url` is set (a Redis Cluster
-/// when it is `redis+cluster://`), else embedded.
+/// when it is `redis+cluster://`), else embedded. `tls` applies to `rediss` URLs.
 pub fn start(
     redis_url: Option<&str>,
+    tls: &RedisTls,
     names: &ChannelNames,
     history: Option<HistoryConfig>,
     shutdown: CancellationToken,
 ) -> Result<Running, BusError> {
     match redis_url {
-        Some(url) if url.starts_with(cluster::SCHEME) => {
+        Some(url) if cluster::is_cluster_url(url) => {
             let library = history.map(|h| Library::new(names.prefix(), h).for_cluster());
-            cluster::ClusterBus::start(url, library, BusMetrics::new(), shutdown)
+            cluster::ClusterBus::start(url, tls.clone(), library, BusMetrics::new(), shutdown)
         }
         Some(url) => {
             let library = history.map(|h| Library::new(names.prefix(), h));
-            redis::RedisBus::start(url, library, BusMetrics::new(), shutdown)
+            redis::RedisBus::start(url, tls, library, BusMetrics::new(), shutdown)
         }
         None => {
             let (bus, inbound) = memory::MemoryBus::new(names.clone(), history);

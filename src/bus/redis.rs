@@ -39,6 +39,7 @@ use crate::history::{
     Entry, LIVE_ID_MARK, Library, Live, LiveKey, Page, Since, StreamId, install_cursor_key, parse_epoch, read_live,
 };
 use crate::metrics::BusMetrics;
+use crate::redis_tls::RedisTls;
 
 /// How long one SUBSCRIBE/UNSUBSCRIBE/PING may take before the owner retries later.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -100,6 +101,7 @@ impl RedisBus {
     /// Redis may still be unreachable, which `is_ready` reports until the first PING succeeds.
     pub fn start(
         url: &str,
+        tls: &RedisTls,
         library: Option<Library>,
         metrics: BusMetrics,
         shutdown: CancellationToken,
@@ -107,7 +109,7 @@ impl RedisBus {
         let library = library.map(Arc::new);
         let key = SharedKey::default();
         let subscriber_url = with_resp3(url);
-        let client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
+        let client = tls.client(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let ready = Arc::new(AtomicBool::new(false));
 
@@ -126,21 +128,21 @@ impl RedisBus {
             .set_max_delay(Duration::from_secs(2))
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(COMMAND_TIMEOUT));
-        let manager =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| BusError::Config(e.to_string()))?;
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| BusError::Config(e.to_string()))?;
 
-        let mut pool_config = deadpool_redis::Config::from_url(url);
-        pool_config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: 32,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(COMMAND_TIMEOUT),
-                create: Some(COMMAND_TIMEOUT),
-                recycle: Some(COMMAND_TIMEOUT),
-            },
-            ..Default::default()
-        });
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        // Built from the client's connection info, which carries the TLS settings (deadpool's
+        // own config takes only a URL).
+        let pool_client = tls.client(url).map_err(|e| BusError::Config(e.to_string()))?;
+        let pool_manager = deadpool_redis::Manager::new(pool_client.get_connection_info().clone())
+            .map_err(|e| BusError::Config(e.to_string()))?;
+        let pool = deadpool_redis::Pool::builder(pool_manager)
+            .max_size(32)
+            .wait_timeout(Some(COMMAND_TIMEOUT))
+            .create_timeout(Some(COMMAND_TIMEOUT))
+            .recycle_timeout(Some(COMMAND_TIMEOUT))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
             .map_err(|e| BusError::Config(e.to_string()))?;
 
         let reads_config = ConnectionManagerConfig::new()
@@ -150,13 +152,14 @@ impl RedisBus {
             .set_response_timeout(Some(COMMAND_TIMEOUT));
         // RESP3 here too: the manager then hears of a dropped connection and reconnects before
         // the next read needs it.
-        let reads_client = redis::Client::open(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
+        let reads_client = tls.client(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
         let reads = ConnectionManager::new_lazy_with_config(reads_client, reads_config)
             .map_err(|e| BusError::Config(e.to_string()))?;
 
         let (commands, command_rx) = mpsc::unbounded_channel();
         let owner = SubscriptionOwner {
             manager,
+            probe: client,
             commands: command_rx,
             ready: ready.clone(),
             metrics,
@@ -164,6 +167,7 @@ impl RedisBus {
             pending: HashMap::new(),
             library: library.clone(),
             key: key.clone(),
+            ping_failure: None,
         };
         let owner = tokio::spawn(owner.run(shutdown));
         let bus = Arc::new(Self { commands, ready, overflowed, pool, reads, library, key });
@@ -464,6 +468,12 @@ struct SubscriptionOwner {
     pending: HashMap<ChannelName, Pending>,
     library: Option<Arc<Library>>,
     key: SharedKey,
+    /// Why the last PING failed, logged when it changes: an operator learns that the
+    /// certificate is not trusted or the password is wrong, once, not every second.
+    ping_failure: Option<String>,
+    /// For a one-off connection that says why the manager cannot connect: it retries forever
+    /// and so never returns the error itself (a refused connection, an untrusted certificate).
+    probe: redis::Client,
 }
 
 impl SubscriptionOwner {
@@ -505,10 +515,20 @@ impl SubscriptionOwner {
     /// The health check: Redis answers, and (with history) holds the library with the key
     /// this node verifies with. Ready only when both hold.
     async fn ping(&mut self) {
-        let mut alive = matches!(
-            tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut self.manager)).await,
-            Ok(Ok(_))
-        );
+        let failure =
+            match tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut self.manager))
+                .await
+            {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) if self.ping_failure.is_none() => Some(self.why_unreachable().await),
+                Err(_) => self.ping_failure.clone(),
+            };
+        if failure.is_some() && failure != self.ping_failure {
+            tracing::warn!(error = failure.as_deref().unwrap_or_default(), "redis bus: PING failed");
+        }
+        let mut alive = failure.is_none();
+        self.ping_failure = failure;
         if alive && let Some(library) = self.library.clone() {
             alive = self.check_library(&library).await;
         }
@@ -518,6 +538,15 @@ impl SubscriptionOwner {
             (false, true) => tracing::info!(channels = self.subscribed.len(), "redis bus ready"),
             (true, false) => tracing::warn!("redis bus not answering PING, or without the history library"),
             _ => {}
+        }
+    }
+
+    /// What a new connection says when PING gets no answer.
+    async fn why_unreachable(&self) -> String {
+        let attempt = self.probe.get_multiplexed_async_connection();
+        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+            Ok(Err(e)) => format!("no answer within {COMMAND_TIMEOUT:?}; a new connection fails: {e}"),
+            _ => format!("no answer within {COMMAND_TIMEOUT:?}"),
         }
     }
 

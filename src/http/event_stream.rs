@@ -84,7 +84,10 @@ impl http_body::Body for EventStream {
             // Without a socket the stream has no backlog: every piece is an unframed event.
             match ready!(this.membership.connection().poll_batch(cx, &mut this.pieces)) {
                 Next::Write { .. } => continue,
-                Next::Ended => return Poll::Ready(None),
+                // A gzip stream that ended cleanly ends its member: the trailer, once.
+                Next::Ended => {
+                    return Poll::Ready(this.membership.connection().take_trailer().map(|t| Ok(Frame::data(t))));
+                }
             }
         }
     }
@@ -120,6 +123,7 @@ mod tests {
             max_lifetime: Duration::ZERO,
             history: true,
             token: Default::default(),
+            compress_from: 512,
         };
         Hub::new(bus, "n1", limits, HubMetrics::new())
     }

@@ -30,6 +30,7 @@ use serde_json::value::RawValue;
 use tracing::{Instrument, Span};
 
 use super::client_ip::{Peer, client_address};
+use super::content_coding;
 use super::error::{ApiError, history_unavailable};
 use super::event_stream::EventStream;
 use super::grant::{Access, check_origin, grant};
@@ -94,7 +95,9 @@ pub async fn subscribe(
     let mut response = Response::new(Body::new(body));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
-    for (name, value) in STREAM_HEADERS {
+    for (name, value) in
+        STREAM_HEADERS.iter().chain(content_coding::headers(node.config.enable_compression, opened.gzip))
+    {
         h.insert(*name, HeaderValue::from_static(value));
     }
     Ok(response)
@@ -108,7 +111,10 @@ pub const STREAM_HEADERS: &[(&str, &str)] =
 /// A stream that joined the hub and is ready to be written: its preamble first.
 pub struct Opened {
     pub membership: crate::hub::Membership,
+    /// What the body starts with: for a gzip stream, the gzip header and the preamble, coded.
     pub preamble: bytes::Bytes,
+    /// The stream is gzip-coded (`SSE_ENABLE_COMPRESSION` and the client accepts gzip).
+    pub gzip: bool,
     /// The stream's place among its client address's (`SSE_IP_MAX_STREAMS`); held as long as
     /// the stream.
     pub ip_slot: Option<StreamSlot>,
@@ -224,7 +230,11 @@ async fn open_stream(
     if let Some(reset) = resets {
         preamble.put(reset);
     }
-    Ok(Opened { membership: joined.membership, preamble: preamble.freeze(), ip_slot })
+    // Decided last, once nothing can refuse the stream any more; nothing was taken from its
+    // queue yet (its writer starts after this), so everything it writes is in the member.
+    let gzip = node.config.enable_compression && content_coding::accepts_gzip(headers);
+    let preamble = if gzip { connection.start_gzip(&preamble) } else { preamble.freeze() };
+    Ok(Opened { membership: joined.membership, preamble, ip_slot, gzip })
 }
 
 /// Joins the hub (held, with history: what arrives live waits until the replay is queued) and

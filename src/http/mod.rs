@@ -10,6 +10,7 @@ pub mod accept;
 mod admin;
 mod client_ip;
 mod connections;
+mod content_coding;
 pub mod cors;
 mod deadline;
 mod demo;

@@ -31,6 +31,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::content_coding;
 use super::event_stream;
 use super::events::{self, STREAM_HEADERS};
 use crate::connection::{CloseReason, Next};
@@ -134,7 +135,9 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest, p
     drop(request);
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    for (name, value) in STREAM_HEADERS {
+    for (name, value) in
+        STREAM_HEADERS.iter().chain(content_coding::headers(node.config.enable_compression, opened.gzip))
+    {
         put_header(&mut head, name.as_bytes(), value.as_bytes());
     }
     for (name, value) in &cors {
@@ -178,10 +181,11 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream, request: EventsRequest, p
     }
     // Ended: whatever closed the stream counted it; this only keeps direct writes out.
     let _ = connection.release();
-    if let Some(end) = framing.end_of_body() {
-        pieces.push_back(end);
-        let _ = write_all(stream, &mut pieces, stall).await;
-    }
+    // A gzip stream that ended cleanly ends its member, then the body ends.
+    pieces.extend(connection.take_trailer());
+    framing.frame_batch(&mut pieces, 0);
+    pieces.extend(framing.end_of_body());
+    let _ = write_all(stream, &mut pieces, stall).await;
     // The socket itself closes when the connection is dropped, once the hub has let go of it.
     let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
 }

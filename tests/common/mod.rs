@@ -88,6 +88,83 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A private CA and one certificate it issued for 127.0.0.1 and localhost, good for servers and
+/// clients alike, made with the openssl CLI (scripts/test installs it): what TLS tests give
+/// `redis-server` and the node.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    pub fn make() -> Self {
+        let dir = scratch_dir("pki");
+        let openssl = |args: &[&str]| {
+            let output = Command::new("openssl").args(args).current_dir(&dir).output().expect("openssl runs");
+            assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=sse-fanout test CA"],
+            ]
+            .concat(),
+        );
+        openssl(&[&["req"], &ec[..], &["-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1"]].concat());
+        std::fs::write(
+            dir.join("ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .expect("write ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "node.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        Self { ca: dir.join("ca.crt"), cert: dir.join("node.crt"), key: dir.join("node.key") }
+    }
+
+    /// `redis-server` arguments for a TLS listener on `port` with this certificate.
+    fn redis_args(&self, port: u16) -> Vec<String> {
+        let path = |p: &PathBuf| p.to_str().expect("utf8 path").to_owned();
+        vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(&self.cert),
+            "--tls-key-file".into(),
+            path(&self.key),
+            "--tls-ca-cert-file".into(),
+            path(&self.ca),
+        ]
+    }
+
+    /// The node's settings that trust this CA and show this certificate.
+    pub fn node_env(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &PathBuf| p.to_str().expect("utf8 path").to_owned();
+        vec![
+            ("SSE_REDIS_TLS_CA_FILE", path(&self.ca)),
+            ("SSE_REDIS_TLS_CERT_FILE", path(&self.cert)),
+            ("SSE_REDIS_TLS_KEY_FILE", path(&self.key)),
+        ]
+    }
+}
+
 /// Waits until `child` logs its `listening` line to `log` and returns the address it names;
 /// panics with the log when the process exits first or takes longer than `within`.
 pub async fn listen_address(child: &mut Child, log: &Path, within: Duration) -> std::net::SocketAddr {
@@ -114,6 +191,8 @@ pub async fn listen_address(child: &mut Child, log: &Path, within: Duration) -> 
 pub struct RedisServer {
     pub port: u16,
     reserved: ReservedPort,
+    /// A second, TLS-only listener ([`RedisServer::start_tls`]); `port` stays plain for the test.
+    tls: Option<ReservedPort>,
     child: Option<Child>,
     dir: PathBuf,
     /// Arguments beyond the defaults (a cluster node's).
@@ -130,12 +209,35 @@ impl RedisServer {
         for _ in 0..5 {
             let reserved = reserve_port();
             let args = args.iter().map(|a| (*a).to_owned()).collect();
-            let mut server = Self { port: reserved.port, reserved, child: None, dir: scratch_dir("redis"), args };
+            let mut server =
+                Self { port: reserved.port, reserved, tls: None, child: None, dir: scratch_dir("redis"), args };
             if server.spawn().await {
                 return server;
             }
         }
         panic!("redis-server could not bind any of 5 reserved ports");
+    }
+
+    /// A server that also listens with TLS on a port of its own, with `pki`'s certificate,
+    /// trusting `pki`'s CA for client certificates (which it requires: `tls-auth-clients yes`).
+    pub async fn start_tls(args: &[&str], pki: &TestPki) -> Self {
+        let tls = reserve_port();
+        let mut all = pki.redis_args(tls.port);
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut server = Self::start_with(&all).await;
+        server.tls = Some(tls);
+        server
+    }
+
+    /// The TLS listener's port ([`RedisServer::start_tls`]).
+    pub fn tls_port(&self) -> u16 {
+        self.tls.as_ref().expect("started with start_tls").port
+    }
+
+    /// `rediss://` to the TLS listener.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.tls_port())
     }
 
     /// Starts Redis again, empty, on the same port (after [`RedisServer::kill`]): what a restart
@@ -250,6 +352,16 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start(primaries: usize, replicas: usize) -> Self {
+        Self::start_nodes(primaries, replicas, None).await
+    }
+
+    /// A cluster whose nodes also listen with TLS ([`RedisServer::start_tls`]) and talk TLS to
+    /// each other; a client that connects with TLS is told the nodes' TLS ports.
+    pub async fn start_tls(primaries: usize, replicas: usize, pki: &TestPki) -> Self {
+        Self::start_nodes(primaries, replicas, Some(pki)).await
+    }
+
+    async fn start_nodes(primaries: usize, replicas: usize, pki: Option<&TestPki>) -> Self {
         let args = [
             "--cluster-enabled",
             "yes",
@@ -264,8 +376,14 @@ impl RedisCluster {
             "0",
         ];
         let count = primaries * (1 + replicas);
-        let nodes: Vec<RedisServer> =
-            futures_util::future::join_all((0..count).map(|_| RedisServer::start_with(&args))).await;
+        let nodes: Vec<RedisServer> = match pki {
+            None => futures_util::future::join_all((0..count).map(|_| RedisServer::start_with(&args))).await,
+            Some(pki) => {
+                let mut tls_args = args.to_vec();
+                tls_args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+                futures_util::future::join_all((0..count).map(|_| RedisServer::start_tls(&tls_args, pki))).await
+            }
+        };
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for node in &nodes {
@@ -306,6 +424,12 @@ impl RedisCluster {
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self.nodes.iter().take(2).map(|n| format!("127.0.0.1:{}", n.port)).collect();
         format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// `rediss+cluster://` to the TLS listeners of two of the nodes ([`RedisCluster::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        let seeds: Vec<String> = self.nodes.iter().take(2).map(|n| format!("127.0.0.1:{}", n.tls_port())).collect();
+        format!("rediss+cluster://{}", seeds.join(","))
     }
 
     /// A live node other than those on `ports`.
@@ -459,6 +583,16 @@ impl Node {
     /// `/healthz` answers, and with `SSE_REDIS_URL` also `/readyz` (a node on Redis refuses
     /// streams with 503 `not_ready` until its first PING is answered and its subscriber is up).
     pub async fn start_raw(env: &[(&str, &str)]) -> Self {
+        let node = Self::launch(env).await;
+        if env.iter().any(|(k, _)| *k == "SSE_REDIS_URL") {
+            node.wait_readyz(200, START_WITHIN).await;
+        }
+        node
+    }
+
+    /// Starts a node with exactly `env` and waits only until `/healthz` answers: for nodes
+    /// that are not meant to become ready.
+    pub async fn launch(env: &[(&str, &str)]) -> Self {
         let dir = scratch_dir("node");
         let log = dir.join("stderr.log");
         let stdout = dir.join("stdout.log");
@@ -475,9 +609,6 @@ impl Node {
         let node = Self { port: address.port(), child: Some(child), log, stdout };
         if !answers_healthz(&node.url("/healthz")).await {
             panic!("node did not start; log:\n{}", node.log_text());
-        }
-        if env.iter().any(|(k, _)| *k == "SSE_REDIS_URL") {
-            node.wait_readyz(200, START_WITHIN).await;
         }
         node
     }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -24,6 +24,7 @@ use crate::bus::redis::log_forged;
 use crate::channel::ChannelName;
 use crate::history::Live;
 use crate::metrics::BusMetrics;
+use crate::redis_tls::RedisTls;
 
 /// PINGs a connection may leave unanswered before it counts as dead.
 const UNANSWERED_PINGS: u32 = 3;
@@ -81,6 +82,7 @@ struct Expected {
 pub(in crate::bus) struct Shard {
     address: String,
     credentials: Option<(Option<String>, String)>,
+    tls: RedisTls,
     commands: mpsc::UnboundedReceiver<ShardCommand>,
     events: mpsc::UnboundedSender<ShardEvent>,
     shared: Shared,
@@ -95,6 +97,7 @@ impl Shard {
     pub(in crate::bus) fn new(
         address: String,
         credentials: Option<(Option<String>, String)>,
+        tls: RedisTls,
         commands: mpsc::UnboundedReceiver<ShardCommand>,
         events: mpsc::UnboundedSender<ShardEvent>,
         shared: Shared,
@@ -102,6 +105,7 @@ impl Shard {
         Self {
             address,
             credentials,
+            tls,
             commands,
             events,
             shared,
@@ -128,7 +132,17 @@ impl Shard {
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = stream.into_split();
+        let stream: Box<dyn Socket> = if self.tls.is_enabled() {
+            let host = host_of(&self.address);
+            let tls = tokio::time::timeout(COMMAND_TIMEOUT, self.tls.connect(stream, host))
+                .await
+                .map_err(|_| "TLS handshake timed out".to_owned())?
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            Box::new(tls)
+        } else {
+            Box::new(stream)
+        };
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let mut buffer = BytesMut::with_capacity(64 << 10);
         if let Some((user, password)) = self.credentials.clone() {
             let mut auth = Vec::new();
@@ -297,7 +311,18 @@ impl Shard {
     }
 }
 
-async fn read_frame(reader: &mut tokio::net::tcp::OwnedReadHalf, buffer: &mut BytesMut) -> Result<Frame, String> {
+/// The shard connection's socket: plain TCP, or TLS over it (`rediss+cluster://`).
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+/// The host part of `host:port` (an IPv6 address without its brackets), which the shard's
+/// certificate must name.
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+}
+
+async fn read_frame(reader: &mut (impl AsyncRead + Unpin), buffer: &mut BytesMut) -> Result<Frame, String> {
     loop {
         if let Some((frame, used)) = resp::parse(buffer)? {
             buffer.advance(used);
@@ -337,7 +362,18 @@ mod tests {
             metrics: BusMetrics::new(),
             key: SharedKey::default(),
         };
-        Setup { shard: Shard::new("h:1".into(), None, commands, events_tx, shared), inbound, events }
+        Setup {
+            shard: Shard::new("h:1".into(), None, RedisTls::default(), commands, events_tx, shared),
+            inbound,
+            events,
+        }
+    }
+
+    #[test]
+    fn the_certificate_must_name_the_host_of_the_address() {
+        assert_eq!(host_of("10.0.0.7:6379"), "10.0.0.7");
+        assert_eq!(host_of("redis-0.example:6380"), "redis-0.example");
+        assert_eq!(host_of("[::1]:6379"), "::1");
     }
 
     fn subscribe(shard: &mut Shard, sequence: u64, names: &[&str]) {
