@@ -9,6 +9,7 @@
 mod awake;
 mod cli;
 mod client;
+mod cluster;
 mod floor;
 mod histogram;
 mod http_stream;
