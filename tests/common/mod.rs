@@ -208,13 +208,25 @@ impl RedisServer {
 
     /// A server with extra `redis-server` arguments.
     pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_listening(args, None).await
+    }
+
+    /// Each attempt reserves its ports afresh: what failed to bind may be the port, its TLS
+    /// twin or a cluster bus port (either one plus 10000), none of which a retry should reuse.
+    async fn start_listening(args: &[&str], pki: Option<&TestPki>) -> Self {
         for _ in 0..5 {
             let reserved = reserve_port();
-            let args = args.iter().map(|a| (*a).to_owned()).collect();
+            let tls = pki.map(|_| reserve_port());
+            let mut all: Vec<String> = match (pki, &tls) {
+                (Some(pki), Some(tls)) => pki.redis_args(tls.port),
+                _ => Vec::new(),
+            };
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            let args = all;
             let mut server = Self {
                 port: reserved.port,
                 reserved,
-                tls: None,
+                tls,
                 child: None,
                 dir: scratch_dir("redis"),
                 args,
@@ -258,13 +270,7 @@ impl RedisServer {
     /// A server that also listens with TLS on a port of its own, with `pki`'s certificate,
     /// trusting `pki`'s CA for client certificates (which it requires: `tls-auth-clients yes`).
     pub async fn start_tls(args: &[&str], pki: &TestPki) -> Self {
-        let tls = reserve_port();
-        let mut all = pki.redis_args(tls.port);
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let mut server = Self::start_with(&all).await;
-        server.tls = Some(tls);
-        server
+        Self::start_listening(args, Some(pki)).await
     }
 
     /// The TLS listener's port ([`RedisServer::start_tls`]).
