@@ -102,9 +102,12 @@ pub struct Config {
     #[arg(long, env = "SSE_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (`redis://host:port/db`, `rediss://` for TLS), or a Redis Cluster's seed nodes
-    /// (`redis+cluster://host1:port1,host2:port2`, `rediss+cluster://` for TLS). Unset: the
-    /// embedded in-memory bus (a single node).
+    /// Redis URL (`redis://host:port/db`, `rediss://` for TLS), a Redis Cluster's seed nodes
+    /// (`redis+cluster://host1:port1,host2:port2`, `rediss+cluster://` for TLS), or Redis
+    /// Sentinel's sentinels and master name
+    /// (`redis+sentinel://[user:password@]host1:port1,host2:port2/<master-name>[/<db>]`, the
+    /// credentials and db being the data nodes'; no TLS). Unset: the embedded in-memory bus (a
+    /// single node).
     #[arg(long, env = "SSE_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -526,7 +529,7 @@ pub enum ConfigError {
     #[error("SSE_AUTH_HOOK_TIMEOUT must be from 10ms to 60s")]
     AuthHookTimeout,
     #[error(
-        "SSE_REDIS_URL is not a redis:// or rediss:// URL, or a redis+cluster:// or rediss+cluster://host:port,host:port URL"
+        "SSE_REDIS_URL is not a redis:// or rediss:// URL, a redis+cluster:// or rediss+cluster://host:port,host:port URL, or a redis+sentinel://host:port,host:port/<master-name> URL"
     )]
     RedisUrl,
     #[error("SSE_REDIS_TLS_* apply to TLS connections only: SSE_REDIS_URL must be rediss:// or rediss+cluster://")]
@@ -638,6 +641,8 @@ impl Config {
                 if p.contains(['{', '}']) {
                     return Err(ConfigError::ClusterPrefix);
                 }
+            } else if url.starts_with(crate::bus::sentinel::SCHEME) {
+                crate::bus::sentinel::parse(url).map_err(|_| ConfigError::RedisUrl)?;
             } else if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(ConfigError::RedisUrl);
             }
@@ -1023,6 +1028,9 @@ mod tests {
         assert!(parse(&["--redis-tls-ca-file", "/ca.pem"]).unwrap_err().contains("SSE_REDIS_TLS_*"));
         assert!(parse(&["--redis-url", "rediss://a:1", "--redis-tls-cert-file", "/c.pem"]).is_err());
         assert!(parse(&["--redis-url", "redis+cluster://a:1,b:2"]).is_ok());
+        assert!(parse(&["--redis-url", "redis+sentinel://a:1,b:2/mymaster"]).is_ok());
+        assert!(parse(&["--redis-url", "redis+sentinel://a:1,b:2"]).unwrap_err().contains("SSE_REDIS_URL"));
+        assert!(parse(&["--redis-url", "rediss+sentinel://a:1/m"]).unwrap_err().contains("SSE_REDIS_URL"));
         let braces = parse(&["--redis-url", "redis+cluster://a:1", "--channel-prefix", "s{x}"]).unwrap_err();
         assert!(braces.contains("SSE_CHANNEL_PREFIX"), "{braces}");
         assert!(parse(&["--redis-url", "redis://a:1", "--channel-prefix", "s{x}"]).is_ok(), "single Redis: as before");

@@ -156,7 +156,7 @@ local function read_after(key, pos, budget)
 end
 
 -- FCALL sse_since N <channel>... <cursor epoch> <ms away> <max entries> <max bytes> <position>... [strict]
---   -> {epoch, per channel {'ok', entries, more} or {'reset', tail}}
+--   -> {epoch, per channel {'ok', entries, more} or {'reset', tail} or {'reset', tail, 'lost'}}
 -- One bounded page: at most <max entries> entries and <max bytes> of payload over all channels
 -- (a larger entry comes alone, or with `strict` not at all); a resume asks again from where a
 -- page ended. `strict` comes last so that a node of the previous version, which does not send
@@ -221,6 +221,11 @@ local function since(keys, args)
       else
         info = info or redis.call('XINFO', 'STREAM', key)
         result = { 'reset', field(info, 'last-generated-id') }
+        -- Trimming removes only the oldest entries: a missing position newer than the oldest
+        -- entry kept was lost, not outrun (a failover to a replica that had not received it yet,
+        -- an XDEL). The node then says `history_lost` rather than `window_lost`.
+        local first = field(info, 'first-entry')
+        if pos ~= '0-0' and type(first) == 'table' and cmp(pos, first[1]) > 0 then result[3] = 'lost' end
       end
     end
     out[i + 1] = result

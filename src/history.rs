@@ -64,8 +64,10 @@ pub enum Since {
     /// The entries after the position, oldest first (possibly none). `more`: the page filled
     /// up, so there may be more after the last one; ask again from there.
     Entries { entries: Vec<Entry>, more: bool },
-    /// Continuity cannot be proven; the channel continues from `tail`.
-    Reset { tail: StreamId },
+    /// Continuity cannot be proven; the channel continues from `tail`. `lost`: the position is
+    /// missing although newer than the oldest entry kept, which trimming never does: history was
+    /// lost (a failover to a replica that had not received the last writes), not outrun.
+    Reset { tail: StreamId, lost: bool },
 }
 
 /// How much one history read may return, over all the channels it asks about: at most

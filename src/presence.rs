@@ -43,10 +43,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{UserId, unix_millis, unix_now};
 use crate::bus::BusError;
+use crate::bus::primary::{Follow, Target};
 use crate::channel::{ChannelKind, ChannelNames};
 use crate::connection::{CloseReason, Connection};
 use crate::hub::{Change, Hub};
-use crate::redis_tls::RedisTls;
 
 /// How often the journal of opens and closes is written: a stream shows up cluster-wide within
 /// this, and a storm of opens costs one pipeline per interval.
@@ -181,8 +181,8 @@ pub struct Presence {
     names: ChannelNames,
     started: u64,
     lease: Duration,
-    /// `None` with the embedded bus.
-    redis: Option<ConnectionManager>,
+    /// `None` with the embedded bus. Follows the primary with Redis Sentinel.
+    redis: Option<Arc<Follow>>,
     events: Option<EventSettings>,
     clean_script: redis::Script,
     write_script: redis::Script,
@@ -196,7 +196,7 @@ impl Presence {
         hub: Arc<Hub>,
         names: ChannelNames,
         redis_url: Option<&str>,
-        tls: &RedisTls,
+        target: Option<&Target>,
         lease: Duration,
         events: Option<EventSettings>,
     ) -> Result<Arc<Self>, PresenceError> {
@@ -212,16 +212,19 @@ impl Presence {
                 None
             }
             Some(url) => {
-                let client = tls.client(url).map_err(|e| PresenceError::Config(e.to_string()))?;
-                let config = ConnectionManagerConfig::new()
-                    .set_number_of_retries(usize::MAX)
-                    .set_max_delay(Duration::from_secs(2))
-                    .set_connection_timeout(Some(Duration::from_secs(1)))
-                    .set_response_timeout(Some(COMMAND_TIMEOUT));
-                Some(
-                    ConnectionManager::new_lazy_with_config(client, config)
-                        .map_err(|e| PresenceError::Config(e.to_string()))?,
-                )
+                // The bus's target (with sentinels there must be one watcher per node; it also
+                // carries the TLS settings of a `rediss://` URL).
+                let Some(target) = target.cloned() else {
+                    return Err(PresenceError::Config(format!("no redis target for {url}")));
+                };
+                let config = || {
+                    ConnectionManagerConfig::new()
+                        .set_number_of_retries(usize::MAX)
+                        .set_max_delay(Duration::from_secs(2))
+                        .set_connection_timeout(Some(Duration::from_secs(1)))
+                        .set_response_timeout(Some(COMMAND_TIMEOUT))
+                };
+                Some(Arc::new(Follow::new(target, config).map_err(|e| PresenceError::Config(e.to_string()))?))
             }
         };
         Ok(Arc::new(Self {
@@ -238,7 +241,7 @@ impl Presence {
     }
 
     /// The connection to Redis presence uses (shared by the per-user limit's seats).
-    pub fn redis(&self) -> Option<ConnectionManager> {
+    pub fn redis(&self) -> Option<Arc<Follow>> {
         self.redis.clone()
     }
 
@@ -284,7 +287,7 @@ impl Presence {
             let unix = unix_now();
             return Ok(self.hub.streams_of(user).iter().map(|c| self.entry(c, unix)).collect());
         };
-        let mut redis = redis.clone();
+        let mut redis = connected(redis)?;
         let mut call = redis::cmd("HVALS");
         call.arg(self.key(format_args!("user:{}", user.as_str())));
         let values: Vec<String> = timed(call.query_async(&mut redis)).await?;
@@ -300,7 +303,7 @@ impl Presence {
         let Some(redis) = &self.redis else {
             return Ok(users.iter().map(|u| self.hub.connections_of(u) > 0).collect());
         };
-        let mut redis = redis.clone();
+        let mut redis = connected(redis)?;
         let mut calls = redis::pipe();
         for user in users {
             calls.cmd("HVALS").arg(self.key(format_args!("user:{}", user.as_str())));
@@ -324,7 +327,7 @@ impl Presence {
                 started: Some(self.started),
             }]);
         };
-        let mut redis = redis.clone();
+        let mut redis = connected(redis)?;
         let mut call = redis::cmd("SMEMBERS");
         call.arg(self.key(format_args!("nodes")));
         let mut nodes: Vec<String> = timed(call.query_async(&mut redis)).await?;
@@ -373,7 +376,7 @@ impl Presence {
     /// Keeps this node's presence in Redis until `stop`, then removes it. Returns at once with
     /// the embedded bus.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let Some(mut redis) = self.redis.clone() else { return };
+        let Some(follow) = self.redis.clone() else { return };
         let mut renew = tokio::time::interval(self.lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(FLUSH_INTERVAL);
@@ -383,6 +386,8 @@ impl Presence {
         // False until this node's entries are known to be whole in Redis.
         let mut synced = false;
         let mut failing = false;
+        // The primary written to (it moves with Redis Sentinel).
+        let mut written_to = None;
         loop {
             let (renewal, sweeping) = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -390,6 +395,11 @@ impl Presence {
                 _ = flush.tick() => (false, false),
                 _ = sweep.tick(), if self.events.is_some() => (false, true),
             };
+            let Some((generation, mut redis)) = follow.current() else { continue };
+            if written_to.replace(generation).is_some_and(|before| before != generation) {
+                // A promoted replica may lack the last writes: write everything again.
+                synced = false;
+            }
             let result = async {
                 if renewal {
                     if self.renew(&mut redis).await? {
@@ -430,6 +440,7 @@ impl Presence {
                 _ => {}
             }
         }
+        let Some(mut redis) = follow.manager() else { return };
         if let Err(e) = self.leave(&mut redis).await {
             tracing::warn!(error = %e, "could not remove this node's presence; it lapses with its lease");
         }
@@ -562,6 +573,11 @@ pub fn obey(hub: &Hub, payload: &[u8]) {
     }
 }
 
+/// The connection to the primary now, or why there is none.
+fn connected(follow: &Follow) -> Result<ConnectionManager, PresenceError> {
+    follow.manager().ok_or_else(|| PresenceError::Unavailable("no primary known yet".into()))
+}
+
 async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, PresenceError> {
     match tokio::time::timeout(COMMAND_TIMEOUT, call).await {
         Err(_) => Err(PresenceError::Timeout),
@@ -593,8 +609,7 @@ mod tests {
             token: TokenLife::default(),
         };
         let hub = Hub::new(bus, "n1", limits, HubMetrics::new());
-        Presence::new("n1".into(), hub, names, None, &RedisTls::default(), Duration::from_secs(30), None)
-            .expect("presence")
+        Presence::new("n1".into(), hub, names, None, None, Duration::from_secs(30), None).expect("presence")
     }
 
     #[tokio::test]

@@ -270,7 +270,11 @@ impl Resumer {
                     missed.next.push(at);
                     missed.reset.push(index);
                 }
-                Since::Reset { tail } => {
+                Since::Reset { tail, lost } => {
+                    if lost && start.reset_all.is_none() {
+                        // One channel's history lost is said of the whole reset.
+                        missed.reason = ResetReason::HistoryLost;
+                    }
                     missed.from.push(tail);
                     missed.next.push(tail);
                     missed.reset.push(index);
@@ -373,8 +377,9 @@ impl Resumer {
                             behind.push((channel.clone(), last));
                         }
                     }
-                    Since::Reset { tail } => {
-                        let reason = if current == epoch { ResetReason::WindowLost } else { ResetReason::HistoryLost };
+                    Since::Reset { tail, lost } => {
+                        let reason =
+                            if current == epoch && !lost { ResetReason::WindowLost } else { ResetReason::HistoryLost };
                         tracing::warn!(%channel, reason = reason.label(), "history lost across a bus reconnect; streams are told to reset");
                         let frame = reset_frame(&self.names, &[channel], reason);
                         hub.deliver_rebase(channel.as_str(), current, tail, frame).await;
@@ -539,7 +544,10 @@ impl CatchUp {
                     }
                 }
                 // Trimmed (or lost) under the replay: say so where the replay stops.
-                Since::Reset { tail } => page.push(self.rebase(i, current, tail, reason)),
+                Since::Reset { tail, lost } => {
+                    let reason = if lost { ResetReason::HistoryLost } else { reason };
+                    page.push(self.rebase(i, current, tail, reason))
+                }
             }
         }
         page.splice(0..0, items(&self.hub, &self.channels, entries.into_iter()));

@@ -91,7 +91,7 @@ impl Server {
         let history = config.history();
         let channels = ChannelNames::new(&config.channel_prefix);
         let redis_tls = config.redis_tls()?;
-        let Running { bus, inbound, owner } =
+        let Running { bus, inbound, owner, target } =
             bus::start(config.redis_url.as_deref(), &redis_tls, &channels, history, background.clone())?;
         let resume =
             history.is_some().then(|| Arc::new(Resumer::new(bus.clone(), channels.clone(), config.replay_limits())));
@@ -119,7 +119,7 @@ impl Server {
             hub.clone(),
             channels.clone(),
             config.redis_url.as_deref(),
-            &redis_tls,
+            target.as_ref(),
             config.presence_lease,
             config.presence_events.then_some(EventSettings {
                 delay: config.presence_events_delay,

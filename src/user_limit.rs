@@ -21,9 +21,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bus::primary::Follow;
 use bytes::Bytes;
 use metrics::Counter;
-use redis::aio::ConnectionManager;
 use serde::Deserialize;
 
 use crate::auth::{UserId, unix_millis, unix_now};
@@ -84,7 +84,7 @@ pub enum Seat {
 }
 
 pub struct Seats {
-    redis: ConnectionManager,
+    redis: Arc<Follow>,
     names: ChannelNames,
     node_id: String,
     limit: usize,
@@ -101,7 +101,7 @@ pub struct Seats {
 impl Seats {
     /// Seats for a node with Redis and a per-user limit; `None` when either is missing.
     pub fn new(
-        redis: Option<ConnectionManager>,
+        redis: Option<Arc<Follow>>,
         names: ChannelNames,
         node_id: &str,
         limit: usize,
@@ -137,7 +137,7 @@ impl Seats {
             .arg(unix_millis())
             .arg(SEAT_GRACE.as_millis() as u64)
             .arg(&self.node_id);
-        let mut redis = self.redis.clone();
+        let Some(mut redis) = self.redis.manager() else { return self.fall_back("no primary known yet") };
         let answer = tokio::time::timeout(TAKE_TIMEOUT, invocation.invoke_async::<Vec<String>>(&mut redis)).await;
         let answer = match answer {
             Ok(Ok(answer)) => answer,

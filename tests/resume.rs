@@ -451,3 +451,30 @@ async fn a_plain_publish_has_no_id_and_is_not_replayed_and_the_query_resumes_lik
         assert_eq!(read(&mut again, 1).await[0].data, sentinel, "by query: {by_query}");
     }
 }
+
+/// A write Redis acknowledged and then lost (a failover to a replica that had not received it
+/// yet; `XDEL` stands in for that here): a stream positioned on it is told `history_lost`, not
+/// `window_lost`, since its position is gone from a history that goes on past it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_position_missing_from_a_history_that_goes_on_resets_as_history_lost() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(&[("SSE_REDIS_URL", &redis.url())]).await;
+    let mut producer = Producer::connect(&redis).await;
+    let url = stream_url(&node, "promoted", &[]);
+    let (mut stream, _) = open_resumable(&url, None).await;
+    producer.durable("sse:user:promoted", &envelope("kept")).await;
+    let lost = producer.durable("sse:user:promoted", &envelope("lost")).await;
+    let seen = read(&mut stream, 2).await;
+    let cursor = seen[1].id.clone().expect("a cursor");
+    drop(stream);
+
+    redis.command(&["XDEL", "sse:user:promoted", &lost]).await.expect("xdel");
+    producer.durable("sse:user:promoted", &envelope("after")).await;
+    let (mut resumed, _) = open_resumable(&url, Some(&cursor)).await;
+    let reset = resumed.next_event(WAIT).await.expect("reset");
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    let data: Value = serde_json::from_str(&reset.data).expect("json");
+    assert_eq!(data, json!({"channels": ["user:promoted"], "reason": "history_lost"}));
+    producer.durable("sse:user:promoted", &envelope("later")).await;
+    assert_eq!(read(&mut resumed, 1).await[0].data, "later");
+}

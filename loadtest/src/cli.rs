@@ -68,6 +68,10 @@ pub struct Common {
     /// Server process to measure (repeatable; its descendants are included).
     #[arg(long = "server-pid")]
     pub server_pids: Vec<u32>,
+    /// Redis process to measure beside the server (repeatable: a cluster's primaries): each
+    /// delivery step reports its CPU, also per million deliveries.
+    #[arg(long = "redis-pid")]
+    pub redis_pids: Vec<u32>,
     /// Name of this run in the output (e.g. ours, nchan, pushpin).
     #[arg(long, default_value = "run")]
     pub label: String,
@@ -130,6 +134,10 @@ impl Common {
     pub fn server(&self) -> Server {
         Server::new(self.server_pids.clone())
     }
+
+    pub fn redis(&self) -> Server {
+        Server::new(self.redis_pids.clone())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -137,6 +145,8 @@ pub struct Publish {
     /// How to publish; the default follows --target.
     #[arg(long, value_enum)]
     pub publisher: Option<PublisherKind>,
+    /// Redis to publish through; `redis+cluster://host:port,host:port` (seed nodes) publishes
+    /// to a Redis Cluster as a producer does: `SPUBLISH {channel}`, or the two-key `FCALL`.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// Redis function for --publisher fcall: called as FCALL <f> 1 <channel> <payload>.

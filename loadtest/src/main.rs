@@ -9,6 +9,7 @@
 mod awake;
 mod cli;
 mod client;
+mod cluster;
 mod floor;
 mod gunzip;
 mod histogram;

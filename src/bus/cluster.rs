@@ -342,7 +342,7 @@ impl ClusterBus {
         };
         let owner = tokio::spawn(owner.run(shutdown));
         let bus = Arc::new(Self { commands, ready, overflowed, connection, library, key, check_library });
-        Ok(Running { bus, inbound: inbound_rx, owner: Some(owner) })
+        Ok(Running { bus, inbound: inbound_rx, owner: Some(owner), target: None })
     }
 
     /// Runs `calls` concurrently (each is routed to its slot's primary; the client pipelines

@@ -275,21 +275,21 @@ impl MemoryHistory {
         let mut store = self.store();
         let stream = store.live(channel, now);
         if epoch != self.epoch {
-            return Since::Reset { tail: stream.map_or(StreamId::ZERO, |s| s.last) };
+            return Since::Reset { tail: stream.map_or(StreamId::ZERO, |s| s.last), lost: false };
         }
         let Some(stream) = stream else {
             let expired_after_position = position != StreamId::ZERO && age > 0 && position.ms + age <= now;
             return if !window_passed && (position == StreamId::ZERO || expired_after_position) {
                 Since::Entries { entries: Vec::new(), more: false }
             } else {
-                Since::Reset { tail: StreamId::ZERO }
+                Since::Reset { tail: StreamId::ZERO, lost: false }
             };
         };
         if position > stream.last || stream.max_deleted > position {
-            return Since::Reset { tail: stream.last };
+            return Since::Reset { tail: stream.last, lost: false };
         }
         if window_passed && (position == StreamId::ZERO || !stream.entries.iter().any(|entry| entry.id == position)) {
-            return Since::Reset { tail: stream.last };
+            return Since::Reset { tail: stream.last, lost: false };
         }
         let after = stream.entries.partition_point(|entry| entry.id <= position);
         let mut entries = Vec::new();

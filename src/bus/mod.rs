@@ -2,14 +2,17 @@
 //!
 //! One trait, three implementations: [`memory::MemoryBus`] (embedded, a single node, the
 //! default), [`redis::RedisBus`] (one subscriber connection per node, shared by every
-//! local stream) and [`cluster::ClusterBus`] (Redis Cluster: one subscriber connection per
+//! local stream; to one Redis, or to the primary Redis Sentinel names, see [`sentinel`] and
+//! [`primary`]) and [`cluster::ClusterBus`] (Redis Cluster: one subscriber connection per
 //! shard, sharded pub/sub). The hub tells the bus which channels have local listeners; the bus sends
 //! what arrives on them as [`Inbound`] events into one bounded queue that the node's
 //! dispatcher drains. Nothing here knows about connections.
 
 pub mod cluster;
 pub mod memory;
+pub mod primary;
 pub mod redis;
+pub mod sentinel;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,10 +55,14 @@ pub struct Running {
     pub bus: Arc<dyn Bus>,
     pub inbound: InboundReceiver,
     pub owner: Option<tokio::task::JoinHandle<()>>,
+    /// Where the node's other Redis users (presence, the per-user limit) connect: the bus's
+    /// own target, so that they follow the same primary. `None` without a single logical Redis.
+    pub target: Option<primary::Target>,
 }
 
 /// Starts the bus the configuration asks for: Redis when `redis_url` is set (a Redis Cluster
-/// when it is `redis+cluster://`), else embedded. `tls` applies to `rediss` URLs.
+/// when it is `redis+cluster://`, the primary Redis Sentinel names when `redis+sentinel://`),
+/// else embedded. `tls` applies to `rediss` URLs.
 pub fn start(
     redis_url: Option<&str>,
     tls: &RedisTls,
@@ -70,11 +77,12 @@ pub fn start(
         }
         Some(url) => {
             let library = history.map(|h| Library::new(names.prefix(), h));
-            redis::RedisBus::start(url, tls, library, BusMetrics::new(), shutdown)
+            let (target, watcher) = primary::target_of(url, tls)?;
+            redis::RedisBus::start(target, watcher, library, BusMetrics::new(), shutdown)
         }
         None => {
             let (bus, inbound) = memory::MemoryBus::new(names.clone(), history);
-            Ok(Running { bus, inbound, owner: None })
+            Ok(Running { bus, inbound, owner: None, target: None })
         }
     }
 }

@@ -16,6 +16,12 @@
 //! history reads through one shared multiplexed connection (pipelined, so a storm of thousands
 //! of resumes never waits for a pooled connection); neither uses the subscriber connection.
 //!
+//! The connections go where a [`Target`] says: one Redis, or the primary the sentinels name
+//! (`redis+sentinel://`). When the primary moves, the owner drops the subscriber connection
+//! to the old one and subscribes every channel again on the new one, and publishing and reads
+//! reconnect at their next call; to the dispatcher a failover looks like a reconnect
+//! (`Disconnected`, then a confirmation per channel, each backfilled from history).
+//!
 //! With history on, the bus also keeps the function library loaded and holds the cluster's
 //! [`LiveKey`], read from the library: a live message's history id is trusted only when its tag
 //! verifies under it ([`read_live`]). Each health check asks the library for the key's
@@ -33,13 +39,14 @@ use deadpool_redis::redis::{self, PushInfo, PushKind, Value, aio::ConnectionMana
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::primary::Target;
+use super::sentinel::{Located, Watcher};
 use super::{Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, PublishReceipt, Running, SubscriptionReady};
 use crate::channel::ChannelName;
 use crate::history::{
     Entry, LIVE_ID_MARK, Library, Live, LiveKey, Page, Since, StreamId, install_cursor_key, parse_epoch, read_live,
 };
 use crate::metrics::BusMetrics;
-use crate::redis_tls::RedisTls;
 
 /// How long one SUBSCRIBE/UNSUBSCRIBE/PING may take before the owner retries later.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -89,51 +96,29 @@ pub struct RedisBus {
     commands: mpsc::UnboundedSender<Command>,
     ready: Arc<AtomicBool>,
     overflowed: Arc<AtomicBool>,
-    pool: deadpool_redis::Pool,
-    reads: ConnectionManager,
+    /// Where the connections go; with sentinels it moves on a failover.
+    target: Target,
+    /// The publish pool and the read connection to the target's current Redis, made again
+    /// when it moves.
+    links: RwLock<Option<Arc<Links>>>,
     /// The function library (history.rs), when history is on.
     library: Option<Arc<Library>>,
     key: SharedKey,
 }
 
-impl RedisBus {
-    /// Starts the subscription owner, the task the bus cannot deliver without. Returns at once:
-    /// Redis may still be unreachable, which `is_ready` reports until the first PING succeeds.
-    pub fn start(
-        url: &str,
-        tls: &RedisTls,
-        library: Option<Library>,
-        metrics: BusMetrics,
-        shutdown: CancellationToken,
-    ) -> Result<Running, BusError> {
-        let library = library.map(Arc::new);
-        let key = SharedKey::default();
-        let subscriber_url = with_resp3(url);
-        let client = tls.client(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
-        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
-        let ready = Arc::new(AtomicBool::new(false));
+/// The connections publishing and history reads use, to one Redis.
+struct Links {
+    generation: u64,
+    pool: deadpool_redis::Pool,
+    reads: ConnectionManager,
+}
 
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let push_ready = ready.clone();
-        let push_overflowed = overflowed.clone();
-        let push_metrics = metrics.clone();
-        let push_key = key.clone();
-        let config = ConnectionManagerConfig::new()
-            .set_push_sender(move |push: PushInfo| -> Result<(), ()> {
-                on_push(push, &inbound_tx, &push_ready, &push_overflowed, &push_metrics, &push_key);
-                Ok(())
-            })
-            .set_automatic_resubscription()
-            .set_number_of_retries(usize::MAX)
-            .set_max_delay(Duration::from_secs(2))
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(COMMAND_TIMEOUT));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| BusError::Config(e.to_string()))?;
-
+impl Links {
+    /// Lazy: nothing connects before the first call.
+    fn to(target: &Target, located: &Located) -> Result<Self, BusError> {
         // Built from the client's connection info, which carries the TLS settings (deadpool's
         // own config takes only a URL).
-        let pool_client = tls.client(url).map_err(|e| BusError::Config(e.to_string()))?;
+        let pool_client = target.client(&located.url).map_err(|e| BusError::Config(e.to_string()))?;
         let pool_manager = deadpool_redis::Manager::new(pool_client.get_connection_info().clone())
             .map_err(|e| BusError::Config(e.to_string()))?;
         let pool = deadpool_redis::Pool::builder(pool_manager)
@@ -152,14 +137,95 @@ impl RedisBus {
             .set_response_timeout(Some(COMMAND_TIMEOUT));
         // RESP3 here too: the manager then hears of a dropped connection and reconnects before
         // the next read needs it.
-        let reads_client = tls.client(subscriber_url.as_str()).map_err(|e| BusError::Config(e.to_string()))?;
+        let reads_client = target.client(&with_resp3(&located.url)).map_err(|e| BusError::Config(e.to_string()))?;
         let reads = ConnectionManager::new_lazy_with_config(reads_client, reads_config)
             .map_err(|e| BusError::Config(e.to_string()))?;
+        Ok(Self { generation: located.generation, pool, reads })
+    }
+}
+
+/// What the subscriber's push handler needs; one per subscriber connection, so that one that
+/// was replaced after a failover can be silenced (`retired`) while redis-rs winds it down.
+#[derive(Clone)]
+struct PushContext {
+    inbound: mpsc::Sender<Inbound>,
+    ready: Arc<AtomicBool>,
+    overflowed: Arc<AtomicBool>,
+    metrics: BusMetrics,
+    key: SharedKey,
+}
+
+/// The subscriber connection: a RESP3 manager that reconnects for ever and re-subscribes by itself.
+/// Also returns the client, for a one-off connection that says why the manager cannot connect.
+fn subscriber(
+    target: &Target,
+    located: &Located,
+    context: &PushContext,
+) -> Result<(ConnectionManager, Arc<AtomicBool>, redis::Client), BusError> {
+    let client = target.client(&with_resp3(&located.url)).map_err(|e| BusError::Config(e.to_string()))?;
+    let retired = Arc::new(AtomicBool::new(false));
+    let push_retired = retired.clone();
+    let context = context.clone();
+    let config = ConnectionManagerConfig::new()
+        .set_push_sender(move |push: PushInfo| -> Result<(), ()> {
+            // A replaced connection may still reconnect to the old primary, now a replica that
+            // relays every PUBLISH: what it hears would be delivered twice.
+            if !push_retired.load(Ordering::Relaxed) {
+                on_push(push, &context);
+            }
+            Ok(())
+        })
+        .set_automatic_resubscription()
+        .set_number_of_retries(usize::MAX)
+        .set_max_delay(Duration::from_secs(2))
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(COMMAND_TIMEOUT));
+    let manager =
+        ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| BusError::Config(e.to_string()))?;
+    Ok((manager, retired, client))
+}
+
+impl RedisBus {
+    /// Starts the subscription owner, the task the bus cannot deliver without (with sentinels,
+    /// together with the `watcher` that follows them). Returns at once: Redis may still be
+    /// unreachable, which `is_ready` reports until the first PING succeeds.
+    pub fn start(
+        target: Target,
+        watcher: Option<Watcher>,
+        library: Option<Library>,
+        metrics: BusMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<Running, BusError> {
+        let library = library.map(Arc::new);
+        let key = SharedKey::default();
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
+        let ready = Arc::new(AtomicBool::new(false));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let context = PushContext {
+            inbound: inbound_tx,
+            ready: ready.clone(),
+            overflowed: overflowed.clone(),
+            metrics: metrics.clone(),
+            key: key.clone(),
+        };
+        // A fixed URL is checked now, as it always was; a primary is connected to once named.
+        let (manager, probe, links) = match target.current() {
+            Some(located) => {
+                let (manager, retired, probe) = subscriber(&target, &located, &context)?;
+                (Some((manager, retired)), Some(probe), Some(Arc::new(Links::to(&target, &located)?)))
+            }
+            None => (None, None, None),
+        };
+        let generation = links.as_ref().map_or(0, |l| l.generation);
 
         let (commands, command_rx) = mpsc::unbounded_channel();
         let owner = SubscriptionOwner {
             manager,
-            probe: client,
+            generation,
+            target: target.clone(),
+            context,
+            probe,
+            ping_failure: None,
             commands: command_rx,
             ready: ready.clone(),
             metrics,
@@ -167,15 +233,52 @@ impl RedisBus {
             pending: HashMap::new(),
             library: library.clone(),
             key: key.clone(),
-            ping_failure: None,
         };
-        let owner = tokio::spawn(owner.run(shutdown));
-        let bus = Arc::new(Self { commands, ready, overflowed, pool, reads, library, key });
-        Ok(Running { bus, inbound: inbound_rx, owner: Some(owner) })
+        let owner = match watcher {
+            None => tokio::spawn(owner.run(shutdown)),
+            Some(watcher) => tokio::spawn(async move {
+                // Either ending is the bus ending: the server notices it.
+                tokio::select! {
+                    _ = owner.run(shutdown.clone()) => {}
+                    _ = watcher.run(shutdown) => {}
+                }
+            }),
+        };
+        let bus = Arc::new(Self {
+            commands,
+            ready,
+            overflowed,
+            target: target.clone(),
+            links: RwLock::new(links),
+            library,
+            key,
+        });
+        Ok(Running { bus, inbound: inbound_rx, owner: Some(owner), target: Some(target) })
+    }
+
+    /// The connections to the current Redis, made again when it moved.
+    fn links(&self) -> Result<Arc<Links>, BusError> {
+        let located = self.target.current().ok_or_else(|| BusError::Unavailable("no primary known yet".into()))?;
+        if let Some(links) = self.links.read().unwrap_or_else(PoisonError::into_inner).as_ref()
+            && links.generation == located.generation
+        {
+            return Ok(links.clone());
+        }
+        let mut held = self.links.write().unwrap_or_else(PoisonError::into_inner);
+        match held.as_ref() {
+            // Another caller made them meanwhile.
+            Some(links) if links.generation == located.generation => Ok(links.clone()),
+            _ => {
+                let links = Arc::new(Links::to(&self.target, &located)?);
+                *held = Some(links.clone());
+                Ok(links)
+            }
+        }
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, BusError> {
-        self.pool.get().await.map_err(|e| BusError::Unavailable(e.to_string()))
+        let pool = self.links()?.pool.clone();
+        pool.get().await.map_err(|e| BusError::Unavailable(e.to_string()))
     }
 
     /// Runs function calls in one round trip, loading the library first if Redis lost it (a
@@ -192,6 +295,11 @@ impl RedisBus {
                 ensure_library(&mut *connection, library, &self.key).await?;
                 calls.query_async(&mut *connection).await.map_err(bus_error)
             }
+            Err(e) => {
+                // A replica now (`READONLY`) or gone: with sentinels, where is the primary?
+                self.target.recheck_after(&e);
+                Err(bus_error(e))
+            }
             result => result.map_err(bus_error),
         }
     }
@@ -201,7 +309,7 @@ impl RedisBus {
     async fn read(&self, call: redis::Cmd) -> Result<Vec<Value>, BusError> {
         let mut pipe = redis::pipe();
         pipe.add_command(call);
-        let mut reads = self.reads.clone();
+        let mut reads = self.links()?.reads.clone();
         let reply = match self.call::<Vec<Value>>(&mut reads, &pipe).await {
             Err(e) if e.is_transient() => self.call::<Vec<Value>>(&mut reads, &pipe).await?,
             other => other?,
@@ -331,14 +439,8 @@ pub(super) fn log_forged(channel: &str) {
 
 /// Runs inside redis-rs's relay task: must never block, so the inbound queue is bounded and
 /// a full queue drops (counted) instead of waiting.
-fn on_push(
-    push: PushInfo,
-    inbound: &mpsc::Sender<Inbound>,
-    ready: &AtomicBool,
-    overflowed: &AtomicBool,
-    metrics: &BusMetrics,
-    key: &SharedKey,
-) {
+fn on_push(push: PushInfo, context: &PushContext) {
+    let PushContext { inbound, ready, overflowed, metrics, key } = context;
     match push.kind {
         PushKind::Message => {
             let mut data = push.data.into_iter();
@@ -406,11 +508,14 @@ pub(super) fn parse_since(reply: Vec<Value>, expected: usize) -> Result<Epoched<
         let mut parts = parts.into_iter();
         let status = parts.next().and_then(|v| text(&v)).ok_or_else(malformed)?;
         let body = parts.next();
-        let more = matches!(parts.next(), Some(Value::Int(1)));
+        // `more` after entries; after a reset, `lost` when the functions found history lost.
+        let third = parts.next();
+        let more = matches!(third, Some(Value::Int(1)));
         results.push(match (status.as_str(), body) {
-            ("reset", Some(tail)) => {
-                Since::Reset { tail: text(&tail).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed)? }
-            }
+            ("reset", Some(tail)) => Since::Reset {
+                tail: text(&tail).and_then(|t| StreamId::parse(&t)).ok_or_else(malformed)?,
+                lost: third.as_ref().and_then(text).as_deref() == Some("lost"),
+            },
             ("ok", None) => Since::Entries { entries: Vec::new(), more },
             ("ok", Some(Value::Array(entries))) => {
                 Since::Entries { entries: entries.into_iter().map(parse_entry).collect::<Result<_, _>>()?, more }
@@ -459,7 +564,13 @@ enum Pending {
 }
 
 struct SubscriptionOwner {
-    manager: ConnectionManager,
+    /// The subscriber connection and its `retired` switch; `None` until the sentinels named a
+    /// primary.
+    manager: Option<(ConnectionManager, Arc<AtomicBool>)>,
+    /// The [`Located`] generation `manager` connects to.
+    generation: u64,
+    target: Target,
+    context: PushContext,
     commands: mpsc::UnboundedReceiver<Command>,
     ready: Arc<AtomicBool>,
     metrics: BusMetrics,
@@ -473,28 +584,78 @@ struct SubscriptionOwner {
     ping_failure: Option<String>,
     /// For a one-off connection that says why the manager cannot connect: it retries forever
     /// and so never returns the error itself (a refused connection, an untrusted certificate).
-    probe: redis::Client,
+    probe: Option<redis::Client>,
 }
 
 impl SubscriptionOwner {
     async fn run(mut self, shutdown: CancellationToken) {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut target = self.target.clone();
         loop {
-            tokio::select! {
+            let moved = tokio::select! {
+                // A move first: until the owner follows it, nothing is delivered.
+                biased;
                 _ = shutdown.cancelled() => return,
+                _ = target.changed() => true,
                 command = self.commands.recv() => {
                     let Some(command) = command else { return };
                     self.note(command);
                     while let Ok(command) = self.commands.try_recv() {
                         self.note(command);
                     }
+                    false
                 }
-                _ = ping.tick() => self.ping().await,
+                // A PING to a primary that died waits out its timeout (the manager is
+                // reconnecting): the move that ends the wait must not queue behind it.
+                _ = ping.tick() => tokio::select! {
+                    biased;
+                    _ = target.changed() => true,
+                    _ = self.ping() => false,
+                },
+            };
+            if moved {
+                self.switch();
+                self.ping().await;
             }
             if !self.pending.is_empty() && self.ready.load(Ordering::Acquire) {
                 self.flush().await;
             }
+        }
+    }
+
+    /// The sentinels named another primary: the connection to the old one is dropped (and
+    /// silenced: it would reconnect to it as a replica, which relays every PUBLISH), one to the
+    /// new one made, and every channel subscribed again there. Until each is confirmed it has a
+    /// gap, which the dispatcher backfills from the new primary's history, as after a restart.
+    fn switch(&mut self) {
+        let Some(located) = self.target.current() else { return };
+        if located.generation == self.generation && self.manager.is_some() {
+            return;
+        }
+        if let Some((_, retired)) = self.manager.take() {
+            retired.store(true, Ordering::Relaxed);
+        }
+        self.generation = located.generation;
+        match subscriber(&self.target, &located, &self.context) {
+            Ok((manager, retired, probe)) => {
+                self.manager = Some((manager, retired));
+                self.probe = Some(probe);
+                self.ping_failure = None;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot use the primary the sentinels name"),
+        }
+        if self.ready.swap(false, Ordering::AcqRel) {
+            tracing::warn!("the redis primary moved; subscribing again on the new one");
+        }
+        self.metrics.ready.set(0.0);
+        if self.context.inbound.try_send(Inbound::Disconnected).is_err() {
+            // The dispatcher cannot learn of the gap: streams are closed and resume instead.
+            self.context.overflowed.store(true, Ordering::Release);
+        }
+        for channel in self.subscribed.drain() {
+            // A leave noted meanwhile stays a leave (and costs nothing: it is not subscribed).
+            self.pending.entry(channel).or_insert_with(|| Pending::Subscribe(Vec::new()));
         }
     }
 
@@ -515,20 +676,26 @@ impl SubscriptionOwner {
     /// The health check: Redis answers, and (with history) holds the library with the key
     /// this node verifies with. Ready only when both hold.
     async fn ping(&mut self) {
-        let failure =
-            match tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut self.manager))
-                .await
-            {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) if self.ping_failure.is_none() => Some(self.why_unreachable().await),
-                Err(_) => self.ping_failure.clone(),
-            };
+        let failure = match self.manager.as_mut() {
+            None => Some("no primary known yet".to_owned()),
+            Some((manager, _)) => {
+                match tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(manager)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) if self.ping_failure.is_none() => Some(self.why_unreachable().await),
+                    Err(_) => self.ping_failure.clone(),
+                }
+            }
+        };
         if failure.is_some() && failure != self.ping_failure {
             tracing::warn!(error = failure.as_deref().unwrap_or_default(), "redis bus: PING failed");
         }
         let mut alive = failure.is_none();
         self.ping_failure = failure;
+        if !alive {
+            // With sentinels: the primary may have failed over.
+            self.target.recheck();
+        }
         if alive && let Some(library) = self.library.clone() {
             alive = self.check_library(&library).await;
         }
@@ -543,7 +710,8 @@ impl SubscriptionOwner {
 
     /// What a new connection says when PING gets no answer.
     async fn why_unreachable(&self) -> String {
-        let attempt = self.probe.get_multiplexed_async_connection();
+        let Some(probe) = &self.probe else { return "no primary known yet".to_owned() };
+        let attempt = probe.get_multiplexed_async_connection();
         match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
             Ok(Err(e)) => format!("no answer within {COMMAND_TIMEOUT:?}; a new connection fails: {e}"),
             _ => format!("no answer within {COMMAND_TIMEOUT:?}"),
@@ -557,9 +725,10 @@ impl SubscriptionOwner {
             // No key yet (starting): nothing to compare, read it at once.
             return self.ensure(library).await;
         };
+        let Some((manager, _)) = self.manager.as_mut() else { return false };
         let mut ask = redis::cmd("FCALL");
         ask.arg("sse_key_id").arg(0);
-        match tokio::time::timeout(COMMAND_TIMEOUT, ask.query_async::<String>(&mut self.manager)).await {
+        match tokio::time::timeout(COMMAND_TIMEOUT, ask.query_async::<String>(manager)).await {
             Ok(Ok(id)) if id == held => return true,
             Ok(Ok(_)) => {}
             Ok(Err(e)) if is_function_missing(&e) => {}
@@ -573,8 +742,8 @@ impl SubscriptionOwner {
     }
 
     async fn ensure(&mut self, library: &Library) -> bool {
-        let ensured =
-            tokio::time::timeout(COMMAND_TIMEOUT, ensure_library(&mut self.manager, library, &self.key)).await;
+        let Some((manager, _)) = self.manager.as_mut() else { return false };
+        let ensured = tokio::time::timeout(COMMAND_TIMEOUT, ensure_library(manager, library, &self.key)).await;
         match ensured {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
@@ -587,6 +756,7 @@ impl SubscriptionOwner {
 
     /// Sends what is pending, in batches. What fails stays pending for the next round.
     async fn flush(&mut self) {
+        let Some((manager, _)) = self.manager.as_mut() else { return };
         let mut to_subscribe = Vec::new();
         let mut to_unsubscribe = Vec::new();
         for (channel, pending) in self.pending.drain() {
@@ -603,7 +773,7 @@ impl SubscriptionOwner {
         while !to_subscribe.is_empty() {
             let batch: Vec<_> = to_subscribe.drain(..to_subscribe.len().min(CHANNELS_PER_COMMAND)).collect();
             let names: Vec<&str> = batch.iter().map(|(c, _)| c.as_str()).collect();
-            match tokio::time::timeout(COMMAND_TIMEOUT, self.manager.subscribe(&names)).await {
+            match tokio::time::timeout(COMMAND_TIMEOUT, manager.subscribe(&names)).await {
                 Ok(Ok(())) => {
                     self.metrics.subscribe_commands.increment(1);
                     for (channel, waiters) in batch {
@@ -621,7 +791,7 @@ impl SubscriptionOwner {
         }
         for batch in to_unsubscribe.chunks(CHANNELS_PER_COMMAND) {
             let names: Vec<&str> = batch.iter().map(|c| c.as_str()).collect();
-            match tokio::time::timeout(COMMAND_TIMEOUT, self.manager.unsubscribe(&names)).await {
+            match tokio::time::timeout(COMMAND_TIMEOUT, manager.unsubscribe(&names)).await {
                 Ok(Ok(())) => {
                     self.metrics.unsubscribe_commands.increment(1);
                     batch.iter().for_each(|c| {
@@ -672,7 +842,10 @@ impl Bus for RedisBus {
             for channel in channels {
                 pipe.cmd("PUBLISH").arg(channel.as_str()).arg(payload.as_ref());
             }
-            let counts: Vec<usize> = pipe.query_async(&mut *connection).await.map_err(bus_error)?;
+            let counts: Vec<usize> = pipe.query_async(&mut *connection).await.map_err(|e| {
+                self.target.recheck_after(&e);
+                bus_error(e)
+            })?;
             receipt.receivers = Some(counts.iter().sum());
             Ok(receipt)
         })
@@ -743,7 +916,7 @@ impl Bus for RedisBus {
     }
 
     fn kind(&self) -> &'static str {
-        "redis"
+        if self.target.follows_sentinels() { "redis-sentinel" } else { "redis" }
     }
 }
 

@@ -197,6 +197,8 @@ pub struct RedisServer {
     dir: PathBuf,
     /// Arguments beyond the defaults (a cluster node's).
     args: Vec<String>,
+    /// A sentinel's configuration (beyond its port), when this is `redis-server --sentinel`.
+    sentinel: Option<String>,
 }
 
 impl RedisServer {
@@ -206,11 +208,30 @@ impl RedisServer {
 
     /// A server with extra `redis-server` arguments.
     pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_listening(args, None).await
+    }
+
+    /// Each attempt reserves its ports afresh: what failed to bind may be the port, its TLS
+    /// twin or a cluster bus port (either one plus 10000), none of which a retry should reuse.
+    async fn start_listening(args: &[&str], pki: Option<&TestPki>) -> Self {
         for _ in 0..5 {
             let reserved = reserve_port();
-            let args = args.iter().map(|a| (*a).to_owned()).collect();
-            let mut server =
-                Self { port: reserved.port, reserved, tls: None, child: None, dir: scratch_dir("redis"), args };
+            let tls = pki.map(|_| reserve_port());
+            let mut all: Vec<String> = match (pki, &tls) {
+                (Some(pki), Some(tls)) => pki.redis_args(tls.port),
+                _ => Vec::new(),
+            };
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            let args = all;
+            let mut server = Self {
+                port: reserved.port,
+                reserved,
+                tls,
+                child: None,
+                dir: scratch_dir("redis"),
+                args,
+                sentinel: None,
+            };
             if server.spawn().await {
                 return server;
             }
@@ -218,16 +239,38 @@ impl RedisServer {
         panic!("redis-server could not bind any of 5 reserved ports");
     }
 
+    /// A `redis-server --sentinel` watching `master` at `primary` with quorum `quorum`, a 1 s
+    /// down-after and a short failover timeout (a failover takes a few seconds).
+    pub async fn start_sentinel(master: &str, primary: u16, quorum: usize) -> Self {
+        let config = [
+            format!("sentinel monitor {master} 127.0.0.1 {primary} {quorum}"),
+            format!("sentinel down-after-milliseconds {master} 1000"),
+            format!("sentinel failover-timeout {master} 5000"),
+            format!("sentinel parallel-syncs {master} 1"),
+        ]
+        .join("\n");
+        for _ in 0..5 {
+            let reserved = reserve_port();
+            let mut server = Self {
+                port: reserved.port,
+                reserved,
+                tls: None,
+                child: None,
+                dir: scratch_dir("sentinel"),
+                args: Vec::new(),
+                sentinel: Some(config.clone()),
+            };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("redis-server --sentinel could not bind any of 5 reserved ports");
+    }
+
     /// A server that also listens with TLS on a port of its own, with `pki`'s certificate,
     /// trusting `pki`'s CA for client certificates (which it requires: `tls-auth-clients yes`).
     pub async fn start_tls(args: &[&str], pki: &TestPki) -> Self {
-        let tls = reserve_port();
-        let mut all = pki.redis_args(tls.port);
-        all.extend(args.iter().map(|a| (*a).to_owned()));
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let mut server = Self::start_with(&all).await;
-        server.tls = Some(tls);
-        server
+        Self::start_listening(args, Some(pki)).await
     }
 
     /// The TLS listener's port ([`RedisServer::start_tls`]).
@@ -257,10 +300,21 @@ impl RedisServer {
     async fn spawn(&mut self) -> bool {
         let _ = std::fs::remove_dir_all(&self.dir);
         std::fs::create_dir_all(&self.dir).expect("create the redis dir");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", self.dir.to_str().expect("utf8 path")])
-            .args(&self.args)
+        let mut command = Command::new("redis-server");
+        if let Some(sentinel) = &self.sentinel {
+            // A sentinel rewrites its configuration file: it must have one of its own.
+            let file = self.dir.join("sentinel.conf");
+            let dir = self.dir.to_str().expect("utf8 path");
+            std::fs::write(&file, format!("port {}\nbind 127.0.0.1\ndir {dir}\n{sentinel}\n", self.port))
+                .expect("write sentinel.conf");
+            command.arg(&file).arg("--sentinel");
+        } else {
+            command
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--dir", self.dir.to_str().expect("utf8 path")])
+                .args(&self.args);
+        }
+        let child = command
             .stdout(std::fs::File::create(self.dir.join("redis.log")).expect("redis log"))
             .stderr(Stdio::null())
             .spawn()
@@ -340,6 +394,100 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Redis Sentinel: a primary, a replica of it and `sentinels` sentinels watching it as
+/// [`RedisSentinels::MASTER`], each knowing the replica and every other sentinel before this
+/// returns (a failover needs a quorum of them to agree and a majority to elect a leader).
+pub struct RedisSentinels {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+}
+
+impl RedisSentinels {
+    pub const MASTER: &str = "mymaster";
+
+    pub async fn start(sentinels: usize, quorum: usize) -> Self {
+        let primary = RedisServer::start().await;
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]).await;
+        // Sentinels find replicas in the primary's INFO, read when they connect and then every
+        // 10 s: the replica is linked first so that they know it at once.
+        wait_for("the replica to link", || async {
+            replica.command(&["INFO", "replication"]).await.is_some_and(|i| i.contains("master_link_status:up"))
+        })
+        .await;
+        let mut started = Vec::new();
+        for _ in 0..sentinels {
+            started.push(RedisServer::start_sentinel(Self::MASTER, primary.port, quorum).await);
+        }
+        let fixture = Self { primary, replica, sentinels: started };
+        for sentinel in &fixture.sentinels {
+            wait_for("every sentinel to know the replica and the others", || async {
+                let master =
+                    resp_words(&sentinel.command(&["SENTINEL", "MASTER", Self::MASTER]).await.unwrap_or_default());
+                let field = |name: &str| master.iter().position(|w| w == name).and_then(|i| master.get(i + 1)).cloned();
+                field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels") == Some((sentinels - 1).to_string())
+            })
+            .await;
+        }
+        fixture
+    }
+
+    /// `redis+sentinel://` with every sentinel, in order.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        format!("redis+sentinel://{}/{}", hosts.join(","), Self::MASTER)
+    }
+
+    /// The primary's port as `sentinel` names it.
+    pub async fn named_by(sentinel: &RedisServer) -> Option<u16> {
+        let reply = sentinel.command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER]).await?;
+        resp_words(&reply).get(1)?.parse().ok()
+    }
+
+    /// Waits until every running sentinel names the replica as the primary and it says so too.
+    pub async fn wait_promoted(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut named = Vec::new();
+            for sentinel in &self.sentinels {
+                named.push(Self::named_by(sentinel).await);
+            }
+            let role = self.replica.command(&["ROLE"]).await.unwrap_or_default();
+            if named.iter().all(|p| *p == Some(self.replica.port)) && role.contains("master") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica was not promoted: sentinels name {named:?}, its ROLE {role:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The bulk and simple strings of a raw RESP reply, in order (nesting flattened).
+pub fn resp_words(reply: &str) -> Vec<String> {
+    reply
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && !l.starts_with(['*', '$', '%']))
+        .map(|l| l.trim_start_matches(['+', ':']).to_owned())
+        .collect()
+}
+
+/// Polls `check` every 100 ms for up to 30 s.
+pub async fn wait_for<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -77,6 +77,7 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
     let mut best: Option<f64> = None;
     let mut misses = 0;
     let mut lg_ticks = prev.cpu_ticks;
+    let redis = a.common.redis();
     for (i, &rate) in rates.iter().enumerate() {
         let needed = Duration::from_secs(a.step_secs + a.drain_secs + 5);
         if run.time_left() < needed {
@@ -91,7 +92,9 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
             a.step_secs
         ));
         let s0 = run.sample();
+        let r0 = redis.sample();
         let t0 = Instant::now();
+        let t0_unix_ms = crate::payload::now_nanos() / 1_000_000;
         let stats = publisher
             .run_step(&mut seq, rate, a.step_secs as f64, || match mode {
                 Mode::Fanout => Dest::Broadcast,
@@ -100,6 +103,7 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
             .await?;
         let publish_secs = t0.elapsed().as_secs_f64();
         let s1 = run.sample();
+        let r1 = redis.sample();
         // Drain: wait until everything sent has arrived, or the drain time is up.
         let expected_total = seq.deliveries_expected(prev_open(&prev, o.open));
         let drain_end = Instant::now() + Duration::from_secs(a.drain_secs);
@@ -122,6 +126,10 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
         let cpu_per_million = if agg.received > 0 { server_cpu / agg.received as f64 * 1e6 } else { 0.0 };
         // Everything the streams carried in the step (heartbeats too) over the bench events.
         let per_delivery = |bytes: u64| if agg.received > 0 { bytes as f64 / agg.received as f64 } else { 0.0 };
+        // Redis's CPU over the same publishing time, when its processes were named.
+        let redis_cpu = redis.is_known().then(|| cpu_secs(&r0, &r1));
+        let redis_per_million =
+            redis_cpu.map(|c| if agg.received > 0 { r3(c / agg.received as f64 * 1e6) } else { 0.0 });
         let lg_cpu = (agg.cpu_ticks - lg_ticks) as f64 / ticks_per_sec() as f64;
         lg_ticks = agg.cpu_ticks;
         let behind = stats.achieved_rate < rate * 0.97;
@@ -133,6 +141,9 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
                 "conns": agg.open,
                 "published": stats.sent,
                 "publish_errors": stats.errors,
+                // When publishing ran, to line the step up with samples taken outside the tool
+                // (scripts/bench-scale's CPU by process group).
+                "publish_unix_ms": [t0_unix_ms, t0_unix_ms + (publish_secs * 1000.0) as u64],
                 "achieved_publish_rate": r3(stats.achieved_rate),
                 "publisher_fell_behind": behind,
                 "deliveries": agg.received,
@@ -149,6 +160,8 @@ pub async fn run(a: DeliveryArgs, mode: Mode) -> Result<()> {
                 "decoded_bytes": agg.decoded_bytes,
                 "wire_bytes_per_delivery": r3(per_delivery(agg.wire_bytes)),
                 "decoded_bytes_per_delivery": r3(per_delivery(agg.decoded_bytes)),
+                "redis_cpu_pct": redis_cpu.map(|c| r3(c / publish_secs * 100.0)),
+                "redis_cpu_s_per_million_deliveries": redis_per_million,
                 "loadgen_worker_cpu_pct": r3(lg_cpu / publish_secs * 100.0),
                 "stream_failures": failure_delta(&prev, &agg),
                 "slo_p99_ms": a.slo_p99_ms,
