@@ -515,6 +515,13 @@ impl Connection {
         state.epoch == epoch && *state.positions == *positions
     }
 
+    /// Where the stream stands in `channel`'s history (`None` when it does not listen to it, or
+    /// without history).
+    pub fn position_on(&self, channel: &ChannelName) -> Option<StreamId> {
+        let slot = self.slot_of(channel)?;
+        self.state().positions.get(slot).copied()
+    }
+
     /// (channel hash, position) pairs, the content of a cursor.
     fn positions<'a>(&'a self, state: &'a State) -> impl Iterator<Item = (u32, StreamId)> + 'a {
         self.per_channel.iter().map(|c| c.hash).zip(state.positions.iter().copied())

@@ -799,16 +799,22 @@ impl Hub {
         }
     }
 
-    /// After a resubscription: where to backfill `channel` from, if it had a gap and has
-    /// delivered history before (a channel that joined during the outage replayed on its own).
+    /// After a resubscription: where to backfill `channel` from, if it had a gap (a channel
+    /// that joined during the outage replayed on its own and has none).
     pub fn take_gap(&self, channel: &str) -> Option<StreamId> {
         let registry = self.read();
-        let entry = registry.channels.get(channel)?;
+        let (name, entry) = registry.channels.get_key_value(channel)?;
         if !entry.gap.swap(false, Ordering::AcqRel) {
             return None;
         }
         let last = *entry.last_id.lock().unwrap_or_else(PoisonError::into_inner);
-        (last != StreamId::ZERO).then_some(last)
+        if last != StreamId::ZERO {
+            return Some(last);
+        }
+        // Nothing arrived live since the channel's first stream joined: from the oldest position
+        // its streams stand at (where each began, or what its replay reached); each skips what it
+        // already has. None without history.
+        entry.listeners.iter().filter_map(|connection| connection.position_on(name)).min()
     }
 
     /// Closes every stream (for instance when live messages were dropped: they resume from history).

@@ -136,3 +136,30 @@ async fn a_subscription_unconfirmed_after_5_s_is_a_503_not_ready_and_the_node_re
     assert_eq!(redis.publish("sse:user:later", &envelope("recovered")).await, 1);
     assert_eq!(stream.next_event(WAIT).await.expect("delivered").data, "recovered");
 }
+
+/// A stream on a channel that has carried nothing yet: its node's subscription drops, and a
+/// durable message is published before the node is subscribed again. The backfill after the
+/// resubscription starts where the stream began (there is no delivered id to start from), so
+/// the message arrives, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_published_while_a_quiet_channel_is_resubscribed_is_backfilled_once() {
+    let redis = RedisServer::start().await;
+    let proxy = DelayingProxy::start(redis.port).await;
+    let node = Node::start(&[("SSE_REDIS_URL", &proxy.url())]).await;
+    node.wait_readyz(200, WAIT).await;
+    let mut stream = subscribe(&node, "quiet", &[]).await;
+
+    // The resubscription is held 3 s; the subscriber connection is cut.
+    proxy.delay(Duration::from_secs(3));
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await.expect("redis");
+    assert_eq!(killed.trim(), ":1", "the node's subscriber connection");
+    let (status, answer) = publish_api(&node, serde_json::json!({"users": ["quiet"], "data": "in the gap"})).await;
+    assert_eq!(status, 202, "{answer}");
+    let numsub = redis.command(&["PUBSUB", "NUMSUB", "sse:user:quiet"]).await.expect("redis");
+    assert_eq!(resp_words(&numsub).last().map(String::as_str), Some("0"), "published while unsubscribed: {numsub}");
+
+    let event = stream.next_event(WAIT).await.expect("backfilled after the resubscription");
+    assert_eq!(event.data, "in the gap");
+    assert!(event.id.is_some(), "a durable message carries its cursor: {event:?}");
+    stream.assert_silent(Duration::from_secs(2)).await;
+}
