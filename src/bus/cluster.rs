@@ -42,6 +42,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::health::{Health, LATE_GRACE, Verdict};
 use super::redis::{
     CHANNELS_PER_COMMAND, COMMAND_TIMEOUT, Command, PING_INTERVAL, SharedKey, bus_error, ensure_library,
     is_function_missing, library_code, load_library, malformed, parse_since, text,
@@ -339,6 +340,7 @@ impl ClusterBus {
             sequence: 0,
             retry_at: None,
             refresh: false,
+            health: Health::default(),
         };
         let owner = tokio::spawn(owner.run(shutdown));
         let bus = Arc::new(Self { commands, ready, overflowed, connection, library, key, check_library });
@@ -444,6 +446,7 @@ struct Owner {
     retry_at: Option<Instant>,
     /// Read the slot map again before the next round (a shard said a slot moved).
     refresh: bool,
+    health: Health,
 }
 
 impl Owner {
@@ -638,13 +641,20 @@ impl Owner {
         tx
     }
 
-    /// Connects if needed, reads the slot map, and checks the library on every primary.
+    /// Connects if needed, reads the slot map, and checks the library on every primary; see
+    /// [`Health`] for what a late answer does.
     async fn health(&mut self) {
-        let alive = self.check().await;
-        let was = self.ready.swap(alive, Ordering::AcqRel);
+        let began = std::time::Instant::now();
+        let verdict = self.check().await;
+        let was = self.ready.load(Ordering::Acquire);
+        let alive = self.health.ready_after(verdict, began, was);
+        self.ready.store(alive, Ordering::Release);
         self.metrics.ready.set(if alive { 1.0 } else { 0.0 });
         match (was, alive) {
             (false, true) => tracing::info!(channels = self.states.len(), "redis cluster bus ready"),
+            (true, false) if verdict == Verdict::Late => {
+                tracing::warn!("redis cluster bus not ready: its checks have gone unanswered for {LATE_GRACE:?}")
+            }
             (true, false) => tracing::warn!(
                 "redis cluster bus not ready (unreachable, slots uncovered, or a primary without the library)"
             ),
@@ -652,69 +662,80 @@ impl Owner {
         }
     }
 
-    async fn check(&mut self) -> bool {
+    async fn check(&mut self) -> Verdict {
         if self.connection.get().is_err() {
             match tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_connection()).await {
                 Ok(Ok(connection)) => self.connection.set(connection),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot connect to the redis cluster");
-                    return false;
+                    return Verdict::of(&e);
                 }
-                Err(_) => return false,
+                Err(_) => return Verdict::Late,
             }
         }
-        if !self.refresh_slots().await || !self.slots.covers_all() {
-            return false;
+        match self.refresh_slots().await {
+            Verdict::Healthy if !self.slots.covers_all() => return Verdict::Failed,
+            Verdict::Healthy => {}
+            other => return other,
         }
-        let Some(library) = self.library.clone() else { return true };
-        let Ok(connection) = self.connection.get() else { return false };
+        let Some(library) = self.library.clone() else { return Verdict::Healthy };
+        let Ok(connection) = self.connection.get() else { return Verdict::Failed };
         let primaries = self.slots.primaries();
-        if self.library_current(&connection, &primaries).await {
-            return true;
+        match self.library_current(&connection, &primaries).await {
+            Verdict::Failed => {}
+            // Not loading it again on a late answer: that is more work for shards (or a node)
+            // already behind, and the library is most likely still there.
+            current_or_late => return current_or_late,
         }
         match tokio::time::timeout(COMMAND_TIMEOUT * 2, ensure_on(&connection, &primaries, &library, &self.key)).await {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => Verdict::Healthy,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot load the history function library on every primary");
-                false
+                Verdict::of_bus(&e)
             }
-            Err(_) => false,
+            Err(_) => Verdict::Late,
         }
     }
 
-    /// Whether every primary answers with the fingerprint of the key this node holds.
-    async fn library_current(&self, connection: &ClusterConnection, primaries: &[String]) -> bool {
-        let Some(held) = self.key.fingerprint() else { return false };
+    /// Whether every primary answers with the fingerprint of the key this node holds: failed
+    /// when one answers otherwise (or refuses), late when one does not answer in time.
+    async fn library_current(&self, connection: &ClusterConnection, primaries: &[String]) -> Verdict {
+        let Some(held) = self.key.fingerprint() else { return Verdict::Failed };
         let asks = primaries.iter().map(|primary| {
             let node = NodeConnection::new(connection.clone(), primary);
+            let held = held.as_str();
             async move {
-                let mut node = node?;
+                let Some(mut node) = node else { return Verdict::Failed };
                 let mut ask = redis::cmd("FCALL");
                 ask.arg("sse_key_id").arg(0);
-                tokio::time::timeout(COMMAND_TIMEOUT, ask.query_async::<String>(&mut node)).await.ok()?.ok()
+                match tokio::time::timeout(COMMAND_TIMEOUT, ask.query_async::<String>(&mut node)).await {
+                    Ok(Ok(id)) if id == held => Verdict::Healthy,
+                    Ok(Ok(_)) => Verdict::Failed,
+                    Ok(Err(e)) if is_function_missing(&e) => Verdict::Failed,
+                    Ok(Err(e)) => Verdict::of(&e),
+                    Err(_) => Verdict::Late,
+                }
             }
         });
-        join_all(asks).await.iter().all(|id| id.as_deref() == Some(held.as_str()))
+        join_all(asks).await.into_iter().fold(Verdict::Healthy, Verdict::and)
     }
 
     /// Reads `CLUSTER SLOTS`; a channel whose slot changed owner is released from the old one,
-    /// gets a gap, and is subscribed on the new one. False when the cluster did not answer.
-    async fn refresh_slots(&mut self) -> bool {
+    /// gets a gap, and is subscribed on the new one. Healthy when the cluster answered.
+    async fn refresh_slots(&mut self) -> Verdict {
         self.refresh = false;
-        let Ok(mut connection) = self.connection.get() else { return false };
+        let Ok(mut connection) = self.connection.get() else { return Verdict::Failed };
         let mut slots = redis::cmd("CLUSTER");
         slots.arg("SLOTS");
         let ask = slots.query_async::<Value>(&mut connection);
-        let Some(map) = tokio::time::timeout(COMMAND_TIMEOUT, ask)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .and_then(|reply| SlotMap::parse(&reply))
-        else {
-            return false;
+        let map = match tokio::time::timeout(COMMAND_TIMEOUT, ask).await {
+            Ok(Ok(reply)) => SlotMap::parse(&reply),
+            Ok(Err(e)) => return Verdict::of(&e),
+            Err(_) => return Verdict::Late,
         };
+        let Some(map) = map else { return Verdict::Failed };
         if map == self.slots {
-            return true;
+            return Verdict::Healthy;
         }
         self.slots = map;
         let mut moved = Vec::new();
@@ -735,7 +756,7 @@ impl Owner {
             self.leaving.entry(shard.clone()).or_default().push(name.clone());
             self.repend(&shard, std::iter::once(name));
         }
-        true
+        Verdict::Healthy
     }
 }
 

@@ -9,6 +9,7 @@
 //! dispatcher drains. Nothing here knows about connections.
 
 pub mod cluster;
+mod health;
 pub mod memory;
 pub mod primary;
 pub mod redis;

@@ -32,13 +32,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_redis::redis::{self, PushInfo, PushKind, Value, aio::ConnectionManager, aio::ConnectionManagerConfig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::health::{Health, LATE_GRACE, Verdict};
 use super::primary::Target;
 use super::sentinel::{Located, Watcher};
 use super::{Bus, BusError, BusFuture, Epoched, INBOUND_CAPACITY, Inbound, PublishReceipt, Running, SubscriptionReady};
@@ -226,6 +227,7 @@ impl RedisBus {
             context,
             probe,
             ping_failure: None,
+            health: Health::default(),
             commands: command_rx,
             ready: ready.clone(),
             metrics,
@@ -331,7 +333,9 @@ pub(super) fn is_function_missing(e: &redis::RedisError) -> bool {
 }
 
 pub(super) fn bus_error(e: redis::RedisError) -> BusError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    if e.is_timeout() {
+        BusError::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         BusError::Unavailable(e.to_string())
     } else {
         BusError::Refused(e.to_string())
@@ -582,6 +586,7 @@ struct SubscriptionOwner {
     /// Why the last PING failed, logged when it changes: an operator learns that the
     /// certificate is not trusted or the password is wrong, once, not every second.
     ping_failure: Option<String>,
+    health: Health,
     /// For a one-off connection that says why the manager cannot connect: it retries forever
     /// and so never returns the error itself (a refused connection, an untrusted certificate).
     probe: Option<redis::Client>,
@@ -674,83 +679,100 @@ impl SubscriptionOwner {
     }
 
     /// The health check: Redis answers, and (with history) holds the library with the key
-    /// this node verifies with. Ready only when both hold.
+    /// this node verifies with. Ready when both hold; see [`Health`] for what a late answer does.
     async fn ping(&mut self) {
-        let failure = match self.manager.as_mut() {
-            None => Some("no primary known yet".to_owned()),
+        let began = Instant::now();
+        let (mut verdict, failure) = match self.manager.as_mut() {
+            None => (Verdict::Failed, Some("no primary known yet".to_owned())),
             Some((manager, _)) => {
                 match tokio::time::timeout(COMMAND_TIMEOUT, redis::cmd("PING").query_async::<String>(manager)).await {
-                    Ok(Ok(_)) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(_) if self.ping_failure.is_none() => Some(self.why_unreachable().await),
-                    Err(_) => self.ping_failure.clone(),
+                    Ok(Ok(_)) => (Verdict::Healthy, None),
+                    Ok(Err(e)) => (Verdict::of(&e), Some(e.to_string())),
+                    Err(_) => {
+                        let (verdict, why) = self.why_unreachable().await;
+                        (verdict, Some(why))
+                    }
                 }
             }
         };
         if failure.is_some() && failure != self.ping_failure {
             tracing::warn!(error = failure.as_deref().unwrap_or_default(), "redis bus: PING failed");
         }
-        let mut alive = failure.is_none();
         self.ping_failure = failure;
-        if !alive {
+        if verdict != Verdict::Healthy {
             // With sentinels: the primary may have failed over.
             self.target.recheck();
         }
-        if alive && let Some(library) = self.library.clone() {
-            alive = self.check_library(&library).await;
+        if verdict == Verdict::Healthy
+            && let Some(library) = self.library.clone()
+        {
+            verdict = self.check_library(&library).await;
         }
-        let was = self.ready.swap(alive, Ordering::AcqRel);
+        let was = self.ready.load(Ordering::Acquire);
+        let alive = self.health.ready_after(verdict, began, was);
+        self.ready.store(alive, Ordering::Release);
         self.metrics.ready.set(if alive { 1.0 } else { 0.0 });
         match (was, alive) {
             (false, true) => tracing::info!(channels = self.subscribed.len(), "redis bus ready"),
+            (true, false) if verdict == Verdict::Late => {
+                tracing::warn!("redis bus not ready: its checks have gone unanswered for {LATE_GRACE:?}")
+            }
             (true, false) => tracing::warn!("redis bus not answering PING, or without the history library"),
+            (true, true) if verdict == Verdict::Late && self.health.is_late() => {
+                tracing::debug!("redis bus check unanswered in time; still ready for up to {LATE_GRACE:?}")
+            }
             _ => {}
         }
     }
 
-    /// What a new connection says when PING gets no answer.
-    async fn why_unreachable(&self) -> String {
-        let Some(probe) = &self.probe else { return "no primary known yet".to_owned() };
+    /// What a new connection says when PING gets no answer: a connection that fails outright
+    /// means Redis is gone; one that connects, or is only slow, means the answer was late.
+    async fn why_unreachable(&self) -> (Verdict, String) {
+        let Some(probe) = &self.probe else { return (Verdict::Failed, "no primary known yet".to_owned()) };
         let attempt = probe.get_multiplexed_async_connection();
         match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
-            Ok(Err(e)) => format!("no answer within {COMMAND_TIMEOUT:?}; a new connection fails: {e}"),
-            _ => format!("no answer within {COMMAND_TIMEOUT:?}"),
+            Ok(Err(e)) if !e.is_timeout() => {
+                (Verdict::Failed, format!("no answer within {COMMAND_TIMEOUT:?}; a new connection fails: {e}"))
+            }
+            _ => (Verdict::Late, format!("no answer within {COMMAND_TIMEOUT:?}")),
         }
     }
 
     /// Asks the library for its key's fingerprint; loads the library again when Redis lost it
     /// (a restart forgets functions) and re-reads the key when it is not the one this node holds.
-    async fn check_library(&mut self, library: &Library) -> bool {
+    async fn check_library(&mut self, library: &Library) -> Verdict {
         let Some(held) = self.key.fingerprint() else {
             // No key yet (starting): nothing to compare, read it at once.
             return self.ensure(library).await;
         };
-        let Some((manager, _)) = self.manager.as_mut() else { return false };
+        let Some((manager, _)) = self.manager.as_mut() else { return Verdict::Failed };
         let mut ask = redis::cmd("FCALL");
         ask.arg("sse_key_id").arg(0);
         match tokio::time::timeout(COMMAND_TIMEOUT, ask.query_async::<String>(manager)).await {
-            Ok(Ok(id)) if id == held => return true,
+            Ok(Ok(id)) if id == held => return Verdict::Healthy,
             Ok(Ok(_)) => {}
             Ok(Err(e)) if is_function_missing(&e) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "the history function library does not answer");
-                return false;
+                return Verdict::of(&e);
             }
-            Err(_) => return false,
+            // Not loading it again on a late answer: that is more work for a Redis (or a
+            // node) already behind, and the library is most likely still there.
+            Err(_) => return Verdict::Late,
         }
         self.ensure(library).await
     }
 
-    async fn ensure(&mut self, library: &Library) -> bool {
-        let Some((manager, _)) = self.manager.as_mut() else { return false };
+    async fn ensure(&mut self, library: &Library) -> Verdict {
+        let Some((manager, _)) = self.manager.as_mut() else { return Verdict::Failed };
         let ensured = tokio::time::timeout(COMMAND_TIMEOUT, ensure_library(manager, library, &self.key)).await;
         match ensured {
-            Ok(Ok(())) => true,
+            Ok(Ok(())) => Verdict::Healthy,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot load the history function library");
-                false
+                Verdict::of_bus(&e)
             }
-            Err(_) => false,
+            Err(_) => Verdict::Late,
         }
     }
 

@@ -389,6 +389,14 @@ impl RedisServer {
         reply.trim().trim_start_matches(':').parse().unwrap_or_else(|_| panic!("PUBLISH reply {reply:?}"))
     }
 
+    /// Sends `signal` (`STOP`, `CONT`): a stopped Redis keeps its connections open and answers
+    /// nothing, as a hung or CPU-starved one does.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -500,17 +508,23 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start(primaries: usize, replicas: usize) -> Self {
-        Self::start_nodes(primaries, replicas, None).await
+        Self::start_nodes(primaries, replicas, None, &[]).await
+    }
+
+    /// A cluster whose nodes take `extra` arguments after the defaults (a later value wins:
+    /// `--cluster-node-timeout 30000` for a cluster that does not fail a stopped node over).
+    pub async fn start_with(primaries: usize, replicas: usize, extra: &[&str]) -> Self {
+        Self::start_nodes(primaries, replicas, None, extra).await
     }
 
     /// A cluster whose nodes also listen with TLS ([`RedisServer::start_tls`]) and talk TLS to
     /// each other; a client that connects with TLS is told the nodes' TLS ports.
     pub async fn start_tls(primaries: usize, replicas: usize, pki: &TestPki) -> Self {
-        Self::start_nodes(primaries, replicas, Some(pki)).await
+        Self::start_nodes(primaries, replicas, Some(pki), &[]).await
     }
 
-    async fn start_nodes(primaries: usize, replicas: usize, pki: Option<&TestPki>) -> Self {
-        let args = [
+    async fn start_nodes(primaries: usize, replicas: usize, pki: Option<&TestPki>, extra: &[&str]) -> Self {
+        let mut args = vec![
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -523,6 +537,7 @@ impl RedisCluster {
             "--repl-diskless-sync-delay",
             "0",
         ];
+        args.extend_from_slice(extra);
         let count = primaries * (1 + replicas);
         let nodes: Vec<RedisServer> = match pki {
             None => futures_util::future::join_all((0..count).map(|_| RedisServer::start_with(&args))).await,
