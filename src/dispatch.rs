@@ -62,11 +62,11 @@ pub async fn dispatch(
                     }
                 }
                 Inbound::Disconnected => {
-                    hub.mark_gaps();
+                    hub.mark_gaps(resumer.as_ref().map_or(0, |resumer| resumer.epoch()));
                     rest_backfilled = false;
                 }
                 Inbound::Unsubscribed(channel) => {
-                    hub.mark_gap(channel.as_str());
+                    hub.mark_gap(channel.as_str(), resumer.as_ref().map_or(0, |resumer| resumer.epoch()));
                     rest_backfilled = false;
                 }
                 Inbound::Subscribed(_) => {
@@ -75,15 +75,16 @@ pub async fn dispatch(
                     // After a reconnect the confirmations arrive together: backfill every gapped
                     // channel confirmed from here to the end of the batch in one round trip. No
                     // message of a channel precedes its own confirmation, so order holds.
-                    let gaps: Vec<Gap> = batch[index..]
-                        .iter()
-                        .filter_map(|m| match m {
-                            Inbound::Subscribed(channel) => {
-                                hub.take_gap(channel.as_str()).map(|last| Gap { channel: channel.clone(), last })
-                            }
-                            _ => None,
-                        })
-                        .collect();
+                    let gaps: Vec<Gap> =
+                        batch[index..]
+                            .iter()
+                            .filter_map(|m| match m {
+                                Inbound::Subscribed(channel) => hub
+                                    .take_gap(channel.as_str())
+                                    .map(|(epoch, last)| Gap { channel: channel.clone(), epoch, last }),
+                                _ => None,
+                            })
+                            .collect();
                     if !gaps.is_empty() {
                         resumer.backfill(&hub, &gaps).await;
                     }

@@ -164,6 +164,9 @@ pub struct Hub {
 /// long while) it forgets them and says so: presence then rewrites this node's entries whole.
 const JOURNAL_MAX: usize = 100_000;
 
+/// A channel's `gap` when it has none (an epoch is a `u32`).
+const NO_GAP: u64 = u64::MAX;
+
 /// A stream opened or closed, for presence.
 pub enum Change {
     Opened(Arc<Connection>),
@@ -220,8 +223,9 @@ struct ChannelEntry {
     ready: Arc<SubscriptionReady>,
     /// The newest history id delivered on this channel, where a backfill starts after a gap.
     last_id: Mutex<StreamId>,
-    /// Set when the bus disconnected; cleared when the channel is resubscribed and backfilled.
-    gap: AtomicBool,
+    /// While the channel has a gap (the bus lost its subscription): the history epoch its
+    /// positions were in when the gap began; [`NO_GAP`] otherwise.
+    gap: AtomicU64,
 }
 
 /// What arrived live for a held stream, in bus order, until its replay is written.
@@ -448,7 +452,7 @@ impl Hub {
                         listeners: Arc::default(),
                         ready,
                         last_id: Mutex::new(StreamId::ZERO),
-                        gap: AtomicBool::new(false),
+                        gap: AtomicU64::new(NO_GAP),
                     }
                 });
                 if let Some(hold) = &hold {
@@ -784,37 +788,38 @@ impl Hub {
         (slow, gone)
     }
 
-    /// The bus lost its connection: every channel has a gap until it is resubscribed.
-    pub fn mark_gaps(&self) {
+    /// The bus lost its connection: every channel has a gap until it is resubscribed. `epoch`
+    /// is the history epoch the channels' positions are in; a channel whose gap began earlier
+    /// keeps its own.
+    pub fn mark_gaps(&self, epoch: u32) {
         for entry in self.read().channels.values() {
-            entry.gap.store(true, Ordering::Release);
+            let _ = entry.gap.compare_exchange(NO_GAP, u64::from(epoch), Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
     /// The bus lost `channel`'s subscription alone (a cluster slot moved): it has a gap until it
     /// is resubscribed.
-    pub fn mark_gap(&self, channel: &str) {
+    pub fn mark_gap(&self, channel: &str, epoch: u32) {
         if let Some(entry) = self.read().channels.get(channel) {
-            entry.gap.store(true, Ordering::Release);
+            let _ = entry.gap.compare_exchange(NO_GAP, u64::from(epoch), Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
-    /// After a resubscription: where to backfill `channel` from, if it had a gap (a channel
-    /// that joined during the outage replayed on its own and has none).
-    pub fn take_gap(&self, channel: &str) -> Option<StreamId> {
+    /// After a resubscription: where to backfill `channel` from (epoch and position), if it
+    /// had a gap (a channel that joined during the outage replayed on its own and has none).
+    pub fn take_gap(&self, channel: &str) -> Option<(u32, StreamId)> {
         let registry = self.read();
         let (name, entry) = registry.channels.get_key_value(channel)?;
-        if !entry.gap.swap(false, Ordering::AcqRel) {
-            return None;
-        }
+        let epoch = u32::try_from(entry.gap.swap(NO_GAP, Ordering::AcqRel)).ok()?;
         let last = *entry.last_id.lock().unwrap_or_else(PoisonError::into_inner);
         if last != StreamId::ZERO {
-            return Some(last);
+            return Some((epoch, last));
         }
         // Nothing arrived live since the channel's first stream joined: from the oldest position
         // its streams stand at (where each began, or what its replay reached); each skips what it
         // already has. None without history.
-        entry.listeners.iter().filter_map(|connection| connection.position_on(name)).min()
+        let position = entry.listeners.iter().filter_map(|connection| connection.position_on(name)).min()?;
+        Some((epoch, position))
     }
 
     /// Closes every stream (for instance when live messages were dropped: they resume from history).

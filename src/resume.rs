@@ -121,6 +121,8 @@ pub struct MissedEntry {
 #[derive(Debug)]
 pub struct Gap {
     pub channel: ChannelName,
+    /// The history epoch `last` is in: the node's when the gap began.
+    pub epoch: u32,
     pub last: StreamId,
 }
 
@@ -345,10 +347,30 @@ impl Resumer {
     /// Delivers what channels missed while the bus was disconnected, from history, a page per
     /// round trip for every gap together, up to `max_replay` entries.
     pub async fn backfill(&self, hub: &Arc<Hub>, gaps: &[Gap]) {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let mut positions: Vec<(ChannelName, StreamId)> = gaps.iter().map(|g| (g.channel.clone(), g.last)).collect();
-        let mut current = epoch;
+        // Gaps that began in another epoch than the node's now (a stream that connected after a
+        // Redis restart moved it on) are asked in their own, so that history lost under them is
+        // seen: one round of reads per epoch, almost always one.
+        let mut epochs: Vec<u32> = gaps.iter().map(|gap| gap.epoch).collect();
+        epochs.sort_unstable();
+        epochs.dedup();
         let mut missed: u32 = 0;
+        for epoch in epochs {
+            let positions = gaps.iter().filter(|g| g.epoch == epoch).map(|g| (g.channel.clone(), g.last)).collect();
+            missed = self.backfill_from(hub, epoch, positions, missed).await;
+        }
+        tracing::info!(channels = gaps.len(), missed, "backfilled after a bus reconnect");
+    }
+
+    /// [`Resumer::backfill`] for the gaps of one epoch; `missed` entries were delivered before
+    /// (they count toward `max_replay`). Returns the count with this round's.
+    async fn backfill_from(
+        &self,
+        hub: &Arc<Hub>,
+        epoch: u32,
+        mut positions: Vec<(ChannelName, StreamId)>,
+        mut missed: u32,
+    ) -> u32 {
+        let mut current = epoch;
         while !positions.is_empty() {
             let left = self.limits.max_replay.saturating_sub(missed);
             if left == 0 {
@@ -360,7 +382,7 @@ impl Resumer {
                     Ok(answer) => answer,
                     Err(e) => {
                         tracing::warn!(channels = positions.len(), error = %e, "backfill after a bus reconnect failed");
-                        return;
+                        return missed;
                     }
                 };
             current = now;
@@ -389,7 +411,12 @@ impl Resumer {
             positions = behind;
         }
         self.epoch.store(current, Ordering::Release);
-        tracing::info!(channels = gaps.len(), missed, "backfilled after a bus reconnect");
+        missed
+    }
+
+    /// The history epoch this node last saw: the one live ids and stream positions are in.
+    pub fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Past `max_replay`, a backfill's channels still behind continue from their tails.

@@ -366,6 +366,8 @@ async fn redis_restart_turns_readyz_503_then_200_and_delivery_resumes() {
         assert!(std::time::Instant::now() < deadline, "the node never re-subscribed after the restart");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // History is on: the restarted Redis lost the history the stream's channels were in.
+    read_history_lost(&mut stream, &["user:ivy", "broadcast", "topic:news"]).await;
     assert_eq!(stream.next_event(WAIT).await.expect("event").data, "after restart");
     let mut fresh = subscribe(&node, "ivy3", &[]).await;
     redis.publish("sse:user:ivy3", r#"{"data":"fresh"}"#).await;

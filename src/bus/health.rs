@@ -74,11 +74,6 @@ impl Health {
             }
         }
     }
-
-    /// Whether checks are late right now (for the log: late, not failing).
-    pub(super) fn is_late(&self) -> bool {
-        self.late_since.is_some()
-    }
 }
 
 #[cfg(test)]
@@ -92,13 +87,11 @@ mod tests {
         assert!(health.ready_after(Verdict::Healthy, start, false));
         assert!(health.ready_after(Verdict::Late, start + Duration::from_secs(1), true));
         assert!(health.ready_after(Verdict::Late, start + Duration::from_secs(9), true));
-        assert!(health.is_late());
         // The grace counts from the first late check, not from the last answer.
         assert!(!health.ready_after(Verdict::Late, start + Duration::from_secs(11), true));
         // Once unready, late checks do not make it ready again; an answer does.
         assert!(!health.ready_after(Verdict::Late, start + Duration::from_secs(12), false));
         assert!(health.ready_after(Verdict::Healthy, start + Duration::from_secs(13), false));
-        assert!(!health.is_late());
         // A new run of late checks gets the whole grace again.
         assert!(health.ready_after(Verdict::Late, start + Duration::from_secs(14), true));
         assert!(health.ready_after(Verdict::Late, start + Duration::from_secs(23), true));
@@ -110,7 +103,10 @@ mod tests {
         let mut health = Health::default();
         assert!(health.ready_after(Verdict::Late, start, true));
         assert!(!health.ready_after(Verdict::Failed, start + Duration::from_secs(1), true));
-        assert!(!health.is_late());
+        // The failure ended the run: a late check past the first one's grace starts a new one.
+        assert!(health.ready_after(Verdict::Late, start + Duration::from_secs(15), true));
+        let mut health = Health::default();
+        assert!(!health.ready_after(Verdict::Failed, start, true));
         // Late while unready (starting, or after a failure) stays unready.
         assert!(!health.ready_after(Verdict::Late, start + Duration::from_secs(2), false));
         assert!(!health.ready_after(Verdict::Failed, start, false));

@@ -718,7 +718,7 @@ impl SubscriptionOwner {
                 tracing::warn!("redis bus not ready: its checks have gone unanswered for {LATE_GRACE:?}")
             }
             (true, false) => tracing::warn!("redis bus not answering PING, or without the history library"),
-            (true, true) if verdict == Verdict::Late && self.health.is_late() => {
+            (true, true) if verdict == Verdict::Late => {
                 tracing::debug!("redis bus check unanswered in time; still ready for up to {LATE_GRACE:?}")
             }
             _ => {}

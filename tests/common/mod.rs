@@ -1057,6 +1057,32 @@ fn http_streaming() -> reqwest::Client {
     reqwest::Client::builder().build().expect("client")
 }
 
+/// The `reset history_lost` events an open stream gets when the history it followed is gone
+/// (Redis restarted empty, or was flushed): one per channel, in any order. Reads them until
+/// every one of `channels` was named, each once, and returns the last: its `id:` is the stream's
+/// cursor in the new history.
+pub async fn read_history_lost(stream: &mut SseClient, channels: &[&str]) -> SseEvent {
+    let mut named: Vec<String> = Vec::new();
+    let mut last = None;
+    while named.len() < channels.len() {
+        let reset = stream
+            .next_event(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?} after resets for {named:?} of {channels:?}"));
+        assert_eq!(reset.event, "reset", "{reset:?} before a reset for each of {channels:?} (got {named:?})");
+        let data: Value = serde_json::from_str(&reset.data).expect("reset data is JSON");
+        assert_eq!(data["reason"], "history_lost", "{data}");
+        for channel in data["channels"].as_array().expect("channels") {
+            let channel = channel.as_str().expect("a channel name").to_owned();
+            assert!(channels.contains(&channel.as_str()), "a reset for {channel}, not one of {channels:?}");
+            assert!(!named.contains(&channel), "{channel} reset twice");
+            named.push(channel);
+        }
+        last = Some(reset);
+    }
+    last.expect("at least one channel")
+}
+
 /// Opens a stream for `user` on `node` with the given topics and checks `connected`.
 pub async fn subscribe(node: &Node, user: &str, topics: &[&str]) -> SseClient {
     let token = token(user, &["*"], None);
