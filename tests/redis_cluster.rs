@@ -16,19 +16,6 @@ use tokio::sync::Mutex;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Reads `n` events (comments skipped), panicking on a timeout.
-async fn read(client: &mut SseClient, n: usize) -> Vec<SseEvent> {
-    let mut events = Vec::with_capacity(n);
-    while events.len() < n {
-        let event = client
-            .next_event(WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("{e:?} after {} of {n} events: {events:?}", events.len()));
-        events.push(event);
-    }
-    events
-}
-
 /// `FCALL sse_publish 2 {<channel>} {<channel>}:epoch <payload>` on the cluster, as the README
 /// tells producers to.
 async fn durable(
@@ -100,7 +87,7 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
         assert_eq!(receivers, 1);
     }
     for ((stream, _), user) in streams.iter_mut().zip(&users) {
-        let got: Vec<String> = read(stream, 5).await.into_iter().map(|e| e.data).collect();
+        let got: Vec<String> = stream.next_events(5, WAIT).await.into_iter().map(|e| e.data).collect();
         assert_eq!(got, ["durable", "plain", "topic", "fcall", "spublish"], "{user}");
     }
     // A classic PUBLISH reaches no node in cluster mode (the README says so and why).
@@ -114,7 +101,7 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
     assert_eq!(flushed.as_deref(), Some("+OK\r\n"));
     let (status, body) = publish_api(&a, json!({"users": [users[1]], "event": "m", "data": "reloaded"})).await;
     assert_eq!(status, 202, "{body}");
-    assert_eq!(read(&mut streams[1].0, 1).await[0].data, "reloaded");
+    assert_eq!(streams[1].0.next_events(1, WAIT).await[0].data, "reloaded");
     for node in &cluster.nodes {
         let listed = node.command(&["FUNCTION", "LIST", "LIBRARYNAME", "sse_fanout"]).await.unwrap_or_default();
         assert!(listed.contains("sse_publish"), "every primary holds the library: {listed}");
@@ -135,7 +122,7 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
     let mut cursors = Vec::new();
     for (i, (mut stream, _)) in streams.drain(..).enumerate().filter(|(i, _)| i % 4 == 0) {
         durable(&mut producer, &format!("sse:user:{}", users[i]), &envelope("last-seen")).await.expect("FCALL");
-        let seen = read(&mut stream, 1).await;
+        let seen = stream.next_events(1, WAIT).await;
         assert_eq!(seen[0].data, "last-seen");
         cursors.push((i, seen[0].id.clone().expect("a cursor")));
     }
@@ -151,11 +138,11 @@ async fn users_on_every_shard_receive_through_two_nodes_and_resume_exactly() {
     for (i, cursor) in &cursors {
         let node = if i % 2 == 0 { &b } else { &a };
         let (mut stream, _) = open_resumable(&stream_url(node, &users[*i], &["news"]), Some(cursor)).await;
-        let mut got: Vec<String> = read(&mut stream, 4).await.into_iter().map(|e| e.data).collect();
+        let mut got: Vec<String> = stream.next_events(4, WAIT).await.into_iter().map(|e| e.data).collect();
         got.sort();
         assert_eq!(got, ["missed-0", "missed-1", "missed-2", "topic-missed"], "{}", users[*i]);
         durable(&mut producer, &format!("sse:user:{}", users[*i]), &envelope("live")).await.expect("FCALL");
-        assert_eq!(read(&mut stream, 1).await[0].data, "live", "nothing replayed twice");
+        assert_eq!(stream.next_events(1, WAIT).await[0].data, "live", "nothing replayed twice");
     }
 }
 

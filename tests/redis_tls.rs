@@ -15,18 +15,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn read(client: &mut SseClient, n: usize) -> Vec<SseEvent> {
-    let mut events = Vec::with_capacity(n);
-    while events.len() < n {
-        let event = client
-            .next_event(WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("{e:?} after {} of {n} events: {events:?}", events.len()));
-        events.push(event);
-    }
-    events
-}
-
 fn env_of<'a>(url: &'a str, tls: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
     let mut env = vec![("SSE_REDIS_URL", url)];
     env.extend(tls.iter().map(|(k, v)| (*k, v.as_str())));
@@ -49,14 +37,14 @@ async fn a_node_on_rediss_delivers_resumes_and_answers_presence_with_a_private_c
         assert_eq!(status, 202, "{body}");
     }
     assert_eq!(redis.publish("sse:topic:news", r#"{"event":"m","data":"live"}"#).await, 1, "the node subscribed");
-    let events = read(&mut stream, 4).await;
+    let events = stream.next_events(4, WAIT).await;
     let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
     assert_eq!(data, ["d1", "d2", "d3", "live"]);
     let first = events[0].id.clone().expect("a durable event has an id");
 
     // Resume after the first: history is read over the node's TLS read connection.
     let (mut resumed, _) = open_resumable(&stream_url(&node, "ann", &["news"]), Some(&first)).await;
-    let replayed: Vec<String> = read(&mut resumed, 2).await.into_iter().map(|e| e.data).collect();
+    let replayed: Vec<String> = resumed.next_events(2, WAIT).await.into_iter().map(|e| e.data).collect();
     assert_eq!(replayed, ["d2", "d3"]);
 
     // Presence lives in Redis, on a connection of its own.
@@ -182,7 +170,7 @@ async fn a_tls_cluster_delivers_to_users_on_every_shard() {
         assert_eq!(receivers, 1, "{user}'s shard subscriber is the node's");
     }
     for (user, stream) in users.iter().zip(streams.iter_mut()) {
-        let data: Vec<String> = read(stream, 2).await.into_iter().map(|e| e.data).collect();
+        let data: Vec<String> = stream.next_events(2, WAIT).await.into_iter().map(|e| e.data).collect();
         assert_eq!(data, ["durable", "live"], "{user}");
     }
 }

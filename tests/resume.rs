@@ -11,19 +11,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// Reads `n` events (comments skipped), panicking on a timeout.
-async fn read(client: &mut SseClient, n: usize) -> Vec<SseEvent> {
-    let mut events = Vec::with_capacity(n);
-    while events.len() < n {
-        let event = client
-            .next_event(WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("{e:?} after {} of {n} events: {events:?}", events.len()));
-        events.push(event);
-    }
-    events
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     let redis = RedisServer::start().await;
@@ -33,7 +20,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
 
     let (mut stream, _) = open_resumable(&stream_url(&a, "u1", &["t1"]), None).await;
     producer.durable("sse:user:u1", &envelope("before")).await;
-    let seen = read(&mut stream, 1).await;
+    let seen = stream.next_events(1, WAIT).await;
     assert_eq!(seen[0].data, "before");
     let last_id = seen[0].id.clone().expect("a cursor");
     drop(stream);
@@ -46,7 +33,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     producer.durable("sse:topic:t1", &envelope("t-2")).await;
 
     let (mut stream, _) = open_resumable(&stream_url(&b, "u1", &["t1"]), Some(&last_id)).await;
-    let missed = read(&mut stream, 5).await;
+    let missed = stream.next_events(5, WAIT).await;
     let by_channel = |prefix: &str| -> Vec<String> {
         missed.iter().map(|e| e.data.clone()).filter(|d| d.starts_with(prefix)).collect()
     };
@@ -55,7 +42,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     assert_eq!(by_channel("b-"), ["b-1"]);
     producer.durable("sse:user:u1", &envelope("live")).await;
     // Nothing replayed arrives twice: a second copy would come before this live event.
-    assert_eq!(read(&mut stream, 1).await[0].data, "live");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "live");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -149,10 +136,10 @@ async fn a_topic_added_on_reconnect_starts_at_its_current_end() {
     // The cursor knows the user and broadcast channels, not the topic: those two resume, the
     // topic starts where its history ends now.
     let (mut again, _) = open_resumable(&stream_url(&node, "adds", &["late"]), Some(&cursor)).await;
-    assert_eq!(read(&mut again, 1).await[0].data, "missed");
+    assert_eq!(again.next_events(1, WAIT).await[0].data, "missed");
     // The topic's older entry is never replayed: the next event is the live one.
     producer.durable("sse:topic:late", &envelope("live")).await;
-    assert_eq!(read(&mut again, 1).await[0].data, "live");
+    assert_eq!(again.next_events(1, WAIT).await[0].data, "live");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -172,7 +159,7 @@ async fn trimmed_history_gives_an_explicit_reset() {
     let data: Value = serde_json::from_str(&reset.data).expect("json");
     assert_eq!(data, json!({"channels": ["topic:t"], "reason": "window_lost"}));
     producer.durable("sse:topic:t", &envelope("after")).await;
-    assert_eq!(read(&mut stream, 1).await[0].data, "after", "live delivery continues after a reset");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "after", "live delivery continues after a reset");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -183,7 +170,7 @@ async fn flushall_gives_an_explicit_reset_on_every_channel() {
     let url = stream_url(&node, "flush", &["t"]);
     let (mut stream, _) = open_resumable(&url, None).await;
     producer.durable("sse:user:flush", &envelope("one")).await;
-    let cursor = read(&mut stream, 1).await[0].id.clone().expect("cursor");
+    let cursor = stream.next_events(1, WAIT).await[0].id.clone().expect("cursor");
     drop(stream);
     redis.command(&["FLUSHALL"]).await.expect("flushall");
     producer.durable("sse:user:flush", &envelope("after flush")).await;
@@ -202,7 +189,7 @@ async fn history_lost_under_an_open_stream_resets_it_once() {
     let url = stream_url(&node, "lost", &[]);
     let (mut stream, _) = open_resumable(&url, None).await;
     producer.durable("sse:user:lost", &envelope("before")).await;
-    let before = read(&mut stream, 1).await.remove(0);
+    let before = stream.next_events(1, WAIT).await.remove(0);
 
     // Redis loses everything while the node is cut off: the backfill finds a new history.
     redis.command(&["FLUSHALL"]).await.expect("flushall");
@@ -215,7 +202,7 @@ async fn history_lost_under_an_open_stream_resets_it_once() {
     assert_ne!(Some(&at_reset), before.id.as_ref(), "the reset carries a new cursor, in the new history");
 
     producer.durable("sse:user:lost", &envelope("after")).await;
-    let after = read(&mut stream, 1).await.remove(0);
+    let after = stream.next_events(1, WAIT).await.remove(0);
     assert_eq!(after.data, "after");
     drop(stream);
 
@@ -227,7 +214,7 @@ async fn history_lost_under_an_open_stream_resets_it_once() {
             producer.durable("sse:user:lost", &envelope("later")).await;
         }
         let (mut again, _) = open_resumable(&url, Some(&cursor)).await;
-        let data: Vec<String> = read(&mut again, expected.len()).await.into_iter().map(|e| e.data).collect();
+        let data: Vec<String> = again.next_events(expected.len(), WAIT).await.into_iter().map(|e| e.data).collect();
         assert_eq!(data, expected);
         again.assert_silent(Duration::from_secs(1)).await;
     }
@@ -240,7 +227,7 @@ async fn a_foreign_or_garbage_cursor_gives_nothing_it_should_not() {
     let mut producer = Producer::connect(&redis).await;
     let (mut alice, _) = open_resumable(&stream_url(&node, "alice", &[]), None).await;
     producer.durable("sse:user:alice", &envelope("alice secret 1")).await;
-    let alice_cursor = read(&mut alice, 1).await[0].id.clone().expect("cursor");
+    let alice_cursor = alice.next_events(1, WAIT).await[0].id.clone().expect("cursor");
     producer.durable("sse:user:alice", &envelope("alice secret 2")).await;
     producer.durable("sse:user:mallory", &envelope("mallory own")).await;
 
@@ -248,7 +235,7 @@ async fn a_foreign_or_garbage_cursor_gives_nothing_it_should_not() {
     let (mut mallory, _) = open_resumable(&stream_url(&node, "mallory", &[]), Some(&alice_cursor)).await;
     // Nothing of Alice's, nor Mallory's own earlier entry: the next event is a live one.
     producer.durable("sse:user:mallory", &envelope("mallory live")).await;
-    assert_eq!(read(&mut mallory, 1).await[0].data, "mallory live");
+    assert_eq!(mallory.next_events(1, WAIT).await[0].data, "mallory live");
 
     let (mut garbage, _) = open_resumable(&stream_url(&node, "mallory", &["x"]), Some("not-a-cursor")).await;
     let reset = garbage.next_event(WAIT).await.expect("reset");
@@ -258,7 +245,7 @@ async fn a_foreign_or_garbage_cursor_gives_nothing_it_should_not() {
     assert_eq!(data["channels"], json!(["user:mallory", "broadcast", "topic:x"]));
     // After the reset, live from the current end: nothing older is replayed.
     producer.durable("sse:user:mallory", &envelope("sentinel")).await;
-    assert_eq!(read(&mut garbage, 1).await[0].data, "sentinel");
+    assert_eq!(garbage.next_events(1, WAIT).await[0].data, "sentinel");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -294,7 +281,7 @@ async fn a_redis_restart_tells_open_streams_their_history_is_lost() {
     let (mut stream, _) = open_resumable(&stream_url(&node, "rr", &["t"]), None).await;
     let mut producer = Producer::connect(&redis).await;
     producer.durable("sse:user:rr", &envelope("before")).await;
-    assert_eq!(read(&mut stream, 1).await[0].data, "before");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "before");
 
     redis.kill();
     node.wait_readyz(503, WAIT).await;
@@ -307,7 +294,7 @@ async fn a_redis_restart_tells_open_streams_their_history_is_lost() {
     assert!(reset.id.is_some(), "the reset carries a cursor in the new history");
     let mut producer = Producer::connect(&redis).await;
     producer.durable("sse:user:rr", &envelope("after")).await;
-    assert_eq!(read(&mut stream, 1).await[0].data, "after");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "after");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -317,7 +304,7 @@ async fn a_killed_subscriber_connection_is_backfilled_from_history() {
     let mut producer = Producer::connect(&redis).await;
     let (mut stream, _) = open_resumable(&stream_url(&node, "bf", &[]), None).await;
     producer.durable("sse:user:bf", &envelope("0")).await;
-    assert_eq!(read(&mut stream, 1).await[0].data, "0");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "0");
     // Redis takes no new connection while the messages are published, so the node's
     // subscriber cannot be back before they are all in history: every one of them must come
     // from the backfill, none from live delivery.
@@ -344,11 +331,11 @@ async fn a_killed_subscriber_connection_is_backfilled_from_history() {
         .query_async(&mut producer.0)
         .await
         .expect("CONFIG SET maxclients");
-    let data: Vec<String> = read(&mut stream, 20).await.into_iter().map(|e| e.data).collect();
+    let data: Vec<String> = stream.next_events(20, WAIT).await.into_iter().map(|e| e.data).collect();
     let expected: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
     assert_eq!(data, expected, "every message published while reconnecting, once, in order");
     producer.durable("sse:user:bf", &envelope("sentinel")).await;
-    assert_eq!(read(&mut stream, 1).await[0].data, "sentinel", "no copy of a backfilled message follows");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "sentinel", "no copy of a backfilled message follows");
     // The node's own count: all 20 came from history.
     let backfilled: u64 = node
         .log_text()
@@ -365,7 +352,7 @@ async fn the_embedded_bus_resumes_too() {
     let url = stream_url(&node, "solo", &["news"]);
     let (mut stream, _) = open_resumable(&url, None).await;
     publish_api(&node, json!({"users": ["solo"], "data": "seen"})).await;
-    let cursor = read(&mut stream, 1).await[0].id.clone().expect("cursor");
+    let cursor = stream.next_events(1, WAIT).await[0].id.clone().expect("cursor");
     drop(stream);
     for body in [
         json!({"users": ["solo"], "data": "a"}),
@@ -375,11 +362,11 @@ async fn the_embedded_bus_resumes_too() {
         assert_eq!(publish_api(&node, body).await.0, 202);
     }
     let (mut stream, _) = open_resumable(&url, Some(&cursor)).await;
-    let mut data: Vec<String> = read(&mut stream, 3).await.into_iter().map(|e| e.data).collect();
+    let mut data: Vec<String> = stream.next_events(3, WAIT).await.into_iter().map(|e| e.data).collect();
     data.sort();
     assert_eq!(data, ["a", "b", "c"]);
     assert_eq!(publish_api(&node, json!({"users": ["solo"], "data": "sentinel"})).await.0, 202);
-    assert_eq!(read(&mut stream, 1).await[0].data, "sentinel", "nothing replayed twice");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "sentinel", "nothing replayed twice");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -420,15 +407,15 @@ async fn a_plain_publish_has_no_id_and_is_not_replayed_and_the_query_resumes_lik
     let url = stream_url(&node, "pl", &[]);
     let (mut stream, _) = open_resumable(&url, None).await;
     producer.durable("sse:user:pl", &envelope("durable 1")).await;
-    let first = read(&mut stream, 1).await.remove(0);
+    let first = stream.next_events(1, WAIT).await.remove(0);
     let cursor = first.id.clone().expect("a durable message carries a cursor");
     // Live only: the block has no `id:` line, so a browser's last event id stays the cursor.
     assert_eq!(redis.publish("sse:user:pl", &envelope("plain")).await, 1);
-    let plain = read(&mut stream, 1).await.remove(0);
+    let plain = stream.next_events(1, WAIT).await.remove(0);
     assert_eq!((plain.data.as_str(), plain.id.as_deref()), ("plain", None), "{plain:?}");
     assert_eq!(plain.last_event_id, cursor);
     producer.durable("sse:user:pl", &envelope("durable 2")).await;
-    assert_eq!(read(&mut stream, 1).await[0].data, "durable 2");
+    assert_eq!(stream.next_events(1, WAIT).await[0].data, "durable 2");
     drop(stream);
 
     // Resumed after `durable 1`, by header and by `?lastEventId=`: `durable 2` only (the plain
@@ -439,13 +426,13 @@ async fn a_plain_publish_has_no_id_and_is_not_replayed_and_the_query_resumes_lik
         } else {
             open_resumable(&url, Some(&cursor)).await
         };
-        let replayed = read(&mut again, 1).await.remove(0);
+        let replayed = again.next_events(1, WAIT).await.remove(0);
         assert_eq!(replayed.data, "durable 2", "by query: {by_query}");
         assert!(replayed.id.is_some(), "a replayed entry carries its cursor");
         // A plain sentinel: live, and never replayed to the next round either.
         let sentinel = format!("sentinel {n}");
         assert_eq!(redis.publish("sse:user:pl", &envelope(&sentinel)).await, 1);
-        assert_eq!(read(&mut again, 1).await[0].data, sentinel, "by query: {by_query}");
+        assert_eq!(again.next_events(1, WAIT).await[0].data, sentinel, "by query: {by_query}");
     }
 }
 
@@ -461,7 +448,7 @@ async fn a_position_missing_from_a_history_that_goes_on_resets_as_history_lost()
     let (mut stream, _) = open_resumable(&url, None).await;
     producer.durable("sse:user:promoted", &envelope("kept")).await;
     let lost = producer.durable("sse:user:promoted", &envelope("lost")).await;
-    let seen = read(&mut stream, 2).await;
+    let seen = stream.next_events(2, WAIT).await;
     let cursor = seen[1].id.clone().expect("a cursor");
     drop(stream);
 
@@ -473,5 +460,5 @@ async fn a_position_missing_from_a_history_that_goes_on_resets_as_history_lost()
     let data: Value = serde_json::from_str(&reset.data).expect("json");
     assert_eq!(data, json!({"channels": ["user:promoted"], "reason": "history_lost"}));
     producer.durable("sse:user:promoted", &envelope("later")).await;
-    assert_eq!(read(&mut resumed, 1).await[0].data, "later");
+    assert_eq!(resumed.next_events(1, WAIT).await[0].data, "later");
 }

@@ -1003,6 +1003,20 @@ impl SseClient {
         Self { status, headers: response_headers, body: None, rx, reader: Some(reader.abort_handle()) }
     }
 
+    /// The next `n` events (comments and retries skipped), each within `within` of the one
+    /// before; panics on a timeout or the end of the stream, with what came so far.
+    pub async fn next_events(&mut self, n: usize, within: Duration) -> Vec<SseEvent> {
+        let mut events = Vec::with_capacity(n);
+        while events.len() < n {
+            let event = self
+                .next_event(within)
+                .await
+                .unwrap_or_else(|e| panic!("{e:?} after {} of {n} events: {events:?}", events.len()));
+            events.push(event);
+        }
+        events
+    }
+
     /// The next event (comments and retries skipped), or why there is none.
     pub async fn next_event(&mut self, within: Duration) -> Result<SseEvent, NoEvent> {
         self.next_event_with_retries(within).await.map(|(event, _)| event)
